@@ -1,0 +1,323 @@
+"""Configuration: a TOML file, overridden by `SESSION_LENS_*` variables, overridden by flags.
+
+`load_config` takes every source as a plain mapping, so callers (and tests) pass
+what they have instead of patching the process. Every problem is collected and
+raised at once as a `ConfigError`, each naming the setting and where its value
+came from.
+"""
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from .routes import TemplateError, compile_template
+
+ENV_PREFIX = "SESSION_LENS_"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port to listen on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether only this machine can reach it."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The effective configuration of one session-lens process."""
+
+    upstream: str
+    listen: Address = Address("127.0.0.1", 8080)
+    admin_listen: Address = Address("127.0.0.1", 9464)
+    database_url: str | None = None
+    validation: str = "enforce"
+    invalid_status: int = 404
+    session_routes: tuple[str, ...] = ("/api/sessions/{session_id}", "/sessions/{session_id}")
+    max_future_skew: timedelta = timedelta(hours=24)
+    upstream_connect_timeout: timedelta = timedelta(seconds=5)
+    upstream_read_timeout: timedelta = timedelta(seconds=60)
+    shutdown_grace: timedelta = timedelta(seconds=10)
+    log_level: str = "info"
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """For each setting, where its value came from (`default`, a file, a variable, a flag)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One bad setting."""
+
+    setting: str
+    source: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.setting}: {self.message} (from {self.source})"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` says why, one per setting."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = tuple(problems)
+
+
+class _Invalid(ValueError):
+    """Raised by a parser; the message completes 'setting: ...'."""
+
+
+# --- parsers: raw value (str from env/flags, any TOML type from a file) -> value ---
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(raw: object) -> timedelta:
+    """`1500ms`, `30s`, `5m`, `1h30m`, or a number of seconds."""
+    if isinstance(raw, bool):
+        raise _Invalid(f"{raw!r} is not a duration (e.g. 500ms, 30s, 5m)")
+    if isinstance(raw, int | float):
+        seconds = float(raw)
+    else:
+        text = str(raw).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise _Invalid(f"{raw!r} is not a duration (e.g. 500ms, 30s, 5m)") from None
+            seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds != seconds or seconds < 0 or seconds > 366 * 86400:
+        raise _Invalid(f"{raw!r} is out of range (0 to 366 days)")
+    return timedelta(seconds=seconds)
+
+
+def _positive_duration(raw: object) -> timedelta:
+    value = parse_duration(raw)
+    if value <= timedelta(0):
+        raise _Invalid(f"{raw!r} must be longer than zero")
+    return value
+
+
+def parse_address(raw: object) -> Address:
+    """`host:port` or `[ipv6]:port`."""
+    text = str(raw).strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text)
+    if match is None:
+        raise _Invalid(f"{raw!r} is not host:port (e.g. 127.0.0.1:8080)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 1 <= port <= 65535:
+        raise _Invalid(f"port {port} is out of range (1-65535)")
+    return Address(host, port)
+
+
+def _url(raw: object, schemes: tuple[str, ...]) -> SplitResult:
+    text = str(raw).strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise _Invalid(f"{mask_url(text)!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in schemes:
+        raise _Invalid(f"{mask_url(text)!r} must start with {' or '.join(s + '://' for s in schemes)}")
+    if not parts.hostname:
+        raise _Invalid(f"{mask_url(text)!r} has no host")
+    if port == 0:
+        raise _Invalid(f"{mask_url(text)!r} has port 0")
+    return parts
+
+
+def parse_upstream(raw: object) -> str:
+    """An http(s) base URL; a path becomes a prefix, a query or fragment is refused."""
+    parts = _url(raw, ("http", "https"))
+    if parts.query or parts.fragment:
+        raise _Invalid(f"{mask_url(str(raw))!r} must not have a query or fragment")
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/")))
+
+
+def parse_database_url(raw: object) -> str:
+    """A PostgreSQL connection URL."""
+    _url(raw, ("postgres", "postgresql"))
+    return str(raw).strip()
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        text = str(raw).strip().lower()
+        if text not in allowed:
+            raise _Invalid(f"{raw!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def _invalid_status(raw: object) -> int:
+    try:
+        status = int(str(raw).strip())
+    except ValueError:
+        status = 0
+    if isinstance(raw, bool) or status not in (400, 404, 422):
+        raise _Invalid(f"{raw!r} is not one of 400, 404, 422")
+    return status
+
+
+def _routes(raw: object) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+    elif isinstance(raw, list):
+        items = [str(item) for item in raw]
+    else:
+        raise _Invalid(f"{raw!r} is not a list of path templates")
+    if not items:
+        raise _Invalid("needs at least one path template")
+    for item in items:
+        try:
+            compile_template(item)
+        except TemplateError as exc:
+            raise _Invalid(str(exc)) from None
+    return tuple(items)
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "upstream": parse_upstream,
+    "listen": parse_address,
+    "admin_listen": parse_address,
+    "database_url": parse_database_url,
+    "validation": _choice("enforce", "observe"),
+    "invalid_status": _invalid_status,
+    "session_routes": _routes,
+    "max_future_skew": parse_duration,
+    "upstream_connect_timeout": _positive_duration,
+    "upstream_read_timeout": _positive_duration,
+    "shutdown_grace": parse_duration,
+    "log_level": _choice("debug", "info", "warning", "error"),
+}
+SETTINGS = tuple(_PARSERS)
+
+
+def env_name(setting: str) -> str:
+    """The environment variable for a setting."""
+    return ENV_PREFIX + setting.upper()
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file; raises ConfigError when it cannot be read."""
+    source = f"file {path}"
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError([Problem("config", source, exc.strerror or str(exc))]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem("config", source, f"not valid TOML: {exc}")]) from None
+
+
+def load_config(
+    *,
+    file: Mapping[str, Any] | None = None,
+    file_name: str = "config file",
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge the sources (flag over variable over file over default) and validate."""
+    raw: dict[str, tuple[object, str]] = {}
+    problems: list[Problem] = []
+    for key, value in (file or {}).items():
+        if key in _PARSERS:
+            raw[key] = (value, f"{file_name}")
+        else:
+            problems.append(Problem(key, file_name, "unknown setting"))
+    # Unknown SESSION_LENS_* variables are left alone: orchestrators inject
+    # variables of that shape themselves (Kubernetes service links, for one).
+    for key in _PARSERS:
+        name = env_name(key)
+        if environ is not None and name in environ:
+            raw[key] = (environ[name], f"env {name}")
+    for key, value in (flags or {}).items():
+        if key not in _PARSERS:
+            raise TypeError(f"no setting named {key!r}")
+        if value is not None:
+            raw[key] = (value, f"flag --{key.replace('_', '-')}")
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, (value, source) in raw.items():
+        try:
+            values[key] = _PARSERS[key](value)
+            sources[key] = source
+        except _Invalid as exc:
+            problems.append(Problem(key, source, str(exc)))
+    if "upstream" not in raw:
+        problems.append(
+            Problem("upstream", "nowhere", f"is required: --upstream or {env_name('upstream')}")
+        )
+    if problems:
+        raise ConfigError(problems)
+    for key in _PARSERS:
+        sources.setdefault(key, "default")
+    return Config(**values, sources=sources)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    netloc = parts.netloc
+    userinfo, _, hostinfo = netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+
+
+def _show(value: object) -> str:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+        for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+            if seconds >= size and seconds % size == 0:
+                return f'"{seconds / size:g}{unit}"'
+        return f'"{seconds * 1000:g}ms"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def describe(config: Config) -> str:
+    """The effective configuration as TOML, secrets masked, each line saying its source."""
+    lines = []
+    for item in fields(config):
+        if item.name == "sources":
+            continue
+        value = getattr(config, item.name)
+        if item.name in ("upstream", "database_url") and value is not None:
+            value = mask_url(value)
+        source = config.sources.get(item.name, "default")
+        line = f"# {item.name} is not set" if value is None else f"{item.name} = {_show(value)}"
+        lines.append(line.ljust(60) + f"  # {source}")
+    return "\n".join(lines)

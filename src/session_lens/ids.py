@@ -1,0 +1,45 @@
+"""Session-ID validation: pure, precompiled, no I/O.
+
+A valid ID is `exec_YYYYMMDD_HHMMSS_xxxxxxxx` (8 lowercase hex digits), carries
+a real calendar date and time (taken as UTC), and is not later than now plus an
+allowed clock skew. The length is bounded before any regex runs.
+"""
+
+import re
+from datetime import UTC, datetime, timedelta
+
+from .reasons import Rule
+
+ID_LENGTH = 29
+MAX_ID_LENGTH = 64
+"""Longer input is rejected as `too_long` before the pattern is tried."""
+
+_PATTERN = re.compile(r"exec_(\d{4})(\d\d)(\d\d)_(\d\d)(\d\d)(\d\d)_[a-f0-9]{8}", re.ASCII)
+
+
+class IdValidator:
+    """Checks session IDs against the format and the clock."""
+
+    __slots__ = ("_max_future_skew",)
+
+    def __init__(self, max_future_skew: timedelta) -> None:
+        self._max_future_skew = max_future_skew
+
+    def check(self, session_id: str, now: datetime | None = None) -> Rule | None:
+        """The rule `session_id` breaks, or None when it is valid."""
+        if not session_id:
+            return Rule.MISSING
+        if len(session_id) > MAX_ID_LENGTH:
+            return Rule.TOO_LONG
+        match = _PATTERN.fullmatch(session_id)
+        if match is None:
+            return Rule.PATTERN
+        try:
+            stamp = datetime(*map(int, match.groups()), tzinfo=UTC)
+        except ValueError:
+            return Rule.CALENDAR
+        if now is None:
+            now = datetime.now(UTC)
+        if stamp > now + self._max_future_skew:
+            return Rule.FUTURE
+        return None

@@ -1,0 +1,88 @@
+"""Prometheus metrics, every child resolved once at start.
+
+Labels hold only values from the bounded enums in `reasons` and the configured
+route templates, never anything taken from a request.
+"""
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from . import __version__
+from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
+
+PREFIX = "session_lens_"
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every metric session-lens exports, registered on the registry given."""
+
+    def __init__(self, registry: CollectorRegistry, routes: Iterable[str]) -> None:
+        routes = tuple(routes)
+        lookups = Counter(
+            PREFIX + "lookups_total",
+            "Session lookups by route and outcome.",
+            ["route", "outcome"],
+            registry=registry,
+        )
+        not_found = Counter(
+            PREFIX + "not_found_total",
+            "Session lookups that found nothing, by route and reason.",
+            ["route", "reason"],
+            registry=registry,
+        )
+        invalid_ids = Counter(
+            PREFIX + "invalid_ids_total",
+            "Malformed session IDs, by route and the rule they broke.",
+            ["route", "rule"],
+            registry=registry,
+        )
+        requests = Counter(
+            PREFIX + "requests_total",
+            "Requests answered, by kind and status class.",
+            ["kind", "code"],
+            registry=registry,
+        )
+        request_duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Time from a request's arrival to the last byte of its answer.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        upstream_duration = Histogram(
+            PREFIX + "upstream_duration_seconds",
+            "Time from sending a request upstream to the last byte of its answer.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        upstream_errors = Counter(
+            PREFIX + "upstream_errors_total",
+            "Requests the upstream failed: connect, reset, timeout, protocol.",
+            ["kind"],
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            PREFIX + "inflight_requests",
+            "Requests being handled now.",
+            registry=registry,
+        )
+        build_info = Gauge(
+            PREFIX + "build_info",
+            "Always 1; the version is in the label.",
+            ["version"],
+            registry=registry,
+        )
+        build_info.labels(__version__).set(1)
+
+        self.lookups = {(r, o): lookups.labels(r, o) for r in routes for o in Outcome}
+        self.not_found = {(r, why): not_found.labels(r, why) for r in routes for why in Reason}
+        self.invalid_ids = {(r, rule): invalid_ids.labels(r, rule) for r in routes for rule in Rule}
+        self.requests = {(k, c): requests.labels(k, c) for k in Kind for c in StatusClass}
+        self.request_duration = {k: request_duration.labels(k) for k in Kind}
+        self.upstream_duration = {k: upstream_duration.labels(k) for k in Kind}
+        self.upstream_errors = {e: upstream_errors.labels(e) for e in UpstreamError}

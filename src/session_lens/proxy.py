@@ -1,0 +1,455 @@
+"""Forwarding: headers, streamed bodies, WebSocket, upstream failures as 502/504.
+
+Everything a client sends reaches the upstream unchanged except the hop-by-hop
+headers, which are dropped both ways, and `X-Forwarded-*` and `X-Request-ID`,
+which are appended or added. Bodies are streamed with backpressure and never
+read whole. Session lookups with a malformed ID are answered here, before the
+upstream is asked.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType, hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config import Config
+from .ids import MAX_ID_LENGTH, IdValidator
+from .metrics import Metrics
+from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
+from .routes import RouteMatch, RouteTable
+
+log = logging.getLogger("session_lens.proxy")
+
+REQUEST_ID = "X-Request-ID"
+REASON_HEADER = "X-Session-Not-Found-Reason"
+PROBLEM_JSON = "application/problem+json"
+LOOKUP_METHODS = frozenset({"GET", "HEAD"})
+MISS_STATUS = 404
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+# The hop answers `Expect: 100-continue` itself (aiohttp sends the 100), so the
+# upstream is not asked to again: it might never answer it.
+_REQUEST_ONLY = frozenset({"expect"})
+_FORWARDED = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
+# Headers the WebSocket client library writes itself for the upstream handshake.
+_WS_HANDSHAKE = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+     "sec-websocket-protocol", "sec-websocket-accept"}
+)  # fmt: skip
+_WS_UNSENDABLE_CLOSE = frozenset({1005, 1006, 1015})
+
+_RULE_DETAIL = {
+    Rule.MISSING: "the path holds no session ID",
+    Rule.TOO_LONG: f"the session ID is longer than {MAX_ID_LENGTH} characters",
+    Rule.PATTERN: "the session ID does not match exec_YYYYMMDD_HHMMSS_xxxxxxxx",
+    Rule.CALENDAR: "the session ID carries a date or time that does not exist",
+    Rule.FUTURE: "the session ID is dated later than now plus the allowed clock skew",
+}
+_UPSTREAM_DETAIL = {
+    UpstreamError.CONNECT: "the upstream could not be reached",
+    UpstreamError.RESET: "the upstream closed the connection before answering",
+    UpstreamError.TIMEOUT: "the upstream did not answer in time",
+    UpstreamError.PROTOCOL: "the upstream sent a malformed response",
+}
+
+
+def end_to_end(headers: CIMultiDictProxy[str], extra: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """A copy of `headers` without hop-by-hop ones (RFC 9110 §7.6.1), order and repeats kept."""
+    drop = HOP_BY_HOP | extra
+    named = headers.getall(hdrs.CONNECTION, ())
+    if named:
+        drop = drop | {token.strip().lower() for value in named for token in value.split(",")}
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered not in drop and not lowered.startswith("proxy-"):
+            kept.add(name, value)
+    return kept
+
+
+def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
+    """Append `value` to a list-valued header, folding repeats into one line."""
+    previous = headers.popall(name, ())
+    headers[name] = ", ".join((*previous, value))
+
+
+def short_id(session_id: str) -> str:
+    """A session ID cut to a length fit to echo back or log."""
+    return session_id if len(session_id) <= MAX_ID_LENGTH else session_id[:MAX_ID_LENGTH] + "…"
+
+
+def problem(status: int, detail: str, headers: Iterable[tuple[str, str]] = (), **members: Any) -> web.Response:
+    """An RFC 9457 problem document."""
+    body = {"title": HTTPStatus(status).phrase, "status": status, "detail": detail, **members}
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type=PROBLEM_JSON,
+        headers=CIMultiDict(headers),
+    )
+
+
+class RelayedResponse(web.StreamResponse):
+    """A response that adds no `Server` or `Content-Type` the upstream did not send."""
+
+    async def _prepare_headers(self) -> None:
+        absent = [name for name in (hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in self.headers]
+        await super()._prepare_headers()
+        for name in absent:
+            self.headers.popall(name, None)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request has become so far, for counting and logging."""
+
+    kind: Kind
+    request_id: str
+    match: RouteMatch | None = None
+    status: int = 0
+    upstream_seconds: float | None = None
+
+
+class Proxy:
+    """The proxy's request handler; one per app, holding the upstream client."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._routes = RouteTable(config.session_routes)
+        self._validator = IdValidator(config.max_future_skew)
+        self._enforce = config.validation == "enforce"
+        self._upstream = config.upstream
+        self._client: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        """Open the pooled, keep-alive upstream client."""
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self._config.upstream_connect_timeout.total_seconds(),
+            sock_read=self._config.upstream_read_timeout.total_seconds(),
+        )
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=(hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        """Close the upstream client and its pooled connections."""
+        if self._client is not None:
+            await self._client.close()
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        """The upstream client; only between `open` and `close`."""
+        assert self._client is not None, "Proxy.open() was not awaited"
+        return self._client
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one request: validate a lookup, then forward it."""
+        started = time.perf_counter()
+        self._metrics.inflight.inc()
+        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        exchange = Exchange(Kind.PASSTHROUGH, request_id)
+        try:
+            if request.method in LOOKUP_METHODS:
+                exchange.match = self._routes.match(request.raw_path.partition("?")[0])
+                if exchange.match is not None:
+                    exchange.kind = Kind.LOOKUP
+                    rejection = self._reject(request, exchange.match, request_id)
+                    if rejection is not None:
+                        exchange.status = rejection.status
+                        return rejection
+            if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+                return await self._websocket(request, exchange)
+            return await self._forward(request, exchange)
+        finally:
+            self._metrics.inflight.dec()
+            elapsed = time.perf_counter() - started
+            kind = exchange.kind
+            if exchange.status:
+                self._metrics.requests[kind, StatusClass.of(exchange.status)].inc()
+            self._metrics.request_duration[kind].observe(elapsed)
+            if exchange.upstream_seconds is not None:
+                self._metrics.upstream_duration[kind].observe(exchange.upstream_seconds)
+
+    def _reject(self, request: web.Request, match: RouteMatch, request_id: str) -> web.Response | None:
+        """The answer to a malformed ID in enforce mode; None to forward the request."""
+        rule = self._validator.check(match.session_id)
+        if rule is None:
+            return None
+        self._metrics.invalid_ids[match.route, rule].inc()
+        self._metrics.lookups[match.route, Outcome.INVALID].inc()
+        self._metrics.not_found[match.route, Reason.INVALID_FORMAT].inc()
+        log.info(
+            "invalid session id",
+            extra={
+                "request_id": request_id,
+                "route": match.route,
+                "outcome": Outcome.INVALID.value,
+                "reason": Reason.INVALID_FORMAT.value,
+                "rule": rule.value,
+                "session_id": short_id(match.session_id),
+                "enforced": self._enforce,
+            },
+        )
+        if not self._enforce:
+            return None
+        headers = [(REASON_HEADER, Reason.INVALID_FORMAT.value)]
+        if REQUEST_ID not in request.headers:
+            headers.append((REQUEST_ID, request_id))
+        return problem(
+            self._config.invalid_status,
+            _RULE_DETAIL[rule],
+            headers,
+            reason=Reason.INVALID_FORMAT.value,
+            rule=rule.value,
+            session_id=short_id(match.session_id),
+            request_id=request_id,
+        )
+
+    def _upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
+        headers = end_to_end(request.headers, _REQUEST_ONLY)
+        if request.remote:
+            _append(headers, "X-Forwarded-For", request.remote)
+        _append(headers, "X-Forwarded-Proto", request.scheme)
+        host = request.headers.get(hdrs.HOST)
+        if host:
+            _append(headers, "X-Forwarded-Host", host)
+        if REQUEST_ID not in headers:
+            headers[REQUEST_ID] = request_id
+        return headers
+
+    def _url(self, request: web.Request) -> URL:
+        return URL(self._upstream + request.raw_path, encoded=True)
+
+    async def _forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        headers = self._upstream_headers(request, exchange.request_id)
+        body = request.content if request.body_exists else None
+        sent = time.perf_counter()
+        try:
+            upstream = await self.client.request(
+                request.method,
+                self._url(request),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return self._failed(request, exchange, exc)
+        try:
+            self._count_lookup(exchange, upstream.status)
+            response = RelayedResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=end_to_end(upstream.headers),
+            )
+            if REQUEST_ID not in request.headers:
+                response.headers[REQUEST_ID] = exchange.request_id
+            exchange.status = upstream.status
+            await response.prepare(request)
+            content = upstream.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    # Headers are out: the only honest answer left is a cut connection.
+                    self._log_upstream_error(exchange, _upstream_error(exc), exc, partial=True)
+                    _hang_up(request)
+                    return response
+                if not chunk:
+                    break
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    log.debug("client went away", extra={"request_id": exchange.request_id})
+                    upstream.close()
+                    return response
+            exchange.upstream_seconds = time.perf_counter() - sent
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+    def _count_lookup(self, exchange: Exchange, status: int) -> None:
+        match = exchange.match
+        if match is None:
+            return
+        if 200 <= status < 300:
+            outcome = Outcome.FOUND
+        elif status == MISS_STATUS:
+            outcome = Outcome.NOT_FOUND
+        elif status >= 500:
+            outcome = Outcome.UPSTREAM_ERROR
+        else:
+            outcome = Outcome.OTHER
+        self._metrics.lookups[match.route, outcome].inc()
+        if outcome is Outcome.NOT_FOUND:
+            self._metrics.not_found[match.route, Reason.UNKNOWN].inc()
+            log.info(
+                "session not found",
+                extra={
+                    "request_id": exchange.request_id,
+                    "route": match.route,
+                    "outcome": outcome.value,
+                    "reason": Reason.UNKNOWN.value,
+                    "session_id": match.session_id,
+                    "status": status,
+                },
+            )
+
+    def _failed(
+        self, request: web.Request, exchange: Exchange, exc: BaseException
+    ) -> web.Response:
+        """The 502 or 504 that stands in for an answer the upstream never gave."""
+        kind = _upstream_error(exc)
+        if request.transport is None or request.transport.is_closing():
+            # The client left mid-request; nobody is there to answer.
+            log.debug("client went away", extra={"request_id": exchange.request_id})
+            return web.Response(status=499)
+        status = 504 if kind is UpstreamError.TIMEOUT else 502
+        exchange.status = status
+        if exchange.match is not None:
+            self._metrics.lookups[exchange.match.route, Outcome.UPSTREAM_ERROR].inc()
+        self._log_upstream_error(exchange, kind, exc)
+        headers = [] if REQUEST_ID in request.headers else [(REQUEST_ID, exchange.request_id)]
+        return problem(
+            status,
+            _UPSTREAM_DETAIL[kind],
+            headers,
+            upstream_error=kind.value,
+            request_id=exchange.request_id,
+        )
+
+    def _log_upstream_error(
+        self, exchange: Exchange, kind: UpstreamError, exc: BaseException, partial: bool = False
+    ) -> None:
+        self._metrics.upstream_errors[kind].inc()
+        log.warning(
+            "upstream error",
+            extra={
+                "request_id": exchange.request_id,
+                "route": exchange.match.route if exchange.match else None,
+                "kind": exchange.kind.value,
+                "upstream_error": kind.value,
+                "error": f"{type(exc).__name__}: {exc}",
+                "response_started": partial,
+            },
+        )
+
+    async def _websocket(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        """Relay a WebSocket both ways: text, binary, ping, pong and close codes."""
+        headers = end_to_end(request.headers, _WS_HANDSHAKE | _REQUEST_ONLY)
+        for name in _FORWARDED:
+            headers.popall(name, None)
+        headers.extend(
+            (k, v) for k, v in self._upstream_headers(request, exchange.request_id).items()
+            if k in _FORWARDED or k == REQUEST_ID
+        )
+        protocols = [
+            p.strip()
+            for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+            for p in value.split(",")
+            if p.strip()
+        ]
+        sent = time.perf_counter()
+        try:
+            upstream = await self.client.ws_connect(
+                self._url(request),
+                headers=headers,
+                protocols=protocols,
+                autoclose=False,
+                autoping=False,
+                max_msg_size=0,
+                compress=0,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            exchange.status = exc.status
+            return problem(exc.status, "the upstream refused the WebSocket upgrade",
+                           request_id=exchange.request_id)  # fmt: skip
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return self._failed(request, exchange, exc)
+        client = web.WebSocketResponse(
+            protocols=(upstream.protocol,) if upstream.protocol else (),
+            autoclose=False,
+            autoping=False,
+            max_msg_size=0,
+            compress=False,
+        )
+        try:
+            await client.prepare(request)
+            exchange.status = 101
+            relays = [
+                asyncio.create_task(_relay_ws(client, upstream)),
+                asyncio.create_task(_relay_ws(upstream, client)),
+            ]
+            try:
+                await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in relays:
+                    task.cancel()
+                await asyncio.gather(*relays, return_exceptions=True)
+        finally:
+            await upstream.close()
+            await client.close()
+            exchange.upstream_seconds = time.perf_counter() - sent
+        return client
+
+
+async def _relay_ws(
+    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+) -> None:
+    """Copy frames from one side to the other until either closes."""
+    while True:
+        message = await source.receive()
+        kind = message.type
+        if kind is WSMsgType.TEXT:
+            await target.send_str(message.data)
+        elif kind is WSMsgType.BINARY:
+            await target.send_bytes(message.data)
+        elif kind is WSMsgType.PING:
+            await target.ping(message.data)
+        elif kind is WSMsgType.PONG:
+            await target.pong(message.data)
+        elif kind is WSMsgType.CLOSE:
+            code = message.data if message.data not in _WS_UNSENDABLE_CLOSE else 1000
+            await target.close(code=code, message=(message.extra or "").encode())
+            await source.close(code=code)
+            return
+        else:  # CLOSING, CLOSED, ERROR: the source is gone without a close frame
+            await target.close(code=1011 if kind is WSMsgType.ERROR else 1001)
+            return
+
+
+def _hang_up(request: web.Request) -> None:
+    """Close the client's connection, so a cut-off body cannot pass for a whole one."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _upstream_error(exc: BaseException) -> UpstreamError:
+    """Which way the upstream failed, from the client library's exception."""
+    if isinstance(exc, asyncio.TimeoutError):  # ServerTimeoutError is one too
+        return UpstreamError.TIMEOUT
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError.CONNECT
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return UpstreamError.RESET
+    return UpstreamError.PROTOCOL

@@ -1,0 +1,79 @@
+"""Running both listeners until a signal, then draining within the grace period."""
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, disable_created_metrics
+
+from . import __version__
+from .app import create_admin_app, create_proxy_app
+from .config import Address, Config, mask_url
+from .metrics import Metrics
+
+log = logging.getLogger("session_lens.server")
+
+
+class ListenError(Exception):
+    """A listener could not be opened."""
+
+    def __init__(self, address: Address, reason: str) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+
+async def _start(runner: web.AppRunner, address: Address) -> None:
+    await runner.setup()
+    site = web.TCPSite(runner, address.host, address.port, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(address, exc.strerror or str(exc)) from exc
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (or `stop` is set), then shut down gracefully."""
+    disable_created_metrics()  # *_created series double the output and nobody graphs them
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, config.session_routes)
+    grace = config.shutdown_grace.total_seconds()
+    proxy = web.AppRunner(
+        create_proxy_app(config, metrics), access_log=None, shutdown_timeout=grace,
+        handle_signals=False,
+    )  # fmt: skip
+    admin = web.AppRunner(
+        create_admin_app(config, registry), access_log=None, shutdown_timeout=1.0,
+        handle_signals=False,
+    )  # fmt: skip
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await _start(admin, config.admin_listen)
+        try:
+            await _start(proxy, config.listen)
+        except ListenError:
+            await admin.cleanup()
+            raise
+        log.info(
+            "listening",
+            extra={
+                "listen": str(config.listen),
+                "admin_listen": str(config.admin_listen),
+                "upstream": mask_url(config.upstream),
+                "validation": config.validation,
+                "version": __version__,
+            },
+        )
+        await stop.wait()
+        log.info("shutting down", extra={"grace_seconds": grace})
+        await proxy.cleanup()
+        await admin.cleanup()
+        log.info("stopped")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,181 @@
+"""Shared fixtures: real upstreams on loopback, the proxy in front, raw HTTP helpers."""
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from session_lens.app import create_proxy_app
+from session_lens.config import load_config
+from session_lens.metrics import Metrics
+
+VALID_ID = "exec_20251230_020944_4ad060d9"
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+Respond = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def _ok(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"ok": True, "path": request.path})
+
+
+@dataclass
+class Upstream:
+    """A recording aiohttp upstream; tests swap `respond` to shape its answers."""
+
+    respond: Respond = _ok
+    seen: list[Seen] = field(default_factory=list)
+    read_body: bool = True
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+        body = await request.read() if self.read_body else b""
+        self.seen.append(Seen(request.method, request.raw_path, headers, body))
+        return await self.respond(request)
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> Upstream:
+    recorder = Upstream()
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", recorder.handle)
+    server: TestServer = await aiohttp_server(app)
+    recorder.url = str(server.make_url("")).rstrip("/")
+    return recorder
+
+
+@dataclass
+class ProxyUnderTest:
+    host: str
+    port: int
+    registry: CollectorRegistry
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+MakeProxy = Callable[..., Awaitable[ProxyUnderTest]]
+
+
+@pytest.fixture
+async def make_proxy(aiohttp_server: Any) -> MakeProxy:
+    async def start(upstream_url: str, **settings: Any) -> ProxyUnderTest:
+        config = load_config(flags={"upstream": upstream_url, **settings})
+        registry = CollectorRegistry()
+        metrics = Metrics(registry, config.session_routes)
+        server: TestServer = await aiohttp_server(create_proxy_app(config, metrics))
+        assert server.host is not None and server.port is not None
+        return ProxyUnderTest(server.host, server.port, registry)
+
+    return start
+
+
+@pytest.fixture
+async def proxy(upstream: Upstream, make_proxy: MakeProxy) -> ProxyUnderTest:
+    return await make_proxy(upstream.url)
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    """The body as it crossed the wire (chunk framing included, when chunked)."""
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    @property
+    def content(self) -> bytes:
+        """The body with chunk framing removed."""
+        if "chunked" not in ",".join(self.header("Transfer-Encoding")).lower():
+            return self.body
+        out, rest = b"", self.body
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                return out
+            out, rest = out + rest[:size], rest[size + 2 :]
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def parse_response(data: bytes) -> RawResponse:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    _, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+    headers = [tuple(line.split(": ", 1)) for line in lines[1:]]
+    return RawResponse(int(status), reason, headers, body)  # type: ignore[arg-type]
+
+
+async def raw_exchange(port: int, data: bytes, host: str = "127.0.0.1") -> RawResponse:
+    """Send bytes as they are, read until the server closes, parse the first response."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        received = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    return parse_response(received)
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
+    """A bare TCP upstream whose handler writes whatever bytes a test wants."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: RawHandler) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and headers a raw upstream received."""
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,159 @@
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from session_lens.config import (
+    Address,
+    ConfigError,
+    describe,
+    load_config,
+    mask_url,
+    parse_duration,
+    read_file,
+)
+
+UP = {"upstream": "http://127.0.0.1:8000"}
+
+
+def problems(**sources: object) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(**sources)  # type: ignore[arg-type]
+    return [str(p) for p in caught.value.problems]
+
+
+def test_defaults() -> None:
+    config = load_config(flags=UP)
+    assert config.listen == Address("127.0.0.1", 8080)
+    assert config.admin_listen == Address("127.0.0.1", 9464)
+    assert config.validation == "enforce"
+    assert config.invalid_status == 404
+    assert config.session_routes == ("/api/sessions/{session_id}", "/sessions/{session_id}")
+    assert config.max_future_skew == timedelta(hours=24)
+    assert config.shutdown_grace == timedelta(seconds=10)
+    assert config.database_url is None
+    assert config.sources["listen"] == "default"
+
+
+def test_flag_beats_env_beats_file() -> None:
+    file = {"upstream": "http://file:1", "listen": "127.0.0.1:1001", "admin_listen": "127.0.0.1:1002",
+            "validation": "observe"}  # fmt: skip
+    environ = {"SESSION_LENS_LISTEN": "127.0.0.1:2001", "SESSION_LENS_ADMIN_LISTEN": "127.0.0.1:2002"}
+    flags = {"admin_listen": "127.0.0.1:3002", "listen": None}
+    config = load_config(file=file, file_name="file c.toml", environ=environ, flags=flags)
+    assert config.upstream == "http://file:1"
+    assert config.validation == "observe"
+    assert config.listen.port == 2001
+    assert config.admin_listen.port == 3002
+    assert config.sources["upstream"] == "file c.toml"
+    assert config.sources["listen"] == "env SESSION_LENS_LISTEN"
+    assert config.sources["admin_listen"] == "flag --admin-listen"
+
+
+def test_toml_types_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'upstream = "http://127.0.0.1:8000/"\ninvalid_status = 422\nmax_future_skew = 60\n'
+        'session_routes = ["/v2/s/{session_id}"]\nupstream_read_timeout = "1m30s"\n'
+    )
+    config = load_config(file=read_file(path))
+    assert config.upstream == "http://127.0.0.1:8000"  # trailing slash folded
+    assert config.invalid_status == 422
+    assert config.max_future_skew == timedelta(seconds=60)
+    assert config.session_routes == ("/v2/s/{session_id}",)
+    assert config.upstream_read_timeout == timedelta(seconds=90)
+
+
+def test_env_lists_are_comma_separated() -> None:
+    config = load_config(environ={"SESSION_LENS_UPSTREAM": "http://u:1",
+                                  "SESSION_LENS_SESSION_ROUTES": "/a/{session_id}, /b/{session_id}"})  # fmt: skip
+    assert config.session_routes == ("/a/{session_id}", "/b/{session_id}")
+
+
+def test_unknown_env_variables_are_left_alone() -> None:
+    # Kubernetes injects SESSION_LENS_PORT and friends for a service of that name.
+    config = load_config(environ={"SESSION_LENS_UPSTREAM": "http://u:1",
+                                  "SESSION_LENS_PORT": "tcp://10.0.0.1:8080"})  # fmt: skip
+    assert config.listen.port == 8080
+
+
+def test_upstream_is_required() -> None:
+    assert problems(flags={}) == [
+        "upstream: is required: --upstream or SESSION_LENS_UPSTREAM (from nowhere)"
+    ]
+
+
+def test_every_problem_is_reported_once_with_its_source() -> None:
+    found = problems(
+        file={"upstreem": "x", "listen": "nowhere", "upstream": "http://u:1"},
+        file_name="file s.toml",
+        environ={"SESSION_LENS_ADMIN_LISTEN": "127.0.0.1:70000",
+                 "SESSION_LENS_UPSTREAM_CONNECT_TIMEOUT": "soon"},
+        flags={"invalid_status": "500", "validation": "strict", "database_url": "mysql://db/x"},
+    )  # fmt: skip
+    assert sorted(found) == sorted([
+        "upstreem: unknown setting (from file s.toml)",
+        "listen: 'nowhere' is not host:port (e.g. 127.0.0.1:8080) (from file s.toml)",
+        "admin_listen: port 70000 is out of range (1-65535) (from env SESSION_LENS_ADMIN_LISTEN)",
+        "upstream_connect_timeout: 'soon' is not a duration (e.g. 500ms, 30s, 5m) "
+        "(from env SESSION_LENS_UPSTREAM_CONNECT_TIMEOUT)",
+        "database_url: 'mysql://db/x' must start with postgres:// or postgresql:// "
+        "(from flag --database-url)",
+        "validation: 'strict' is not one of enforce, observe (from flag --validation)",
+        "invalid_status: '500' is not one of 400, 404, 422 (from flag --invalid-status)",
+    ])
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("upstream", "ftp://x", "must start with http:// or https://"),
+        ("upstream", "http://", "has no host"),
+        ("upstream", "http://h:99999", "is not a valid URL"),
+        ("upstream", "http://h/?q=1", "must not have a query or fragment"),
+        ("listen", "127.0.0.1:0", "port 0 is out of range"),
+        ("listen", "[::1]8080", "is not host:port"),
+        ("shutdown_grace", "-1s", "is not a duration"),
+        ("shutdown_grace", "400d", "is not a duration"),
+        ("upstream_read_timeout", "0", "must be longer than zero"),
+        ("session_routes", "/api/sessions", "needs exactly one {session_id} placeholder"),
+        ("session_routes", ",", "needs at least one path template"),
+        ("log_level", "loud", "is not one of debug, info, warning, error"),
+    ],
+)
+def test_bad_values(setting: str, value: str, message: str) -> None:
+    [found] = problems(flags={**UP, setting: value})
+    assert found.startswith(f"{setting}: ")
+    assert message in found
+    assert found.endswith(f"(from flag --{setting.replace('_', '-')})")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("1.5", 1.5), (2, 2), (0.5, 0.5)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+def test_passwords_are_masked() -> None:
+    assert mask_url("postgresql://lens:s3cret@db:5432/x") == "postgresql://lens:***@db:5432/x"
+    assert mask_url("postgresql://db/x") == "postgresql://db/x"
+    config = load_config(flags={**UP, "database_url": "postgresql://lens:s3cret@db/x"})
+    shown = describe(config)
+    assert "s3cret" not in shown
+    assert 'database_url = "postgresql://lens:***@db/x"' in shown
+
+
+def test_password_never_echoed_in_errors() -> None:
+    [found] = problems(flags={**UP, "database_url": "mysql://lens:s3cret@db/x"})
+    assert "s3cret" not in found
+
+
+def test_unreadable_or_broken_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        read_file(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("upstream = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_file(broken)

@@ -1,0 +1,45 @@
+import pytest
+
+from session_lens.routes import RouteMatch, RouteTable, TemplateError, compile_template
+
+table = RouteTable(["/api/sessions/{session_id}", "/sessions/{session_id}"])
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/api/sessions/abc", RouteMatch("/api/sessions/{session_id}", "abc")),
+        ("/api/sessions/abc/events", RouteMatch("/api/sessions/{session_id}", "abc")),
+        ("/api/sessions/abc/", RouteMatch("/api/sessions/{session_id}", "abc")),
+        ("/api/sessions/", RouteMatch("/api/sessions/{session_id}", "")),
+        ("/sessions/x%2Fy", RouteMatch("/sessions/{session_id}", "x%2Fy")),
+        ("/api/sessions", None),
+        ("/api/sessionsX/abc", None),
+        ("/other/sessions/abc", None),
+        ("/", None),
+    ],
+)
+def test_match(path: str, expected: RouteMatch | None) -> None:
+    assert table.match(path) == expected
+
+
+def test_other_placeholders_match_one_segment() -> None:
+    tenants = RouteTable(["/t/{tenant}/s/{session_id}"])
+    assert tenants.match("/t/acme/s/abc") == RouteMatch("/t/{tenant}/s/{session_id}", "abc")
+    assert tenants.match("/t/a/b/s/abc") is None
+
+
+def test_literal_parts_are_not_regex() -> None:
+    dotted = RouteTable(["/v1.0/s/{session_id}"])
+    assert dotted.match("/v1x0/s/abc") is None
+    assert dotted.match("/v1.0/s/abc") is not None
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["api/{session_id}", "/api/sessions", "/a/{session_id}/{session_id}", "/a/{x}/{x}/{session_id}",
+     "/a/{session_id}}", "/a/{/{session_id}"],
+)  # fmt: skip
+def test_bad_templates_are_refused(template: str) -> None:
+    with pytest.raises(TemplateError):
+        compile_template(template)
