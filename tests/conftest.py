@@ -132,7 +132,7 @@ class RawResponse:
 def parse_response(data: bytes) -> RawResponse:
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    _, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+    _, status, reason = [*lines[0].split(" ", 2), ""][:3]
     headers = [tuple(line.split(": ", 1)) for line in lines[1:]]
     return RawResponse(int(status), reason, headers, body)  # type: ignore[arg-type]
 

@@ -36,9 +36,16 @@ def test_defaults() -> None:
 
 
 def test_flag_beats_env_beats_file() -> None:
-    file = {"upstream": "http://file:1", "listen": "127.0.0.1:1001", "admin_listen": "127.0.0.1:1002",
-            "validation": "observe"}  # fmt: skip
-    environ = {"SESSION_LENS_LISTEN": "127.0.0.1:2001", "SESSION_LENS_ADMIN_LISTEN": "127.0.0.1:2002"}
+    file = {
+        "upstream": "http://file:1",
+        "listen": "127.0.0.1:1001",
+        "admin_listen": "127.0.0.1:1002",
+        "validation": "observe",
+    }
+    environ = {
+        "SESSION_LENS_LISTEN": "127.0.0.1:2001",
+        "SESSION_LENS_ADMIN_LISTEN": "127.0.0.1:2002",
+    }
     flags = {"admin_listen": "127.0.0.1:3002", "listen": None}
     config = load_config(file=file, file_name="file c.toml", environ=environ, flags=flags)
     assert config.upstream == "http://file:1"
@@ -65,15 +72,20 @@ def test_toml_types_are_accepted(tmp_path: Path) -> None:
 
 
 def test_env_lists_are_comma_separated() -> None:
-    config = load_config(environ={"SESSION_LENS_UPSTREAM": "http://u:1",
-                                  "SESSION_LENS_SESSION_ROUTES": "/a/{session_id}, /b/{session_id}"})  # fmt: skip
+    config = load_config(
+        environ={
+            "SESSION_LENS_UPSTREAM": "http://u:1",
+            "SESSION_LENS_SESSION_ROUTES": "/a/{session_id}, /b/{session_id}",
+        }
+    )
     assert config.session_routes == ("/a/{session_id}", "/b/{session_id}")
 
 
 def test_unknown_env_variables_are_left_alone() -> None:
     # Kubernetes injects SESSION_LENS_PORT and friends for a service of that name.
-    config = load_config(environ={"SESSION_LENS_UPSTREAM": "http://u:1",
-                                  "SESSION_LENS_PORT": "tcp://10.0.0.1:8080"})  # fmt: skip
+    config = load_config(
+        environ={"SESSION_LENS_UPSTREAM": "http://u:1", "SESSION_LENS_PORT": "tcp://10.0.0.1:8080"}
+    )
     assert config.listen.port == 8080
 
 
@@ -87,21 +99,26 @@ def test_every_problem_is_reported_once_with_its_source() -> None:
     found = problems(
         file={"upstreem": "x", "listen": "nowhere", "upstream": "http://u:1"},
         file_name="file s.toml",
-        environ={"SESSION_LENS_ADMIN_LISTEN": "127.0.0.1:70000",
-                 "SESSION_LENS_UPSTREAM_CONNECT_TIMEOUT": "soon"},
+        environ={
+            "SESSION_LENS_ADMIN_LISTEN": "127.0.0.1:70000",
+            "SESSION_LENS_UPSTREAM_CONNECT_TIMEOUT": "soon",
+        },
         flags={"invalid_status": "500", "validation": "strict", "database_url": "mysql://db/x"},
-    )  # fmt: skip
-    assert sorted(found) == sorted([
-        "upstreem: unknown setting (from file s.toml)",
-        "listen: 'nowhere' is not host:port (e.g. 127.0.0.1:8080) (from file s.toml)",
-        "admin_listen: port 70000 is out of range (1-65535) (from env SESSION_LENS_ADMIN_LISTEN)",
-        "upstream_connect_timeout: 'soon' is not a duration (e.g. 500ms, 30s, 5m) "
-        "(from env SESSION_LENS_UPSTREAM_CONNECT_TIMEOUT)",
-        "database_url: 'mysql://db/x' must start with postgres:// or postgresql:// "
-        "(from flag --database-url)",
-        "validation: 'strict' is not one of enforce, observe (from flag --validation)",
-        "invalid_status: '500' is not one of 400, 404, 422 (from flag --invalid-status)",
-    ])
+    )
+    assert sorted(found) == sorted(
+        [
+            "upstreem: unknown setting (from file s.toml)",
+            "listen: 'nowhere' is not host:port (e.g. 127.0.0.1:8080) (from file s.toml)",
+            "admin_listen: port 70000 is out of range (1-65535) "
+            "(from env SESSION_LENS_ADMIN_LISTEN)",
+            "upstream_connect_timeout: 'soon' is not a duration (e.g. 500ms, 30s, 5m) "
+            "(from env SESSION_LENS_UPSTREAM_CONNECT_TIMEOUT)",
+            "database_url: 'mysql://db/x' must start with postgres:// or postgresql:// "
+            "(from flag --database-url)",
+            "validation: 'strict' is not one of enforce, observe (from flag --validation)",
+            "invalid_status: '500' is not one of 400, 404, 422 (from flag --invalid-status)",
+        ]
+    )
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ def test_valid_ids_pass(session_id: str) -> None:
         ("exec_2025123_020944_4ad060d9", Rule.PATTERN),
         ("sess_20251230_020944_4ad060d9", Rule.PATTERN),
         ("exec_20251230_020944_4ad060g9", Rule.PATTERN),
-        ("exec_２0251230_020944_4ad060d9", Rule.PATTERN),  # a non-ASCII digit
+        ("exec_\uff120251230_020944_4ad060d9", Rule.PATTERN),  # a full-width digit
         ("exec_20251230_020944_4ad060d9\n", Rule.PATTERN),
         ("exec_20251330_020944_4ad060d9", Rule.CALENDAR),  # month 13
         ("exec_20250230_020944_4ad060d9", Rule.CALENDAR),  # Feb 30

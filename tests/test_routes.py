@@ -37,9 +37,15 @@ def test_literal_parts_are_not_regex() -> None:
 
 @pytest.mark.parametrize(
     "template",
-    ["api/{session_id}", "/api/sessions", "/a/{session_id}/{session_id}", "/a/{x}/{x}/{session_id}",
-     "/a/{session_id}}", "/a/{/{session_id}"],
-)  # fmt: skip
+    [
+        "api/{session_id}",
+        "/api/sessions",
+        "/a/{session_id}/{session_id}",
+        "/a/{x}/{x}/{session_id}",
+        "/a/{session_id}}",
+        "/a/{/{session_id}",
+    ],
+)
 def test_bad_templates_are_refused(template: str) -> None:
     with pytest.raises(TemplateError):
         compile_template(template)

@@ -5,7 +5,8 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from .config import Config
 from .metrics import Metrics
@@ -22,8 +23,9 @@ MAX_HEADER_BYTES = 65536
 
 def create_proxy_app(config: Config, metrics: Metrics) -> web.Application:
     """The app on the proxy listener: one catch-all route, everything forwarded."""
-    app = web.Application(handler_args={"max_field_size": MAX_HEADER_BYTES,
-                                        "max_line_size": MAX_HEADER_BYTES})  # fmt: skip
+    app = web.Application(
+        handler_args={"max_field_size": MAX_HEADER_BYTES, "max_line_size": MAX_HEADER_BYTES}
+    )
     proxy = Proxy(config, metrics)
     app[PROXY] = proxy
     app[CONFIG] = config
@@ -50,8 +52,8 @@ def create_admin_app(config: Config, registry: CollectorRegistry) -> web.Applica
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encode(request.app[REGISTRY]), headers={"Content-Type": content_type})
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -35,14 +35,18 @@ _FLAG_HELP = {
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", type=Path, metavar="FILE",
+        "--config",
+        type=Path,
+        metavar="FILE",
         help=f"TOML file of settings (or {env_name('config')})",
-    )  # fmt: skip
+    )
     for setting in SETTINGS:
         common.add_argument(
-            "--" + setting.replace("_", "-"), dest=setting, metavar="VALUE",
+            "--" + setting.replace("_", "-"),
+            dest=setting,
+            metavar="VALUE",
             help=f"{_FLAG_HELP[setting]}; env {env_name(setting)}",
-        )  # fmt: skip
+        )
     parser = argparse.ArgumentParser(
         prog="session-lens",
         description="A sidecar HTTP proxy that explains why a session was not found.",
@@ -51,20 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", parents=[common], help="run the proxy")
     commands.add_parser(
-        "check-config", parents=[common],
+        "check-config",
+        parents=[common],
         help="print the effective configuration, or what is wrong with it",
-    )  # fmt: skip
+    )
     return parser
 
 
 def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """The configuration from the parsed flags, the environment and the config file."""
-    path = args.config or (Path(environ[env_name("config")]) if environ.get(env_name("config")) else None)
+    path = args.config or (
+        Path(environ[env_name("config")]) if environ.get(env_name("config")) else None
+    )
     file: dict[str, Any] = read_file(path) if path else {}
     flags = {setting: getattr(args, setting) for setting in SETTINGS}
-    return load_config(
-        file=file, file_name=f"file {path}", environ=environ, flags=flags
-    )
+    return load_config(file=file, file_name=f"file {path}", environ=environ, flags=flags)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

@@ -140,7 +140,9 @@ def _url(raw: object, schemes: tuple[str, ...]) -> SplitResult:
     except ValueError as exc:
         raise _Invalid(f"{mask_url(text)!r} is not a valid URL: {exc}") from None
     if parts.scheme not in schemes:
-        raise _Invalid(f"{mask_url(text)!r} must start with {' or '.join(s + '://' for s in schemes)}")
+        raise _Invalid(
+            f"{mask_url(text)!r} must start with {' or '.join(s + '://' for s in schemes)}"
+        )
     if not parts.hostname:
         raise _Invalid(f"{mask_url(text)!r} has no host")
     if port == 0:

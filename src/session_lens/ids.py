@@ -35,7 +35,8 @@ class IdValidator:
         if match is None:
             return Rule.PATTERN
         try:
-            stamp = datetime(*map(int, match.groups()), tzinfo=UTC)
+            year, month, day, hour, minute, second = map(int, match.groups())
+            stamp = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
         except ValueError:
             return Rule.CALENDAR
         if now is None:

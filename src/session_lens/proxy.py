@@ -45,9 +45,14 @@ _REQUEST_ONLY = frozenset({"expect"})
 _FORWARDED = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
 # Headers the WebSocket client library writes itself for the upstream handshake.
 _WS_HANDSHAKE = frozenset(
-    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-     "sec-websocket-protocol", "sec-websocket-accept"}
-)  # fmt: skip
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
 _WS_UNSENDABLE_CLOSE = frozenset({1005, 1006, 1015})
 
 _RULE_DETAIL = {
@@ -65,7 +70,9 @@ _UPSTREAM_DETAIL = {
 }
 
 
-def end_to_end(headers: CIMultiDictProxy[str], extra: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+def end_to_end(
+    headers: CIMultiDictProxy[str], extra: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
     """A copy of `headers` without hop-by-hop ones (RFC 9110 §7.6.1), order and repeats kept."""
     drop = HOP_BY_HOP | extra
     named = headers.getall(hdrs.CONNECTION, ())
@@ -90,7 +97,9 @@ def short_id(session_id: str) -> str:
     return session_id if len(session_id) <= MAX_ID_LENGTH else session_id[:MAX_ID_LENGTH] + "…"
 
 
-def problem(status: int, detail: str, headers: Iterable[tuple[str, str]] = (), **members: Any) -> web.Response:
+def problem(
+    status: int, detail: str, headers: Iterable[tuple[str, str]] = (), **members: Any
+) -> web.Response:
     """An RFC 9457 problem document."""
     body = {"title": HTTPStatus(status).phrase, "status": status, "detail": detail, **members}
     return web.Response(
@@ -146,7 +155,12 @@ class Proxy:
             timeout=timeout,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=(hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE),
+            skip_auto_headers=(
+                hdrs.ACCEPT,
+                hdrs.ACCEPT_ENCODING,
+                hdrs.USER_AGENT,
+                hdrs.CONTENT_TYPE,
+            ),
             trust_env=False,
         )
 
@@ -189,7 +203,9 @@ class Proxy:
             if exchange.upstream_seconds is not None:
                 self._metrics.upstream_duration[kind].observe(exchange.upstream_seconds)
 
-    def _reject(self, request: web.Request, match: RouteMatch, request_id: str) -> web.Response | None:
+    def _reject(
+        self, request: web.Request, match: RouteMatch, request_id: str
+    ) -> web.Response | None:
         """The answer to a malformed ID in enforce mode; None to forward the request."""
         rule = self._validator.check(match.session_id)
         if rule is None:
@@ -251,7 +267,7 @@ class Proxy:
                 data=body,
                 allow_redirects=False,
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return self._failed(request, exchange, exc)
         try:
             self._count_lookup(exchange, upstream.status)
@@ -268,7 +284,7 @@ class Proxy:
             while True:
                 try:
                     chunk = await content.readany()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     # Headers are out: the only honest answer left is a cut connection.
                     self._log_upstream_error(exchange, _upstream_error(exc), exc, partial=True)
                     _hang_up(request)
@@ -314,9 +330,7 @@ class Proxy:
                 },
             )
 
-    def _failed(
-        self, request: web.Request, exchange: Exchange, exc: BaseException
-    ) -> web.Response:
+    def _failed(self, request: web.Request, exchange: Exchange, exc: BaseException) -> web.Response:
         """The 502 or 504 that stands in for an answer the upstream never gave."""
         kind = _upstream_error(exc)
         if request.transport is None or request.transport.is_closing():
@@ -359,7 +373,8 @@ class Proxy:
         for name in _FORWARDED:
             headers.popall(name, None)
         headers.extend(
-            (k, v) for k, v in self._upstream_headers(request, exchange.request_id).items()
+            (k, v)
+            for k, v in self._upstream_headers(request, exchange.request_id).items()
             if k in _FORWARDED or k == REQUEST_ID
         )
         protocols = [
@@ -381,9 +396,12 @@ class Proxy:
             )
         except aiohttp.WSServerHandshakeError as exc:
             exchange.status = exc.status
-            return problem(exc.status, "the upstream refused the WebSocket upgrade",
-                           request_id=exchange.request_id)  # fmt: skip
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return problem(
+                exc.status,
+                "the upstream refused the WebSocket upgrade",
+                request_id=exchange.request_id,
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return self._failed(request, exchange, exc)
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),

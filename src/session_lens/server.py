@@ -36,18 +36,22 @@ async def _start(runner: web.AppRunner, address: Address) -> None:
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT (or `stop` is set), then shut down gracefully."""
-    disable_created_metrics()  # *_created series double the output and nobody graphs them
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the output and nobody graphs them
     registry = CollectorRegistry()
     metrics = Metrics(registry, config.session_routes)
     grace = config.shutdown_grace.total_seconds()
     proxy = web.AppRunner(
-        create_proxy_app(config, metrics), access_log=None, shutdown_timeout=grace,
+        create_proxy_app(config, metrics),
+        access_log=None,
+        shutdown_timeout=grace,
         handle_signals=False,
-    )  # fmt: skip
+    )
     admin = web.AppRunner(
-        create_admin_app(config, registry), access_log=None, shutdown_timeout=1.0,
+        create_admin_app(config, registry),
+        access_log=None,
+        shutdown_timeout=1.0,
         handle_signals=False,
-    )  # fmt: skip
+    )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,62 @@
+"""The admin listener: /metrics, /healthz, /readyz."""
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from session_lens.app import create_admin_app
+from session_lens.config import load_config
+from session_lens.metrics import Metrics
+
+from .conftest import Upstream, free_port
+
+
+async def admin_client(aiohttp_client: Any, upstream_url: str) -> Any:
+    config = load_config(flags={"upstream": upstream_url, "upstream_connect_timeout": "1s"})
+    registry = CollectorRegistry()
+    Metrics(registry, config.session_routes)
+    return await aiohttp_client(create_admin_app(config, registry))
+
+
+async def test_metrics_are_exposed(aiohttp_client: Any, upstream: Upstream) -> None:
+    client = await admin_client(aiohttp_client, upstream.url)
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+    text = await response.text()
+    series = (
+        'session_lens_not_found_total{reason="never_existed",route="/api/sessions/{session_id}"}'
+    )
+    assert f"{series} 0.0" in text
+    assert "session_lens_inflight_requests 0.0" in text
+
+
+async def test_healthz(aiohttp_client: Any) -> None:
+    client = await admin_client(aiohttp_client, f"http://127.0.0.1:{free_port()}")
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_readyz_follows_the_upstream(aiohttp_client: Any, upstream: Upstream) -> None:
+    client = await admin_client(aiohttp_client, upstream.url)
+    response = await client.get("/readyz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ready", "checks": {"upstream": "ok"}}
+
+    port = free_port()
+    down = await admin_client(aiohttp_client, f"http://127.0.0.1:{port}")
+    response = await down.get("/readyz")
+    assert response.status == 503
+    body = await response.json()
+    assert body["status"] == "not ready"
+    assert body["checks"]["upstream"].startswith(f"down: 127.0.0.1:{port}: ")
+
+
+async def test_proxy_routes_are_not_on_the_admin_listener(
+    aiohttp_client: Any, upstream: Upstream
+) -> None:
+    client = await admin_client(aiohttp_client, upstream.url)
+    response = await client.get("/api/sessions/exec_20251230_020944_4ad060d9")
+    assert response.status == 404
+    assert upstream.seen == []

@@ -1,0 +1,241 @@
+"""The command line, run as a user runs it: in a subprocess."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .conftest import VALID_ID, Upstream, free_port
+
+CLI = [sys.executable, "-m", "session_lens"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_LENS_")}
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=30, env={**environ, **(env or {})}
+    )
+
+
+def test_check_config_prints_effective_config_masked(tmp_path: Path) -> None:
+    config = tmp_path / "lens.toml"
+    config.write_text('upstream = "http://127.0.0.1:8000"\nvalidation = "observe"\n')
+    result = run(
+        "check-config",
+        "--config",
+        str(config),
+        "--invalid-status",
+        "422",
+        env={"SESSION_LENS_DATABASE_URL": "postgresql://lens:hunter2@db:5432/lens"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "hunter2" not in out
+    assert 'database_url = "postgresql://lens:***@db:5432/lens"' in out
+    assert f"# file {config}" in out
+    assert "invalid_status = 422" in out and "# flag --invalid-status" in out
+    assert 'validation = "observe"' in out
+
+
+def test_config_errors_exit_2_with_one_line_each(tmp_path: Path) -> None:
+    config = tmp_path / "lens.toml"
+    config.write_text('upstream = "http://127.0.0.1:8000"\nlisen = "0.0.0.0:80"\n')
+    result = run(
+        "serve",
+        "--config",
+        str(config),
+        "--listen",
+        "localhost:http",
+        env={"SESSION_LENS_SHUTDOWN_GRACE": "ten seconds"},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert sorted(lines) == sorted(
+        [
+            f"session-lens: lisen: unknown setting (from file {config})",
+            "session-lens: listen: 'localhost:http' is not host:port (e.g. 127.0.0.1:8080) "
+            "(from flag --listen)",
+            "session-lens: shutdown_grace: 'ten seconds' is not a duration (e.g. 500ms, 30s, 5m) "
+            "(from env SESSION_LENS_SHUTDOWN_GRACE)",
+        ]
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_and_missing_upstream(tmp_path: Path) -> None:
+    result = run("serve", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run("check-config")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "session-lens: upstream: is required: --upstream or SESSION_LENS_UPSTREAM (from nowhere)"
+    )
+
+
+def test_busy_port_is_a_clear_error() -> None:
+    with __import__("socket").socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin-listen",
+            f"127.0.0.1:{free_port()}",
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[bytes]
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        [line] = [line for line in status.splitlines() if line.startswith(field + ":")]
+        return int(line.split()[1])
+
+
+@asynccontextmanager
+async def serving(upstream_url: str, *args: str) -> AsyncIterator[Served]:
+    port, admin_port = free_port(), free_port()
+    process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
+        [
+            *CLI,
+            "serve",
+            "--upstream",
+            upstream_url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin-listen",
+            f"127.0.0.1:{admin_port}",
+            *args,
+        ],
+        stderr=subprocess.PIPE,
+    )
+    served = Served(process, port, admin_port)
+    try:
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as client:
+            while True:
+                try:
+                    async with client.get(f"http://127.0.0.1:{admin_port}/healthz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert time.monotonic() < deadline, "session-lens did not start"
+                await asyncio.sleep(0.05)
+        yield served
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+
+async def test_sigterm_drains_the_request_in_flight(upstream: Upstream) -> None:
+    arrived = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.sleep(1.0)
+        return web.json_response({"finished": True})
+
+    upstream.respond = slow
+    async with serving(upstream.url, "--shutdown-grace", "5s") as served:
+        async with aiohttp.ClientSession() as client:
+            pending = asyncio.create_task(client.get(f"{served.url}/api/sessions/{VALID_ID}"))
+            await asyncio.wait_for(arrived.wait(), 10)
+            served.process.send_signal(signal.SIGTERM)
+            response = await asyncio.wait_for(pending, 10)
+            assert response.status == 200
+            assert await response.json() == {"finished": True}
+            response.release()
+        exit_code = await asyncio.to_thread(served.process.wait, 10)
+        assert exit_code == 0
+        assert served.process.stderr is not None
+        log = served.process.stderr.read().decode()
+        assert '"message": "shutting down"' in log
+        assert '"message": "stopped"' in log
+        assert "Traceback" not in log
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as client, client.get(served.url + "/"):
+                pass
+
+
+async def test_sigterm_with_nothing_in_flight_exits_at_once(upstream: Upstream) -> None:
+    async with serving(upstream.url) as served:
+        started = time.monotonic()
+        served.process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(served.process.wait, 10) == 0
+        assert time.monotonic() - started < 5
+
+
+GIB = 1 << 30
+CHUNK = b"\xa5" * (1 << 20)
+
+
+async def test_one_gib_each_way_with_flat_memory(upstream: Upstream) -> None:
+    received = 0
+
+    async def sink_or_source(request: web.Request) -> web.StreamResponse:
+        nonlocal received
+        if request.method == "PUT":
+            async for chunk in request.content.iter_any():
+                received += len(chunk)
+            return web.json_response({"received": received})
+        response = web.StreamResponse(headers={"Content-Length": str(GIB)})
+        await response.prepare(request)
+        for _ in range(GIB // len(CHUNK)):
+            await response.write(CHUNK)
+        await response.write_eof()
+        return response
+
+    upstream.respond = sink_or_source
+    upstream.read_body = False
+
+    async def produce() -> AsyncIterator[bytes]:
+        for _ in range(GIB // len(CHUNK)):
+            yield CHUNK
+
+    async with serving(upstream.url) as served, aiohttp.ClientSession() as client:
+        async with client.get(f"{served.url}/warm-up") as response:
+            await response.read()
+        baseline = served.rss_kib()
+        async with client.put(
+            f"{served.url}/upload", data=produce(), headers={"Content-Length": str(GIB)}
+        ) as response:
+            assert await response.json() == {"received": GIB}
+        downloaded = 0
+        async with client.get(f"{served.url}/download") as response:
+            async for chunk in response.content.iter_any():
+                downloaded += len(chunk)
+        assert downloaded == GIB
+        growth_mib = (served.rss_kib("VmHWM") - baseline) / 1024
+        assert growth_mib <= 32, f"session-lens grew by {growth_mib:.1f} MiB"
