@@ -40,6 +40,8 @@ async def test_refused_is_502(make_proxy: MakeProxy, caplog: pytest.LogCaptureFi
     )
     [line] = [r for r in caplog.records if r.getMessage() == "upstream error"]
     assert line.request_id == body["request_id"]  # type: ignore[attr-defined]
+    assert line.upstream_error == "connect"  # type: ignore[attr-defined]
+    assert line.duration_ms >= 0  # type: ignore[attr-defined]
     no_tracebacks(caplog)
 
 

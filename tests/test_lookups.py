@@ -125,6 +125,8 @@ async def test_found_miss_and_error_outcomes(
     assert miss.session_id == VALID_ID  # type: ignore[attr-defined]
     assert miss.reason == "unknown"  # type: ignore[attr-defined]
     assert miss.route == API  # type: ignore[attr-defined]
+    assert miss.upstream_ms >= 0  # type: ignore[attr-defined]
+    assert miss.duration_ms >= miss.upstream_ms  # type: ignore[attr-defined]
     assert proxy.metric("session_lens_request_duration_seconds_count", kind="lookup") == 4
     assert proxy.metric("session_lens_upstream_duration_seconds_count", kind="lookup") == 4
     assert proxy.metric("session_lens_inflight_requests") == 0

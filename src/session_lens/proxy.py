@@ -126,6 +126,7 @@ class Exchange:
 
     kind: Kind
     request_id: str
+    started: float
     match: RouteMatch | None = None
     status: int = 0
     upstream_seconds: float | None = None
@@ -180,13 +181,13 @@ class Proxy:
         started = time.perf_counter()
         self._metrics.inflight.inc()
         request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
-        exchange = Exchange(Kind.PASSTHROUGH, request_id)
+        exchange = Exchange(Kind.PASSTHROUGH, request_id, started)
         try:
             if request.method in LOOKUP_METHODS:
                 exchange.match = self._routes.match(request.raw_path.partition("?")[0])
                 if exchange.match is not None:
                     exchange.kind = Kind.LOOKUP
-                    rejection = self._reject(request, exchange.match, request_id)
+                    rejection = self._reject(request, exchange)
                     if rejection is not None:
                         exchange.status = rejection.status
                         return rejection
@@ -203,10 +204,10 @@ class Proxy:
             if exchange.upstream_seconds is not None:
                 self._metrics.upstream_duration[kind].observe(exchange.upstream_seconds)
 
-    def _reject(
-        self, request: web.Request, match: RouteMatch, request_id: str
-    ) -> web.Response | None:
+    def _reject(self, request: web.Request, exchange: Exchange) -> web.Response | None:
         """The answer to a malformed ID in enforce mode; None to forward the request."""
+        match, request_id = exchange.match, exchange.request_id
+        assert match is not None
         rule = self._validator.check(match.session_id)
         if rule is None:
             return None
@@ -223,6 +224,7 @@ class Proxy:
                 "rule": rule.value,
                 "session_id": short_id(match.session_id),
                 "enforced": self._enforce,
+                "duration_ms": _ms_since(exchange.started),
             },
         )
         if not self._enforce:
@@ -270,7 +272,7 @@ class Proxy:
         except (TimeoutError, aiohttp.ClientError) as exc:
             return self._failed(request, exchange, exc)
         try:
-            self._count_lookup(exchange, upstream.status)
+            self._count_lookup(exchange, upstream.status, sent)
             response = RelayedResponse(
                 status=upstream.status,
                 reason=upstream.reason,
@@ -303,7 +305,7 @@ class Proxy:
         finally:
             upstream.release()
 
-    def _count_lookup(self, exchange: Exchange, status: int) -> None:
+    def _count_lookup(self, exchange: Exchange, status: int, sent: float) -> None:
         match = exchange.match
         if match is None:
             return
@@ -327,6 +329,8 @@ class Proxy:
                     "reason": Reason.UNKNOWN.value,
                     "session_id": match.session_id,
                     "status": status,
+                    "upstream_ms": _ms_since(sent),
+                    "duration_ms": _ms_since(exchange.started),
                 },
             )
 
@@ -364,6 +368,7 @@ class Proxy:
                 "upstream_error": kind.value,
                 "error": f"{type(exc).__name__}: {exc}",
                 "response_started": partial,
+                "duration_ms": _ms_since(exchange.started),
             },
         )
 
@@ -454,6 +459,10 @@ async def _relay_ws(
         else:  # CLOSING, CLOSED, ERROR: the source is gone without a close frame
             await target.close(code=1011 if kind is WSMsgType.ERROR else 1001)
             return
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
 
 
 def _hang_up(request: web.Request) -> None:
