@@ -10,8 +10,8 @@ upstream is asked.
 import asyncio
 import json
 import logging
+import random
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -111,7 +111,12 @@ def problem(
 
 
 class RelayedResponse(web.StreamResponse):
-    """A response that adds no `Server` or `Content-Type` the upstream did not send."""
+    """A response that adds no `Server` or `Content-Type` the upstream did not send.
+
+    Its headers wait for the first body bytes, so both leave in one write.
+    """
+
+    _send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
         absent = [name for name in (hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in self.headers]
@@ -180,7 +185,8 @@ class Proxy:
         """Answer one request: validate a lookup, then forward it."""
         started = time.perf_counter()
         self._metrics.inflight.inc()
-        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        # Not a secret, only unique: no need to pay for os.urandom per request.
+        request_id = request.headers.get(REQUEST_ID) or f"{random.getrandbits(128):032x}"
         exchange = Exchange(Kind.PASSTHROUGH, request_id, started)
         try:
             if request.method in LOOKUP_METHODS:
@@ -283,24 +289,24 @@ class Proxy:
             exchange.status = upstream.status
             await response.prepare(request)
             content = upstream.content
-            while True:
-                try:
+            try:
+                # What has arrived with the headers goes out with them, in one write;
+                # a body that is all here (most small JSON answers) ends there too.
+                chunk = content.read_nowait()
+                while not content.at_eof():
+                    await response.write(chunk)
                     chunk = await content.readany()
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    # Headers are out: the only honest answer left is a cut connection.
+            except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
+                upstream.close()
+                if _client_gone(request):
+                    log.debug("client went away", extra={"request_id": exchange.request_id})
+                else:
+                    # Headers may be out: the only honest answer left is a cut connection.
                     self._log_upstream_error(exchange, _upstream_error(exc), exc, partial=True)
                     _hang_up(request)
-                    return response
-                if not chunk:
-                    break
-                try:
-                    await response.write(chunk)
-                except ConnectionError:
-                    log.debug("client went away", extra={"request_id": exchange.request_id})
-                    upstream.close()
-                    return response
+                return response
             exchange.upstream_seconds = time.perf_counter() - sent
-            await response.write_eof()
+            await response.write_eof(chunk)
             return response
         finally:
             upstream.release()
@@ -337,7 +343,7 @@ class Proxy:
     def _failed(self, request: web.Request, exchange: Exchange, exc: BaseException) -> web.Response:
         """The 502 or 504 that stands in for an answer the upstream never gave."""
         kind = _upstream_error(exc)
-        if request.transport is None or request.transport.is_closing():
+        if _client_gone(request):
             # The client left mid-request; nobody is there to answer.
             log.debug("client went away", extra={"request_id": exchange.request_id})
             return web.Response(status=499)
@@ -463,6 +469,10 @@ async def _relay_ws(
 
 def _ms_since(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 def _hang_up(request: web.Request) -> None:
