@@ -58,7 +58,9 @@ class Upstream:
 @pytest.fixture
 async def upstream(aiohttp_server: Any) -> Upstream:
     recorder = Upstream()
-    app = web.Application(client_max_size=1 << 30)
+    app = web.Application(
+        client_max_size=1 << 30, handler_args={"max_field_size": 65536, "max_line_size": 65536}
+    )
     app.router.add_route("*", "/{tail:.*}", recorder.handle)
     server: TestServer = await aiohttp_server(app)
     recorder.url = str(server.make_url("")).rstrip("/")

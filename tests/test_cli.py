@@ -173,6 +173,10 @@ async def test_sigterm_drains_the_request_in_flight(upstream: Upstream) -> None:
             pending = asyncio.create_task(client.get(f"{served.url}/api/sessions/{VALID_ID}"))
             await asyncio.wait_for(arrived.wait(), 10)
             served.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            async with client.get(f"http://127.0.0.1:{served.admin_port}/readyz") as ready:
+                assert ready.status == 503
+                assert (await ready.json())["status"] == "draining"
             response = await asyncio.wait_for(pending, 10)
             assert response.status == 200
             assert await response.json() == {"finished": True}
@@ -187,6 +191,53 @@ async def test_sigterm_drains_the_request_in_flight(upstream: Upstream) -> None:
         with pytest.raises(aiohttp.ClientConnectionError):
             async with aiohttp.ClientSession() as client, client.get(served.url + "/"):
                 pass
+
+
+async def test_grace_period_bounds_the_shutdown(upstream: Upstream) -> None:
+    arrived = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.sleep(30)
+        return web.Response()
+
+    upstream.respond = endless
+    async with serving(upstream.url, "--shutdown-grace", "1s") as served:
+        async with aiohttp.ClientSession() as client:
+            pending = asyncio.create_task(client.get(f"{served.url}/endless"))
+            await asyncio.wait_for(arrived.wait(), 10)
+            started = time.monotonic()
+            served.process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(served.process.wait, 10) == 0
+            took = time.monotonic() - started
+            with pytest.raises(aiohttp.ClientError):
+                await pending
+        assert 1.0 <= took < 3.0, f"shutdown took {took:.1f}s with a 1s grace period"
+        assert served.process.stderr is not None
+        log = served.process.stderr.read().decode()
+        assert '"message": "grace period over", "cut_requests": 1' in log
+        assert "Traceback" not in log
+
+
+async def test_open_websockets_are_told_going_away(upstream: Upstream) -> None:
+    upstream_saw: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    async def holds(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        upstream_saw.set_result(ws.close_code)
+        return ws
+
+    upstream.respond = holds
+    async with serving(upstream.url, "--shutdown-grace", "5s") as served:
+        async with aiohttp.ClientSession() as client, client.ws_connect(f"{served.url}/ws") as ws:
+            served.process.send_signal(signal.SIGTERM)
+            message = await asyncio.wait_for(ws.receive(), 5)
+            assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+        assert await asyncio.wait_for(upstream_saw, 5) == 1001
+        assert await asyncio.to_thread(served.process.wait, 10) == 0
 
 
 async def test_sigterm_with_nothing_in_flight_exits_at_once(upstream: Upstream) -> None:

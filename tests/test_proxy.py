@@ -2,8 +2,10 @@
 
 import asyncio
 import gzip
+import logging
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from .conftest import (
@@ -322,3 +324,103 @@ async def test_keep_alive_to_upstream_is_reused(upstream: Upstream, proxy: Proxy
             async with client.get(f"{proxy.url}/k") as response:
                 await response.read()
     assert len(set(peers)) == 1
+
+
+async def test_absolute_form_target_is_forwarded_as_a_path(
+    upstream: Upstream, proxy: ProxyUnderTest
+) -> None:
+    response = await raw_exchange(
+        proxy.port,
+        request_bytes(
+            "GET http://edge.test/abs?q=1 HTTP/1.1", "Host: edge.test", "Connection: close"
+        ),
+    )
+    assert response.status == 200
+    assert upstream.seen[0].raw_path == "/abs?q=1"
+
+
+async def test_asterisk_target_gets_a_clear_answer(
+    upstream: Upstream, proxy: ProxyUnderTest
+) -> None:
+    response = await raw_exchange(
+        proxy.port, request_bytes("OPTIONS * HTTP/1.1", "Host: h", "Connection: close")
+    )
+    assert response.status == 400
+    assert response.json()["detail"] == "the request target must be a path"
+    assert upstream.seen == []
+
+
+async def test_upgrade_header_alone_is_not_a_websocket(
+    upstream: Upstream, proxy: ProxyUnderTest
+) -> None:
+    for method in ("GET", "POST"):
+        response = await raw_exchange(
+            proxy.port,
+            request_bytes(f"{method} /plain HTTP/1.1", "Host: h", "Upgrade: websocket",
+                          "Content-Length: 0", "Connection: close"),
+        )  # fmt: skip
+        assert response.status == 200
+        assert response.json() == {"ok": True, "path": "/plain"}
+    assert [seen.method for seen in upstream.seen] == ["GET", "POST"]
+
+
+async def test_empty_request_id_is_replaced(upstream: Upstream, proxy: ProxyUnderTest) -> None:
+    response = await raw_exchange(
+        proxy.port, request_bytes("GET / HTTP/1.1", "Host: h", "X-Request-ID:", "Connection: close")
+    )
+    [returned] = response.header("X-Request-ID")
+    assert len(returned) == 32
+    assert upstream.seen[0].header("X-Request-ID") == [returned]
+
+
+async def test_upstream_request_id_is_kept(upstream: Upstream, proxy: ProxyUnderTest) -> None:
+    async def own_id(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="x", headers={"X-Request-ID": "upstream-made"})
+
+    upstream.respond = own_id
+    response = await raw_exchange(
+        proxy.port, request_bytes("GET / HTTP/1.1", "Host: h", "Connection: close")
+    )
+    assert response.header("X-Request-ID") == ["upstream-made"]
+
+
+async def test_large_headers_pass_both_ways(upstream: Upstream, proxy: ProxyUnderTest) -> None:
+    big = "v" * 20_000
+
+    async def big_header(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="x", headers={"X-Big": big})
+
+    upstream.respond = big_header
+    response = await raw_exchange(
+        proxy.port,
+        request_bytes("GET / HTTP/1.1", "Host: h", f"Cookie: c={big}", "Connection: close"),
+    )
+    assert response.status == 200
+    assert response.header("X-Big") == [big]
+    assert upstream.seen[0].header("Cookie") == [f"c={big}"]
+
+
+async def test_client_leaving_early_is_no_error(
+    upstream: Upstream, proxy: ProxyUnderTest, caplog: pytest.LogCaptureFixture
+) -> None:
+    abandoned = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            abandoned.set()  # the hop let go of the upstream request too, as nginx does
+            raise
+        return web.json_response({"late": True})
+
+    upstream.respond = slow
+    with caplog.at_level(logging.DEBUG):
+        _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(request_bytes("GET /slow HTTP/1.1", "Host: h"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+        await asyncio.wait_for(abandoned.wait(), 5)
+        await asyncio.sleep(0.1)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert proxy.metric("session_lens_inflight_requests") == 0

@@ -79,7 +79,7 @@ async def test_refused_upgrade_keeps_upstream_status(
     upstream: Upstream, make_proxy: MakeProxy
 ) -> None:
     async def refuses(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=403, text="no sockets for you")
+        return web.Response(status=401, text="log in", headers={"WWW-Authenticate": "Bearer"})
 
     upstream.respond = refuses
     proxy = await make_proxy(upstream.url)
@@ -87,6 +87,71 @@ async def test_refused_upgrade_keeps_upstream_status(
         try:
             await client.ws_connect(f"{proxy.url}/ws")
         except aiohttp.WSServerHandshakeError as exc:
-            assert exc.status == 403
+            assert exc.status == 401
+            assert exc.headers is not None
+            assert exc.headers["WWW-Authenticate"] == "Bearer"
+            assert "X-Request-ID" in exc.headers
+            assert exc.headers["Content-Length"] == "0"  # the body is not relayed
         else:
             raise AssertionError("the upgrade went through")
+
+
+async def test_handshake_headers_reach_the_client(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    async def with_cookie(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        ws.headers["Set-Cookie"] = "sid=1"
+        ws.headers["X-Up"] = "yes"
+        await ws.prepare(request)
+        await ws.close()
+        return ws
+
+    upstream.respond = with_cookie
+    proxy = await make_proxy(upstream.url)
+    async with aiohttp.ClientSession() as client, client.ws_connect(f"{proxy.url}/ws") as ws:
+        response = ws._response  # the only way to see the 101's headers with aiohttp
+        assert response.headers["Set-Cookie"] == "sid=1"
+        assert response.headers["X-Up"] == "yes"
+
+
+async def test_close_codes_are_echoed_to_whoever_closed(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    upstream_saw: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    async def waits(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        upstream_saw.set_result(ws.close_code)
+        return ws
+
+    upstream.respond = waits
+    proxy = await make_proxy(upstream.url)
+    async with aiohttp.ClientSession() as client:
+        ws = await client.ws_connect(f"{proxy.url}/ws")
+        await ws.close(code=4000, message=b"bye")
+        assert ws.close_code == 4000
+    assert await asyncio.wait_for(upstream_saw, 5) == 4000
+
+
+async def test_upstream_gets_its_own_close_code_back(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    upstream_got: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    async def closes(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close(code=4001)
+        upstream_got.set_result(ws.close_code)
+        return ws
+
+    upstream.respond = closes
+    proxy = await make_proxy(upstream.url)
+    async with aiohttp.ClientSession() as client, client.ws_connect(f"{proxy.url}/ws") as ws:
+        message = await ws.receive()
+        assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 4001)
+    assert await asyncio.wait_for(upstream_got, 5) == 4001

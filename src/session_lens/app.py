@@ -1,7 +1,7 @@
 """Wiring: the proxy app and the admin app, their lifecycles and routes."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -10,23 +10,29 @@ from prometheus_client.exposition import choose_encoder
 
 from .config import Config
 from .metrics import Metrics
-from .proxy import Proxy
+from .proxy import MAX_HEADER_BYTES, Proxy
 
 PROXY = web.AppKey("proxy", Proxy)
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
-
-# aiohttp's defaults are 8190 bytes for a header line; session services behind
-# gateways see larger cookies and tokens than that.
-MAX_HEADER_BYTES = 65536
+DRAINING = web.AppKey("draining", asyncio.Event)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_proxy_app(config: Config, metrics: Metrics) -> web.Application:
-    """The app on the proxy listener: one catch-all route, everything forwarded."""
-    app = web.Application(
-        handler_args={"max_field_size": MAX_HEADER_BYTES, "max_line_size": MAX_HEADER_BYTES}
-    )
+    """The app on the proxy listener: no routes, every request goes to the proxy."""
     proxy = Proxy(config, metrics)
+
+    # A middleware rather than a catch-all route: it also sees targets no route
+    # template can match (`OPTIONS *`), and skips the router's work.
+    @web.middleware
+    async def forward_all(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await proxy.handle(request)
+
+    app = web.Application(
+        middlewares=[forward_all],
+        handler_args={"max_field_size": MAX_HEADER_BYTES, "max_line_size": MAX_HEADER_BYTES},
+    )
     app[PROXY] = proxy
     app[CONFIG] = config
 
@@ -35,16 +41,22 @@ def create_proxy_app(config: Config, metrics: Metrics) -> web.Application:
         yield
         await proxy.close()
 
+    async def drain(app: web.Application) -> None:
+        await proxy.drain(config.shutdown_grace.total_seconds())
+
     app.cleanup_ctx.append(upstream_client)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app.on_shutdown.append(drain)
     return app
 
 
-def create_admin_app(config: Config, registry: CollectorRegistry) -> web.Application:
+def create_admin_app(
+    config: Config, registry: CollectorRegistry, draining: asyncio.Event | None = None
+) -> web.Application:
     """The app on the admin listener: /metrics, /healthz, /readyz."""
     app = web.Application()
     app[CONFIG] = config
     app[REGISTRY] = registry
+    app[DRAINING] = draining or asyncio.Event()
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -62,6 +74,8 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
+    if request.app[DRAINING].is_set():
+        return web.json_response({"status": "draining", "checks": {}}, status=503)
     upstream = await upstream_reachable(config)
     checks = {"upstream": "ok" if upstream is None else f"down: {upstream}"}
     ready = upstream is None

@@ -18,8 +18,8 @@ from http import HTTPStatus
 from typing import Any
 
 import aiohttp
-from aiohttp import WSMsgType, hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from .config import Config
@@ -27,6 +27,7 @@ from .ids import MAX_ID_LENGTH, IdValidator
 from .metrics import Metrics
 from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
 from .routes import RouteMatch, RouteTable
+from .websocket import bridge
 
 log = logging.getLogger("session_lens.proxy")
 
@@ -53,7 +54,9 @@ _WS_HANDSHAKE = frozenset(
         "sec-websocket-accept",
     }
 )
-_WS_UNSENDABLE_CLOSE = frozenset({1005, 1006, 1015})
+# aiohttp's own limit is 8190 bytes a header line; gateways in front of session
+# services pass larger cookies and tokens than that, both ways.
+MAX_HEADER_BYTES = 65536
 
 _RULE_DETAIL = {
     Rule.MISSING: "the path holds no session ID",
@@ -70,9 +73,7 @@ _UPSTREAM_DETAIL = {
 }
 
 
-def end_to_end(
-    headers: CIMultiDictProxy[str], extra: frozenset[str] = frozenset()
-) -> CIMultiDict[str]:
+def end_to_end(headers: MultiMapping[str], extra: frozenset[str] = frozenset()) -> CIMultiDict[str]:
     """A copy of `headers` without hop-by-hop ones (RFC 9110 §7.6.1), order and repeats kept."""
     drop = HOP_BY_HOP | extra
     named = headers.getall(hdrs.CONNECTION, ())
@@ -119,10 +120,23 @@ class RelayedResponse(web.StreamResponse):
     _send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
-        absent = [name for name in (hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in self.headers]
+        absent = [name for name in _NEVER_ADDED if name not in self.headers]
         await super()._prepare_headers()
         for name in absent:
             self.headers.popall(name, None)
+
+
+class RelayedWebSocket(web.WebSocketResponse):
+    """The client's side of a relayed WebSocket, adding no `Server` header either."""
+
+    async def _prepare_headers(self) -> None:
+        absent = [name for name in _NEVER_ADDED if name not in self.headers]
+        await super()._prepare_headers()
+        for name in absent:
+            self.headers.popall(name, None)
+
+
+_NEVER_ADDED = (hdrs.SERVER, hdrs.CONTENT_TYPE)
 
 
 @dataclass(slots=True)
@@ -130,7 +144,10 @@ class Exchange:
     """What one request has become so far, for counting and logging."""
 
     kind: Kind
+    target: str
+    """The request target in origin form: path and query, as sent."""
     request_id: str
+    id_generated: bool
     started: float
     match: RouteMatch | None = None
     status: int = 0
@@ -148,6 +165,10 @@ class Proxy:
         self._enforce = config.validation == "enforce"
         self._upstream = config.upstream
         self._client: aiohttp.ClientSession | None = None
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self.draining = asyncio.Event()
+        """Set once shutdown has begun: open WebSockets are closed, /readyz says so."""
 
     async def open(self) -> None:
         """Open the pooled, keep-alive upstream client."""
@@ -168,7 +189,20 @@ class Proxy:
                 hdrs.CONTENT_TYPE,
             ),
             trust_env=False,
+            max_line_size=MAX_HEADER_BYTES,
+            max_field_size=MAX_HEADER_BYTES,
         )
+
+    async def drain(self, grace: float) -> None:
+        """Close open WebSockets and wait up to `grace` seconds for requests in flight."""
+        self.draining.set()
+        if self._inflight:
+            self._idle.clear()
+            try:
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("grace period over", extra={"cut_requests": self._inflight})
 
     async def close(self) -> None:
         """Close the upstream client and its pooled connections."""
@@ -184,23 +218,34 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request: validate a lookup, then forward it."""
         started = time.perf_counter()
+        self._inflight += 1
         self._metrics.inflight.inc()
+        given_id = request.headers.get(REQUEST_ID)
         # Not a secret, only unique: no need to pay for os.urandom per request.
-        request_id = request.headers.get(REQUEST_ID) or f"{random.getrandbits(128):032x}"
-        exchange = Exchange(Kind.PASSTHROUGH, request_id, started)
+        request_id = given_id or f"{random.getrandbits(128):032x}"
+        target = request.raw_path
+        if not target.startswith("/"):  # absolute form (RFC 9112 §3.2.2): keep path and query
+            target = request.rel_url.raw_path_qs
+        exchange = Exchange(Kind.PASSTHROUGH, target, request_id, not given_id, started)
         try:
+            if not target.startswith("/"):  # `OPTIONS *` and the like
+                exchange.status = 400
+                return problem(400, "the request target must be a path", request_id=request_id)
             if request.method in LOOKUP_METHODS:
-                exchange.match = self._routes.match(request.raw_path.partition("?")[0])
+                exchange.match = self._routes.match(target.partition("?")[0])
                 if exchange.match is not None:
                     exchange.kind = Kind.LOOKUP
                     rejection = self._reject(request, exchange)
                     if rejection is not None:
                         exchange.status = rejection.status
                         return rejection
-            if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+            if _is_websocket(request):
                 return await self._websocket(request, exchange)
             return await self._forward(request, exchange)
         finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
             self._metrics.inflight.dec()
             elapsed = time.perf_counter() - started
             kind = exchange.kind
@@ -236,7 +281,7 @@ class Proxy:
         if not self._enforce:
             return None
         headers = [(REASON_HEADER, Reason.INVALID_FORMAT.value)]
-        if REQUEST_ID not in request.headers:
+        if exchange.id_generated:
             headers.append((REQUEST_ID, request_id))
         return problem(
             self._config.invalid_status,
@@ -248,29 +293,31 @@ class Proxy:
             request_id=request_id,
         )
 
-    def _upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
-        headers = end_to_end(request.headers, _REQUEST_ONLY)
+    def _upstream_headers(
+        self, request: web.Request, exchange: Exchange, drop: frozenset[str] = _REQUEST_ONLY
+    ) -> CIMultiDict[str]:
+        headers = end_to_end(request.headers, drop)
         if request.remote:
             _append(headers, "X-Forwarded-For", request.remote)
         _append(headers, "X-Forwarded-Proto", request.scheme)
         host = request.headers.get(hdrs.HOST)
         if host:
             _append(headers, "X-Forwarded-Host", host)
-        if REQUEST_ID not in headers:
-            headers[REQUEST_ID] = request_id
+        if exchange.id_generated:
+            headers[REQUEST_ID] = exchange.request_id
         return headers
 
-    def _url(self, request: web.Request) -> URL:
-        return URL(self._upstream + request.raw_path, encoded=True)
+    def _url(self, exchange: Exchange) -> URL:
+        return URL(self._upstream + exchange.target, encoded=True)
 
     async def _forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        headers = self._upstream_headers(request, exchange.request_id)
+        headers = self._upstream_headers(request, exchange)
         body = request.content if request.body_exists else None
         sent = time.perf_counter()
         try:
             upstream = await self.client.request(
                 request.method,
-                self._url(request),
+                self._url(exchange),
                 headers=headers,
                 data=body,
                 allow_redirects=False,
@@ -284,8 +331,8 @@ class Proxy:
                 reason=upstream.reason,
                 headers=end_to_end(upstream.headers),
             )
-            if REQUEST_ID not in request.headers:
-                response.headers[REQUEST_ID] = exchange.request_id
+            if exchange.id_generated:
+                response.headers.setdefault(REQUEST_ID, exchange.request_id)
             exchange.status = upstream.status
             await response.prepare(request)
             content = upstream.content
@@ -296,6 +343,7 @@ class Proxy:
                 while not content.at_eof():
                     await response.write(chunk)
                     chunk = await content.readany()
+                await response.write_eof(chunk)
             except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
                 upstream.close()
                 if _client_gone(request):
@@ -306,7 +354,6 @@ class Proxy:
                     _hang_up(request)
                 return response
             exchange.upstream_seconds = time.perf_counter() - sent
-            await response.write_eof(chunk)
             return response
         finally:
             upstream.release()
@@ -352,7 +399,7 @@ class Proxy:
         if exchange.match is not None:
             self._metrics.lookups[exchange.match.route, Outcome.UPSTREAM_ERROR].inc()
         self._log_upstream_error(exchange, kind, exc)
-        headers = [] if REQUEST_ID in request.headers else [(REQUEST_ID, exchange.request_id)]
+        headers = [(REQUEST_ID, exchange.request_id)] if exchange.id_generated else []
         return problem(
             status,
             _UPSTREAM_DETAIL[kind],
@@ -380,14 +427,7 @@ class Proxy:
 
     async def _websocket(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """Relay a WebSocket both ways: text, binary, ping, pong and close codes."""
-        headers = end_to_end(request.headers, _WS_HANDSHAKE | _REQUEST_ONLY)
-        for name in _FORWARDED:
-            headers.popall(name, None)
-        headers.extend(
-            (k, v)
-            for k, v in self._upstream_headers(request, exchange.request_id).items()
-            if k in _FORWARDED or k == REQUEST_ID
-        )
+        headers = self._upstream_headers(request, exchange, _WS_HANDSHAKE | _REQUEST_ONLY)
         protocols = [
             p.strip()
             for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
@@ -397,7 +437,7 @@ class Proxy:
         sent = time.perf_counter()
         try:
             upstream = await self.client.ws_connect(
-                self._url(request),
+                self._url(exchange),
                 headers=headers,
                 protocols=protocols,
                 autoclose=False,
@@ -406,34 +446,34 @@ class Proxy:
                 compress=0,
             )
         except aiohttp.WSServerHandshakeError as exc:
+            # The upstream answered, but not with 101: its status and headers go back.
+            # (aiohttp does not read the body of a refused upgrade.)
             exchange.status = exc.status
-            return problem(
-                exc.status,
-                "the upstream refused the WebSocket upgrade",
-                request_id=exchange.request_id,
+            refusal = RelayedResponse(
+                status=exc.status, headers=end_to_end(exc.headers or CIMultiDict())
             )
+            refusal.headers.popall(hdrs.CONTENT_LENGTH, None)
+            refusal.content_length = 0
+            if exchange.id_generated:
+                refusal.headers.setdefault(REQUEST_ID, exchange.request_id)
+            return refusal
         except (TimeoutError, aiohttp.ClientError) as exc:
             return self._failed(request, exchange, exc)
-        client = web.WebSocketResponse(
+        client = RelayedWebSocket(
             protocols=(upstream.protocol,) if upstream.protocol else (),
             autoclose=False,
             autoping=False,
             max_msg_size=0,
             compress=False,
         )
+        # What the upstream said with its 101 (cookies, say) goes to the client too.
+        handshake = getattr(upstream, "_response", None)
+        if handshake is not None:
+            client.headers.extend(end_to_end(handshake.headers, _WS_HANDSHAKE))
         try:
             await client.prepare(request)
             exchange.status = 101
-            relays = [
-                asyncio.create_task(_relay_ws(client, upstream)),
-                asyncio.create_task(_relay_ws(upstream, client)),
-            ]
-            try:
-                await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in relays:
-                    task.cancel()
-                await asyncio.gather(*relays, return_exceptions=True)
+            await bridge(client, upstream, self.draining)
         finally:
             await upstream.close()
             await client.close()
@@ -441,30 +481,13 @@ class Proxy:
         return client
 
 
-async def _relay_ws(
-    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-) -> None:
-    """Copy frames from one side to the other until either closes."""
-    while True:
-        message = await source.receive()
-        kind = message.type
-        if kind is WSMsgType.TEXT:
-            await target.send_str(message.data)
-        elif kind is WSMsgType.BINARY:
-            await target.send_bytes(message.data)
-        elif kind is WSMsgType.PING:
-            await target.ping(message.data)
-        elif kind is WSMsgType.PONG:
-            await target.pong(message.data)
-        elif kind is WSMsgType.CLOSE:
-            code = message.data if message.data not in _WS_UNSENDABLE_CLOSE else 1000
-            await target.close(code=code, message=(message.extra or "").encode())
-            await source.close(code=code)
-            return
-        else:  # CLOSING, CLOSED, ERROR: the source is gone without a close frame
-            await target.close(code=1011 if kind is WSMsgType.ERROR else 1001)
-            return
+def _is_websocket(request: web.Request) -> bool:
+    """Whether the request asks for a WebSocket upgrade (RFC 6455 §4.1)."""
+    return (
+        request.method == "GET"
+        and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+        and "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
+    )
 
 
 def _ms_since(start: float) -> float:

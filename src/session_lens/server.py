@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from . import __version__
-from .app import create_admin_app, create_proxy_app
+from .app import PROXY, create_admin_app, create_proxy_app
 from .config import Address, Config, mask_url
 from .metrics import Metrics
 
@@ -40,14 +40,19 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, config.session_routes)
     grace = config.shutdown_grace.total_seconds()
+    proxy_app = create_proxy_app(config, metrics)
+    # The proxy app drains itself within the grace period (on_shutdown); what is
+    # still running after that gets this long to react to being cancelled.
+    # handler_cancellation: a client that leaves takes its upstream request with it.
     proxy = web.AppRunner(
-        create_proxy_app(config, metrics),
+        proxy_app,
         access_log=None,
-        shutdown_timeout=grace,
+        shutdown_timeout=0.25,
         handle_signals=False,
+        handler_cancellation=True,
     )
     admin = web.AppRunner(
-        create_admin_app(config, registry),
+        create_admin_app(config, registry, proxy_app[PROXY].draining),
         access_log=None,
         shutdown_timeout=1.0,
         handle_signals=False,
