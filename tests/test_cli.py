@@ -99,7 +99,9 @@ def test_busy_port_is_a_clear_error() -> None:
             f"127.0.0.1:{free_port()}",
         )
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert result.stderr.strip() == (
+        f"session-lens: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
     assert "Traceback" not in result.stderr
 
 

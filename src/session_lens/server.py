@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 import signal
 
 from aiohttp import web
@@ -31,7 +32,8 @@ async def _start(runner: web.AppRunner, address: Address) -> None:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ListenError(address, exc.strerror or str(exc)) from exc
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(address, reason) from exc
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
