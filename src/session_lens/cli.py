@@ -9,27 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import SETTINGS, Config, ConfigError, describe, env_name, load_config, read_file
+from .config import HELP, SETTINGS, Config, ConfigError, describe, env_name, load_config, read_file
 from .logs import setup_logging
 from .server import ListenError, serve
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
-
-_FLAG_HELP = {
-    "upstream": "base URL of the session service (required)",
-    "listen": "proxy listener, host:port (default 127.0.0.1:8080)",
-    "admin_listen": "admin listener for /metrics, /healthz, /readyz (default 127.0.0.1:9464)",
-    "database_url": "PostgreSQL URL of the lifecycle tables",
-    "validation": "enforce: answer malformed IDs here; observe: forward and count them",
-    "invalid_status": "status for a malformed ID: 404 (default), 400 or 422",
-    "session_routes": "comma-separated path templates with {session_id}",
-    "max_future_skew": "how far in the future an ID's timestamp may lie (default 24h)",
-    "upstream_connect_timeout": "time to open an upstream connection (default 5s)",
-    "upstream_read_timeout": "longest silence from the upstream while reading (default 60s)",
-    "shutdown_grace": "time in-flight requests get to finish on shutdown (default 10s)",
-    "log_level": "debug, info, warning or error (default info)",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
             "--" + setting.replace("_", "-"),
             dest=setting,
             metavar="VALUE",
-            help=f"{_FLAG_HELP[setting]}; env {env_name(setting)}",
+            help=f"{HELP[setting]}; env {env_name(setting)}",
         )
     parser = argparse.ArgumentParser(
         prog="session-lens",

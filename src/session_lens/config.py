@@ -7,6 +7,7 @@ came from.
 """
 
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +59,15 @@ class Config:
     upstream_read_timeout: timedelta = timedelta(seconds=60)
     shutdown_grace: timedelta = timedelta(seconds=10)
     log_level: str = "info"
+    data_dir: Path = field(default_factory=lambda: default_data_dir())
+    sessions_table: str = "sessions"
+    sessions_id_column: str = "id"
+    backfill_state: str = "'ACTIVE'"
+    miss_statuses: tuple[int, ...] = (404,)
+    not_found_body: str = "merge"
+    visibility_window: timedelta = timedelta(seconds=5)
+    creation_timeout: timedelta = timedelta(seconds=30)
+    classification_budget: timedelta = timedelta(milliseconds=50)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """For each setting, where its value came from (`default`, a file, a variable, a flag)."""
 
@@ -184,6 +194,59 @@ def _invalid_status(raw: object) -> int:
     return status
 
 
+def default_data_dir() -> Path:
+    """Where the embedded PostgreSQL keeps its data: `$XDG_DATA_HOME/session-lens`."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "session-lens"
+
+
+def _path(raw: object) -> Path:
+    text = str(raw).strip()
+    if not text:
+        raise _Invalid("must not be empty")
+    return Path(text).expanduser()
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def _table(raw: object) -> str:
+    text = str(raw).strip()
+    if not all(_IDENTIFIER.fullmatch(part) for part in text.split(".")) or text.count(".") > 1:
+        raise _Invalid(f"{raw!r} is not a table name ([schema.]name, letters, digits, _)")
+    return text
+
+
+def _column(raw: object) -> str:
+    text = str(raw).strip()
+    if not _IDENTIFIER.fullmatch(text):
+        raise _Invalid(f"{raw!r} is not a column name (letters, digits, _)")
+    return text
+
+
+def _sql_expression(raw: object) -> str:
+    text = str(raw).strip()
+    if not text or ";" in text:
+        raise _Invalid(f"{raw!r} must be one SQL expression, without ';'")
+    return text
+
+
+def _statuses(raw: object) -> tuple[int, ...]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    statuses = []
+    for item in items:
+        try:
+            status = int(str(item).strip())
+        except ValueError:
+            status = 0
+        if isinstance(item, bool) or not 400 <= status <= 599:
+            raise _Invalid(f"{item!r} is not an HTTP error status (400-599)")
+        statuses.append(status)
+    if not statuses:
+        raise _Invalid("needs at least one status")
+    return tuple(statuses)
+
+
 def _routes(raw: object) -> tuple[str, ...]:
     if isinstance(raw, str):
         items = [item.strip() for item in raw.split(",") if item.strip()]
@@ -214,8 +277,42 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_read_timeout": _positive_duration,
     "shutdown_grace": parse_duration,
     "log_level": _choice("debug", "info", "warning", "error"),
+    "data_dir": _path,
+    "sessions_table": _table,
+    "sessions_id_column": _column,
+    "backfill_state": _sql_expression,
+    "miss_statuses": _statuses,
+    "not_found_body": _choice("merge", "problem", "passthrough"),
+    "visibility_window": parse_duration,
+    "creation_timeout": _positive_duration,
+    "classification_budget": _positive_duration,
 }
 SETTINGS = tuple(_PARSERS)
+
+HELP = {
+    "upstream": "base URL of the session service (required)",
+    "listen": "proxy listener, host:port (default 127.0.0.1:8080)",
+    "admin_listen": "admin listener for /metrics, /healthz, /readyz (default 127.0.0.1:9464)",
+    "database_url": "PostgreSQL URL of the lifecycle tables",
+    "validation": "enforce: answer malformed IDs here; observe: forward and count them",
+    "invalid_status": "status for a malformed ID: 404 (default), 400 or 422",
+    "session_routes": "comma-separated path templates with {session_id}",
+    "max_future_skew": "how far in the future an ID's timestamp may lie (default 24h)",
+    "upstream_connect_timeout": "time to open an upstream connection (default 5s)",
+    "upstream_read_timeout": "longest silence from the upstream while reading (default 60s)",
+    "shutdown_grace": "time in-flight requests get to finish on shutdown (default 10s)",
+    "log_level": "debug, info, warning or error (default info)",
+    "data_dir": "directory of the embedded PostgreSQL, used without database_url",
+    "sessions_table": "the sessions table, [schema.]name (default sessions)",
+    "sessions_id_column": "its ID column (default id)",
+    "backfill_state": "SQL expression giving existing rows their state (default 'ACTIVE')",
+    "miss_statuses": "upstream statuses that mean not found (default 404)",
+    "not_found_body": "merge (default), problem or passthrough",
+    "visibility_window": "how long a change may take to show upstream (default 5s)",
+    "creation_timeout": "how long a creation may take before it counts as failed (default 30s)",
+    "classification_budget": "time a miss may spend being explained (default 50ms)",
+}
+"""One line of help per setting, for flags and docs."""
 
 
 def env_name(setting: str) -> str:
@@ -307,6 +404,8 @@ def _show(value: object) -> str:
         return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, Path):
+        return _show(str(value))
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

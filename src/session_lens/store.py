@@ -1,0 +1,151 @@
+"""PostgreSQL reads for explaining misses: queries built once, rows as frozen dataclasses.
+
+Errors from asyncpg or the network become this module's own:
+
+    StoreError
+    ├── StoreUnavailable   no connection could be had (down, refused, pool closed)
+    ├── StoreTimeout       the query did not answer in time
+    └── StoreQueryFailed   the database answered with an error (not migrated, say)
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from .schema import Tables
+
+
+class StoreError(Exception):
+    """The lifecycle tables could not be read."""
+
+    kind = "error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class StoreUnavailable(StoreError):
+    """No connection to the database could be had."""
+
+    kind = "unavailable"
+
+
+class StoreTimeout(StoreError):
+    """The database did not answer in time."""
+
+    kind = "timeout"
+
+
+class StoreQueryFailed(StoreError):
+    """The database refused the query."""
+
+    kind = "query"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What the lifecycle tables say of one session ID, read in one round trip."""
+
+    state: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    deleted_at: datetime | None
+    last_old_state: str | None
+    last_new_state: str | None
+    last_at: datetime | None
+    last_trigger: str | None
+    now: datetime
+
+    @property
+    def has_row(self) -> bool:
+        """Whether the sessions table holds the ID."""
+        return self.state is not None
+
+    @property
+    def has_audit(self) -> bool:
+        """Whether the audit trail has ever heard of the ID."""
+        return self.last_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of a session's audit trail."""
+
+    id: int
+    occurred_at: datetime
+    old_state: str | None
+    new_state: str | None
+    trigger: str
+    actor: str
+    reason: str | None
+
+
+class Queries:
+    """The SQL for the configured tables, formatted once so asyncpg caches each statement."""
+
+    def __init__(self, tables: Tables) -> None:
+        names = tables.names
+        self.evidence = (
+            "SELECT s.state, s.created_at, s.updated_at, s.deleted_at,"
+            " a.old_state, a.new_state, a.occurred_at, a.trigger, statement_timestamp()"
+            " FROM (SELECT $1::text AS key) AS k"
+            " LEFT JOIN {table} AS s ON s.{id} = k.key"
+            " LEFT JOIN LATERAL ("
+            "  SELECT old_state, new_state, occurred_at, trigger FROM {audit}"
+            "  WHERE session_id = k.key ORDER BY id DESC LIMIT 1"
+            " ) AS a ON true"
+        ).format(**names)
+        self.timeline = (
+            "SELECT id, occurred_at, old_state, new_state, trigger, actor, reason"
+            " FROM {audit} WHERE session_id = $1::text ORDER BY id LIMIT $2"
+        ).format(**names)
+
+
+async def read_evidence(
+    pool: asyncpg.Pool, queries: Queries, session_id: str, timeout: float
+) -> Evidence:
+    """The evidence for one ID; raises a StoreError."""
+    row = await _fetch(pool, timeout, queries.evidence, session_id)
+    assert row is not None
+    return Evidence(*row.values())
+
+
+async def read_timeline(
+    pool: asyncpg.Pool, queries: Queries, session_id: str, timeout: float, limit: int = 1000
+) -> list[AuditEntry]:
+    """The audit trail of one ID, oldest first; raises a StoreError."""
+    async with _translated(timeout), pool.acquire(timeout=timeout) as conn:
+        rows = await conn.fetch(queries.timeline, session_id, limit, timeout=timeout)
+    return [AuditEntry(*row.values()) for row in rows]
+
+
+async def _fetch(
+    pool: asyncpg.Pool, timeout: float, query: str, *args: object
+) -> asyncpg.Record | None:
+    async with _translated(timeout), pool.acquire(timeout=timeout) as conn:
+        return await conn.fetchrow(query, *args, timeout=timeout)
+
+
+@asynccontextmanager
+async def _translated(timeout: float) -> AsyncIterator[None]:
+    """Turn asyncpg's and the network's exceptions into StoreErrors."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise StoreTimeout(f"no answer within {timeout * 1000:g} ms") from exc
+    except _UNREACHABLE as exc:
+        raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise StoreQueryFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+_UNREACHABLE = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # admin shutdown, crash recovery
+)
