@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from session_lens.app import create_admin_app
 from session_lens.config import load_config
+from session_lens.explain import Explainer
 from session_lens.metrics import Metrics
 
 from .conftest import Upstream, free_port
@@ -14,8 +15,9 @@ from .conftest import Upstream, free_port
 async def admin_client(aiohttp_client: Any, upstream_url: str) -> Any:
     config = load_config(flags={"upstream": upstream_url, "upstream_connect_timeout": "1s"})
     registry = CollectorRegistry()
-    Metrics(registry, config.session_routes)
-    return await aiohttp_client(create_admin_app(config, registry))
+    metrics = Metrics(registry, config.session_routes)
+    explainer = Explainer(config, metrics, None)
+    return await aiohttp_client(create_admin_app(config, registry, explainer))
 
 
 async def test_metrics_are_exposed(aiohttp_client: Any, upstream: Upstream) -> None:
@@ -42,7 +44,10 @@ async def test_readyz_follows_the_upstream(aiohttp_client: Any, upstream: Upstre
     client = await admin_client(aiohttp_client, upstream.url)
     response = await client.get("/readyz")
     assert response.status == 200
-    assert await response.json() == {"status": "ready", "checks": {"upstream": "ok"}}
+    assert await response.json() == {
+        "status": "degraded",
+        "checks": {"upstream": "ok", "database": "down: no database configured"},
+    }
 
     port = free_port()
     down = await admin_client(aiohttp_client, f"http://127.0.0.1:{port}")

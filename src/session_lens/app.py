@@ -9,19 +9,30 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .config import Config
+from .explain import Explainer, report_json
+from .ids import IdValidator
 from .metrics import Metrics
 from .proxy import MAX_HEADER_BYTES, Proxy
+from .store import StoreError
 
 PROXY = web.AppKey("proxy", Proxy)
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 DRAINING = web.AppKey("draining", asyncio.Event)
+EXPLAINER = web.AppKey("explainer", Explainer)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_proxy_app(config: Config, metrics: Metrics) -> web.Application:
-    """The app on the proxy listener: no routes, every request goes to the proxy."""
-    proxy = Proxy(config, metrics)
+def create_proxy_app(
+    config: Config, metrics: Metrics, explainer: Explainer | None = None
+) -> web.Application:
+    """The app on the proxy listener: no routes, every request goes to the proxy.
+
+    It opens and closes the explainer's pool; without an explainer, misses are
+    explained from `config.database_url` (none: every miss is `unknown`).
+    """
+    explainer = explainer or Explainer(config, metrics, config.database_url)
+    proxy = Proxy(config, metrics, explainer)
 
     # A middleware rather than a catch-all route: it also sees targets no route
     # template can match (`OPTIONS *`), and skips the router's work.
@@ -35,11 +46,14 @@ def create_proxy_app(config: Config, metrics: Metrics) -> web.Application:
     )
     app[PROXY] = proxy
     app[CONFIG] = config
+    app[EXPLAINER] = explainer
 
     async def upstream_client(app: web.Application) -> AsyncIterator[None]:
+        await explainer.open()
         await proxy.open()
         yield
         await proxy.close()
+        await explainer.close()
 
     async def drain(app: web.Application) -> None:
         await proxy.drain(config.shutdown_grace.total_seconds())
@@ -50,13 +64,18 @@ def create_proxy_app(config: Config, metrics: Metrics) -> web.Application:
 
 
 def create_admin_app(
-    config: Config, registry: CollectorRegistry, draining: asyncio.Event | None = None
+    config: Config,
+    registry: CollectorRegistry,
+    explainer: Explainer,
+    draining: asyncio.Event | None = None,
 ) -> web.Application:
-    """The app on the admin listener: /metrics, /healthz, /readyz."""
+    """The app on the admin listener: /metrics, /healthz, /readyz, /sessions/{id}/explain."""
     app = web.Application()
     app[CONFIG] = config
     app[REGISTRY] = registry
+    app[EXPLAINER] = explainer
     app[DRAINING] = draining or asyncio.Event()
+    app.router.add_get("/sessions/{session_id}/explain", _explain)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -76,13 +95,38 @@ async def _readyz(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     if request.app[DRAINING].is_set():
         return web.json_response({"status": "draining", "checks": {}}, status=503)
-    upstream = await upstream_reachable(config)
-    checks = {"upstream": "ok" if upstream is None else f"down: {upstream}"}
-    ready = upstream is None
-    return web.json_response(
-        {"status": "ready" if ready else "not ready", "checks": checks},
-        status=200 if ready else 503,
+    upstream, database = await asyncio.gather(
+        upstream_reachable(config), request.app[EXPLAINER].health()
     )
+    checks = {
+        "upstream": "ok" if upstream is None else f"down: {upstream}",
+        "database": "ok" if database is None else f"down: {database}",
+    }
+    # Only the upstream decides readiness: without the database, traffic still
+    # flows and misses are `unknown`; taking the hop out of service would be worse.
+    if upstream is not None:
+        status, code = "not ready", 503
+    else:
+        status, code = ("ready", 200) if database is None else ("degraded", 200)
+    return web.json_response({"status": status, "checks": checks}, status=code)
+
+
+async def _explain(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    config = request.app[CONFIG]
+    rule = IdValidator(config.max_future_skew).check(session_id)
+    if rule is not None:
+        return web.json_response(
+            {"session_id": session_id[:64], "reason": "invalid_format", "rule": rule.value},
+            status=400,
+        )
+    try:
+        report = await request.app[EXPLAINER].report(session_id)
+    except StoreError as exc:
+        return web.json_response(
+            {"error": "database unavailable", "detail": exc.detail}, status=503
+        )
+    return web.json_response(report_json(report))
 
 
 async def upstream_reachable(config: Config) -> str | None:

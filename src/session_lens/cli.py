@@ -5,12 +5,15 @@ import asyncio
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import HELP, SETTINGS, Config, ConfigError, describe, env_name, load_config, read_file
+from .embedded import EmbeddedError, start_embedded
 from .logs import setup_logging
+from .operate import DatabaseError, run_explain, run_migrations
 from .server import ListenError, serve
 
 EXIT_CONFIG = 2
@@ -39,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"session-lens {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", parents=[common], help="run the proxy")
+    migrate = commands.add_parser(
+        "migrate", parents=[common], help="bring the sessions table up to the lifecycle model"
+    )
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="print the SQL and the row counts, change nothing"
+    )
+    explain = commands.add_parser(
+        "explain", parents=[common], help="the state, audit timeline and reason for one ID"
+    )
+    explain.add_argument("session_id", metavar="SESSION_ID")
     commands.add_parser(
         "check-config",
         parents=[common],
@@ -54,7 +67,13 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     )
     file: dict[str, Any] = read_file(path) if path else {}
     flags = {setting: getattr(args, setting) for setting in SETTINGS}
-    return load_config(file=file, file_name=f"file {path}", environ=environ, flags=flags)
+    return load_config(
+        file=file,
+        file_name=f"file {path}",
+        environ=environ,
+        flags=flags,
+        need_upstream=args.command in ("serve", "check-config"),
+    )
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -72,8 +91,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     setup_logging(config.log_level)
     try:
+        if config.database_url is None:
+            embedded = start_embedded(config.data_dir)
+            config = replace(config, database_url=embedded.url)
+            if args.command != "migrate":  # zero setup: the embedded database is always migrated
+                asyncio.run(run_migrations(config, quiet=True))
+        if args.command == "migrate":
+            return asyncio.run(run_migrations(config, dry_run=args.dry_run))
+        if args.command == "explain":
+            return asyncio.run(run_explain(config, args.session_id))
         asyncio.run(serve(config))
-    except ListenError as exc:
+    except (ListenError, EmbeddedError, DatabaseError) as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

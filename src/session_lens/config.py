@@ -47,7 +47,7 @@ class Address:
 class Config:
     """The effective configuration of one session-lens process."""
 
-    upstream: str
+    upstream: str = ""
     listen: Address = Address("127.0.0.1", 8080)
     admin_listen: Address = Address("127.0.0.1", 9464)
     database_url: str | None = None
@@ -338,6 +338,7 @@ def load_config(
     file_name: str = "config file",
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
+    need_upstream: bool = True,
 ) -> Config:
     """Merge the sources (flag over variable over file over default) and validate."""
     raw: dict[str, tuple[object, str]] = {}
@@ -367,7 +368,7 @@ def load_config(
             sources[key] = source
         except _Invalid as exc:
             problems.append(Problem(key, source, str(exc)))
-    if "upstream" not in raw:
+    if need_upstream and "upstream" not in raw:
         problems.append(
             Problem("upstream", "nowhere", f"is required: --upstream or {env_name('upstream')}")
         )

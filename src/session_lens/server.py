@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from . import __version__
 from .app import PROXY, create_admin_app, create_proxy_app
 from .config import Address, Config, mask_url
+from .explain import Explainer
 from .metrics import Metrics
 
 log = logging.getLogger("session_lens.server")
@@ -42,7 +43,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, config.session_routes)
     grace = config.shutdown_grace.total_seconds()
-    proxy_app = create_proxy_app(config, metrics)
+    explainer = Explainer(config, metrics, config.database_url)
+    proxy_app = create_proxy_app(config, metrics, explainer)
     # The proxy app drains itself within the grace period (on_shutdown); what is
     # still running after that gets this long to react to being cancelled.
     # handler_cancellation: a client that leaves takes its upstream request with it.
@@ -54,7 +56,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         handler_cancellation=True,
     )
     admin = web.AppRunner(
-        create_admin_app(config, registry, proxy_app[PROXY].draining),
+        create_admin_app(config, registry, explainer, proxy_app[PROXY].draining),
         access_log=None,
         shutdown_timeout=1.0,
         handle_signals=False,

@@ -21,7 +21,7 @@ from .schema import Tables
 class StoreError(Exception):
     """The lifecycle tables could not be read."""
 
-    kind = "error"
+    kind = "query"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)

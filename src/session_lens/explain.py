@@ -1,0 +1,241 @@
+"""Explaining misses within a time budget, without ever holding up the answer.
+
+One evidence query per miss (shared by concurrent misses for the same ID), a
+budget past which the reason is `unknown`, and a circuit breaker that stops
+asking a sick database and tries again by itself.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from .classify import classify
+from .config import Config
+from .metrics import Metrics
+from .reasons import Reason
+from .schema import Tables
+from .store import (
+    AuditEntry,
+    Evidence,
+    Queries,
+    StoreError,
+    StoreUnavailable,
+    read_evidence,
+    read_timeline,
+)
+
+log = logging.getLogger("session_lens.explain")
+
+POOL_SIZE = 10
+HEALTH_TIMEOUT = 1.0
+EXPLAIN_TIMEOUT = 5.0
+
+
+class Breaker:
+    """Opens after `failures` failures in a row; after `cooldown` lets one trial through."""
+
+    def __init__(
+        self, failures: int = 5, cooldown: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._threshold = failures
+        self._cooldown = cooldown
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def is_open(self) -> bool:
+        """Whether calls are being refused (a trial may still be let through)."""
+        return self._opened_at is not None
+
+    def allow(self) -> bool:
+        """Whether a call may go to the database now."""
+        if self._opened_at is None:
+            return True
+        if self._trial or self._clock() - self._opened_at < self._cooldown:
+            return False
+        self._trial = True
+        return True
+
+    def succeeded(self) -> None:
+        """A call went through: close."""
+        self._failures = 0
+        self._opened_at = None
+        self._trial = False
+
+    def failed(self) -> None:
+        """A call failed: count it, and open (again) at the threshold or after a failed trial."""
+        self._failures += 1
+        if self._trial or self._failures >= self._threshold:
+            self._opened_at = self._clock()
+        self._trial = False
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """A miss's reason, with the evidence behind it when there is some."""
+
+    reason: Reason
+    evidence: Evidence | None = None
+    error: str | None = None
+
+    def lifecycle(self) -> dict[str, Any] | None:
+        """The evidence as the JSON members a response carries."""
+        found = self.evidence
+        if found is None or not (found.has_row or found.has_audit):
+            return None
+        last = None
+        if found.has_audit:
+            last = {
+                "from": found.last_old_state,
+                "to": found.last_new_state,
+                "at": _iso(found.last_at),
+                "trigger": found.last_trigger,
+            }
+        return {"state": found.state, "deleted_at": _iso(found.deleted_at), "last_transition": last}
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Everything known about one session ID, for `explain`."""
+
+    session_id: str
+    evidence: Evidence
+    timeline: list[AuditEntry]
+    reason: Reason
+    reason_with_include_deleted: Reason
+
+
+class Explainer:
+    """The classifier's side of the database: a lazy pool, a budget, a breaker."""
+
+    def __init__(self, config: Config, metrics: Metrics, dsn: str | None) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._dsn = dsn
+        self._queries = Queries(Tables(config.sessions_table, config.sessions_id_column))
+        self._budget = config.classification_budget.total_seconds()
+        self._breaker = Breaker()
+        self._pool: asyncpg.Pool | None = None
+        self._pending: dict[tuple[str, bool], asyncio.Task[Explanation]] = {}
+
+    async def open(self) -> None:
+        """Create the pool; it connects on first use, so a down database does not stop start-up."""
+        if self._dsn is not None:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=0, max_size=POOL_SIZE, max_inactive_connection_lifetime=60
+            )
+
+    async def close(self) -> None:
+        """Close the pool, letting queries in flight finish."""
+        for task in self._pending.values():
+            task.cancel()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def explain_miss(self, session_id: str, include_deleted: bool) -> Explanation:
+        """Why the upstream found nothing; `unknown` when the answer is not had in time."""
+        started = time.perf_counter()
+        try:
+            key = (session_id, include_deleted)
+            task = self._pending.get(key)
+            if task is None:
+                task = asyncio.create_task(self._explain(session_id, include_deleted))
+                self._pending[key] = task
+                task.add_done_callback(lambda _: self._pending.pop(key, None))
+            try:
+                async with asyncio.timeout(self._budget):
+                    return await asyncio.shield(task)
+            except TimeoutError:
+                self._metrics.classifier_errors["timeout"].inc()
+                return Explanation(Reason.UNKNOWN, error="no answer within the budget")
+        finally:
+            self._metrics.classification_duration.observe(time.perf_counter() - started)
+
+    async def _explain(self, session_id: str, include_deleted: bool) -> Explanation:
+        if self._pool is None:
+            self._metrics.classifier_errors["unavailable"].inc()
+            return Explanation(Reason.UNKNOWN, error="no database configured")
+        if not self._breaker.allow():
+            self._metrics.classifier_errors["breaker_open"].inc()
+            return Explanation(Reason.UNKNOWN, error="circuit breaker open")
+        try:
+            evidence = await read_evidence(self._pool, self._queries, session_id, self._budget)
+        except StoreError as exc:
+            self._breaker.failed()
+            self._metrics.breaker_open.set(self._breaker.is_open)
+            self._metrics.classifier_errors[exc.kind].inc()
+            return Explanation(Reason.UNKNOWN, error=exc.detail)
+        self._breaker.succeeded()
+        self._metrics.breaker_open.set(0)
+        return Explanation(self._classify(evidence, include_deleted), evidence)
+
+    def _classify(self, evidence: Evidence, include_deleted: bool) -> Reason:
+        return classify(
+            evidence,
+            include_deleted=include_deleted,
+            visibility_window=self._config.visibility_window,
+            creation_timeout=self._config.creation_timeout,
+        )
+
+    async def report(self, session_id: str) -> Report:
+        """State, audit timeline and the reason a lookup would get now; raises StoreError."""
+        if self._pool is None:
+            raise StoreUnavailable("no database configured")
+        evidence = await read_evidence(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
+        timeline = await read_timeline(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
+        return Report(
+            session_id,
+            evidence,
+            timeline,
+            self._classify(evidence, include_deleted=False),
+            self._classify(evidence, include_deleted=True),
+        )
+
+    async def health(self) -> str | None:
+        """None when the lifecycle tables answer, else what is wrong."""
+        if self._pool is None:
+            return "no database configured"
+        if self._breaker.is_open:
+            return "circuit breaker open"
+        try:
+            await read_evidence(self._pool, self._queries, "exec_health_check", HEALTH_TIMEOUT)
+        except StoreError as exc:
+            return exc.detail
+        return None
+
+
+def report_json(report: Report) -> dict[str, Any]:
+    """A report as the admin endpoint serves it."""
+    evidence = report.evidence
+    return {
+        "session_id": report.session_id,
+        "state": evidence.state,
+        "created_at": _iso(evidence.created_at),
+        "updated_at": _iso(evidence.updated_at),
+        "deleted_at": _iso(evidence.deleted_at),
+        "reason": report.reason.value,
+        "reason_with_include_deleted": report.reason_with_include_deleted.value,
+        "timeline": [
+            {
+                "at": _iso(entry.occurred_at),
+                "from": entry.old_state,
+                "to": entry.new_state,
+                "trigger": entry.trigger,
+                "actor": entry.actor,
+                "reason": entry.reason,
+            }
+            for entry in report.timeline
+        ],
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()

@@ -1,0 +1,146 @@
+"""The operator's commands: `migrate` and `explain`, printing for a person to read."""
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TextIO
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+from tqdm import tqdm
+
+from .config import Config, mask_url
+from .explain import Explainer, Report
+from .ids import IdValidator
+from .metrics import Metrics
+from .migrations import MIGRATIONS, MigrationError, Plan, Progress, backfill_sql, migrate, plan
+from .schema import Tables
+from .store import StoreError
+
+CONNECT_TIMEOUT = 10.0
+
+
+class DatabaseError(Exception):
+    """The database could not be reached or refused what was asked; says which and why."""
+
+
+@asynccontextmanager
+async def _connect(config: Config) -> AsyncIterator[asyncpg.Connection]:
+    assert config.database_url is not None
+    try:
+        conn = await asyncpg.connect(config.database_url, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        where = mask_url(config.database_url)
+        raise DatabaseError(f"cannot connect to {where}: {exc}") from exc
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def _tables(config: Config) -> Tables:
+    return Tables(config.sessions_table, config.sessions_id_column)
+
+
+async def run_migrations(
+    config: Config, *, dry_run: bool = False, quiet: bool = False, out: TextIO = sys.stdout
+) -> int:
+    """Apply pending migrations (or, dry, show them); returns the exit code."""
+    tables = _tables(config)
+    async with _connect(config) as conn:
+        found = await plan(conn, tables)
+        if dry_run:
+            _print_plan(found, tables, config.backfill_state, out)
+            return 0
+        if not found.pending:
+            if not quiet:
+                print(f"up to date: version {max(found.applied):03d}", file=out)
+            return 0
+
+        bars: list[tqdm] = []
+
+        def progress(total: int) -> Progress:
+            bar = tqdm(total=total, unit="rows", desc="backfill", disable=quiet, file=sys.stderr)
+            bars.append(bar)
+            return bar.update  # type: ignore[no-any-return]
+
+        try:
+            applied = await migrate(conn, tables, config.backfill_state, on_backfill=progress)
+        except MigrationError as exc:
+            raise DatabaseError(f"{exc}; nothing was changed") from exc
+        finally:
+            for bar in bars:
+                bar.close()
+        if not quiet:
+            versions = ", ".join(f"{v:03d}" for v in applied)
+            print(f"applied {versions}; {found.rows_to_backfill} rows backfilled", file=out)
+    return 0
+
+
+def _print_plan(found: Plan, tables: Tables, state_expression: str, out: TextIO) -> None:
+    table = tables.sessions
+    if not found.table_exists:
+        print(f"-- {table} does not exist: it will be created", file=out)
+    else:
+        print(f"-- {table}: {found.rows} rows, {found.rows_to_backfill} to backfill", file=out)
+    if not found.pending:
+        print(f"-- up to date: version {max(found.applied):03d}; nothing to do", file=out)
+        return
+    first, rest = backfill_sql(tables, state_expression)
+    for migration in MIGRATIONS:
+        if migration not in found.pending:
+            continue
+        before, after = migration.render(tables)
+        print(f"-- migration {migration.version:03d} {migration.name}", file=out)
+        print(before.strip(), file=out)
+        print("\n-- backfill, batch after batch ($1 rows each; $2 the last key done):", file=out)
+        print(first + ";", file=out)
+        print(rest + ";\n", file=out)
+        print(after.strip(), file=out)
+
+
+async def run_explain(config: Config, session_id: str, out: TextIO = sys.stdout) -> int:
+    """Print what the lifecycle tables say of one ID; returns the exit code."""
+    rule = IdValidator(config.max_future_skew).check(session_id)
+    if rule is not None:
+        print(f"{session_id[:64]!r} is not a valid session ID ({rule}): invalid_format", file=out)
+        return 2
+    explainer = Explainer(config, Metrics(CollectorRegistry(), ()), config.database_url)
+    await explainer.open()
+    try:
+        report = await explainer.report(session_id)
+    except StoreError as exc:
+        raise DatabaseError(f"cannot read the lifecycle tables: {exc.detail}") from exc
+    finally:
+        await explainer.close()
+    print(format_report(report), file=out)
+    return 0
+
+
+def format_report(report: Report) -> str:
+    """A report as a person reads it."""
+    evidence = report.evidence
+    lines = [f"session   {report.session_id}"]
+    if evidence.has_row:
+        lines.append(f"state     {evidence.state}")
+        lines.append(f"created   {_when(evidence.created_at)}")
+        lines.append(f"updated   {_when(evidence.updated_at)}")
+        if evidence.deleted_at:
+            lines.append(f"deleted   {_when(evidence.deleted_at)}")
+    else:
+        lines.append("state     (no row)")
+    lines.append(f"a miss now would be: {report.reason}")
+    if report.reason_with_include_deleted != report.reason:
+        lines.append(f"  with include_deleted=true: {report.reason_with_include_deleted}")
+    lines.append("timeline" if report.timeline else "timeline  (empty: never heard of)")
+    for entry in report.timeline:
+        move = f"{entry.old_state or '(none)'} -> {entry.new_state or '(none)'}"
+        why = f"  ({entry.reason})" if entry.reason else ""
+        lines.append(
+            f"  {_when(entry.occurred_at)}  {move:<22} {entry.trigger} by {entry.actor}{why}"
+        )
+    return "\n".join(lines)
+
+
+def _when(moment: object) -> str:
+    return "-" if moment is None else str(moment)
