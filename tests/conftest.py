@@ -2,11 +2,15 @@
 
 import asyncio
 import json
+import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -14,7 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from session_lens.app import create_proxy_app
 from session_lens.config import load_config
+from session_lens.embedded import start_embedded
+from session_lens.explain import Breaker, Explainer
 from session_lens.metrics import Metrics
+from session_lens.migrations import migrate
+from session_lens.schema import Tables
 
 VALID_ID = "exec_20251230_020944_4ad060d9"
 
@@ -87,11 +95,14 @@ MakeProxy = Callable[..., Awaitable[ProxyUnderTest]]
 
 @pytest.fixture
 async def make_proxy(aiohttp_server: Any) -> MakeProxy:
-    async def start(upstream_url: str, **settings: Any) -> ProxyUnderTest:
+    async def start(
+        upstream_url: str, breaker: Breaker | None = None, **settings: Any
+    ) -> ProxyUnderTest:
         config = load_config(flags={"upstream": upstream_url, **settings})
         registry = CollectorRegistry()
         metrics = Metrics(registry, config.session_routes)
-        server: TestServer = await aiohttp_server(create_proxy_app(config, metrics))
+        explainer = Explainer(config, metrics, config.database_url, breaker)
+        server: TestServer = await aiohttp_server(create_proxy_app(config, metrics, explainer))
         assert server.host is not None and server.port is not None
         return ProxyUnderTest(server.host, server.port, registry)
 
@@ -181,3 +192,49 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+# --- PostgreSQL: the embedded server, or SESSION_LENS_TEST_DATABASE_URL -------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    given = os.environ.get("SESSION_LENS_TEST_DATABASE_URL")
+    if given:
+        return given
+    return start_embedded(tmp_path_factory.mktemp("embedded"), delete_on_exit=True).url
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
+@pytest.fixture
+async def empty_db(postgres_url: str) -> AsyncIterator[str]:
+    """A fresh, empty database of its own for one test."""
+    name = "sl_test_" + uuid.uuid4().hex[:16]
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(postgres_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def db(empty_db: str) -> str:
+    """A fresh database with the lifecycle tables migrated in."""
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await migrate(conn, Tables())
+    finally:
+        await conn.close()
+    return empty_db
+
+
+@pytest.fixture
+async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(db)
+    yield connection
+    await connection.close()

@@ -65,3 +65,43 @@ async def test_proxy_routes_are_not_on_the_admin_listener(
     response = await client.get("/api/sessions/exec_20251230_020944_4ad060d9")
     assert response.status == 404
     assert upstream.seen == []
+
+
+async def test_explain_endpoint_and_database_readiness(
+    aiohttp_client: Any, upstream: Upstream, db: str
+) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(db)
+    await conn.execute(
+        "INSERT INTO sessions (id, state) VALUES ('exec_20251230_020944_4ad060d9', 'STOPPED')"
+    )
+    await conn.execute("UPDATE sessions SET state = 'DELETED'")
+    await conn.close()
+    config = load_config(flags={"upstream": upstream.url, "database_url": db})
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, config.session_routes)
+    explainer = Explainer(config, metrics, db)
+    await explainer.open()
+    try:
+        client = await aiohttp_client(create_admin_app(config, registry, explainer))
+        response = await client.get("/sessions/exec_20251230_020944_4ad060d9/explain")
+        assert response.status == 200
+        report = await response.json()
+        assert report["state"] == "DELETED"
+        assert report["reason"] == "deleted"
+        assert report["reason_with_include_deleted"] == "deleted_not_served"
+        assert [(e["from"], e["to"]) for e in report["timeline"]] == [
+            (None, "STOPPED"),
+            ("STOPPED", "DELETED"),
+        ]
+        response = await client.get("/sessions/nope/explain")
+        assert response.status == 400
+        assert (await response.json())["rule"] == "pattern"
+        response = await client.get("/readyz")
+        assert await response.json() == {
+            "status": "ready",
+            "checks": {"upstream": "ok", "database": "ok"},
+        }
+    finally:
+        await explainer.close()

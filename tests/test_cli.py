@@ -73,7 +73,7 @@ def test_config_errors_exit_2_with_one_line_each(tmp_path: Path) -> None:
 
 
 def test_missing_config_file_and_missing_upstream(tmp_path: Path) -> None:
-    result = run("serve", "--config", str(tmp_path / "nope.toml"))
+    result = run("serve", "--config", str(tmp_path / "nope.toml"))  # fails before any database
     assert result.returncode == 2
     assert "No such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
@@ -84,7 +84,7 @@ def test_missing_config_file_and_missing_upstream(tmp_path: Path) -> None:
     )
 
 
-def test_busy_port_is_a_clear_error() -> None:
+def test_busy_port_is_a_clear_error(postgres_url: str) -> None:
     with __import__("socket").socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -97,6 +97,8 @@ def test_busy_port_is_a_clear_error() -> None:
             f"127.0.0.1:{port}",
             "--admin-listen",
             f"127.0.0.1:{free_port()}",
+            "--database-url",
+            postgres_url,
         )
     assert result.returncode == 1
     assert result.stderr.strip() == (
@@ -122,7 +124,7 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(upstream_url: str, *args: str) -> AsyncIterator[Served]:
+async def serving(upstream_url: str, database_url: str, *args: str) -> AsyncIterator[Served]:
     port, admin_port = free_port(), free_port()
     process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
         [
@@ -134,6 +136,8 @@ async def serving(upstream_url: str, *args: str) -> AsyncIterator[Served]:
             f"127.0.0.1:{port}",
             "--admin-listen",
             f"127.0.0.1:{admin_port}",
+            "--database-url",
+            database_url,
             *args,
         ],
         stderr=subprocess.PIPE,
@@ -161,7 +165,7 @@ async def serving(upstream_url: str, *args: str) -> AsyncIterator[Served]:
             process.stderr.close()
 
 
-async def test_sigterm_drains_the_request_in_flight(upstream: Upstream) -> None:
+async def test_sigterm_drains_the_request_in_flight(upstream: Upstream, db: str) -> None:
     arrived = asyncio.Event()
 
     async def slow(request: web.Request) -> web.StreamResponse:
@@ -170,7 +174,7 @@ async def test_sigterm_drains_the_request_in_flight(upstream: Upstream) -> None:
         return web.json_response({"finished": True})
 
     upstream.respond = slow
-    async with serving(upstream.url, "--shutdown-grace", "5s") as served:
+    async with serving(upstream.url, db, "--shutdown-grace", "5s") as served:
         async with aiohttp.ClientSession() as client:
             pending = asyncio.create_task(client.get(f"{served.url}/api/sessions/{VALID_ID}"))
             await asyncio.wait_for(arrived.wait(), 10)
@@ -195,7 +199,7 @@ async def test_sigterm_drains_the_request_in_flight(upstream: Upstream) -> None:
                 pass
 
 
-async def test_grace_period_bounds_the_shutdown(upstream: Upstream) -> None:
+async def test_grace_period_bounds_the_shutdown(upstream: Upstream, db: str) -> None:
     arrived = asyncio.Event()
 
     async def endless(request: web.Request) -> web.StreamResponse:
@@ -204,7 +208,7 @@ async def test_grace_period_bounds_the_shutdown(upstream: Upstream) -> None:
         return web.Response()
 
     upstream.respond = endless
-    async with serving(upstream.url, "--shutdown-grace", "1s") as served:
+    async with serving(upstream.url, db, "--shutdown-grace", "1s") as served:
         async with aiohttp.ClientSession() as client:
             pending = asyncio.create_task(client.get(f"{served.url}/endless"))
             await asyncio.wait_for(arrived.wait(), 10)
@@ -221,7 +225,7 @@ async def test_grace_period_bounds_the_shutdown(upstream: Upstream) -> None:
         assert "Traceback" not in log
 
 
-async def test_open_websockets_are_told_going_away(upstream: Upstream) -> None:
+async def test_open_websockets_are_told_going_away(upstream: Upstream, db: str) -> None:
     upstream_saw: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
     async def holds(request: web.Request) -> web.StreamResponse:
@@ -233,7 +237,7 @@ async def test_open_websockets_are_told_going_away(upstream: Upstream) -> None:
         return ws
 
     upstream.respond = holds
-    async with serving(upstream.url, "--shutdown-grace", "5s") as served:
+    async with serving(upstream.url, db, "--shutdown-grace", "5s") as served:
         async with aiohttp.ClientSession() as client, client.ws_connect(f"{served.url}/ws") as ws:
             served.process.send_signal(signal.SIGTERM)
             message = await asyncio.wait_for(ws.receive(), 5)
@@ -242,8 +246,8 @@ async def test_open_websockets_are_told_going_away(upstream: Upstream) -> None:
         assert await asyncio.to_thread(served.process.wait, 10) == 0
 
 
-async def test_sigterm_with_nothing_in_flight_exits_at_once(upstream: Upstream) -> None:
-    async with serving(upstream.url) as served:
+async def test_sigterm_with_nothing_in_flight_exits_at_once(upstream: Upstream, db: str) -> None:
+    async with serving(upstream.url, db) as served:
         started = time.monotonic()
         served.process.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(served.process.wait, 10) == 0
@@ -254,7 +258,7 @@ GIB = 1 << 30
 CHUNK = b"\xa5" * (1 << 20)
 
 
-async def test_one_gib_each_way_with_flat_memory(upstream: Upstream) -> None:
+async def test_one_gib_each_way_with_flat_memory(upstream: Upstream, db: str) -> None:
     received = 0
 
     async def sink_or_source(request: web.Request) -> web.StreamResponse:
@@ -277,7 +281,7 @@ async def test_one_gib_each_way_with_flat_memory(upstream: Upstream) -> None:
         for _ in range(GIB // len(CHUNK)):
             yield CHUNK
 
-    async with serving(upstream.url) as served, aiohttp.ClientSession() as client:
+    async with serving(upstream.url, db) as served, aiohttp.ClientSession() as client:
         async with client.get(f"{served.url}/warm-up") as response:
             await response.read()
         baseline = served.rss_kib()
@@ -292,3 +296,34 @@ async def test_one_gib_each_way_with_flat_memory(upstream: Upstream) -> None:
         assert downloaded == GIB
         growth_mib = (served.rss_kib("VmHWM") - baseline) / 1024
         assert growth_mib <= 32, f"session-lens grew by {growth_mib:.1f} MiB"
+
+
+def test_explain_prints_state_timeline_and_reason(db: str) -> None:
+    async def setup() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(db)
+        await conn.execute(f"INSERT INTO sessions (id) VALUES ('{VALID_ID}')")
+        await conn.execute(f"DELETE FROM sessions WHERE id = '{VALID_ID}'")
+        await conn.close()
+
+    asyncio.run(setup())
+    result = run("explain", VALID_ID, "--database-url", db)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"session   {VALID_ID}"
+    assert "state     (no row)" in lines
+    assert "a miss now would be: purged" in lines
+    assert any("(none) -> ACTIVE" in line and "sql by postgres" in line for line in lines)
+    assert any("ACTIVE -> (none)" in line for line in lines)
+    bad = run("explain", "exec_1", "--database-url", db)
+    assert bad.returncode == 2
+    assert "not a valid session ID (pattern)" in bad.stdout
+
+
+def test_database_down_is_a_clear_error() -> None:
+    result = run("migrate", "--database-url", "postgresql://lens:secret@127.0.0.1:1/x")
+    assert result.returncode == 1
+    assert result.stderr.startswith("session-lens: cannot connect to postgresql://lens:***@")
+    assert "secret" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -142,7 +142,7 @@ def parse_address(raw: object) -> Address:
     return Address(host, port)
 
 
-def _url(raw: object, schemes: tuple[str, ...]) -> SplitResult:
+def _url(raw: object, schemes: tuple[str, ...], need_host: bool = True) -> SplitResult:
     text = str(raw).strip()
     try:
         parts = urlsplit(text)
@@ -153,7 +153,7 @@ def _url(raw: object, schemes: tuple[str, ...]) -> SplitResult:
         raise _Invalid(
             f"{mask_url(text)!r} must start with {' or '.join(s + '://' for s in schemes)}"
         )
-    if not parts.hostname:
+    if need_host and not parts.hostname:
         raise _Invalid(f"{mask_url(text)!r} has no host")
     if port == 0:
         raise _Invalid(f"{mask_url(text)!r} has port 0")
@@ -170,7 +170,7 @@ def parse_upstream(raw: object) -> str:
 
 def parse_database_url(raw: object) -> str:
     """A PostgreSQL connection URL."""
-    _url(raw, ("postgres", "postgresql"))
+    _url(raw, ("postgres", "postgresql"), need_host=False)  # a socket: ?host=/run/postgresql
     return str(raw).strip()
 
 

@@ -116,13 +116,15 @@ class Report:
 class Explainer:
     """The classifier's side of the database: a lazy pool, a budget, a breaker."""
 
-    def __init__(self, config: Config, metrics: Metrics, dsn: str | None) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics, dsn: str | None, breaker: Breaker | None = None
+    ) -> None:
         self._config = config
         self._metrics = metrics
         self._dsn = dsn
         self._queries = Queries(Tables(config.sessions_table, config.sessions_id_column))
         self._budget = config.classification_budget.total_seconds()
-        self._breaker = Breaker()
+        self._breaker = breaker or Breaker()
         self._pool: asyncpg.Pool | None = None
         self._pending: dict[tuple[str, bool], asyncio.Task[Explanation]] = {}
 
@@ -166,6 +168,7 @@ class Explainer:
         if not self._breaker.allow():
             self._metrics.classifier_errors["breaker_open"].inc()
             return Explanation(Reason.UNKNOWN, error="circuit breaker open")
+        self._metrics.classification_queries.inc()
         try:
             evidence = await read_evidence(self._pool, self._queries, session_id, self._budget)
         except StoreError as exc:

@@ -95,6 +95,11 @@ class Metrics:
             buckets=CLASSIFICATION_BUCKETS,
             registry=registry,
         )
+        self.classification_queries = Counter(
+            PREFIX + "classification_queries_total",
+            "Evidence queries sent; concurrent misses for one ID share one.",
+            registry=registry,
+        )
         classifier_errors = Counter(
             PREFIX + "classifier_errors_total",
             "Misses left unexplained: timeout, unavailable, query, breaker_open.",
