@@ -63,7 +63,9 @@ async def fill(url: str, sessions: int) -> None:
 
 
 async def measure(url: str, sessions: int, lookups: int) -> list[float]:
-    config = load_config(flags={"database_url": url, "classification_budget": "1s"}, need_upstream=False)
+    config = load_config(
+        flags={"database_url": url, "classification_budget": "1s"}, need_upstream=False
+    )
     explainer = Explainer(config, Metrics(CollectorRegistry(), ()), url)
     await explainer.open()
     try:
@@ -92,8 +94,10 @@ def main() -> None:
     timings = sorted(asyncio.run(measure(url, args.sessions, args.lookups)))
     p50 = statistics.median(timings) * 1e6
     p99 = timings[int(len(timings) * 0.99)] * 1e6
-    print(f"{args.sessions} sessions, {2 * args.sessions} audit rows, {args.lookups} lookups:"
-          f" p50 {p50:.0f} µs, p99 {p99:.0f} µs")
+    print(
+        f"{args.sessions} sessions, {2 * args.sessions} audit rows, {args.lookups} lookups:"
+        f" p50 {p50:.0f} µs, p99 {p99:.0f} µs"
+    )
 
 
 if __name__ == "__main__":
