@@ -59,6 +59,8 @@ class Tables:
             "guard": quote_ident(prefix + "session_lens_guard"),
             "append_only": quote_ident(prefix + "session_lens_append_only"),
             "versions": quote_ident(prefix + "session_lens_migrations"),
+            "events": quote_ident(prefix + "session_lens_events"),
+            "record": quote_ident(prefix + "session_lens_record"),
             "states": ", ".join(f"'{state.value}'" for state in SessionState),
             "transitions": ", ".join(
                 f"'{old.value}>{new.value}'"

@@ -41,10 +41,8 @@ class Migration:
     def render(self, tables: Tables) -> tuple[str, str]:
         """The SQL before and after the backfill, identifiers filled in."""
         sql = self.template.format(**tables.names)
-        before, _, after = re.split(
-            f"^({re.escape(BACKFILL_MARK)}.*)$", sql, maxsplit=1, flags=re.M
-        )
-        return before, after
+        parts = re.split(f"^{re.escape(BACKFILL_MARK)}.*$", sql, maxsplit=1, flags=re.M)
+        return parts[0], parts[1] if len(parts) > 1 else ""
 
 
 def _load() -> tuple[Migration, ...]:
@@ -133,35 +131,52 @@ async def migrate(
     on_backfill: Callable[[int], Progress] | None = None,
 ) -> list[int]:
     """Apply every pending version; returns those applied. Safe to run again, and at once."""
-    names = tables.names
     applied = []
-    for migration in MIGRATIONS:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {names['versions']} ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = await conn.fetchval(
-                f"SELECT 1 FROM {names['versions']} WHERE version = $1", migration.version
-            )
-            if done:
-                continue
-            before, after = migration.render(tables)
-            try:
-                await conn.execute(before)
+    # One lock for the whole run, so two runners cannot interleave versions.
+    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+    try:
+        for migration in MIGRATIONS:
+            if await _apply(conn, tables, migration, state_expression, batch_size, on_backfill):
+                applied.append(migration.version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+    return applied
+
+
+async def _apply(
+    conn: asyncpg.Connection,
+    tables: Tables,
+    migration: Migration,
+    state_expression: str,
+    batch_size: int,
+    on_backfill: Callable[[int], Progress] | None,
+) -> bool:
+    names = tables.names
+    async with conn.transaction():
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {names['versions']} ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = await conn.fetchval(
+            f"SELECT 1 FROM {names['versions']} WHERE version = $1", migration.version
+        )
+        if done:
+            return False
+        before, after = migration.render(tables)
+        try:
+            await conn.execute(before)
+            if after:
                 await _backfill(conn, tables, state_expression, batch_size, on_backfill)
                 await conn.execute(after)
-            except (asyncpg.PostgresError, _BackfillIncomplete) as exc:
-                raise MigrationError(migration.version, str(exc)) from exc
-            await conn.execute(
-                f"INSERT INTO {names['versions']} (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
-            applied.append(migration.version)
-    return applied
+        except (asyncpg.PostgresError, _BackfillIncomplete) as exc:
+            raise MigrationError(migration.version, str(exc)) from exc
+        await conn.execute(
+            f"INSERT INTO {names['versions']} (version, name) VALUES ($1, $2)",
+            migration.version,
+            migration.name,
+        )
+    return True
 
 
 async def _backfill(
