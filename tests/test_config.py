@@ -156,6 +156,10 @@ def test_durations(text: object, seconds: float) -> None:
 def test_passwords_are_masked() -> None:
     assert mask_url("postgresql://lens:s3cret@db:5432/x") == "postgresql://lens:***@db:5432/x"
     assert mask_url("postgresql://db/x") == "postgresql://db/x"
+    assert mask_url("postgresql://u@h/db?sslmode=require&password=s3cret") == (
+        "postgresql://u@h/db?sslmode=require&password=***"
+    )
+    assert "s#cr/t" not in mask_url("postgresql://u:s#cr/t@h:99999/db")
     config = load_config(flags={**UP, "database_url": "postgresql://lens:s3cret@db/x"})
     shown = describe(config)
     assert "s3cret" not in shown

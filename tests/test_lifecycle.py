@@ -161,3 +161,15 @@ async def test_works_through_a_pool(db: str) -> None:
         assert (await lifecycle.get_session(SID)).found
     finally:
         await pool.close()
+
+
+async def test_a_refusal_by_another_constraint_is_a_failed_creation(
+    conn: asyncpg.Connection,
+) -> None:
+    await conn.execute("ALTER TABLE sessions ADD COLUMN name text UNIQUE")
+    lifecycle = Lifecycle(conn)
+    await lifecycle.create_session(SID, {"name": "taken"})
+    with pytest.raises(CreationFailed, match="UniqueViolationError"):
+        await lifecycle.create_session(OTHER, {"name": "taken"})
+    [failure] = await audit(conn, OTHER)
+    assert failure[:2] == ("CREATING", None)

@@ -151,8 +151,8 @@ def test_dry_run_prints_sql_and_counts_and_changes_nothing(empty_db: str) -> Non
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "-- sessions: 1 rows, 1 to backfill" in result.stdout
-    assert 'CREATE TABLE IF NOT EXISTS "session_audit"' in result.stdout
+    assert "-- public.sessions: 1 rows, 1 to backfill" in result.stdout
+    assert 'CREATE TABLE IF NOT EXISTS "public"."session_audit"' in result.stdout
     assert "CREATE TRIGGER session_lens_audit" in result.stdout
 
     async def untouched() -> list[str]:
@@ -221,3 +221,63 @@ async def test_soft_delete_and_restore_keep_deleted_at(conn: asyncpg.Connection)
     assert await conn.fetchval("SELECT deleted_at FROM sessions") is None
     with pytest.raises(asyncpg.CheckViolationError):
         await conn.execute(f"UPDATE sessions SET state = 'BOGUS' WHERE id = '{SID}'")
+
+
+async def test_realistic_legacy_shapes(empty_db: str) -> None:
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await conn.execute(
+            "CREATE TABLE sessions (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),"
+            " state text, created_at timestamp, updated_at timestamp)"
+        )
+        await conn.execute(
+            "INSERT INTO sessions (state, created_at) SELECT"
+            " (ARRAY['running', 'ACTIVE', NULL, 'gone'])[1 + g % 4], CASE WHEN g % 2 = 0"
+            " THEN now()::timestamp END FROM generate_series(1, 1000) AS g"
+        )
+        expression = (
+            "CASE state WHEN 'running' THEN 'ACTIVE' WHEN 'gone' THEN 'DELETED' ELSE 'ACTIVE' END"
+        )
+        assert await migrate(conn, Tables(), expression, batch_size=100) == [1, 2]
+        states = dict(await conn.fetch("SELECT state, count(*) FROM sessions GROUP BY state"))
+        assert states == {"ACTIVE": 750, "DELETED": 250}
+        assert await conn.fetchval("SELECT count(*) FROM sessions WHERE created_at IS NULL") == 0
+    finally:
+        await conn.close()
+
+
+async def test_runs_again_after_a_partial_manual_change(db: str) -> None:
+    conn = await asyncpg.connect(db)
+    try:
+        await conn.execute("DROP TABLE session_lens_migrations")
+        assert await migrate(conn, Tables()) == [1, 2]
+    finally:
+        await conn.close()
+
+
+async def test_triggers_do_not_depend_on_the_search_path(empty_db: str) -> None:
+    setup = await asyncpg.connect(empty_db, server_settings={"search_path": "app"})
+    other = await asyncpg.connect(empty_db)
+    try:
+        await setup.execute("CREATE SCHEMA app")
+        await migrate(setup, Tables())
+        await other.execute(f"INSERT INTO app.sessions (id) VALUES ('{SID}')")
+        await other.execute(f"DELETE FROM app.sessions WHERE id = '{SID}'")
+        assert await other.fetchval("SELECT count(*) FROM app.session_audit") == 2
+        assert await other.fetchval("SELECT to_regclass('public.session_audit')") is None
+    finally:
+        await setup.close()
+        await other.close()
+
+
+def test_database_errors_are_clear_lines(empty_db: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "session_lens", "migrate", "--database-url", empty_db,
+         "--sessions-table", "nosuch.sessions"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("session-lens: cannot migrate nosuch.sessions: ")
+    assert "Traceback" not in result.stderr

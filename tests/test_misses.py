@@ -347,3 +347,20 @@ async def test_classification_query_uses_indexes_only(conn: asyncpg.Connection) 
     walk(json.loads(plan)[0]["Plan"])
     assert "Seq Scan" not in nodes
     assert {"Index Scan", "Index Only Scan"} & set(nodes)
+
+
+async def test_legacy_timestamps_without_zone(
+    missing: Upstream, make_proxy: MakeProxy, empty_db: str
+) -> None:
+    conn = await asyncpg.connect(empty_db)
+    await conn.execute(
+        "CREATE TABLE sessions (id text PRIMARY KEY, created_at timestamp DEFAULT now(),"
+        " updated_at timestamp)"
+    )
+    await migrate(conn, Tables())
+    await conn.execute("INSERT INTO sessions (id, state) VALUES ($1, 'ACTIVE')", SID)
+    await conn.close()
+    proxy = await make_proxy(missing.url, database_url=empty_db)
+    status, headers, _ = await lookup(proxy)
+    assert status == 404
+    assert headers["X-Session-Not-Found-Reason"] == "not_yet_visible"

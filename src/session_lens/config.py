@@ -7,6 +7,7 @@ came from.
 """
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -17,7 +18,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from .routes import TemplateError, compile_template
+from .routes import (
+    DEFAULT_LIFECYCLE_ROUTES,
+    LifecycleRoute,
+    TemplateError,
+    compile_template,
+    parse_lifecycle_route,
+)
 
 ENV_PREFIX = "SESSION_LENS_"
 
@@ -68,6 +75,17 @@ class Config:
     visibility_window: timedelta = timedelta(seconds=5)
     creation_timeout: timedelta = timedelta(seconds=30)
     classification_budget: timedelta = timedelta(milliseconds=50)
+    lifecycle_source: str = "database"
+    lifecycle_routes: tuple[LifecycleRoute, ...] = DEFAULT_LIFECYCLE_ROUTES
+    spool_dir: Path | None = None
+    """Where observed events wait for the database; None: `data_dir`/spool."""
+    spool_max_bytes: int = 256 << 20
+
+    @property
+    def spool_path(self) -> Path:
+        """The spool directory in effect."""
+        return self.spool_dir or self.data_dir / "spool"
+
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """For each setting, where its value came from (`default`, a file, a variable, a flag)."""
 
@@ -247,6 +265,37 @@ def _statuses(raw: object) -> tuple[int, ...]:
     return tuple(statuses)
 
 
+def _lifecycle_routes(raw: object) -> tuple[LifecycleRoute, ...]:
+    if isinstance(raw, str):  # from the environment or a flag: a JSON array of tables
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            raise _Invalid(f"is not a JSON array of route tables: {exc}") from None
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise _Invalid("must be a list of tables with method, path, action and id_from")
+    routes = []
+    for number, item in enumerate(raw, 1):
+        try:
+            routes.append(parse_lifecycle_route(item))
+        except TemplateError as exc:
+            raise _Invalid(f"route {number}: {exc}") from None
+    return tuple(routes)
+
+
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def _size(raw: object) -> int:
+    match = _SIZE.fullmatch(str(raw).strip())
+    if match is None or isinstance(raw, bool):
+        raise _Invalid(f"{raw!r} is not a size (e.g. 256MiB, 1GiB, or bytes)")
+    size = int(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()]
+    if size < 1 << 16:
+        raise _Invalid(f"{raw!r} is too small (at least 64KiB)")
+    return size
+
+
 def _routes(raw: object) -> tuple[str, ...]:
     if isinstance(raw, str):
         items = [item.strip() for item in raw.split(",") if item.strip()]
@@ -286,6 +335,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "visibility_window": parse_duration,
     "creation_timeout": _positive_duration,
     "classification_budget": _positive_duration,
+    "lifecycle_source": _choice("database", "observed"),
+    "lifecycle_routes": _lifecycle_routes,
+    "spool_dir": _path,
+    "spool_max_bytes": _size,
 }
 SETTINGS = tuple(_PARSERS)
 
@@ -311,6 +364,10 @@ HELP = {
     "visibility_window": "how long a change may take to show upstream (default 5s)",
     "creation_timeout": "how long a creation may take before it counts as failed (default 30s)",
     "classification_budget": "time a miss may spend being explained (default 50ms)",
+    "lifecycle_source": "database (the service's table, trigger-fed) or observed (from traffic)",
+    "lifecycle_routes": "observed mode: JSON array of {method, path, action, id_from} tables",
+    "spool_dir": "observed mode: where events wait for the database (default data_dir/spool)",
+    "spool_max_bytes": "observed mode: the spool's cap (default 256MiB)",
 }
 """One line of help per setting, for flags and docs."""
 
@@ -380,18 +437,9 @@ def load_config(
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by `***`."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if password is None:
-        return url
-    netloc = parts.netloc
-    userinfo, _, hostinfo = netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+    """The URL with any password replaced by `***`, even in a URL that does not parse."""
+    masked = re.sub(r"(://[^/:@]*:).*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
 
 
 def _show(value: object) -> str:
@@ -407,6 +455,12 @@ def _show(value: object) -> str:
         return str(value)
     if isinstance(value, Path):
         return _show(str(value))
+    if isinstance(value, LifecycleRoute):
+        source = value.id_from.value + (f":{value.pointer}" if value.pointer else "")
+        return (
+            f'{{ method = "{value.method}", path = "{value.template}",'
+            f' action = "{value.action}", id_from = "{source}" }}'
+        )
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

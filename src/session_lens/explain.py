@@ -178,7 +178,12 @@ class Explainer:
             return Explanation(Reason.UNKNOWN, error=exc.detail)
         self._breaker.succeeded()
         self._metrics.breaker_open.set(0)
-        return Explanation(self._classify(evidence, include_deleted), evidence)
+        try:
+            return Explanation(self._classify(evidence, include_deleted), evidence)
+        except (TypeError, ValueError) as exc:  # evidence of a shape nobody planned for
+            log.error("cannot classify", extra={"session_id": session_id, "error": repr(exc)})
+            self._metrics.classifier_errors["query"].inc()
+            return Explanation(Reason.UNKNOWN, evidence, error=f"unclassifiable evidence: {exc}")
 
     def _classify(self, evidence: Evidence, include_deleted: bool) -> Reason:
         return classify(
@@ -206,12 +211,12 @@ class Explainer:
         """None when the lifecycle tables answer, else what is wrong."""
         if self._pool is None:
             return "no database configured"
-        if self._breaker.is_open:
-            return "circuit breaker open"
         try:
             await read_evidence(self._pool, self._queries, "exec_health_check", HEALTH_TIMEOUT)
         except StoreError as exc:
             return exc.detail
+        self._breaker.succeeded()  # the probe was a trial that went through
+        self._metrics.breaker_open.set(0)
         return None
 
 

@@ -152,8 +152,9 @@ class Lifecycle:
             reason = (
                 exc.reason if isinstance(exc, CreationFailed) else f"{type(exc).__name__}: {exc}"
             )
-            if not isinstance(exc, asyncpg.UniqueViolationError):
-                async with self._connection() as conn:
+            async with self._connection() as conn:
+                # A duplicate ID is no failed creation: that session exists and keeps its trail.
+                if await conn.fetchrow(self._select, session_id) is None:
                     await conn.execute(self._audit_failure, session_id, "create", who, reason)
             if isinstance(exc, CreationFailed):
                 raise

@@ -10,9 +10,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import __version__
 from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
+from .routes import Action
 
 PREFIX = "session_lens_"
 CLASSIFIER_ERRORS = ("timeout", "unavailable", "query", "breaker_open")
+EVENT_RESULTS = ("recorded", "unexpected_transition", "creation_failed", "duplicate", "dropped")
 CLASSIFICATION_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 )  # fmt: skip
@@ -111,6 +113,22 @@ class Metrics:
             "1 while the circuit breaker keeps the classifier off the database.",
             registry=registry,
         )
+        lifecycle_events = Counter(
+            PREFIX + "lifecycle_events_total",
+            "Observed lifecycle events by action and what became of them.",
+            ["action", "result"],
+            registry=registry,
+        )
+        self.spooled_events = Gauge(
+            PREFIX + "spooled_events",
+            "Observed events on disk that the database does not have yet.",
+            registry=registry,
+        )
+        self.spool_bytes = Gauge(
+            PREFIX + "spool_bytes",
+            "Size of the spool file of observed events.",
+            registry=registry,
+        )
         build_info = Gauge(
             PREFIX + "build_info",
             "Always 1; the version is in the label.",
@@ -127,3 +145,6 @@ class Metrics:
         self.upstream_duration = {k: upstream_duration.labels(k) for k in Kind}
         self.upstream_errors = {e: upstream_errors.labels(e) for e in UpstreamError}
         self.classifier_errors = {k: classifier_errors.labels(k) for k in CLASSIFIER_ERRORS}
+        self.lifecycle_events = {
+            (a, r): lifecycle_events.labels(a, r) for a in Action for r in EVENT_RESULTS
+        }

@@ -13,7 +13,16 @@ from .config import Config, mask_url
 from .explain import Explainer, Report
 from .ids import IdValidator
 from .metrics import Metrics
-from .migrations import MIGRATIONS, MigrationError, Plan, Progress, backfill_sql, migrate, plan
+from .migrations import (
+    MIGRATIONS,
+    MigrationError,
+    Plan,
+    Progress,
+    backfill_sql,
+    migrate,
+    plan,
+    qualified,
+)
 from .schema import Tables
 from .store import StoreError
 
@@ -46,8 +55,16 @@ async def run_migrations(
     config: Config, *, dry_run: bool = False, quiet: bool = False, out: TextIO = sys.stdout
 ) -> int:
     """Apply pending migrations (or, dry, show them); returns the exit code."""
+    try:
+        return await _run_migrations(config, dry_run, quiet, out)
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"cannot migrate {config.sessions_table}: {exc}") from exc
+
+
+async def _run_migrations(config: Config, dry_run: bool, quiet: bool, out: TextIO) -> int:
     tables = _tables(config)
     async with _connect(config) as conn:
+        tables = await qualified(conn, tables)
         found = await plan(conn, tables)
         if dry_run:
             _print_plan(found, tables, config.backfill_state, out)

@@ -6,8 +6,11 @@ and every sub-path below the ID (`/api/sessions/{session_id}/events`). Other
 """
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
+
+from .schema import SessionState
 
 PLACEHOLDER = "session_id"
 _TOKEN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -30,12 +33,14 @@ class RouteMatch:
     session_id: str
 
 
-def compile_template(template: str) -> re.Pattern[str]:
+def compile_template(
+    template: str, *, need_id: bool = True, subpaths: bool = True
+) -> re.Pattern[str]:
     """The regex for one template; raises TemplateError when it is unusable."""
     if not template.startswith("/"):
         raise TemplateError(template, "must start with '/'")
     names = _TOKEN.findall(template)
-    if names.count(PLACEHOLDER) != 1:
+    if names.count(PLACEHOLDER) > 1 or (need_id and PLACEHOLDER not in names):
         raise TemplateError(template, "needs exactly one {session_id} placeholder")
     if len(set(names)) != len(names):
         raise TemplateError(template, "repeats a placeholder")
@@ -54,8 +59,8 @@ def compile_template(template: str) -> re.Pattern[str]:
     tail = template[position:]
     if "{" in tail or "}" in tail:
         raise TemplateError(template, "has an unbalanced brace")
-    parts.append(re.escape(tail.rstrip("/")))
-    return re.compile("".join(parts) + "(?:/.*)?", re.DOTALL)
+    parts.append(re.escape(tail.rstrip("/") if subpaths else tail))
+    return re.compile("".join(parts) + ("(?:/.*)?" if subpaths else "/?"), re.DOTALL)
 
 
 class RouteTable:
@@ -74,3 +79,149 @@ class RouteTable:
             if found is not None:
                 return RouteMatch(name, found.group(PLACEHOLDER))
         return None
+
+
+class Action(StrEnum):
+    """A lifecycle change the upstream can confirm."""
+
+    CREATE = "create"
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
+    DELETE = "delete"
+    RESTORE = "restore"
+    ARCHIVE = "archive"
+    PURGE = "purge"
+
+
+TARGET_STATE: dict[Action, SessionState | None] = {
+    Action.CREATE: SessionState.ACTIVE,
+    Action.PAUSE: SessionState.PAUSED,
+    Action.RESUME: SessionState.ACTIVE,
+    Action.STOP: SessionState.STOPPED,
+    Action.DELETE: SessionState.DELETED,
+    Action.RESTORE: SessionState.STOPPED,
+    Action.ARCHIVE: SessionState.ARCHIVED,
+    Action.PURGE: None,
+}
+"""The state each confirmed action leaves a session in (None: the row is gone)."""
+
+
+class IdFrom(StrEnum):
+    """Where a lifecycle route finds its session ID."""
+
+    PATH = "path"
+    REQUEST = "request"
+    RESPONSE = "response"
+    LOCATION = "location"
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleRoute:
+    """One configured lifecycle route: `METHOD template` confirms `action` on an ID."""
+
+    method: str
+    template: str
+    action: Action
+    id_from: IdFrom
+    pointer: str = ""
+    """An RFC 6901 JSON pointer, for IDs in a request or response body."""
+
+    @property
+    def name(self) -> str:
+        """The route's label in metrics: method and template, both from the config."""
+        return f"{self.method} {self.template}"
+
+
+def parse_lifecycle_route(raw: Mapping[str, object]) -> LifecycleRoute:
+    """A lifecycle route from its config table; raises TemplateError naming the problem."""
+    template = str(raw.get("path", ""))
+    unknown = set(raw) - {"method", "path", "action", "id_from"}
+    if unknown:
+        raise TemplateError(template, f"unknown keys {', '.join(sorted(unknown))}")
+    method = str(raw.get("method", "")).upper()
+    if not re.fullmatch(r"[A-Z]+", method):
+        raise TemplateError(template, f"method {raw.get('method')!r} is not an HTTP method")
+    try:
+        action = Action(str(raw.get("action", "")))
+    except ValueError:
+        choices = ", ".join(Action)
+        raise TemplateError(
+            template, f"action {raw.get('action')!r} is not one of {choices}"
+        ) from None
+    source, _, pointer = str(raw.get("id_from", "path")).partition(":")
+    try:
+        id_from = IdFrom(source)
+    except ValueError:
+        raise TemplateError(
+            template, f"id_from {raw.get('id_from')!r} is not path, request:/pointer, "
+            "response:/pointer or location"
+        ) from None  # fmt: skip
+    compile_template(template, need_id=id_from is IdFrom.PATH, subpaths=False)
+    if id_from in (IdFrom.REQUEST, IdFrom.RESPONSE):
+        if not pointer.startswith("/"):
+            raise TemplateError(
+                template, f"id_from {id_from}: needs a JSON pointer, e.g. {id_from}:/id"
+            )
+        if id_from is IdFrom.REQUEST and method in ("GET", "HEAD"):
+            raise TemplateError(template, f"a {method} request has no body to take the ID from")
+    elif pointer:
+        raise TemplateError(template, f"id_from {id_from} takes no pointer")
+    return LifecycleRoute(method, template, action, id_from, pointer)
+
+
+DEFAULT_LIFECYCLE_ROUTES = tuple(
+    parse_lifecycle_route(route)
+    for route in (
+        {"method": "POST", "path": "/api/sessions", "action": "create", "id_from": "response:/id"},
+        *(
+            {"method": "POST", "path": f"/api/sessions/{{session_id}}/{action}", "action": action}
+            for action in ("pause", "resume", "stop", "restore", "archive")
+        ),
+        {"method": "DELETE", "path": "/api/sessions/{session_id}", "action": "delete"},
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleMatch:
+    """A request that fell on a lifecycle route, with the ID when the path holds it."""
+
+    route: LifecycleRoute
+    session_id: str | None
+
+
+class LifecycleTable:
+    """The lifecycle routes, by method, compiled once."""
+
+    __slots__ = ("_by_method",)
+
+    def __init__(self, routes: Iterable[LifecycleRoute]) -> None:
+        by_method: dict[str, list[tuple[LifecycleRoute, re.Pattern[str]]]] = {}
+        for route in routes:
+            pattern = compile_template(
+                route.template, need_id=route.id_from is IdFrom.PATH, subpaths=False
+            )
+            by_method.setdefault(route.method, []).append((route, pattern))
+        self._by_method = {method: tuple(found) for method, found in by_method.items()}
+
+    def match(self, method: str, path: str) -> LifecycleMatch | None:
+        """The lifecycle route `method path` falls on, if any."""
+        for route, pattern in self._by_method.get(method, ()):
+            found = pattern.fullmatch(path)
+            if found is not None:
+                return LifecycleMatch(route, found.groupdict().get(PLACEHOLDER))
+        return None
+
+
+def resolve_pointer(document: object, pointer: str) -> object:
+    """The value at an RFC 6901 JSON pointer, or None when there is none."""
+    for token in pointer.split("/")[1:]:
+        key = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(document, dict):
+            document = document.get(key)
+        elif isinstance(document, list) and key.isdigit() and int(key) < len(document):
+            document = document[int(key)]
+        else:
+            return None
+    return document

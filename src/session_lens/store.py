@@ -90,7 +90,9 @@ class Queries:
     def __init__(self, tables: Tables) -> None:
         names = tables.names
         self.evidence = (
-            "SELECT s.state, s.created_at, s.updated_at, s.deleted_at,"
+            # ::timestamptz: a legacy table may keep these as timestamps without a zone.
+            "SELECT s.state::text, s.created_at::timestamptz, s.updated_at::timestamptz,"
+            " s.deleted_at::timestamptz,"
             " a.old_state, a.new_state, a.occurred_at, a.trigger, statement_timestamp()"
             " FROM (SELECT $1::text AS key) AS k"
             " LEFT JOIN {table} AS s ON s.{id} = k.key"

@@ -25,6 +25,8 @@ CREATE INDEX IF NOT EXISTS session_audit_session_id_idx ON {audit} (session_id, 
 
 -- @backfill: existing rows get their state here, in batches, each with an audit entry.
 
+ALTER TABLE {table} DROP CONSTRAINT IF EXISTS session_lens_state_check;
+
 ALTER TABLE {table}
     ALTER COLUMN state SET DEFAULT 'ACTIVE',
     ALTER COLUMN state SET NOT NULL,
@@ -44,10 +46,12 @@ BEGIN
 END
 $$;
 
+DROP TRIGGER IF EXISTS session_audit_append_only ON {audit};
 CREATE TRIGGER session_audit_append_only
     BEFORE UPDATE OR DELETE ON {audit}
     FOR EACH ROW EXECUTE FUNCTION {append_only}();
 
+DROP TRIGGER IF EXISTS session_audit_no_truncate ON {audit};
 CREATE TRIGGER session_audit_no_truncate
     BEFORE TRUNCATE ON {audit}
     FOR EACH STATEMENT EXECUTE FUNCTION {append_only}();
@@ -75,6 +79,7 @@ BEGIN
 END
 $$;
 
+DROP TRIGGER IF EXISTS session_lens_guard ON {table};
 CREATE TRIGGER session_lens_guard
     BEFORE UPDATE OF state ON {table}
     FOR EACH ROW EXECUTE FUNCTION {guard}();
@@ -103,6 +108,7 @@ BEGIN
 END
 $$;
 
+DROP TRIGGER IF EXISTS session_lens_audit ON {table};
 CREATE TRIGGER session_lens_audit
     AFTER INSERT OR UPDATE OR DELETE ON {table}
     FOR EACH ROW EXECUTE FUNCTION {fn}();

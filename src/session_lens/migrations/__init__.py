@@ -62,10 +62,11 @@ def backfill_sql(tables: Tables, state_expression: str) -> tuple[str, str]:
     names = tables.names
     template = (
         "WITH batch AS ("
-        " SELECT {id} AS sl_key FROM {table} WHERE state IS NULL {after}"
+        " SELECT {id} AS sl_key FROM {table} WHERE ({needs}) {after}"
         " ORDER BY {id} LIMIT $1 FOR UPDATE"
         "), filled AS ("
-        " UPDATE {table} AS t SET state = ({expr}),"
+        " UPDATE {table} AS t"
+        " SET state = CASE WHEN t.state::text IN ({states}) THEN t.state ELSE ({expr}) END,"
         " created_at = coalesce(t.created_at, clock_timestamp()),"
         " updated_at = coalesce(t.updated_at, clock_timestamp()),"
         " deleted_at = CASE WHEN ({expr}) = 'DELETED'"
@@ -76,11 +77,22 @@ def backfill_sql(tables: Tables, state_expression: str) -> tuple[str, str]:
         " INSERT INTO {audit} (session_id, old_state, new_state, trigger, actor, reason)"
         " SELECT key::text, NULL, state, 'migration', session_user, 'backfill' FROM filled"
         ")"
-        " SELECT count(*) AS rows, max(key) AS last FROM filled"
+        " SELECT count(*) AS rows, (array_agg(key ORDER BY key DESC))[1] AS last FROM filled"
     )
-    first = template.format(after="", expr=state_expression, **names)
-    rest = template.format(after=f"AND {names['id']} > $2", expr=state_expression, **names)
+    first = template.format(after="", expr=state_expression, needs=_needs(tables), **names)
+    rest = template.format(
+        after=f"AND {names['id']} > $2", expr=state_expression, needs=_needs(tables), **names
+    )
     return first, rest
+
+
+def _needs(tables: Tables) -> str:
+    """Rows the backfill must touch: no state of the model, or no timestamps."""
+    names = tables.names
+    return (
+        f"state IS NULL OR state::text NOT IN ({names['states']})"
+        " OR created_at IS NULL OR updated_at IS NULL"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +108,7 @@ class Plan:
 
 async def plan(conn: asyncpg.Connection, tables: Tables) -> Plan:
     """Look, change nothing: which versions are pending and how many rows they touch."""
+    tables = await qualified(conn, tables)
     names = tables.names
     applied: tuple[int, ...] = ()
     if await conn.fetchval("SELECT to_regclass($1)", names["versions"]) is not None:
@@ -106,20 +119,28 @@ async def plan(conn: asyncpg.Connection, tables: Tables) -> Plan:
     total = to_fill = 0
     if exists:
         total = await conn.fetchval(f"SELECT count(*) FROM {names['table']}")
-        has_state = await conn.fetchval(
-            "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass($1)"
-            " AND attname = 'state' AND NOT attisdropped",
+        has_all = await conn.fetchval(
+            "SELECT count(*) = 3 FROM pg_attribute WHERE attrelid = to_regclass($1)"
+            " AND attname IN ('state', 'created_at', 'updated_at') AND NOT attisdropped",
             names["table"],
         )
         to_fill = (
-            await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE state IS NULL")
-            if has_state
+            await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE {_needs(tables)}")
+            if has_all
             else total
         )
     return Plan(applied, pending, exists, total, to_fill)
 
 
 Progress = Callable[[int], None]
+
+
+async def qualified(conn: asyncpg.Connection, tables: Tables) -> Tables:
+    """The tables with their schema named, so triggers never depend on a search_path."""
+    if tables.schema is not None:
+        return tables
+    schema = await conn.fetchval("SELECT current_schema()")
+    return Tables(f"{schema}.{tables.sessions}", tables.id_column)
 
 
 async def migrate(
@@ -132,6 +153,7 @@ async def migrate(
 ) -> list[int]:
     """Apply every pending version; returns those applied. Safe to run again, and at once."""
     applied = []
+    tables = await qualified(conn, tables)
     # One lock for the whole run, so two runners cannot interleave versions.
     await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
@@ -187,7 +209,7 @@ async def _backfill(
     on_backfill: Callable[[int], Progress] | None,
 ) -> None:
     names = tables.names
-    total = await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE state IS NULL")
+    total = await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE {_needs(tables)}")
     if not total:
         return
     advance = on_backfill(total) if on_backfill else None
@@ -197,9 +219,9 @@ async def _backfill(
         if advance:
             advance(row["rows"])
         row = await conn.fetchrow(rest, batch_size, row["last"])
-    left = await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE state IS NULL")
+    left = await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE {_needs(tables)}")
     if left:
-        raise _BackfillIncomplete(f"backfill_state gave no state for {left} rows")
+        raise _BackfillIncomplete(f"backfill_state gave no state of the model for {left} rows")
 
 
 class _BackfillIncomplete(Exception):

@@ -1,0 +1,322 @@
+"""Recording lifecycle events seen in traffic, without delaying a response or losing one.
+
+Every event is appended to a spool file on disk the moment the upstream confirms
+it (one `write`, no waiting: it survives a `kill -9` of this process) and a
+background writer moves it to PostgreSQL in batches, in order, exactly once
+(each event carries an ID the database keeps). A checkpoint file says how far
+the database has the spool; a restart replays from there. When the database is
+down or slow, the spool simply grows, fsync'd by the writer, until it is back.
+At `spool_max_bytes` new events are dropped, counted and logged, and traffic
+goes on.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .config import Config
+from .metrics import Metrics
+from .routes import TARGET_STATE, Action
+from .schema import TRANSITIONS, SessionState, Tables
+
+log = logging.getLogger("session_lens.recorder")
+
+BATCH = 500
+WRITE_TIMEOUT = 5.0
+RETRY_MIN, RETRY_MAX = 0.2, 5.0
+READ_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One lifecycle change the upstream confirmed (or a creation that did not complete)."""
+
+    event_id: str
+    session_id: str
+    action: Action
+    ok: bool
+    at: float
+    """When it happened: seconds since the epoch."""
+    request_id: str
+    detail: str | None = None
+
+    @classmethod
+    def new(
+        cls,
+        session_id: str,
+        action: Action,
+        request_id: str,
+        ok: bool = True,
+        detail: str | None = None,
+    ) -> "Event":
+        """An event that happens now."""
+        return cls(uuid.uuid4().hex, session_id, action, ok, time.time(), request_id, detail)
+
+    def line(self) -> bytes:
+        """The event as one spool line."""
+        fields = [self.event_id, self.session_id, self.action.value, self.ok, self.at,
+                  self.request_id, self.detail]  # fmt: skip
+        return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def parse(cls, line: bytes) -> "Event":
+        """An event from its spool line; raises ValueError on a damaged one."""
+        event_id, session_id, action, ok, at, request_id, detail = json.loads(line)
+        return cls(event_id, session_id, Action(action), bool(ok), float(at), request_id, detail)
+
+
+class Spool:
+    """An append-only file of event lines and the checkpoint of what the database has."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._path = directory / "events.jsonl"
+        self._checkpoint_path = directory / "events.checkpoint"
+        self._fd = -1
+        self.size = 0
+        self.checkpoint = 0
+
+    def open(self) -> None:
+        """Open (or create) the spool and read the checkpoint."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.size = os.fstat(self._fd).st_size
+        try:
+            self.checkpoint = min(int(self._checkpoint_path.read_text() or 0), self.size)
+        except (FileNotFoundError, ValueError):
+            self.checkpoint = 0
+
+    def append(self, line: bytes) -> bool:
+        """Write one line now; False when the spool is at its cap."""
+        if self.size + len(line) > self.max_bytes:
+            return False
+        os.write(self._fd, line)
+        self.size += len(line)
+        return True
+
+    def read(self, start: int, limit: int = READ_CHUNK) -> tuple[list[tuple[int, bytes]], int]:
+        """Whole lines from `start`: (end offset of each, line), and how far they reach."""
+        with self._path.open("rb") as handle:
+            handle.seek(start)
+            data = handle.read(limit)
+        lines, offset = [], start
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # still being written, or cut by a crash: read it next time
+            offset += len(line)
+            lines.append((offset, line))
+        return lines, offset
+
+    def commit(self, offset: int) -> None:
+        """Record that the database has everything before `offset`."""
+        self.checkpoint = offset
+        temporary = self._checkpoint_path.with_suffix(".tmp")
+        temporary.write_text(str(offset))
+        temporary.replace(self._checkpoint_path)
+
+    def truncate_if_done(self) -> None:
+        """Start the file afresh once the database has all of it."""
+        if self.size and self.checkpoint == self.size:
+            os.ftruncate(self._fd, 0)
+            self.size = 0
+            self.commit(0)
+
+    def sync(self) -> None:
+        """Make what was appended survive a crash of the machine too."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Sync and close."""
+        if self._fd >= 0:
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Recorder:
+    """Spools observed events and writes them to the lifecycle tables in the background."""
+
+    def __init__(self, config: Config, metrics: Metrics, dsn: str | None) -> None:
+        self._metrics = metrics
+        self._dsn = dsn
+        self._spool = Spool(config.spool_path, config.spool_max_bytes)
+        self._record_sql = "SELECT {record}($1, $2, $3, $4, $5, $6, $7)".format(
+            **Tables(config.sessions_table, config.sessions_id_column).names
+        )
+        self._pool: asyncpg.Pool | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pending = 0
+        self._outage_since: float | None = None
+        self._full = False
+        self.last_error: str | None = None
+
+    @property
+    def pending(self) -> int:
+        """Events in the spool the database does not have yet."""
+        return self._pending
+
+    @property
+    def full(self) -> bool:
+        """Whether new events are being dropped."""
+        return self._full
+
+    async def start(self) -> None:
+        """Open the spool, count what an earlier run left, start the writer."""
+        self._spool.open()
+        lines, _ = await asyncio.to_thread(self._spool.read, self._spool.checkpoint, 1 << 62)
+        self._pending = len(lines)
+        if self._pending:
+            log.warning("replaying spooled events", extra={"events": self._pending})
+        self._publish()
+        if self._dsn is not None:
+            self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
+        self._task = asyncio.create_task(self._run(), name="session-lens recorder")
+
+    def record(self, event: Event) -> None:
+        """Spool an event now and let the writer take it; never waits."""
+        if not self._spool.append(event.line()):
+            self._metrics.lifecycle_events[event.action, "dropped"].inc()
+            if not self._full:
+                self._full = True
+                log.error(
+                    "spool full: lifecycle events are being dropped",
+                    extra={"spool_bytes": self._spool.size, "cap": self._spool.max_bytes},
+                )
+            return
+        self._pending += 1
+        self._publish()
+        self._wake.set()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Write what is spooled if the database lets us in time; the rest waits on disk."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._pool is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drain()
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.warning("left events in the spool", extra={"events": self._pending})
+            await self._pool.close()
+        self._spool.close()
+
+    async def _run(self) -> None:
+        delay = RETRY_MIN
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            self._wake.clear()
+            try:
+                await self._drain()
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._outage(exc)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = RETRY_MIN
+            if self._outage_since is not None:
+                log.warning(
+                    "replay completed",
+                    extra={"outage_seconds": round(time.monotonic() - self._outage_since, 3)},
+                )
+                self._outage_since = None
+                self.last_error = None
+
+    def _outage(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning(
+                "spooling lifecycle events: the database is not taking them",
+                extra={"error": self.last_error, "events": self._pending},
+            )
+
+    async def _drain(self) -> None:
+        """Move everything past the checkpoint into the database, batch by batch."""
+        if self._pool is None:
+            return
+        spool = self._spool
+        while spool.checkpoint < spool.size:
+            lines, end = await asyncio.to_thread(spool.read, spool.checkpoint)
+            if not lines:
+                break
+            await asyncio.to_thread(spool.sync)
+            for start in range(0, len(lines), BATCH):
+                batch = lines[start : start + BATCH]
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await self._write(batch)
+                spool.commit(batch[-1][0])
+                self._pending = max(self._pending - len(batch), 0)
+                self._publish()
+            if end == spool.checkpoint and spool.checkpoint < spool.size and len(lines) == 0:
+                break
+        spool.truncate_if_done()
+        if self._full and spool.size < spool.max_bytes:
+            self._full = False
+            log.warning("spool has room again")
+        self._publish()
+
+    async def _write(self, batch: list[tuple[int, bytes]]) -> None:
+        assert self._pool is not None
+        events = []
+        for _, line in batch:
+            try:
+                events.append(Event.parse(line))
+            except (ValueError, TypeError) as exc:
+                log.error("skipping a damaged spool line", extra={"error": str(exc)})
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('session_lens.actor', 'session-lens', true)")
+            for event in events:
+                target = TARGET_STATE[event.action]
+                before = await conn.fetchval(
+                    self._record_sql,
+                    uuid.UUID(event.event_id),
+                    event.session_id,
+                    event.action.value,
+                    target.value if target is not None and event.ok else None,
+                    event.ok,
+                    datetime.fromtimestamp(event.at, UTC),
+                    event.detail or f"request {event.request_id}",
+                )
+                self._metrics.lifecycle_events[event.action, _result(event, before)].inc()
+
+    def _publish(self) -> None:
+        self._metrics.spooled_events.set(self._pending)
+        self._metrics.spool_bytes.set(self._spool.size)
+
+    def health(self) -> str | None:
+        """None when events reach the database, else what is wrong."""
+        if self._full:
+            return f"spool full ({self._spool.size} bytes): dropping events"
+        if self._outage_since is not None:
+            return f"spooling {self._pending} events: {self.last_error}"
+        return None
+
+
+def _result(event: Event, before: Any) -> str:
+    """How an event went in: recorded, duplicate, creation_failed, unexpected_transition."""
+    if before == "duplicate":
+        return "duplicate"
+    if not event.ok:
+        return "creation_failed"
+    target = TARGET_STATE[event.action]
+    if before == "none":
+        return "recorded" if event.action is Action.CREATE else "unexpected_transition"
+    if event.action is Action.CREATE:
+        return "unexpected_transition"  # created again while it existed
+    if target is None or SessionState(before) == target:
+        return "recorded"
+    return "recorded" if target in TRANSITIONS[SessionState(before)] else "unexpected_transition"
