@@ -13,6 +13,7 @@ from .explain import Explainer, report_json
 from .ids import IdValidator
 from .metrics import Metrics
 from .proxy import MAX_HEADER_BYTES, Proxy
+from .recorder import Recorder
 from .store import StoreError
 
 PROXY = web.AppKey("proxy", Proxy)
@@ -20,11 +21,15 @@ CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 DRAINING = web.AppKey("draining", asyncio.Event)
 EXPLAINER = web.AppKey("explainer", Explainer)
+RECORDER_HEALTH: web.AppKey[Callable[[], str | None]] = web.AppKey("recorder_health")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_proxy_app(
-    config: Config, metrics: Metrics, explainer: Explainer | None = None
+    config: Config,
+    metrics: Metrics,
+    explainer: Explainer | None = None,
+    recorder: Recorder | None = None,
 ) -> web.Application:
     """The app on the proxy listener: no routes, every request goes to the proxy.
 
@@ -32,7 +37,9 @@ def create_proxy_app(
     explained from `config.database_url` (none: every miss is `unknown`).
     """
     explainer = explainer or Explainer(config, metrics, config.database_url)
-    proxy = Proxy(config, metrics, explainer)
+    if recorder is None and config.lifecycle_source == "observed":
+        recorder = Recorder(config, metrics, config.database_url)
+    proxy = Proxy(config, metrics, explainer, recorder)
 
     # A middleware rather than a catch-all route: it also sees targets no route
     # template can match (`OPTIONS *`), and skips the router's work.
@@ -50,9 +57,13 @@ def create_proxy_app(
 
     async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         await explainer.open()
+        if recorder is not None:
+            await recorder.start()
         await proxy.open()
         yield
         await proxy.close()
+        if recorder is not None:
+            await recorder.stop()
         await explainer.close()
 
     async def drain(app: web.Application) -> None:
@@ -68,6 +79,7 @@ def create_admin_app(
     registry: CollectorRegistry,
     explainer: Explainer,
     draining: asyncio.Event | None = None,
+    recorder: Recorder | None = None,
 ) -> web.Application:
     """The app on the admin listener: /metrics, /healthz, /readyz, /sessions/{id}/explain."""
     app = web.Application()
@@ -75,11 +87,19 @@ def create_admin_app(
     app[REGISTRY] = registry
     app[EXPLAINER] = explainer
     app[DRAINING] = draining or asyncio.Event()
+    app[RECORDER_HEALTH] = recorder.health if recorder else _no_recorder
     app.router.add_get("/sessions/{session_id}/explain", _explain)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     return app
+
+
+_NOT_OBSERVING = "not observing"
+
+
+def _no_recorder() -> str | None:
+    return _NOT_OBSERVING
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -102,12 +122,17 @@ async def _readyz(request: web.Request) -> web.Response:
         "upstream": "ok" if upstream is None else f"down: {upstream}",
         "database": "ok" if database is None else f"down: {database}",
     }
+    recorder = request.app[RECORDER_HEALTH]()
+    if recorder is not _NOT_OBSERVING:
+        checks["recorder"] = "ok" if recorder is None else recorder
     # Only the upstream decides readiness: without the database, traffic still
     # flows and misses are `unknown`; taking the hop out of service would be worse.
     if upstream is not None:
         status, code = "not ready", 503
+    elif all(check == "ok" for check in checks.values()):
+        status, code = "ready", 200
     else:
-        status, code = ("ready", 200) if database is None else ("degraded", 200)
+        status, code = "degraded", 200
     return web.json_response({"status": status, "checks": checks}, status=code)
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -27,7 +27,17 @@ from .explain import Explainer, Explanation
 from .ids import MAX_ID_LENGTH, IdValidator
 from .metrics import Metrics
 from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
-from .routes import RouteMatch, RouteTable
+from .recorder import Event, Recorder
+from .routes import (
+    Action,
+    IdFrom,
+    LifecycleMatch,
+    LifecycleRoute,
+    LifecycleTable,
+    RouteMatch,
+    RouteTable,
+    resolve_pointer,
+)
 from .websocket import bridge
 
 log = logging.getLogger("session_lens.proxy")
@@ -37,6 +47,11 @@ REASON_HEADER = "X-Session-Not-Found-Reason"
 PROBLEM_JSON = "application/problem+json"
 LOOKUP_METHODS = frozenset({"GET", "HEAD"})
 MAX_MERGED_BODY = 1 << 20
+MAX_INSPECTED_BODY = 1 << 20
+"""Lifecycle bodies larger than this are relayed without looking for an ID in them."""
+MAX_OBSERVED_ID = 128
+_STREAMED: Any = object()
+OnAnswer = Callable[[aiohttp.ClientResponse], Awaitable[tuple[bytes, bool]]]
 """Larger miss bodies are relayed as they are, the reason in the header alone."""
 
 HOP_BY_HOP = frozenset(
@@ -172,10 +187,18 @@ class Exchange:
 class Proxy:
     """The proxy's request handler; one per app, holding the upstream client."""
 
-    def __init__(self, config: Config, metrics: Metrics, explainer: Explainer) -> None:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        explainer: Explainer,
+        recorder: Recorder | None = None,
+    ) -> None:
         self._config = config
         self._metrics = metrics
         self._explainer = explainer
+        self._recorder = recorder
+        self._lifecycle_routes = LifecycleTable(config.lifecycle_routes) if recorder else None
         self._miss_statuses = frozenset(config.miss_statuses)
         self._miss_body_mode = config.not_found_body
         self._routes = RouteTable(config.session_routes)
@@ -249,6 +272,11 @@ class Proxy:
             if not target.startswith("/"):  # `OPTIONS *` and the like
                 exchange.status = 400
                 return problem(400, "the request target must be a path", request_id=request_id)
+            if self._lifecycle_routes is not None:
+                found = self._lifecycle_routes.match(request.method, target.partition("?")[0])
+                if found is not None:
+                    exchange.kind = Kind.LIFECYCLE
+                    return await self._lifecycle(request, exchange, found)
             if request.method in LOOKUP_METHODS:
                 exchange.match = self._routes.match(target.partition("?")[0])
                 if exchange.match is not None:
@@ -328,16 +356,24 @@ class Proxy:
     def _url(self, exchange: Exchange) -> URL:
         return URL(self._upstream + exchange.target, encoded=True)
 
-    async def _forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    async def _forward(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        data: Any = _STREAMED,
+        on_answer: OnAnswer | None = None,
+    ) -> web.StreamResponse:
+        """Send the request upstream and relay its answer; a miss is explained on the way."""
         headers = self._upstream_headers(request, exchange)
-        body = request.content if request.body_exists else None
+        if data is _STREAMED:
+            data = request.content if request.body_exists else None
         sent = time.perf_counter()
         try:
             upstream = await self.client.request(
                 request.method,
                 self._url(exchange),
                 headers=headers,
-                data=body,
+                data=data,
                 allow_redirects=False,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -347,45 +383,110 @@ class Proxy:
             if exchange.id_generated:
                 headers.setdefault(REQUEST_ID, exchange.request_id)
             exchange.status = upstream.status
-            if self._count_lookup(exchange, upstream.status) is Outcome.NOT_FOUND:
+            head, whole = b"", False
+            if on_answer is not None:
+                head, whole = await on_answer(upstream)
+            elif self._count_lookup(exchange, upstream.status) is Outcome.NOT_FOUND:
                 explanation = await self._explain_miss(request, exchange, upstream.status, sent)
                 headers[REASON_HEADER] = explanation.reason.value
                 rewritten = await self._miss_body(request, upstream, headers, exchange, explanation)
                 if rewritten is not None:
-                    headers[hdrs.CONTENT_LENGTH] = str(len(rewritten))
-                    response = RelayedResponse(
-                        status=upstream.status, reason=upstream.reason, headers=headers
-                    )
-                    await response.prepare(request)
-                    await response.write_eof(rewritten)
-                    exchange.upstream_seconds = time.perf_counter() - sent
-                    return response
-            response = RelayedResponse(
-                status=upstream.status, reason=upstream.reason, headers=headers
-            )
-            await response.prepare(request)
-            content = upstream.content
-            try:
+                    head, whole = rewritten, True
+            return await self._relay(request, exchange, upstream, headers, sent, head, whole)
+        finally:
+            upstream.release()
+
+    async def _relay(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        sent: float,
+        head: bytes = b"",
+        whole: bool = False,
+    ) -> web.StreamResponse:
+        """Stream the upstream's answer back; `head` was read already (all of it if `whole`)."""
+        if whole:
+            headers[hdrs.CONTENT_LENGTH] = str(len(head))
+        response = RelayedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        await response.prepare(request)
+        content = upstream.content
+        try:
+            if whole:
+                await response.write_eof(head)
+            else:
                 # What has arrived with the headers goes out with them, in one write;
                 # a body that is all here (most small JSON answers) ends there too.
-                chunk = content.read_nowait()
+                chunk = head + content.read_nowait()
                 while not content.at_eof():
                     await response.write(chunk)
                     chunk = await content.readany()
                 await response.write_eof(chunk)
-            except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
-                upstream.close()
-                if _client_gone(request):
-                    log.debug("client went away", extra={"request_id": exchange.request_id})
-                else:
-                    # Headers may be out: the only honest answer left is a cut connection.
-                    self._log_upstream_error(exchange, _upstream_error(exc), exc, partial=True)
-                    _hang_up(request)
-                return response
-            exchange.upstream_seconds = time.perf_counter() - sent
+        except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
+            upstream.close()
+            if _client_gone(request):
+                log.debug("client went away", extra={"request_id": exchange.request_id})
+            else:
+                # Headers may be out: the only honest answer left is a cut connection.
+                self._log_upstream_error(exchange, _upstream_error(exc), exc, partial=True)
+                _hang_up(request)
             return response
-        finally:
-            upstream.release()
+        exchange.upstream_seconds = time.perf_counter() - sent
+        return response
+
+    async def _lifecycle(
+        self, request: web.Request, exchange: Exchange, match: LifecycleMatch
+    ) -> web.StreamResponse:
+        """Forward a lifecycle request and record what the upstream confirmed."""
+        assert self._recorder is not None
+        route, session_id = match.route, match.session_id
+        data: Any = _STREAMED
+        if route.id_from is IdFrom.REQUEST:
+            length = request.content_length
+            if request.body_exists and length is not None and length <= MAX_INSPECTED_BODY:
+                data = await request.read()
+                session_id = _id_at(data, route.pointer)
+        answered = False
+
+        async def on_answer(upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+            nonlocal session_id, answered
+            answered = True
+            ok = 200 <= upstream.status < 300
+            failed = route.action is Action.CREATE and upstream.status >= 500
+            head, whole = b"", False
+            if route.id_from is IdFrom.RESPONSE and (ok or failed):
+                head, whole = await _read_some(upstream.content, MAX_INSPECTED_BODY)
+                if whole:
+                    session_id = _id_at(head, route.pointer) or session_id
+            elif route.id_from is IdFrom.LOCATION and ok:
+                session_id = _id_in_location(upstream.headers.get(hdrs.LOCATION, ""))
+            if session_id and (ok or failed):
+                detail = None if ok else f"the upstream answered {upstream.status}"
+                self._record(route, session_id, exchange, ok, detail)
+            return head, whole
+
+        try:
+            response = await self._forward(request, exchange, data, on_answer)
+        except asyncio.CancelledError:
+            if not answered and route.action is Action.CREATE and session_id:
+                self._record(route, session_id, exchange, False, "the client went away first")
+            raise
+        if not answered and route.action is Action.CREATE and session_id:
+            self._record(route, session_id, exchange, False, "the upstream did not answer")
+        return response
+
+    def _record(
+        self,
+        route: LifecycleRoute,
+        session_id: str,
+        exchange: Exchange,
+        ok: bool,
+        detail: str | None,
+    ) -> None:
+        assert self._recorder is not None
+        event = Event.new(session_id, route.action, exchange.request_id, ok, detail)
+        self._recorder.record(event)
 
     def _count_lookup(self, exchange: Exchange, status: int) -> Outcome | None:
         match = exchange.match
@@ -580,6 +681,37 @@ def _is_websocket(request: web.Request) -> bool:
         and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
         and "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
     )
+
+
+async def _read_some(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
+    """Up to `limit` bytes of a body, and whether that was all of it."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await content.readany()
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts), False
+
+
+def _id_at(body: bytes, pointer: str) -> str | None:
+    """The session ID at a JSON pointer in a body, if there is a usable one."""
+    try:
+        found = resolve_pointer(json.loads(body), pointer)
+    except ValueError:
+        return None
+    if isinstance(found, bool) or not isinstance(found, str | int):
+        return None
+    text = str(found)
+    return text if 0 < len(text) <= MAX_OBSERVED_ID and text.isprintable() else None
+
+
+def _id_in_location(location: str) -> str | None:
+    """The last path segment of a Location header."""
+    segment = location.partition("?")[0].rstrip("/").rpartition("/")[2]
+    return segment if 0 < len(segment) <= MAX_OBSERVED_ID else None
 
 
 def _phrase(status: int) -> str:

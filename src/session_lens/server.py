@@ -13,6 +13,7 @@ from .app import PROXY, create_admin_app, create_proxy_app
 from .config import Address, Config, mask_url
 from .explain import Explainer
 from .metrics import Metrics
+from .recorder import Recorder
 
 log = logging.getLogger("session_lens.server")
 
@@ -44,7 +45,12 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     metrics = Metrics(registry, config.session_routes)
     grace = config.shutdown_grace.total_seconds()
     explainer = Explainer(config, metrics, config.database_url)
-    proxy_app = create_proxy_app(config, metrics, explainer)
+    recorder = (
+        Recorder(config, metrics, config.database_url)
+        if config.lifecycle_source == "observed"
+        else None
+    )
+    proxy_app = create_proxy_app(config, metrics, explainer, recorder)
     # The proxy app drains itself within the grace period (on_shutdown); what is
     # still running after that gets this long to react to being cancelled.
     # handler_cancellation: a client that leaves takes its upstream request with it.
@@ -56,7 +62,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         handler_cancellation=True,
     )
     admin = web.AppRunner(
-        create_admin_app(config, registry, explainer, proxy_app[PROXY].draining),
+        create_admin_app(config, registry, explainer, proxy_app[PROXY].draining, recorder),
         access_log=None,
         shutdown_timeout=1.0,
         handle_signals=False,
