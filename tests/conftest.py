@@ -7,6 +7,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +23,7 @@ from session_lens.embedded import start_embedded
 from session_lens.explain import Breaker, Explainer
 from session_lens.metrics import Metrics
 from session_lens.migrations import migrate
+from session_lens.recorder import Recorder
 from session_lens.schema import Tables
 
 VALID_ID = "exec_20251230_020944_4ad060d9"
@@ -80,6 +82,7 @@ class ProxyUnderTest:
     host: str
     port: int
     registry: CollectorRegistry
+    recorder: Recorder | None = None
 
     @property
     def url(self) -> str:
@@ -94,17 +97,22 @@ MakeProxy = Callable[..., Awaitable[ProxyUnderTest]]
 
 
 @pytest.fixture
-async def make_proxy(aiohttp_server: Any) -> MakeProxy:
+async def make_proxy(aiohttp_server: Any, tmp_path: Path) -> MakeProxy:
     async def start(
         upstream_url: str, breaker: Breaker | None = None, **settings: Any
     ) -> ProxyUnderTest:
+        settings.setdefault("spool_dir", str(tmp_path / "spool"))
         config = load_config(flags={"upstream": upstream_url, **settings})
         registry = CollectorRegistry()
         metrics = Metrics(registry, config.session_routes)
         explainer = Explainer(config, metrics, config.database_url, breaker)
-        server: TestServer = await aiohttp_server(create_proxy_app(config, metrics, explainer))
+        recorder = None
+        if config.lifecycle_source == "observed":
+            recorder = Recorder(config, metrics, config.database_url)
+        app = create_proxy_app(config, metrics, explainer, recorder)
+        server: TestServer = await aiohttp_server(app)
         assert server.host is not None and server.port is not None
-        return ProxyUnderTest(server.host, server.port, registry)
+        return ProxyUnderTest(server.host, server.port, registry, recorder)
 
     return start
 

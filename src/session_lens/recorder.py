@@ -118,6 +118,15 @@ class Spool:
             lines.append((offset, line))
         return lines, offset
 
+    def count(self, start: int) -> int:
+        """How many whole lines lie past `start`."""
+        total = 0
+        with self._path.open("rb") as handle:
+            handle.seek(start)
+            while chunk := handle.read(READ_CHUNK):
+                total += chunk.count(b"\n")
+        return total
+
     def commit(self, offset: int) -> None:
         """Record that the database has everything before `offset`."""
         self.checkpoint = offset
@@ -157,6 +166,7 @@ class Recorder:
         )
         self._pool: asyncpg.Pool | None = None
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pending = 0
         self._outage_since: float | None = None
@@ -176,8 +186,7 @@ class Recorder:
     async def start(self) -> None:
         """Open the spool, count what an earlier run left, start the writer."""
         self._spool.open()
-        lines, _ = await asyncio.to_thread(self._spool.read, self._spool.checkpoint, 1 << 62)
-        self._pending = len(lines)
+        self._pending = await asyncio.to_thread(self._spool.count, self._spool.checkpoint)
         if self._pending:
             log.warning("replaying spooled events", extra={"events": self._pending})
         self._publish()
@@ -250,7 +259,7 @@ class Recorder:
             return
         spool = self._spool
         while spool.checkpoint < spool.size:
-            lines, end = await asyncio.to_thread(spool.read, spool.checkpoint)
+            lines, _ = await asyncio.to_thread(spool.read, spool.checkpoint)
             if not lines:
                 break
             await asyncio.to_thread(spool.sync)
@@ -261,8 +270,6 @@ class Recorder:
                 spool.commit(batch[-1][0])
                 self._pending = max(self._pending - len(batch), 0)
                 self._publish()
-            if end == spool.checkpoint and spool.checkpoint < spool.size and len(lines) == 0:
-                break
         spool.truncate_if_done()
         if self._full and spool.size < spool.max_bytes:
             self._full = False
@@ -293,7 +300,15 @@ class Recorder:
                 )
                 self._metrics.lifecycle_events[event.action, _result(event, before)].inc()
 
+    async def drained(self) -> None:
+        """Wait until the database has every event spooled so far."""
+        await self._drained.wait()
+
     def _publish(self) -> None:
+        if self._pending:
+            self._drained.clear()
+        else:
+            self._drained.set()
         self._metrics.spooled_events.set(self._pending)
         self._metrics.spool_bytes.set(self._spool.size)
 

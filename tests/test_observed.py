@@ -1,0 +1,321 @@
+"""Lifecycle recorded from observed traffic, for upstreams whose store cannot be reached."""
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from session_lens.config import load_config
+from session_lens.metrics import Metrics
+from session_lens.recorder import Event, Recorder
+from session_lens.routes import Action
+
+from .conftest import MakeProxy, ProxyUnderTest, Upstream
+
+SID = "exec_20251230_020944_4ad060d9"
+PURGING = json.dumps(
+    [
+        {"method": "POST", "path": "/api/sessions", "action": "create", "id_from": "response:/id"},
+        {"method": "POST", "path": "/api/sessions/{session_id}/stop", "action": "stop"},
+        {"method": "DELETE", "path": "/api/sessions/{session_id}", "action": "purge"},
+    ]
+)
+
+
+class SessionService:
+    """A REST session service in memory; `fail_creates` answers creations with a 503."""
+
+    def __init__(self) -> None:
+        self.fail_creates = False
+        self.delay = 0.0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(self.delay)
+        parts = request.path.strip("/").split("/")  # api, sessions, [id, [action]]
+        if request.method == "POST" and len(parts) == 2:
+            raw = await request.read()
+            body = json.loads(raw) if raw else {}
+            session_id = body.get("id", SID)
+            if self.fail_creates:
+                return web.json_response({"id": session_id, "error": "disk full"}, status=503)
+            return web.json_response(
+                {"id": session_id}, status=201, headers={"Location": f"/api/sessions/{session_id}"}
+            )
+        if request.method in ("POST", "DELETE") and len(parts) >= 3:
+            return web.json_response({"id": parts[2], "done": parts[3:] or ["delete"]})
+        return web.json_response({"error": "session_not_found"}, status=404)
+
+
+@pytest.fixture
+async def service(upstream: Upstream) -> SessionService:
+    fake = SessionService()
+    upstream.respond = fake.handle
+    return fake
+
+
+async def call(proxy: ProxyUnderTest, method: str, path: str, **kwargs: Any) -> int:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.request(method, proxy.url + path, **kwargs) as response,
+    ):
+        await response.read()
+        return response.status
+
+
+async def settled(proxy: ProxyUnderTest) -> None:
+    assert proxy.recorder is not None
+    await asyncio.wait_for(proxy.recorder.drained(), 10)
+
+
+async def timeline(conn: asyncpg.Connection, session_id: str = SID) -> list[tuple[Any, ...]]:
+    rows = await conn.fetch(
+        "SELECT old_state, new_state, trigger FROM session_audit WHERE session_id = $1 ORDER BY id",
+        session_id,
+    )
+    return [tuple(row) for row in rows]
+
+
+async def test_every_action_is_recorded(
+    upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    proxy = await make_proxy(upstream.url, database_url=db, lifecycle_source="observed")
+    assert await call(proxy, "POST", "/api/sessions", json={"id": SID}) == 201
+    for action in ("pause", "resume", "stop"):
+        assert await call(proxy, "POST", f"/api/sessions/{SID}/{action}") == 200
+    assert await call(proxy, "DELETE", f"/api/sessions/{SID}") == 200
+    for action in ("restore", "archive"):
+        assert await call(proxy, "POST", f"/api/sessions/{SID}/{action}") == 200
+    await settled(proxy)
+    assert await timeline(conn) == [
+        (None, "ACTIVE", "observed"),
+        ("ACTIVE", "PAUSED", "observed"),
+        ("PAUSED", "ACTIVE", "observed"),
+        ("ACTIVE", "STOPPED", "observed"),
+        ("STOPPED", "DELETED", "observed"),
+        ("DELETED", "STOPPED", "observed"),
+        ("STOPPED", "ARCHIVED", "observed"),
+    ]
+    assert (
+        proxy.metric("session_lens_lifecycle_events_total", action="create", result="recorded") == 1
+    )
+    assert proxy.metric("session_lens_requests_total", kind="lifecycle", code="2xx") == 7
+    assert await conn.fetchval("SELECT count(*) FROM session_lens_events") == 7
+
+
+async def test_misses_are_classified_from_observed_tables(
+    upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str
+) -> None:
+    proxy = await make_proxy(
+        upstream.url, database_url=db, lifecycle_source="observed", lifecycle_routes=PURGING
+    )
+    deleted, purged, failed, never = (f"exec_20251230_020944_0000000{n}" for n in range(4))
+    for session_id in (deleted, purged):
+        await call(proxy, "POST", "/api/sessions", json={"id": session_id})
+        await call(proxy, "POST", f"/api/sessions/{session_id}/stop")
+    await call(proxy, "DELETE", f"/api/sessions/{purged}")
+    service.fail_creates = True
+    assert await call(proxy, "POST", "/api/sessions", json={"id": failed}) == 503
+    await settled(proxy)
+
+    # DELETE is a purge here, so `deleted` is deleted with SQL as an operator would.
+    writer = await asyncpg.connect(db)
+    await writer.execute("UPDATE sessions SET state = 'DELETED' WHERE id = $1", deleted)
+    await writer.close()
+
+    reasons = {}
+    async with aiohttp.ClientSession() as client:
+        for session_id in (deleted, purged, failed, never):
+            async with client.get(f"{proxy.url}/api/sessions/{session_id}") as response:
+                reasons[session_id] = response.headers["X-Session-Not-Found-Reason"]
+    assert reasons == {
+        deleted: "deleted",
+        purged: "purged",
+        failed: "creation_failed",
+        never: "never_existed",
+    }
+    assert (
+        proxy.metric(
+            "session_lens_lifecycle_events_total", action="create", result="creation_failed"
+        )
+        == 1
+    )
+
+
+async def test_ids_from_request_body_and_location(
+    upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    routes = json.dumps(
+        [
+            {"method": "POST", "path": "/api/sessions", "action": "create",
+             "id_from": "request:/id"},
+            {"method": "POST", "path": "/v2/sessions", "action": "create", "id_from": "location"},
+        ]
+    )  # fmt: skip
+    proxy = await make_proxy(
+        upstream.url, database_url=db, lifecycle_source="observed", lifecycle_routes=routes
+    )
+    first, second = "exec_20251230_020944_000000a1", "exec_20251230_020944_000000a2"
+    assert await call(proxy, "POST", "/api/sessions", json={"id": first}) == 201
+    service_path = f"{proxy.url}/v2/sessions"
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(service_path, json={"id": second}) as response,
+    ):
+        assert response.status == 201
+        assert response.headers["Location"] == f"/api/sessions/{second}"
+    await settled(proxy)
+    assert await timeline(conn, first) == [(None, "ACTIVE", "observed")]
+    assert await timeline(conn, second) == [(None, "ACTIVE", "observed")]  # from Location
+
+
+async def test_unexpected_transitions_are_recorded_and_counted(
+    upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    proxy = await make_proxy(upstream.url, database_url=db, lifecycle_source="observed")
+    await call(proxy, "POST", "/api/sessions", json={"id": SID})
+    await call(proxy, "POST", f"/api/sessions/{SID}/archive")  # ACTIVE -> ARCHIVED: not a move
+    await settled(proxy)
+    assert (await timeline(conn))[-1] == ("ACTIVE", "ARCHIVED", "observed")
+    assert (
+        proxy.metric(
+            "session_lens_lifecycle_events_total", action="archive", result="unexpected_transition"
+        )
+        == 1
+    )
+
+
+async def test_client_gone_before_the_answer_is_a_failed_creation(
+    upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    routes = json.dumps(
+        [{"method": "POST", "path": "/api/sessions", "action": "create", "id_from": "request:/id"}]
+    )
+    proxy = await make_proxy(
+        upstream.url, database_url=db, lifecycle_source="observed", lifecycle_routes=routes
+    )
+    service.delay = 1.0
+    body = json.dumps({"id": SID}).encode()
+    _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"POST /api/sessions HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await asyncio.sleep(0.2)
+    await settled(proxy)
+    assert await timeline(conn) == [("CREATING", None, "observed")]
+    reason = await conn.fetchval("SELECT reason FROM session_audit WHERE session_id = $1", SID)
+    assert reason == "the client went away first"
+
+
+async def test_database_down_spools_then_replays_in_order(
+    upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    # First with no database reachable: the events wait in the spool on disk.
+    down = await make_proxy(
+        upstream.url,
+        database_url="postgresql://nobody@127.0.0.1:1/none",
+        lifecycle_source="observed",
+        spool_dir=str(tmp_path / "spool"),
+    )
+    with caplog.at_level("WARNING", logger="session_lens"):
+        assert await call(down, "POST", "/api/sessions", json={"id": SID}) == 201
+        for action in ("pause", "resume", "stop"):
+            assert await call(down, "POST", f"/api/sessions/{SID}/{action}") == 200
+        assert down.recorder is not None
+        assert down.recorder.pending == 4
+        assert down.metric("session_lens_spooled_events") == 4
+        await asyncio.sleep(0.3)  # the writer has tried and failed at least once
+        await down.recorder.stop(timeout=0.5)
+    assert any("spooling lifecycle events" in r.getMessage() for r in caplog.records)
+
+    # A restart with the database back replays the spool, once, in order.
+    config = load_config(
+        flags={"database_url": db, "lifecycle_source": "observed",
+               "spool_dir": str(tmp_path / "spool")},
+        need_upstream=False,
+    )  # fmt: skip
+    recorder = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    replay_started = datetime.now(UTC)
+    await recorder.start()
+    try:
+        assert recorder.pending == 4
+        await asyncio.wait_for(recorder.drained(), 10)
+    finally:
+        await recorder.stop()
+    conn = await asyncpg.connect(db)
+    try:
+        moves = [(old, new) for old, new, _ in await timeline(conn)]
+        assert moves == [(None, "ACTIVE"), ("ACTIVE", "PAUSED"), ("PAUSED", "ACTIVE"),
+                         ("ACTIVE", "STOPPED")]  # fmt: skip
+        # The audit keeps when each event happened, not when it was written.
+        audited = await conn.fetchval(
+            "SELECT array_agg(occurred_at ORDER BY id) FROM session_audit"
+        )
+        seen = await conn.fetchval(
+            "SELECT array_agg(occurred_at ORDER BY occurred_at) FROM session_lens_events"
+        )
+        assert audited == seen
+        assert max(audited) < replay_started
+    finally:
+        await conn.close()
+
+
+async def test_events_written_twice_land_once(db: str, tmp_path: Path) -> None:
+    config = load_config(
+        flags={"database_url": db, "lifecycle_source": "observed",
+               "spool_dir": str(tmp_path / "spool")},
+        need_upstream=False,
+    )  # fmt: skip
+    metrics = Metrics(CollectorRegistry(), ())
+    event = Event.new(SID, Action.CREATE, "r1")
+    for _ in range(2):  # the same event, as a replay after a crash would send it
+        recorder = Recorder(config, metrics, db)
+        await recorder.start()
+        recorder.record(event)
+        await asyncio.wait_for(recorder.drained(), 10)
+        await recorder.stop()
+    conn = await asyncpg.connect(db)
+    try:
+        assert await timeline(conn) == [(None, "ACTIVE", "observed")]
+    finally:
+        await conn.close()
+
+
+async def test_full_spool_drops_loudly_and_forwarding_goes_on(
+    upstream: Upstream, service: SessionService, make_proxy: MakeProxy, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    proxy = await make_proxy(
+        upstream.url,
+        database_url="postgresql://nobody@127.0.0.1:1/none",
+        lifecycle_source="observed",
+        spool_max_bytes="64KiB",
+    )
+    with caplog.at_level("ERROR", logger="session_lens"):
+        for n in range(800):
+            assert (
+                await call(proxy, "POST", f"/api/sessions/exec_20251230_020944_{n:08x}/stop") == 200
+            )
+    dropped = proxy.metric("session_lens_lifecycle_events_total", action="stop", result="dropped")
+    assert 0 < dropped < 800
+    assert proxy.metric("session_lens_spool_bytes") <= 64 * 1024
+    assert [r.getMessage() for r in caplog.records].count(
+        "spool full: lifecycle events are being dropped"
+    ) == 1
+    assert proxy.recorder is not None
+    assert proxy.recorder.health() is not None and "spool full" in proxy.recorder.health()  # type: ignore[operator]
