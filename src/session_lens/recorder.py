@@ -11,7 +11,6 @@ goes on.
 """
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ log = logging.getLogger("session_lens.recorder")
 BATCH = 500
 WRITE_TIMEOUT = 5.0
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
+COALESCE = 0.01
 READ_CHUNK = 4 << 20
 
 
@@ -161,7 +161,7 @@ class Recorder:
         self._metrics = metrics
         self._dsn = dsn
         self._spool = Spool(config.spool_path, config.spool_max_bytes)
-        self._record_sql = "SELECT {record}($1, $2, $3, $4, $5, $6, $7)".format(
+        self._record_sql = "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)".format(
             **Tables(config.sessions_table, config.sessions_id_column).names
         )
         self._pool: asyncpg.Pool | None = None
@@ -193,6 +193,8 @@ class Recorder:
         if self._dsn is not None:
             self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
         self._task = asyncio.create_task(self._run(), name="session-lens recorder")
+        if self._pending:
+            self._wake.set()
 
     def record(self, event: Event) -> None:
         """Spool an event now and let the writer take it; never waits."""
@@ -226,8 +228,11 @@ class Recorder:
     async def _run(self) -> None:
         delay = RETRY_MIN
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            if self._outage_since is None:
+                await self._wake.wait()
+                await asyncio.sleep(COALESCE)  # let a batch gather: one write for many events
+            else:
+                await asyncio.sleep(delay)  # back off while the database is away
             self._wake.clear()
             try:
                 await self._drain()
@@ -267,7 +272,7 @@ class Recorder:
                 batch = lines[start : start + BATCH]
                 async with asyncio.timeout(WRITE_TIMEOUT):
                     await self._write(batch)
-                spool.commit(batch[-1][0])
+                await asyncio.to_thread(spool.commit, batch[-1][0])
                 self._pending = max(self._pending - len(batch), 0)
                 self._publish()
         spool.truncate_if_done()
@@ -284,21 +289,25 @@ class Recorder:
                 events.append(Event.parse(line))
             except (ValueError, TypeError) as exc:
                 log.error("skipping a damaged spool line", extra={"error": str(exc)})
+        columns: list[list[Any]] = [[], [], [], [], [], [], []]
+        for event in events:
+            target = TARGET_STATE[event.action]
+            row = (
+                uuid.UUID(event.event_id),
+                event.session_id,
+                event.action.value,
+                target.value if target is not None and event.ok else None,
+                event.ok,
+                datetime.fromtimestamp(event.at, UTC),
+                event.detail or f"request {event.request_id}",
+            )
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT set_config('session_lens.actor', 'session-lens', true)")
-            for event in events:
-                target = TARGET_STATE[event.action]
-                before = await conn.fetchval(
-                    self._record_sql,
-                    uuid.UUID(event.event_id),
-                    event.session_id,
-                    event.action.value,
-                    target.value if target is not None and event.ok else None,
-                    event.ok,
-                    datetime.fromtimestamp(event.at, UTC),
-                    event.detail or f"request {event.request_id}",
-                )
-                self._metrics.lifecycle_events[event.action, _result(event, before)].inc()
+            befores = await conn.fetchval(self._record_sql, *columns)
+        for event, before in zip(events, befores, strict=True):
+            self._metrics.lifecycle_events[event.action, _result(event, before)].inc()
 
     async def drained(self) -> None:
         """Wait until the database has every event spooled so far."""

@@ -61,6 +61,7 @@ class Tables:
             "versions": quote_ident(prefix + "session_lens_migrations"),
             "events": quote_ident(prefix + "session_lens_events"),
             "record": quote_ident(prefix + "session_lens_record"),
+            "record_batch": quote_ident(prefix + "session_lens_record_batch"),
             "states": ", ".join(f"'{state.value}'" for state in SessionState),
             "transitions": ", ".join(
                 f"'{old.value}>{new.value}'"

@@ -96,3 +96,19 @@ BEGIN
     RETURN coalesce(before, 'none');
 END
 $$;
+
+-- A batch in one round trip, in order; returns what {record} returned for each.
+CREATE OR REPLACE FUNCTION {record_batch}(
+    p_events uuid[], p_sessions text[], p_actions text[], p_states text[], p_oks boolean[],
+    p_ats timestamptz[], p_reasons text[]
+) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    results text[] := ARRAY[]::text[];
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_events, 1), 0) LOOP
+        results := results || {record}(p_events[i], p_sessions[i], p_actions[i], p_states[i],
+                                       p_oks[i], p_ats[i], p_reasons[i]);
+    END LOOP;
+    RETURN results;
+END
+$$;
