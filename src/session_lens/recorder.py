@@ -33,7 +33,10 @@ log = logging.getLogger("session_lens.recorder")
 BATCH = 500
 WRITE_TIMEOUT = 5.0
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
-COALESCE = 0.01
+COALESCE = 0.02
+SYNC_INTERVAL = 0.2
+"""How often the writer fsyncs the spool; appends reach the kernel at once regardless."""
+TRUNCATE_AT = 1 << 20
 READ_CHUNK = 4 << 20
 
 
@@ -86,15 +89,23 @@ class Spool:
         self._fd = -1
         self.size = 0
         self.checkpoint = 0
+        self._checkpoint_fd = -1
+        self._synced = 0.0
+
+    @property
+    def synced_ago(self) -> float:
+        """Seconds since the last fsync."""
+        return time.monotonic() - self._synced
 
     def open(self) -> None:
         """Open (or create) the spool and read the checkpoint."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.size = os.fstat(self._fd).st_size
+        self._checkpoint_fd = os.open(self._checkpoint_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            self.checkpoint = min(int(self._checkpoint_path.read_text() or 0), self.size)
-        except (FileNotFoundError, ValueError):
+            self.checkpoint = min(int(os.pread(self._checkpoint_fd, 32, 0).strip() or 0), self.size)
+        except ValueError:
             self.checkpoint = 0
 
     def append(self, line: bytes) -> bool:
@@ -129,14 +140,14 @@ class Spool:
 
     def commit(self, offset: int) -> None:
         """Record that the database has everything before `offset`."""
+        # One fixed-width write in place: a checkpoint lost to a crash only means
+        # replaying events the database then recognises and skips.
         self.checkpoint = offset
-        temporary = self._checkpoint_path.with_suffix(".tmp")
-        temporary.write_text(str(offset))
-        temporary.replace(self._checkpoint_path)
+        os.pwrite(self._checkpoint_fd, b"%20d\n" % offset, 0)
 
-    def truncate_if_done(self) -> None:
-        """Start the file afresh once the database has all of it."""
-        if self.size and self.checkpoint == self.size:
+    def truncate_if_done(self, at_least: int = 0) -> None:
+        """Start the file afresh once the database has all of it (and it is this large)."""
+        if self.size > at_least and self.checkpoint == self.size:
             os.ftruncate(self._fd, 0)
             self.size = 0
             self.commit(0)
@@ -145,12 +156,15 @@ class Spool:
         """Make what was appended survive a crash of the machine too."""
         if self._fd >= 0:
             os.fsync(self._fd)
+            self._synced = time.monotonic()
 
     def close(self) -> None:
         """Sync and close."""
         if self._fd >= 0:
+            self.truncate_if_done()
             self.sync()
             os.close(self._fd)
+            os.close(self._checkpoint_fd)
             self._fd = -1
 
 
@@ -267,7 +281,8 @@ class Recorder:
             lines, _ = await asyncio.to_thread(spool.read, spool.checkpoint)
             if not lines:
                 break
-            await asyncio.to_thread(spool.sync)
+            if spool.synced_ago >= SYNC_INTERVAL:
+                await asyncio.to_thread(spool.sync)
             for start in range(0, len(lines), BATCH):
                 batch = lines[start : start + BATCH]
                 async with asyncio.timeout(WRITE_TIMEOUT):
@@ -275,7 +290,7 @@ class Recorder:
                 await asyncio.to_thread(spool.commit, batch[-1][0])
                 self._pending = max(self._pending - len(batch), 0)
                 self._publish()
-        spool.truncate_if_done()
+        spool.truncate_if_done(at_least=TRUNCATE_AT)
         if self._full and spool.size < spool.max_bytes:
             self._full = False
             log.warning("spool has room again")
