@@ -10,7 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import HELP, SETTINGS, Config, ConfigError, describe, env_name, load_config, read_file
+from .config import (
+    HELP,
+    SETTINGS,
+    Config,
+    ConfigError,
+    describe,
+    env_name,
+    load_config,
+    parse_address,
+    read_file,
+)
+from .demo import DemoOptions, run_demo
 from .embedded import EmbeddedError, start_embedded
 from .logs import setup_logging
 from .operate import DatabaseError, run_explain, run_migrations
@@ -52,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
         "explain", parents=[common], help="the state, audit timeline and reason for one ID"
     )
     explain.add_argument("session_id", metavar="SESSION_ID")
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="see it work: a faulty session service, session-lens in front, live reasons",
+    )
+    demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+    demo.add_argument("--rate", type=float, default=50.0, metavar="N", help="requests per second")
+    demo.add_argument(
+        "--service-listen", default="127.0.0.1:8000", metavar="HOST:PORT",
+        help="where the reference session service listens (default 127.0.0.1:8000)",
+    )  # fmt: skip
+    demo.add_argument("--seed", type=int, help="seed of the traffic generator")
     commands.add_parser(
         "check-config",
         parents=[common],
@@ -82,15 +105,22 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     try:
         config = resolve_config(args, environ)
+        service = parse_address(args.service_listen) if args.command == "demo" else None
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"session-lens: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    except ValueError as exc:
+        print(f"session-lens: service_listen: {exc} (from flag --service-listen)", file=sys.stderr)
+        return EXIT_CONFIG
     if args.command == "check-config":
         print(describe(config))
         return 0
-    setup_logging(config.log_level)
+    quiet_demo = args.command == "demo" and config.sources.get("log_level") == "default"
+    setup_logging("warning" if quiet_demo else config.log_level)
     try:
+        if args.command == "demo":
+            config = replace(config, data_dir=config.data_dir / "demo", database_url=None)
         if config.database_url is None:
             embedded = start_embedded(config.data_dir)
             config = replace(config, database_url=embedded.url)
@@ -100,6 +130,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return asyncio.run(run_migrations(config, dry_run=args.dry_run))
         if args.command == "explain":
             return asyncio.run(run_explain(config, args.session_id))
+        if service is not None:
+            options = DemoOptions(args.duration, args.rate, service, args.seed)
+            return asyncio.run(run_demo(config, options))
         asyncio.run(serve(config))
     except (ListenError, EmbeddedError, DatabaseError) as exc:
         print(f"session-lens: {exc}", file=sys.stderr)

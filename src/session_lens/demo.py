@@ -1,0 +1,273 @@
+"""`session-lens demo`: the whole point in one command.
+
+The embedded PostgreSQL, the reference service with its faults, session-lens in
+front of it and a traffic generator, with a live table of lookups and not-found
+reasons, then a summary with one example ID per reason and how to explain it.
+"""
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .config import Address, Config
+from .reasons import Reason
+from .reference import Faults, ReferenceService, new_session_id
+from .server import serve
+
+MALFORMED = (
+    "exec_2025",
+    "exec_20251330_020944_4ad060d9",
+    "EXEC_20251230_020944_4AD060D9",
+    "exec_20991231_000000_4ad060d9",
+    "sess-42",
+)
+
+
+@dataclass
+class Traffic:
+    """What the generator knows of the sessions it made, and what it saw."""
+
+    states: dict[str, str] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+    seen: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+
+    def pick(self, rng: random.Random, *states: str) -> str | None:
+        matching = [sid for sid, state in self.states.items() if state in states]
+        return rng.choice(matching) if matching else None
+
+
+class Generator:
+    """Drives the reference service through session-lens the way clients would."""
+
+    def __init__(self, proxy_url: str, rate: float, seed: int | None = None) -> None:
+        self._url = proxy_url
+        self._rate = rate
+        self._rng = random.Random(seed)  # noqa: S311 - traffic, not secrets
+        self.traffic = Traffic()
+
+    async def run(self) -> None:
+        """Send requests at the configured rate until cancelled."""
+        connector = aiohttp.TCPConnector(limit=32)
+        async with aiohttp.ClientSession(connector=connector) as client:
+            pending: set[asyncio.Task[None]] = set()
+            interval = 1.0 / self._rate
+            next_at = time.monotonic()
+            try:
+                while True:
+                    task = asyncio.create_task(self._one(client))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    next_at += interval
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            finally:
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _one(self, client: aiohttp.ClientSession) -> None:
+        rng, traffic = self._rng, self.traffic
+        roll = rng.random()
+        try:
+            if roll < 0.25 or len(traffic.states) < 20:
+                await self._create(client)
+            elif roll < 0.55:
+                await self._move(client)
+            elif roll < 0.65:
+                await self._lookup(client, new_session_id())  # never created
+            elif roll < 0.70:
+                await self._lookup(client, rng.choice(MALFORMED))
+            else:
+                # A state first, then a session in it: rare states get looked at too.
+                state = rng.choice(sorted(set(traffic.states.values())))
+                session_id = traffic.pick(rng, state)
+                assert session_id is not None
+                asked = state == "DELETED" and rng.random() < 0.5
+                await self._lookup(client, session_id, include_deleted=asked)
+        except (aiohttp.ClientError, TimeoutError):
+            traffic.errors += 1
+
+    async def _create(self, client: aiohttp.ClientSession) -> None:
+        session_id = new_session_id()
+        async with client.post(f"{self._url}/api/sessions", json={"id": session_id}) as response:
+            await response.read()
+            status = response.status
+        if status in (201, 202, 503):
+            self.traffic.states[session_id] = {201: "ACTIVE", 202: "CREATING", 503: "GONE"}[status]
+            await self._lookup(client, session_id)  # right away: races and lag show here
+        if len(self.traffic.states) > 2_000:
+            self.traffic.states.pop(next(iter(self.traffic.states)))
+
+    async def _move(self, client: aiohttp.ClientSession) -> None:
+        rng, traffic = self._rng, self.traffic
+        moves = {
+            "ACTIVE": ["pause", "stop"],
+            "PAUSED": ["resume", "stop"],
+            "STOPPED": ["delete", "archive"],
+            "DELETED": ["restore", "archive"],
+            "CREATING": [],
+        }
+        session_id = traffic.pick(rng, "ACTIVE", "PAUSED", "STOPPED", "DELETED")
+        if session_id is None:
+            return
+        choices = moves.get(traffic.states[session_id], [])
+        if not choices:
+            return
+        action = rng.choice(choices)
+        if action == "delete":
+            request = client.delete(f"{self._url}/api/sessions/{session_id}")
+        else:
+            request = client.post(f"{self._url}/api/sessions/{session_id}/{action}")
+        async with request as response:
+            body = await response.json(content_type=None) if response.status == 200 else {}
+        if response.status == 200 and isinstance(body, dict) and "state" in body:
+            traffic.states[session_id] = body["state"]
+
+    async def _lookup(
+        self, client: aiohttp.ClientSession, session_id: str, include_deleted: bool = False
+    ) -> None:
+        query = "?include_deleted=true" if include_deleted else ""
+        async with client.get(f"{self._url}/api/sessions/{session_id}{query}") as response:
+            await response.read()
+            reason = response.headers.get("X-Session-Not-Found-Reason")
+        self.traffic.seen["lookup"] += 1
+        if reason:
+            self.traffic.seen[reason] += 1
+            self.traffic.examples.setdefault(reason, session_id)
+
+
+async def read_metrics(client: aiohttp.ClientSession, admin: Address) -> dict[str, float]:
+    """Lookups by outcome and misses by reason, summed over routes, from /metrics."""
+    async with client.get(f"http://{admin}/metrics") as response:
+        text = await response.text()
+    totals: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "session_lens_lookups_total":
+                totals[sample.labels["outcome"]] += sample.value
+            elif sample.name == "session_lens_not_found_total":
+                totals[sample.labels["reason"]] += sample.value
+    return dict(totals)
+
+
+def render(now: dict[str, float], before: dict[str, float], elapsed: float) -> Table:
+    """The live table: totals and per-second rates."""
+    table = Table(title=f"session-lens demo, {elapsed:.0f}s", expand=False)
+    table.add_column("")
+    table.add_column("total", justify="right")
+    table.add_column("per second", justify="right")
+    for key in ("found", "not_found", "invalid", "upstream_error"):
+        table.add_row(f"lookups {key}", f"{now.get(key, 0):.0f}",
+                      f"{now.get(key, 0) - before.get(key, 0):.0f}")  # fmt: skip
+    table.add_section()
+    for reason in Reason:
+        total = now.get(reason.value, 0)
+        rate = total - before.get(reason.value, 0)
+        table.add_row(f"  {reason.value}", f"{total:.0f}", f"{rate:.0f}")
+    return table
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What `session-lens demo` was asked for."""
+
+    duration: float | None
+    rate: float
+    service_listen: Address
+    seed: int | None = None
+
+
+async def run_demo(config: Config, options: DemoOptions, console: Console | None = None) -> int:
+    """Run the demo; returns the exit code (1 when some reason never appeared)."""
+    console = console or Console()
+    assert config.database_url is not None
+    service_url = f"http://{options.service_listen}"
+    config = replace(config, upstream=service_url)
+    pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=8)
+    service = web.AppRunner(ReferenceService(pool, Faults()).app(), access_log=None)
+    await service.setup()
+    await web.TCPSite(service, options.service_listen.host, options.service_listen.port).start()
+    stop = asyncio.Event()
+    lens = asyncio.create_task(serve(config, stop))
+    generator = Generator(f"http://{config.listen}", options.rate, options.seed)
+    traffic = None
+    try:
+        await _wait_ready(config.admin_listen, lens)
+        traffic = asyncio.create_task(generator.run())
+        ended = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, ended.set)
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as client:
+            before = now = await read_metrics(client, config.admin_listen)
+            with Live(render(now, before, 0), console=console, refresh_per_second=2) as live:
+                while not ended.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ended.wait(), timeout=1.0)
+                    before, now = now, await read_metrics(client, config.admin_listen)
+                    elapsed = time.monotonic() - started
+                    live.update(render(now, before, elapsed))
+                    if options.duration is not None and elapsed >= options.duration:
+                        ended.set()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    finally:
+        if traffic is not None:
+            traffic.cancel()
+            await asyncio.gather(traffic, return_exceptions=True)
+        stop.set()
+        await asyncio.gather(lens, return_exceptions=True)
+        await service.cleanup()
+        await pool.close()
+    return _summary(console, generator.traffic, config)
+
+
+async def _wait_ready(admin: Address, lens: asyncio.Task[None]) -> None:
+    async with aiohttp.ClientSession() as client:
+        for _ in range(200):
+            if lens.done():
+                lens.result()  # raises what stopped it
+            with contextlib.suppress(aiohttp.ClientError):
+                async with client.get(f"http://{admin}/healthz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise RuntimeError("session-lens did not come up")
+
+
+def _summary(console: Console, traffic: Traffic, config: Config) -> int:
+    table = Table(title="not-found reasons seen")
+    table.add_column("reason")
+    table.add_column("lookups", justify="right")
+    table.add_column("example session ID")
+    missing = []
+    for reason in Reason:
+        example = traffic.examples.get(reason.value)
+        if example is None:
+            missing.append(reason.value)
+        table.add_row(reason.value, str(traffic.seen[reason.value]), example or "-")
+    console.print(table)
+    console.print(f"{traffic.seen['lookup']} lookups, {traffic.errors} client errors")
+    explained = next((e for r, e in traffic.examples.items() if r != "invalid_format"), None)
+    if explained:
+        console.print("Look at any of them with:")
+        command = f"  session-lens explain {explained} --data-dir {config.data_dir}"
+        console.print(command, soft_wrap=True)
+    if missing:
+        console.print(f"not seen this time: {', '.join(missing)} (run longer: --duration 30)")
+        return 1
+    console.print("every reason appeared")
+    return 0
