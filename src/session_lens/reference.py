@@ -60,9 +60,9 @@ class Faults:
         """Whether a fault is enabled."""
         return fault in self.enabled
 
-    def strikes(self, fault: str) -> bool:
+    def strikes(self, fault: str, share: float | None = None) -> bool:
         """Whether an enabled probabilistic fault strikes this time."""
-        return fault in self.enabled and self.rng.random() < self.share
+        return fault in self.enabled and self.rng.random() < (share or self.share)
 
 
 def new_session_id() -> str:
