@@ -137,7 +137,7 @@ class ReferenceService:
         except CreationFailed as exc:
             return web.json_response({"id": session_id, "error": exc.reason}, status=503)
         self._touched(session_id)
-        if self.faults.on("loses_sessions") and self.faults.rng.random() < 2 * self.faults.share:
+        if self.faults.strikes("loses_sessions", 2 * self.faults.share):
             self._lost.add(session_id)
         return web.json_response(_json(session), status=201)
 
@@ -175,10 +175,7 @@ class ReferenceService:
     async def delete(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
         response = await self._move(session_id, self.lifecycle.soft_delete)
-        purge = (
-            self.faults.on("hard_deletes") and self.faults.rng.random() < self.faults.purge_share
-        )
-        if response.status == 200 and purge:
+        if response.status == 200 and self.faults.strikes("hard_deletes", self.faults.purge_share):
             async with self.pool.acquire() as conn:  # an operator cleaning up by hand
                 await conn.execute("DELETE FROM sessions WHERE id = $1", session_id)
         return response
