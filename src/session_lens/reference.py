@@ -223,3 +223,36 @@ def _json(session: Session) -> dict[str, Any]:
 
 
 __all__ = ["FAULTS", "Faults", "ReferenceService", "SessionState", "new_session_id"]
+
+
+def main() -> None:
+    """Run the reference service alone: `python -m session_lens.reference`.
+
+    Environment: SESSION_LENS_DATABASE_URL (migrated), REFERENCE_LISTEN
+    (host:port, default 127.0.0.1:8000), REFERENCE_FAULTS (comma-separated, default
+    all; empty for none).
+    """
+    import os
+
+    from .config import parse_address
+
+    url = os.environ["SESSION_LENS_DATABASE_URL"]
+    listen = parse_address(os.environ.get("REFERENCE_LISTEN", "127.0.0.1:8000"))
+    named = os.environ.get("REFERENCE_FAULTS", ",".join(FAULTS))
+    faults = Faults(enabled=frozenset(f.strip() for f in named.split(",") if f.strip()))
+
+    async def app() -> web.Application:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=8)
+        application = ReferenceService(pool, faults).app()
+
+        async def close_pool(_: web.Application) -> None:
+            await pool.close()
+
+        application.on_cleanup.append(close_pool)
+        return application
+
+    web.run_app(app(), host=listen.host, port=listen.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
