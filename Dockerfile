@@ -13,7 +13,8 @@ COPY --from=build /install /usr/local
 USER 10001
 WORKDIR /home/lens
 # Configuration comes from SESSION_LENS_* variables (see the README); these two
-# make the listeners reachable from outside the container.
+# make the listeners reachable from outside the container, so the admin listener
+# asks for SESSION_LENS_ADMIN_TOKEN (session-lens refuses to start without it).
 ENV SESSION_LENS_LISTEN=0.0.0.0:8080 \
     SESSION_LENS_ADMIN_LISTEN=0.0.0.0:9464 \
     PYTHONUNBUFFERED=1

@@ -105,3 +105,23 @@ async def test_explain_endpoint_and_database_readiness(
         }
     finally:
         await explainer.close()
+
+
+async def test_admin_token_guards_all_but_the_probes(
+    aiohttp_client: Any, upstream: Upstream
+) -> None:
+    token = "t0ken-for-the-admin-listener"
+    config = load_config(flags={"upstream": upstream.url, "admin_token": token})
+    registry = CollectorRegistry()
+    explainer = Explainer(config, Metrics(registry, config.session_routes), None)
+    client = await aiohttp_client(create_admin_app(config, registry, explainer))
+    for path in ("/metrics", "/sessions/exec_20251230_020944_4ad060d9/explain"):
+        response = await client.get(path)
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = await client.get(path, headers={"Authorization": "Bearer nope"})
+        assert wrong.status == 401
+    allowed = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert allowed.status == 200
+    for probe in ("/healthz", "/readyz"):
+        assert (await client.get(probe)).status in (200, 503)

@@ -178,3 +178,20 @@ def test_unreadable_or_broken_file(tmp_path: Path) -> None:
     broken.write_text("upstream = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         read_file(broken)
+
+
+def test_admin_off_loopback_needs_a_token() -> None:
+    [found] = problems(flags={**UP, "admin_listen": "0.0.0.0:9464"})
+    assert found == (
+        "admin_token: is required when admin_listen (0.0.0.0:9464) is not a loopback address:"
+        " set SESSION_LENS_ADMIN_TOKEN (from nowhere)"
+    )
+    config = load_config(
+        flags={**UP, "admin_listen": "0.0.0.0:9464"},
+        environ={"SESSION_LENS_ADMIN_TOKEN": "a-secret-of-32-characters-or-so"},
+    )
+    assert config.admin_token == "a-secret-of-32-characters-or-so"
+    assert "a-secret" not in describe(config)
+    assert "a-secret" not in repr(config)
+    [short] = problems(flags={**UP, "admin_token": "hunter2"})
+    assert "hunter2" not in short and short.startswith("admin_token: is not a usable token")

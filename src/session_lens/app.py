@@ -1,7 +1,9 @@
 """Wiring: the proxy app and the admin app, their lifecycles and routes."""
 
 import asyncio
+import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -82,7 +84,7 @@ def create_admin_app(
     recorder: Recorder | None = None,
 ) -> web.Application:
     """The app on the admin listener: /metrics, /healthz, /readyz, /sessions/{id}/explain."""
-    app = web.Application()
+    app = web.Application(middlewares=[_bearer(config.admin_token)] if config.admin_token else [])
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[EXPLAINER] = explainer
@@ -96,6 +98,26 @@ def create_admin_app(
 
 
 _NOT_OBSERVING = "not observing"
+_OPEN = frozenset({"/healthz", "/readyz"})
+"""Probes stay open: a kubelet cannot send a secret."""
+
+
+def _bearer(token: str) -> Any:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in _OPEN:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response(
+                    {"error": "a bearer token is required"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="session-lens admin"'},
+                )
+        return await handler(request)
+
+    return check
 
 
 def _no_recorder() -> str | None:

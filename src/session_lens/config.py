@@ -50,13 +50,16 @@ class Address:
             return False
 
 
+DEFAULT_ADMIN_LISTEN = Address("127.0.0.1", 9464)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The effective configuration of one session-lens process."""
 
     upstream: str = ""
     listen: Address = Address("127.0.0.1", 8080)
-    admin_listen: Address = Address("127.0.0.1", 9464)
+    admin_listen: Address = DEFAULT_ADMIN_LISTEN
     database_url: str | None = None
     validation: str = "enforce"
     invalid_status: int = 404
@@ -80,6 +83,8 @@ class Config:
     spool_dir: Path | None = None
     """Where observed events wait for the database; None: `data_dir`/spool."""
     spool_max_bytes: int = 256 << 20
+    admin_token: str | None = field(default=None, repr=False)
+    """Bearer token the admin listener asks for; required off loopback."""
 
     @property
     def spool_path(self) -> Path:
@@ -296,6 +301,13 @@ def _size(raw: object) -> int:
     return size
 
 
+def _token(raw: object) -> str:
+    text = str(raw).strip()
+    if len(text) < 16 or any(c.isspace() for c in text):
+        raise _Invalid("must be at least 16 characters, without spaces")
+    return text
+
+
 def _routes(raw: object) -> tuple[str, ...]:
     if isinstance(raw, str):
         items = [item.strip() for item in raw.split(",") if item.strip()]
@@ -339,6 +351,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "lifecycle_routes": _lifecycle_routes,
     "spool_dir": _path,
     "spool_max_bytes": _size,
+    "admin_token": _token,
 }
 SETTINGS = tuple(_PARSERS)
 
@@ -368,6 +381,7 @@ HELP = {
     "lifecycle_routes": "observed mode: JSON array of {method, path, action, id_from} tables",
     "spool_dir": "observed mode: where events wait for the database (default data_dir/spool)",
     "spool_max_bytes": "observed mode: the spool's cap (default 256MiB)",
+    "admin_token": "bearer token for /metrics and /sessions/*/explain; required off loopback",
 }
 """One line of help per setting, for flags and docs."""
 
@@ -424,7 +438,19 @@ def load_config(
             values[key] = _PARSERS[key](value)
             sources[key] = source
         except _Invalid as exc:
-            problems.append(Problem(key, source, str(exc)))
+            # Never echo a secret back, not even a malformed one.
+            message = "is not a usable token: " + str(exc) if key == "admin_token" else str(exc)
+            problems.append(Problem(key, source, message))
+    admin = values.get("admin_listen", DEFAULT_ADMIN_LISTEN)
+    if not admin.is_loopback and "admin_token" not in raw:
+        problems.append(
+            Problem(
+                "admin_token",
+                "nowhere",
+                f"is required when admin_listen ({admin}) is not a loopback address:"
+                f" set {env_name('admin_token')}",
+            )
+        )
     if need_upstream and "upstream" not in raw:
         problems.append(
             Problem("upstream", "nowhere", f"is required: --upstream or {env_name('upstream')}")
@@ -473,6 +499,8 @@ def describe(config: Config) -> str:
         value = getattr(config, item.name)
         if item.name in ("upstream", "database_url") and value is not None:
             value = mask_url(value)
+        if item.name == "admin_token" and value is not None:
+            value = "***"
         source = config.sources.get(item.name, "default")
         line = f"# {item.name} is not set" if value is None else f"{item.name} = {_show(value)}"
         lines.append(line.ljust(60) + f"  # {source}")
