@@ -13,6 +13,7 @@ from prometheus_client.exposition import choose_encoder
 from .config import Config
 from .explain import Explainer, report_json
 from .ids import IdValidator
+from .logs import quiet_malformed_requests
 from .metrics import Metrics
 from .proxy import MAX_HEADER_BYTES, Proxy
 from .recorder import Recorder
@@ -38,6 +39,7 @@ def create_proxy_app(
     It opens and closes the explainer's pool; without an explainer, misses are
     explained from `config.database_url` (none: every miss is `unknown`).
     """
+    quiet_malformed_requests()
     explainer = explainer or Explainer(config, metrics, config.database_url)
     if recorder is None and config.lifecycle_source == "observed":
         recorder = Recorder(config, metrics, config.database_url)

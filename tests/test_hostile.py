@@ -1,0 +1,203 @@
+"""Hostile input: smuggling probes over raw sockets, and property-based fuzzing."""
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from session_lens.app import create_proxy_app
+from session_lens.config import load_config
+from session_lens.ids import IdValidator
+from session_lens.metrics import Metrics
+from session_lens.reasons import Rule
+
+from .conftest import MakeProxy, Upstream, raw_exchange
+
+PROBES = {
+    "content-length and transfer-encoding": (
+        b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+    ),
+    "two content-lengths": (
+        b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 10\r\n\r\n"
+        b"abcGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+    ),
+    "obsolete line folding": b"GET /a HTTP/1.1\r\nHost: h\r\nX-Foo: a\r\n b\r\n\r\n",
+    "bare LF": b"GET /a HTTP/1.1\nHost: h\n\nGET /smuggled HTTP/1.1\nHost: h\n\n",
+    "chunked, identity": (
+        b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"
+    ),
+    "xchunked": b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "space before colon": (
+        b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "oversized chunk size": (
+        b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"FFFFFFFFFFFFFFFFFFFF\r\nabc\r\n0\r\n\r\n"
+    ),
+    "negative content-length": b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
+    "header line too long": b"GET /a HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("probe", list(PROBES))
+async def test_smuggling_probes_never_reach_the_upstream(
+    upstream: Upstream, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture, probe: str
+) -> None:
+    proxy = await make_proxy(upstream.url)
+    with caplog.at_level(logging.DEBUG):
+        response = await raw_exchange(proxy.port, PROBES[probe])
+    assert response.status == 400
+    assert upstream.seen == []
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_pipelined_requests_stay_what_they_are(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    proxy = await make_proxy(upstream.url)
+    await raw_exchange(
+        proxy.port,
+        b"POST /one HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /two HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    )
+    assert [(seen.method, seen.raw_path, seen.body) for seen in upstream.seen] == [
+        ("POST", "/one", b"hello"),
+        ("GET", "/two", b""),
+    ]
+
+
+# --- fuzzing: a real proxy and upstream in a thread of their own, raw sockets in front ---
+
+
+@dataclass
+class Stack:
+    port: int
+    errors: list[logging.LogRecord] = field(default_factory=list)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[logging.LogRecord]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.levelno >= logging.ERROR:
+            self.into.append(record)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, object] = {}
+
+    async def upstream_handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        status = 404 if "missing" in request.path else 200
+        return web.json_response({"path": request.path}, status=status)
+
+    async def start() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", upstream_handler)
+        upstream = TestServer(app, loop=loop)
+        await upstream.start_server()
+        config = load_config(flags={"upstream": str(upstream.make_url("")).rstrip("/")})
+        proxy = TestServer(
+            create_proxy_app(config, Metrics(CollectorRegistry(), config.session_routes)),
+            loop=loop,
+        )
+        await proxy.start_server()
+        holder.update(upstream=upstream, proxy=proxy)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    proxy = holder["proxy"]
+    assert isinstance(proxy, TestServer) and proxy.port is not None
+    found = Stack(proxy.port)
+    handler = _Collect(found.errors)
+    logging.getLogger().addHandler(handler)
+    yield found
+    logging.getLogger().removeHandler(handler)
+
+    async def stop() -> None:
+        for server in holder.values():
+            assert isinstance(server, TestServer)
+            await server.close()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def exchange(port: int, data: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    status_line = received.split(b"\r\n", 1)[0]
+    return int(status_line.split()[1])
+
+
+segment = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="/?#%"),
+    max_size=80,
+)
+header_value = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=200)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    session_id=segment,
+    tail=st.lists(segment, max_size=3),
+    query=st.dictionaries(segment, segment, max_size=3),
+    method=st.sampled_from(["GET", "HEAD", "POST", "DELETE", "OPTIONS"]),
+    headers=st.dictionaries(
+        st.from_regex(r"X-[A-Za-z0-9-]{1,20}", fullmatch=True), header_value, max_size=4
+    ),
+)
+def test_fuzzed_requests_get_no_5xx_of_ours(
+    stack: Stack,
+    session_id: str,
+    tail: list[str],
+    query: dict[str, str],
+    method: str,
+    headers: dict[str, str],
+) -> None:
+    path = "/api/sessions/" + session_id + "".join("/" + part for part in tail)
+    if query:
+        path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    lines = [f"{method} {path} HTTP/1.1", "Host: fuzz", "Connection: close", "Content-Length: 0"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    status = exchange(stack.port, ("\r\n".join(lines) + "\r\n\r\n").encode())
+    assert status < 500, f"{status} for {lines}"
+    assert stack.errors == [], [r.getMessage() for r in stack.errors]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(max_size=120))
+def test_any_text_gets_a_rule_or_passes(text: str) -> None:
+    rule = IdValidator(__import__("datetime").timedelta(hours=24)).check(text)
+    assert rule is None or isinstance(rule, Rule)
+    if rule is None:
+        assert len(text) == 29 and text.startswith("exec_")
