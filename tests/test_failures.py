@@ -174,3 +174,47 @@ async def test_non_idempotent_requests_are_not_retried(raw_upstream, make_proxy:
     assert response.status == 502
     assert attempts == 1
     assert json.loads(response.body)["upstream_error"] == "reset"
+
+
+def open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_faults_leak_no_connections_or_tasks(raw_upstream, make_proxy: MakeProxy) -> None:
+    async def misbehaves(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        if b"/reset" in head:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        if b"/cut" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+        elif b"/garbage" in head:
+            writer.write(b"not http at all\r\n\r\n")
+        else:  # half-close: a body delimited by the end of the connection
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        await writer.drain()
+        writer.close()
+
+    proxy = await make_proxy(await raw_upstream(misbehaves))
+    await raw_exchange(proxy.port, GET)  # warm up: pools, first connections
+    await asyncio.sleep(0.1)
+    fds, tasks = open_fds(), len(asyncio.all_tasks())
+    statuses = []
+    for _ in range(25):
+        for path in ("/reset", "/cut", "/garbage", "/eof"):
+            request = f"GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode()
+            response = await raw_exchange(proxy.port, request)
+            statuses.append((path, response.status, response.content[:12]))
+    await asyncio.sleep(0.2)
+    assert set(statuses) == {
+        ("/reset", 502, statuses[0][2]),
+        ("/cut", 200, b"short"),
+        ("/garbage", 502, statuses[2][2]),
+        ("/eof", 200, b"until the en"),
+    }
+    assert open_fds() <= fds + 2, "file descriptors leaked"
+    assert len(asyncio.all_tasks()) <= tasks, "tasks leaked"

@@ -115,7 +115,7 @@ async def test_handshake_headers_reach_the_client(
         assert response.headers["X-Up"] == "yes"
 
 
-async def test_close_codes_are_echoed_to_whoever_closed(
+async def test_close_codes_and_answers_cross_unchanged(
     upstream: Upstream, make_proxy: MakeProxy
 ) -> None:
     upstream_saw: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
@@ -133,11 +133,13 @@ async def test_close_codes_are_echoed_to_whoever_closed(
     async with aiohttp.ClientSession() as client:
         ws = await client.ws_connect(f"{proxy.url}/ws")
         await ws.close(code=4000, message=b"bye")
-        assert ws.close_code == 4000
+        # aiohttp's server answers a close with 1000: the client hears that answer,
+        # exactly as it would without the hop.
+        assert ws.close_code == 1000
     assert await asyncio.wait_for(upstream_saw, 5) == 4000
 
 
-async def test_upstream_gets_its_own_close_code_back(
+async def test_upstream_close_and_the_clients_answer(
     upstream: Upstream, make_proxy: MakeProxy
 ) -> None:
     upstream_got: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
@@ -154,4 +156,24 @@ async def test_upstream_gets_its_own_close_code_back(
     async with aiohttp.ClientSession() as client, client.ws_connect(f"{proxy.url}/ws") as ws:
         message = await ws.receive()
         assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 4001)
-    assert await asyncio.wait_for(upstream_got, 5) == 4001
+    assert await asyncio.wait_for(upstream_got, 5) == 1000  # the aiohttp client's answer
+
+
+async def test_upstream_dying_mid_socket_closes_the_client_side(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    async def dies(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("about to vanish")
+        assert request.transport is not None
+        request.transport.abort()
+        return ws
+
+    upstream.respond = dies
+    proxy = await make_proxy(upstream.url)
+    async with aiohttp.ClientSession() as client, client.ws_connect(f"{proxy.url}/ws") as ws:
+        assert (await ws.receive()).data == "about to vanish"
+        closing = await asyncio.wait_for(ws.receive(), 5)
+        assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+        assert ws.close_code in (1001, 1011)
