@@ -69,7 +69,9 @@ class Upstream:
 async def upstream(aiohttp_server: Any) -> Upstream:
     recorder = Upstream()
     app = web.Application(
-        client_max_size=1 << 30, handler_args={"max_field_size": 65536, "max_line_size": 65536}
+        client_max_size=1 << 30,
+        # It records bytes as they arrive: no decompression on its side either.
+        handler_args={"max_field_size": 65536, "max_line_size": 65536, "auto_decompress": False},
     )
     app.router.add_route("*", "/{tail:.*}", recorder.handle)
     server: TestServer = await aiohttp_server(app)

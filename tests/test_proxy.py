@@ -424,3 +424,18 @@ async def test_client_leaving_early_is_no_error(
         await asyncio.sleep(0.1)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert proxy.metric("session_lens_inflight_requests") == 0
+
+
+async def test_compressed_request_bodies_pass_untouched(
+    upstream: Upstream, proxy: ProxyUnderTest
+) -> None:
+    payload = gzip.compress(b'{"id": "x"}' * 1000, mtime=0)
+    response = await raw_exchange(
+        proxy.port,
+        request_bytes("POST /in HTTP/1.1", "Host: h", "Content-Encoding: gzip",
+                      f"Content-Length: {len(payload)}", "Connection: close", body=payload),
+    )  # fmt: skip
+    assert response.status == 200
+    [seen] = upstream.seen
+    assert seen.body == payload
+    assert seen.header("Content-Encoding") == ["gzip"]

@@ -53,7 +53,12 @@ def create_proxy_app(
 
     app = web.Application(
         middlewares=[forward_all],
-        handler_args={"max_field_size": MAX_HEADER_BYTES, "max_line_size": MAX_HEADER_BYTES},
+        handler_args={
+            "max_field_size": MAX_HEADER_BYTES,
+            "max_line_size": MAX_HEADER_BYTES,
+            # The upstream gets the client's bytes: a gzip body stays gzip.
+            "auto_decompress": False,
+        },
     )
     app[PROXY] = proxy
     app[CONFIG] = config

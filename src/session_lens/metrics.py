@@ -14,7 +14,14 @@ from .routes import Action
 
 PREFIX = "session_lens_"
 CLASSIFIER_ERRORS = ("timeout", "unavailable", "query", "breaker_open")
-EVENT_RESULTS = ("recorded", "unexpected_transition", "creation_failed", "duplicate", "dropped")
+EVENT_RESULTS = (
+    "recorded",
+    "unexpected_transition",
+    "creation_failed",
+    "duplicate",
+    "dropped",
+    "rejected",
+)
 CLASSIFICATION_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 )  # fmt: skip

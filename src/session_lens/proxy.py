@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -442,11 +442,17 @@ class Proxy:
         assert self._recorder is not None
         route, session_id = match.route, match.session_id
         data: Any = _STREAMED
-        if route.id_from is IdFrom.REQUEST:
-            length = request.content_length
-            if request.body_exists and length is not None and length <= MAX_INSPECTED_BODY:
-                data = await request.read()
-                session_id = _id_at(data, route.pointer)
+        if route.id_from is IdFrom.REQUEST and request.body_exists:
+            head, whole = await _read_some(request.content, MAX_INSPECTED_BODY)
+            if whole:
+                data = head
+                session_id = _id_at(head, route.pointer)
+            else:  # too large to look into: forwarded as it comes, not recorded
+                data = _prefixed(head, request.content)
+                log.warning(
+                    "lifecycle request body too large to find the ID in",
+                    extra={"request_id": exchange.request_id, "route": route.name},
+                )
         answered = False
 
         async def on_answer(upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
@@ -485,8 +491,15 @@ class Proxy:
         detail: str | None,
     ) -> None:
         assert self._recorder is not None
-        event = Event.new(session_id, route.action, exchange.request_id, ok, detail)
-        self._recorder.record(event)
+        usable = _usable_id(session_id)
+        if usable is None:
+            log.warning(
+                "lifecycle event without a usable session id",
+                extra={"request_id": exchange.request_id, "route": route.name},
+            )
+            return
+        request_id = _usable_id(exchange.request_id) or "(unprintable)"
+        self._recorder.record(Event.new(usable, route.action, request_id, ok, detail))
 
     def _count_lookup(self, exchange: Exchange, status: int) -> Outcome | None:
         match = exchange.match
@@ -684,34 +697,57 @@ def _is_websocket(request: web.Request) -> bool:
 
 
 async def _read_some(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
-    """Up to `limit` bytes of a body, and whether that was all of it."""
+    """Up to about `limit` bytes of a body, and whether that was all of it.
+
+    A read that fails returns what came so far as not whole: the relay that goes
+    on reading meets the same failure and answers it.
+    """
     parts: list[bytes] = []
     size = 0
-    while size <= limit:
-        chunk = await content.readany()
-        if not chunk:
-            return b"".join(parts), True
-        parts.append(chunk)
-        size += len(chunk)
+    try:
+        while size <= limit:
+            chunk = await content.readany()
+            if not chunk:
+                return b"".join(parts), True
+            parts.append(chunk)
+            size += len(chunk)
+    except (aiohttp.ClientError, TimeoutError):
+        pass
     return b"".join(parts), False
+
+
+async def _prefixed(head: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """A body whose first bytes were read already."""
+    if head:
+        yield head
+    async for chunk in rest.iter_any():
+        yield chunk
 
 
 def _id_at(body: bytes, pointer: str) -> str | None:
     """The session ID at a JSON pointer in a body, if there is a usable one."""
     try:
         found = resolve_pointer(json.loads(body), pointer)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if isinstance(found, bool) or not isinstance(found, str | int):
         return None
-    text = str(found)
-    return text if 0 < len(text) <= MAX_OBSERVED_ID and text.isprintable() else None
+    return _usable_id(str(found))
 
 
 def _id_in_location(location: str) -> str | None:
-    """The last path segment of a Location header."""
-    segment = location.partition("?")[0].rstrip("/").rpartition("/")[2]
-    return segment if 0 < len(segment) <= MAX_OBSERVED_ID else None
+    """The last segment of a Location header's path; none when the path ends in '/'."""
+    try:
+        path = URL(location).raw_path
+    except ValueError:
+        return None
+    return _usable_id(path.rpartition("/")[2])
+
+
+def _usable_id(text: str) -> str | None:
+    """The ID if it is one a lifecycle table can hold, else None."""
+    usable = 0 < len(text) <= MAX_OBSERVED_ID and text.isprintable() and text.isascii()
+    return text if usable else None
 
 
 def _phrase(status: int) -> str:

@@ -27,6 +27,7 @@ from .config import Config
 from .metrics import Metrics
 from .routes import TARGET_STATE, Action
 from .schema import TRANSITIONS, SessionState, Tables
+from .store import UNREACHABLE
 
 log = logging.getLogger("session_lens.recorder")
 
@@ -75,7 +76,12 @@ class Event:
     def parse(cls, line: bytes) -> "Event":
         """An event from its spool line; raises ValueError on a damaged one."""
         event_id, session_id, action, ok, at, request_id, detail = json.loads(line)
+        uuid.UUID(event_id)  # raises ValueError on a damaged one
         return cls(event_id, session_id, Action(action), bool(ok), float(at), request_id, detail)
+
+
+class SpoolWriteError(Exception):
+    """The spool file did not take an event (disk full, read-only, ...)."""
 
 
 class Spool:
@@ -102,17 +108,40 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.size = os.fstat(self._fd).st_size
+        self._trim_cut_line()
         self._checkpoint_fd = os.open(self._checkpoint_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             self.checkpoint = min(int(os.pread(self._checkpoint_fd, 32, 0).strip() or 0), self.size)
         except ValueError:
             self.checkpoint = 0
 
+    def _trim_cut_line(self) -> None:
+        """Drop a last line a crash cut short, so the next event does not join it."""
+        if not self.size:
+            return
+        with self._path.open("rb") as handle:
+            handle.seek(max(0, self.size - READ_CHUNK))
+            tail = handle.read()
+        if tail.endswith(b"\n"):
+            return
+        keep = self.size - len(tail) + tail.rfind(b"\n") + 1
+        log.warning(
+            "dropping a cut line at the end of the spool", extra={"bytes": self.size - keep}
+        )
+        os.ftruncate(self._fd, keep)
+        self.size = keep
+
     def append(self, line: bytes) -> bool:
         """Write one line now; False when the spool is at its cap."""
         if self.size + len(line) > self.max_bytes:
             return False
-        os.write(self._fd, line)
+        try:
+            written = os.write(self._fd, line)
+        except OSError as exc:
+            raise SpoolWriteError(str(exc)) from exc
+        if written != len(line):  # the disk filled up mid-line: take the stub back
+            os.ftruncate(self._fd, self.size)
+            raise SpoolWriteError(f"short write: {written} of {len(line)} bytes")
         self.size += len(line)
         return True
 
@@ -212,13 +241,18 @@ class Recorder:
 
     def record(self, event: Event) -> None:
         """Spool an event now and let the writer take it; never waits."""
-        if not self._spool.append(event.line()):
+        try:
+            kept = self._spool.append(event.line())
+            problem = None if kept else f"spool full at {self._spool.max_bytes} bytes"
+        except SpoolWriteError as exc:
+            kept, problem = False, f"spool not writable: {exc}"
+        if not kept:
             self._metrics.lifecycle_events[event.action, "dropped"].inc()
             if not self._full:
                 self._full = True
                 log.error(
-                    "spool full: lifecycle events are being dropped",
-                    extra={"spool_bytes": self._spool.size, "cap": self._spool.max_bytes},
+                    "lifecycle events are being dropped",
+                    extra={"problem": problem, "spool_bytes": self._spool.size},
                 )
             return
         self._pending += 1
@@ -286,15 +320,51 @@ class Recorder:
             for start in range(0, len(lines), BATCH):
                 batch = lines[start : start + BATCH]
                 async with asyncio.timeout(WRITE_TIMEOUT):
-                    await self._write(batch)
+                    await self._write_isolating(batch)
                 await asyncio.to_thread(spool.commit, batch[-1][0])
                 self._pending = max(self._pending - len(batch), 0)
                 self._publish()
-        spool.truncate_if_done(at_least=TRUNCATE_AT)
-        if self._full and spool.size < spool.max_bytes:
+        spool.truncate_if_done(at_least=min(TRUNCATE_AT, spool.max_bytes // 4))
+        if self._full and spool.size < spool.max_bytes // 2:
             self._full = False
             log.warning("spool has room again")
         self._publish()
+
+    async def _write_isolating(self, batch: list[tuple[int, bytes]]) -> None:
+        """Write a batch; when the database refuses its data, find and skip the bad event.
+
+        An outage (no connection) is raised, to spool and retry; an event the database
+        will never take (a refused value) must not hold up everything behind it.
+        """
+        try:
+            await self._write(batch)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, UNREACHABLE):
+                raise
+            if len(batch) == 1:
+                self._reject(batch[0][1], exc)
+                return
+            for line in batch:
+                try:
+                    await self._write([line])
+                except asyncpg.PostgresError as single:
+                    if isinstance(single, UNREACHABLE):
+                        raise
+                    self._reject(line[1], single)
+
+    def _reject(self, line: bytes, exc: BaseException) -> None:
+        try:
+            action = Event.parse(line).action
+        except (ValueError, TypeError):
+            action = Action.CREATE
+        self._metrics.lifecycle_events[action, "rejected"].inc()
+        log.error(
+            "the database refused a lifecycle event; skipped",
+            extra={
+                "error": f"{type(exc).__name__}: {exc}"[:300],
+                "line": line[:200].decode(errors="replace"),
+            },
+        )
 
     async def _write(self, batch: list[tuple[int, bytes]]) -> None:
         assert self._pool is not None
@@ -339,7 +409,7 @@ class Recorder:
     def health(self) -> str | None:
         """None when events reach the database, else what is wrong."""
         if self._full:
-            return f"spool full ({self._spool.size} bytes): dropping events"
+            return f"dropping events (spool at {self._spool.size} bytes)"
         if self._outage_since is not None:
             return f"spooling {self._pending} events: {self.last_error}"
         return None

@@ -139,13 +139,13 @@ async def _translated(timeout: float) -> AsyncIterator[None]:
         yield
     except TimeoutError as exc:
         raise StoreTimeout(f"no answer within {timeout * 1000:g} ms") from exc
-    except _UNREACHABLE as exc:
+    except UNREACHABLE as exc:
         raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise StoreQueryFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
-_UNREACHABLE = (
+UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError,
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
