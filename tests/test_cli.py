@@ -327,3 +327,31 @@ def test_database_down_is_a_clear_error() -> None:
     assert result.stderr.startswith("session-lens: cannot connect to postgresql://lens:***@")
     assert "secret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_sigterm_under_load_finishes_every_request(upstream: Upstream, db: str) -> None:
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 40:
+            all_in.set()
+        await asyncio.sleep(0.5)
+        return web.json_response({"n": request.path})
+
+    upstream.respond = slow
+    async with serving(upstream.url, db, "--shutdown-grace", "5s") as served:
+        async with aiohttp.ClientSession() as client:
+
+            async def one(n: int) -> int:
+                async with client.get(f"{served.url}/load/{n}") as response:
+                    assert await response.json() == {"n": f"/load/{n}"}
+                    return response.status
+
+            pending = [asyncio.create_task(one(n)) for n in range(40)]
+            await asyncio.wait_for(all_in.wait(), 10)
+            served.process.send_signal(signal.SIGTERM)
+            assert await asyncio.gather(*pending) == [200] * 40
+        assert await asyncio.to_thread(served.process.wait, 10) == 0
