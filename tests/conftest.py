@@ -4,6 +4,8 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -248,3 +251,19 @@ async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(db)
     yield connection
     await connection.close()
+
+
+async def wait_until_healthy(admin_port: int, process: "subprocess.Popen[bytes]") -> None:
+    """Wait for a `session-lens` process to answer /healthz; fail if it exits first."""
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as client:
+        while True:
+            try:
+                async with client.get(f"http://127.0.0.1:{admin_port}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            assert process.poll() is None, "session-lens exited"
+            assert time.monotonic() < deadline, "session-lens did not start"
+            await asyncio.sleep(0.05)

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .conftest import VALID_ID, Upstream, free_port
+from .conftest import VALID_ID, Upstream, free_port, wait_until_healthy
 
 CLI = [sys.executable, "-m", "session_lens"]
 
@@ -144,18 +144,7 @@ async def serving(upstream_url: str, database_url: str, *args: str) -> AsyncIter
     )
     served = Served(process, port, admin_port)
     try:
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession() as client:
-            while True:
-                try:
-                    async with client.get(f"http://127.0.0.1:{admin_port}/healthz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
-                assert time.monotonic() < deadline, "session-lens did not start"
-                await asyncio.sleep(0.05)
+        await wait_until_healthy(admin_port, process)
         yield served
     finally:
         if process.poll() is None:

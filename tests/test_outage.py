@@ -27,7 +27,7 @@ from session_lens.embedded import start_embedded
 from session_lens.migrations import migrate
 from session_lens.schema import Tables
 
-from .conftest import Upstream, free_port
+from .conftest import Upstream, free_port, wait_until_healthy
 
 SESSIONS = int(os.environ.get("SESSION_LENS_OUTAGE_SESSIONS", "2000"))
 ACTIONS = ("create", "pause", "resume", "stop", "delete")
@@ -62,18 +62,7 @@ class Lens:
 
     async def start(self) -> None:
         self.process = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession() as client:
-            while True:
-                try:
-                    async with client.get(f"http://127.0.0.1:{self.admin}/healthz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert self.process.poll() is None, "session-lens exited"
-                assert time.monotonic() < deadline, "session-lens did not start"
-                await asyncio.sleep(0.05)
+        await wait_until_healthy(self.admin, self.process)
 
     def kill(self) -> None:
         assert self.process is not None
