@@ -12,6 +12,7 @@ import signal
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 
 import aiohttp
 import asyncpg
@@ -195,6 +196,10 @@ async def run_demo(config: Config, options: DemoOptions, console: Console | None
     assert config.database_url is not None
     service_url = f"http://{options.service_listen}"
     config = replace(config, upstream=service_url)
+    if config.sources.get("visibility_window", "default") == "default":
+        # The reference replica lags 1.5 s: a window a little wider shows both
+        # not_yet_visible and, for sessions it lost, upstream_inconsistent soon.
+        config = replace(config, visibility_window=timedelta(seconds=2.5))
     pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=8)
     service = web.AppRunner(ReferenceService(pool, Faults()).app(), access_log=None)
     await service.setup()

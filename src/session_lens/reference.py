@@ -45,14 +45,14 @@ class Faults:
     """Which faults are on, and how often they strike."""
 
     enabled: frozenset[str] = frozenset(FAULTS)
-    lag: float = 2.0
+    lag: float = 1.5
     """Seconds the replica lags behind writes."""
     share: float = 0.1
     """Share of sessions a probabilistic fault strikes."""
     purge_share: float = 0.3
     """Share of deleted sessions an operator purges by hand."""
     slow_creation: float = 1.5
-    lock_every: float = 6.0
+    lock_every: float = 4.0
     lock_for: float = 0.2
     rng: random.Random = field(default_factory=random.Random)
 
