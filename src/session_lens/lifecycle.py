@@ -8,7 +8,7 @@ writer in the audit trail and turns refusals into errors that say why.
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -264,8 +264,3 @@ class _Borrowed:
 
 def _session(row: asyncpg.Record) -> Session:
     return Session(row[0], SessionState(row[1]), row[2], row[3], row[4])
-
-
-def utcnow() -> datetime:
-    """Now, in UTC."""
-    return datetime.now(UTC)

@@ -60,7 +60,6 @@ HOP_BY_HOP = frozenset(
 # The hop answers `Expect: 100-continue` itself (aiohttp sends the 100), so the
 # upstream is not asked to again: it might never answer it.
 _REQUEST_ONLY = frozenset({"expect"})
-_FORWARDED = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
 # Headers the WebSocket client library writes itself for the upstream handshake.
 _WS_HANDSHAKE = frozenset(
     {
