@@ -116,7 +116,7 @@ class Generator:
         moves = {
             "ACTIVE": ["pause", "stop"],
             "PAUSED": ["resume", "stop"],
-            "STOPPED": ["delete", "archive"],
+            "STOPPED": ["delete", "delete", "archive"],
             "DELETED": ["restore", "archive"],
             "CREATING": [],
         }

@@ -49,7 +49,7 @@ class Faults:
     """Seconds the replica lags behind writes."""
     share: float = 0.1
     """Share of sessions a probabilistic fault strikes."""
-    purge_share: float = 0.3
+    purge_share: float = 0.35
     """Share of deleted sessions an operator purges by hand."""
     slow_creation: float = 1.5
     lock_every: float = 4.0
@@ -137,7 +137,7 @@ class ReferenceService:
         except CreationFailed as exc:
             return web.json_response({"id": session_id, "error": exc.reason}, status=503)
         self._touched(session_id)
-        if self.faults.strikes("loses_sessions", 2 * self.faults.share):
+        if self.faults.strikes("loses_sessions", 3 * self.faults.share):
             self._lost.add(session_id)
         return web.json_response(_json(session), status=201)
 
