@@ -201,3 +201,28 @@ def test_any_text_gets_a_rule_or_passes(text: str) -> None:
     assert rule is None or isinstance(rule, Rule)
     if rule is None:
         assert len(text) == 29 and text.startswith("exec_")
+
+
+async def test_bodies_over_the_limit_are_refused(upstream: Upstream, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(upstream.url, max_body_bytes="64KiB")
+    small = b"x" * 1000
+    response = await raw_exchange(
+        proxy.port,
+        b"POST /ok HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+        + small,
+    )
+    assert response.status == 200
+    response = await raw_exchange(
+        proxy.port,
+        b"POST /big HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n" + b"y" * 100_000,
+    )
+    assert response.status == 413
+    assert response.json()["detail"] == "the request body is larger than 65536 bytes"
+    chunks = b"".join(b"%x\r\n%s\r\n" % (10_000, b"z" * 10_000) for _ in range(10)) + b"0\r\n\r\n"
+    response = await raw_exchange(
+        proxy.port,
+        b"POST /chunked HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks,
+    )
+    assert response.status == 413
+    assert [seen.raw_path for seen in upstream.seen] == ["/ok"]
+    assert proxy.metric("session_lens_requests_total", kind="passthrough", code="4xx") == 2

@@ -83,6 +83,8 @@ class Config:
     spool_dir: Path | None = None
     """Where observed events wait for the database; None: `data_dir`/spool."""
     spool_max_bytes: int = 256 << 20
+    max_body_bytes: int | None = None
+    """Request bodies larger than this are refused with 413; None: no limit."""
     admin_token: str | None = field(default=None, repr=False)
     """Bearer token the admin listener asks for; required off loopback."""
 
@@ -352,6 +354,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "spool_dir": _path,
     "spool_max_bytes": _size,
     "admin_token": _token,
+    "max_body_bytes": _size,
 }
 SETTINGS = tuple(_PARSERS)
 
@@ -382,6 +385,7 @@ HELP = {
     "spool_dir": "observed mode: where events wait for the database (default data_dir/spool)",
     "spool_max_bytes": "observed mode: the spool's cap (default 256MiB)",
     "admin_token": "bearer token for /metrics and /sessions/*/explain; required off loopback",
+    "max_body_bytes": "refuse request bodies larger than this with 413 (default: no limit)",
 }
 """One line of help per setting, for flags and docs."""
 

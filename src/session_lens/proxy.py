@@ -181,6 +181,7 @@ class Exchange:
     match: RouteMatch | None = None
     status: int = 0
     upstream_seconds: float | None = None
+    body_too_large: bool = False
 
 
 class Proxy:
@@ -199,6 +200,7 @@ class Proxy:
         self._recorder = recorder
         self._lifecycle_routes = LifecycleTable(config.lifecycle_routes) if recorder else None
         self._miss_statuses = frozenset(config.miss_statuses)
+        self._max_body = config.max_body_bytes
         self._miss_body_mode = config.not_found_body
         self._routes = RouteTable(config.session_routes)
         self._validator = IdValidator(config.max_future_skew)
@@ -268,6 +270,9 @@ class Proxy:
             target = request.rel_url.raw_path_qs
         exchange = Exchange(Kind.PASSTHROUGH, target, request_id, not given_id, started)
         try:
+            length = request.content_length
+            if self._max_body is not None and length is not None and length > self._max_body:
+                return self._too_large(request, exchange)
             if not target.startswith("/"):  # `OPTIONS *` and the like
                 exchange.status = 400
                 return problem(400, "the request target must be a path", request_id=request_id)
@@ -366,6 +371,8 @@ class Proxy:
         headers = self._upstream_headers(request, exchange)
         if data is _STREAMED:
             data = request.content if request.body_exists else None
+            if data is not None and self._max_body is not None:
+                data = _limited(request.content, self._max_body, exchange)
         sent = time.perf_counter()
         try:
             upstream = await self.client.request(
@@ -375,7 +382,9 @@ class Proxy:
                 data=data,
                 allow_redirects=False,
             )
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError, BodyTooLarge) as exc:
+            if exchange.body_too_large:
+                return self._too_large(request, exchange)
             return self._failed(request, exchange, exc)
         try:
             headers = end_to_end(upstream.headers)
@@ -499,6 +508,23 @@ class Proxy:
             return
         request_id = _usable_id(exchange.request_id) or "(unprintable)"
         self._recorder.record(Event.new(usable, route.action, request_id, ok, detail))
+
+    def _too_large(self, request: web.Request, exchange: Exchange) -> web.Response:
+        """413 for a body over `max_body_bytes`; the connection closes, the rest unread."""
+        exchange.status = 413
+        log.info(
+            "request body too large",
+            extra={"request_id": exchange.request_id, "limit": self._max_body},
+        )
+        headers = [(REQUEST_ID, exchange.request_id)] if exchange.id_generated else []
+        response = problem(
+            413,
+            f"the request body is larger than {self._max_body} bytes",
+            headers,
+            request_id=exchange.request_id,
+        )
+        response.force_close()
+        return response
 
     def _count_lookup(self, exchange: Exchange, status: int) -> Outcome | None:
         match = exchange.match
@@ -741,6 +767,23 @@ def _id_in_location(location: str) -> str | None:
     except ValueError:
         return None
     return _usable_id(path.rpartition("/")[2])
+
+
+class BodyTooLarge(Exception):
+    """A streamed request body went past `max_body_bytes`."""
+
+
+async def _limited(
+    content: aiohttp.StreamReader, limit: int, exchange: Exchange
+) -> AsyncIterator[bytes]:
+    """A request body, cut off (and the request failed) past `limit` bytes."""
+    total = 0
+    async for chunk in content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            exchange.body_too_large = True
+            raise BodyTooLarge(limit)
+        yield chunk
 
 
 def _usable_id(text: str) -> str | None:
