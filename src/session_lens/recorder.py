@@ -177,9 +177,13 @@ class Spool:
     def truncate_if_done(self, at_least: int = 0) -> None:
         """Start the file afresh once the database has all of it (and it is this large)."""
         if self.size > at_least and self.checkpoint == self.size:
-            os.ftruncate(self._fd, 0)
-            self.size = 0
+            # Checkpoint first, both on disk before the file empties: a power cut can
+            # then never leave a checkpoint pointing into a refilled spool.
             self.commit(0)
+            os.fsync(self._checkpoint_fd)
+            os.ftruncate(self._fd, 0)
+            os.fsync(self._fd)
+            self.size = 0
 
     def sync(self) -> None:
         """Make what was appended survive a crash of the machine too."""
