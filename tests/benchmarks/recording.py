@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def wait_for(url: str) -> None:
         try:
             urllib.request.urlopen(url, timeout=1)
             return
+        except urllib.error.HTTPError:
+            return  # it answers, whatever it says
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"nothing answers at {url}")
