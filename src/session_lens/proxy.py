@@ -276,13 +276,14 @@ class Proxy:
             if not target.startswith("/"):  # `OPTIONS *` and the like
                 exchange.status = 400
                 return problem(400, "the request target must be a path", request_id=request_id)
+            path = target.partition("?")[0]
             if self._lifecycle_routes is not None:
-                found = self._lifecycle_routes.match(request.method, target.partition("?")[0])
+                found = self._lifecycle_routes.match(request.method, path)
                 if found is not None:
                     exchange.kind = Kind.LIFECYCLE
                     return await self._lifecycle(request, exchange, found)
             if request.method in LOOKUP_METHODS:
-                exchange.match = self._routes.match(target.partition("?")[0])
+                exchange.match = self._routes.match(path)
                 if exchange.match is not None:
                     exchange.kind = Kind.LOOKUP
                     rejection = self._reject(request, exchange)

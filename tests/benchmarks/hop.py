@@ -10,14 +10,12 @@ answer. Prints a markdown table of absolute figures and ratios.
 """
 
 import argparse
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from tests.benchmarks.recording import wait_for
+from tests.benchmarks.tools import require, wait_for, wrk
 from tests.conftest import free_port
 
 NGINX = """
@@ -59,29 +57,11 @@ PASS = "/api/other/thing"
 INVALID = "/api/sessions/not-a-session"
 
 
-def wrk(url: str, connections: int, seconds: int) -> tuple[float, float, float]:
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-
-    def micros(label: str) -> float:
-        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", out)
-        assert match, out
-        return float(match[1]) * {"us": 1, "ms": 1000, "s": 1e6}[match[2]]
-
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    assert rate, out
-    return float(rate[1]), micros("50%"), micros("99%")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
     args = parser.parse_args()
-    for tool in ("nginx", "wrk"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed (Debian: nginx-light, wrk)")
+    require("nginx", "wrk")
     work = Path(tempfile.mkdtemp())
     origin, nginx_proxy, lens, admin, bare = (free_port() for _ in range(5))
     (work / "nginx.conf").write_text(NGINX.format(dir=work, origin=origin, proxy=nginx_proxy))

@@ -10,16 +10,12 @@ spooled and written to the embedded PostgreSQL).
 """
 
 import argparse
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from tests.benchmarks.tools import require, wait_for, wrk
 from tests.conftest import free_port
 
 NGINX_CONF = """
@@ -48,21 +44,6 @@ end
 """
 
 
-def wrk(url: str, seconds: int, script: Path) -> tuple[float, float, float]:
-    out = subprocess.run(
-        ["wrk", "-t1", "-c1", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-
-    def micros(label: str) -> float:
-        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out)
-        assert match, out
-        return float(match[1]) * {"us": 1, "ms": 1000, "s": 1e6}[match[2]]
-
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
-    return micros("50%"), micros("99%"), rate
-
-
 def lens(upstream: str, data_dir: Path, source: str) -> tuple[subprocess.Popen[bytes], str]:
     port, admin = free_port(), free_port()
     process = subprocess.Popen(
@@ -74,25 +55,11 @@ def lens(upstream: str, data_dir: Path, source: str) -> tuple[subprocess.Popen[b
     return process, f"http://127.0.0.1:{port}"
 
 
-def wait_for(url: str) -> None:
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers, whatever it says
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing answers at {url}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
-    for tool in ("nginx", "wrk"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not installed (Debian: nginx-light, wrk)")
+    require("nginx", "wrk")
     work = Path(tempfile.mkdtemp())
     port = free_port()
     (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=port))
@@ -101,11 +68,13 @@ def main() -> None:
     upstream = f"http://127.0.0.1:{port}"
     try:
         wait_for(upstream)
-        rows = [("direct to nginx", *wrk(upstream, args.seconds, work / "wrk.lua"))]
+        rows = [("direct to nginx", *wrk(upstream, 1, args.seconds, work / "wrk.lua"))]
         for source, label in (("database", "recording off"), ("observed", "recording on")):
             process, url = lens(upstream, work / source, source)
             try:
-                rows.append((f"session-lens, {label}", *wrk(url, args.seconds, work / "wrk.lua")))
+                rows.append(
+                    (f"session-lens, {label}", *wrk(url, 1, args.seconds, work / "wrk.lua"))
+                )
             finally:
                 process.terminate()
                 process.wait()
@@ -115,8 +84,8 @@ def main() -> None:
     direct = rows[0]
     print("| path | p50 | p99 | req/s | p99 added over direct |")
     print("|---|---:|---:|---:|---:|")
-    for name, p50, p99, rate in rows:
-        print(f"| {name} | {p50:.0f} µs | {p99:.0f} µs | {rate:.0f} | +{p99 - direct[2]:.0f} µs |")
+    for name, rate, p50, p99 in rows:
+        print(f"| {name} | {p50:.0f} µs | {p99:.0f} µs | {rate:.0f} | +{p99 - direct[3]:.0f} µs |")
 
 
 if __name__ == "__main__":
