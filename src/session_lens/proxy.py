@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 from http import HTTPStatus
 from typing import Any
 
@@ -127,17 +128,53 @@ def short_id(session_id: str) -> str:
     return session_id if len(session_id) <= MAX_ID_LENGTH else session_id[:MAX_ID_LENGTH] + "…"
 
 
+@dataclass(slots=True, frozen=True)
+class Answer:
+    """An answer of session-lens' own: an RFC 9457 problem document."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def response(self) -> web.Response:
+        """The answer as an aiohttp response."""
+        return web.Response(
+            status=self.status,
+            body=self.body,
+            content_type=PROBLEM_JSON,
+            headers=CIMultiDict(self.headers),
+        )
+
+
+def problem_answer(
+    status: int, detail: str, headers: Iterable[tuple[str, str]] = (), **members: Any
+) -> Answer:
+    """An RFC 9457 problem document."""
+    body = {"title": _phrase(status), "status": status, "detail": detail, **members}
+    return Answer(status, json.dumps(body).encode(), tuple(headers))
+
+
 def problem(
     status: int, detail: str, headers: Iterable[tuple[str, str]] = (), **members: Any
 ) -> web.Response:
-    """An RFC 9457 problem document."""
-    body = {"title": _phrase(status), "status": status, "detail": detail, **members}
-    return web.Response(
-        status=status,
-        body=json.dumps(body).encode(),
-        content_type=PROBLEM_JSON,
-        headers=CIMultiDict(headers),
-    )
+    """An RFC 9457 problem document as an aiohttp response."""
+    return problem_answer(status, detail, headers, **members).response()
+
+
+class MissPlan(Enum):
+    """How the body of a miss is rewritten."""
+
+    PROBLEM = "problem"
+    MERGE = "merge"
+
+
+def new_request_id() -> str:
+    """A request ID: not a secret, only unique, so no os.urandom per request."""
+    return f"{random.getrandbits(128):032x}"
+
+
+def _include_deleted(value: str) -> bool:
+    return value.lower() in ("true", "1")
 
 
 class RelayedResponse(web.StreamResponse):
@@ -257,14 +294,35 @@ class Proxy:
         assert self._client is not None, "Proxy.open() was not awaited"
         return self._client
 
+    def begin(self) -> None:
+        """Count a request in flight."""
+        self._inflight += 1
+        self._metrics.inflight.inc()
+
+    def finish(self, exchange: Exchange) -> None:
+        """Count a request answered: in flight no more, its status and durations."""
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
+        self._metrics.inflight.dec()
+        kind = exchange.kind
+        if exchange.status:
+            self._metrics.requests[kind, StatusClass.of(exchange.status)].inc()
+        self._metrics.request_duration[kind].observe(time.perf_counter() - exchange.started)
+        if exchange.upstream_seconds is not None:
+            self._metrics.upstream_duration[kind].observe(exchange.upstream_seconds)
+
+    @property
+    def idle(self) -> bool:
+        """Whether no request is in flight."""
+        return not self._inflight
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request: validate a lookup, then forward it."""
         started = time.perf_counter()
-        self._inflight += 1
-        self._metrics.inflight.inc()
+        self.begin()
         given_id = request.headers.get(REQUEST_ID)
-        # Not a secret, only unique: no need to pay for os.urandom per request.
-        request_id = given_id or f"{random.getrandbits(128):032x}"
+        request_id = given_id or new_request_id()
         target = request.raw_path
         if not target.startswith("/"):  # absolute form (RFC 9112 §3.2.2): keep path and query
             target = request.rel_url.raw_path_qs
@@ -286,27 +344,17 @@ class Proxy:
                 exchange.match = self._routes.match(path)
                 if exchange.match is not None:
                     exchange.kind = Kind.LOOKUP
-                    rejection = self._reject(request, exchange)
+                    rejection = self.reject(exchange)
                     if rejection is not None:
                         exchange.status = rejection.status
-                        return rejection
+                        return rejection.response()
             if _is_websocket(request):
                 return await self._websocket(request, exchange)
             return await self._forward(request, exchange)
         finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
-            self._metrics.inflight.dec()
-            elapsed = time.perf_counter() - started
-            kind = exchange.kind
-            if exchange.status:
-                self._metrics.requests[kind, StatusClass.of(exchange.status)].inc()
-            self._metrics.request_duration[kind].observe(elapsed)
-            if exchange.upstream_seconds is not None:
-                self._metrics.upstream_duration[kind].observe(exchange.upstream_seconds)
+            self.finish(exchange)
 
-    def _reject(self, request: web.Request, exchange: Exchange) -> web.Response | None:
+    def reject(self, exchange: Exchange) -> Answer | None:
         """The answer to a malformed ID in enforce mode; None to forward the request."""
         match, request_id = exchange.match, exchange.request_id
         assert match is not None
@@ -334,7 +382,7 @@ class Proxy:
         headers = [(REASON_HEADER, Reason.INVALID_FORMAT.value)]
         if exchange.id_generated:
             headers.append((REQUEST_ID, request_id))
-        return problem(
+        return problem_answer(
             self._config.invalid_status,
             _RULE_DETAIL[rule],
             headers,
@@ -395,12 +443,18 @@ class Proxy:
             head, whole = b"", False
             if on_answer is not None:
                 head, whole = await on_answer(upstream)
-            elif self._count_lookup(exchange, upstream.status) is Outcome.NOT_FOUND:
-                explanation = await self._explain_miss(request, exchange, upstream.status, sent)
+            elif self.count_lookup(exchange, upstream.status) is Outcome.NOT_FOUND:
+                include_deleted = _include_deleted(request.query.get("include_deleted", ""))
+                explanation = await self.explain_miss(
+                    exchange, include_deleted, upstream.status, sent
+                )
                 headers[REASON_HEADER] = explanation.reason.value
-                rewritten = await self._miss_body(request, upstream, headers, exchange, explanation)
-                if rewritten is not None:
-                    head, whole = rewritten, True
+                plan = self.miss_plan(request.method, headers, upstream.content_length)
+                if plan is not None:
+                    raw = await upstream.read() if plan is MissPlan.MERGE else b""
+                    status = upstream.status
+                    head = self.miss_body(plan, status, headers, exchange, explanation, raw)
+                    whole = True
             return await self._relay(request, exchange, upstream, headers, sent, head, whole)
         finally:
             upstream.release()
@@ -438,7 +492,7 @@ class Proxy:
                 log.debug("client went away", extra={"request_id": exchange.request_id})
             else:
                 # Headers may be out: the only honest answer left is a cut connection.
-                self._log_upstream_error(exchange, _upstream_error(exc), exc, partial=True)
+                self.log_upstream_error(exchange, _upstream_error(exc), exc, partial=True)
                 _hang_up(request)
             return response
         exchange.upstream_seconds = time.perf_counter() - sent
@@ -527,7 +581,7 @@ class Proxy:
         response.force_close()
         return response
 
-    def _count_lookup(self, exchange: Exchange, status: int) -> Outcome | None:
+    def count_lookup(self, exchange: Exchange, status: int) -> Outcome | None:
         match = exchange.match
         if match is None:
             return None
@@ -542,13 +596,12 @@ class Proxy:
         self._metrics.lookups[match.route, outcome].inc()
         return outcome
 
-    async def _explain_miss(
-        self, request: web.Request, exchange: Exchange, status: int, sent: float
+    async def explain_miss(
+        self, exchange: Exchange, include_deleted: bool, status: int, sent: float
     ) -> Explanation:
         """Classify a miss, count it and log it with the evidence behind the reason."""
         match = exchange.match
         assert match is not None
-        include_deleted = request.query.get("include_deleted", "").lower() in ("true", "1")
         explanation = await self._explainer.explain_miss(match.session_id, include_deleted)
         self._metrics.not_found[match.route, explanation.reason].inc()
         log.info(
@@ -569,17 +622,32 @@ class Proxy:
         )
         return explanation
 
-    async def _miss_body(
+    def miss_plan(
+        self, method: str, headers: MultiMapping[str], length: int | None
+    ) -> "MissPlan | None":
+        """How a miss's body is rewritten, by `not_found_body`; None relays the upstream's."""
+        if self._miss_body_mode == "passthrough" or method == "HEAD":
+            return None
+        if self._miss_body_mode == "problem":
+            return MissPlan.PROBLEM
+        mergeable = (
+            length is not None
+            and length <= MAX_MERGED_BODY
+            and _is_json(headers.get(hdrs.CONTENT_TYPE, ""))
+            and headers.get(hdrs.CONTENT_ENCODING, "identity").lower() == "identity"
+        )
+        return MissPlan.MERGE if mergeable else None
+
+    def miss_body(
         self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        plan: "MissPlan",
+        status: int,
         headers: CIMultiDict[str],
         exchange: Exchange,
         explanation: Explanation,
-    ) -> bytes | None:
-        """The body a miss goes out with, by `not_found_body`; None relays the upstream's."""
-        if self._miss_body_mode == "passthrough" or request.method == "HEAD":
-            return None
+        raw: bytes,
+    ) -> bytes:
+        """The body a miss goes out with; `raw` is the upstream's whole body when merging."""
         match = exchange.match
         assert match is not None
         members = {
@@ -587,26 +655,16 @@ class Proxy:
             "session_id": match.session_id,
             "lifecycle": explanation.lifecycle(),
         }
-        if self._miss_body_mode == "problem":
+        if plan is MissPlan.PROBLEM:
             headers[hdrs.CONTENT_TYPE] = PROBLEM_JSON
             document = {
-                "title": _phrase(upstream.status),
-                "status": upstream.status,
+                "title": _phrase(status),
+                "status": status,
                 "detail": _REASON_DETAIL[explanation.reason],
                 **members,
                 "request_id": exchange.request_id,
             }
             return json.dumps(document).encode()
-        length = upstream.content_length
-        mergeable = (
-            length is not None
-            and length <= MAX_MERGED_BODY
-            and _is_json(headers.get(hdrs.CONTENT_TYPE, ""))
-            and headers.get(hdrs.CONTENT_ENCODING, "identity").lower() == "identity"
-        )
-        if not mergeable:
-            return None
-        raw = await upstream.read()
         try:
             document = json.loads(raw)
         except ValueError:
@@ -621,18 +679,21 @@ class Proxy:
 
     def _failed(self, request: web.Request, exchange: Exchange, exc: BaseException) -> web.Response:
         """The 502 or 504 that stands in for an answer the upstream never gave."""
-        kind = _upstream_error(exc)
         if _client_gone(request):
             # The client left mid-request; nobody is there to answer.
             log.debug("client went away", extra={"request_id": exchange.request_id})
             return web.Response(status=499)
+        return self.failure(exchange, _upstream_error(exc), exc).response()
+
+    def failure(self, exchange: Exchange, kind: UpstreamError, exc: BaseException) -> Answer:
+        """The 502 or 504 for an upstream that failed `kind`'s way; counted and logged."""
         status = 504 if kind is UpstreamError.TIMEOUT else 502
         exchange.status = status
         if exchange.match is not None:
             self._metrics.lookups[exchange.match.route, Outcome.UPSTREAM_ERROR].inc()
-        self._log_upstream_error(exchange, kind, exc)
+        self.log_upstream_error(exchange, kind, exc)
         headers = [(REQUEST_ID, exchange.request_id)] if exchange.id_generated else []
-        return problem(
+        return problem_answer(
             status,
             _UPSTREAM_DETAIL[kind],
             headers,
@@ -640,7 +701,7 @@ class Proxy:
             request_id=exchange.request_id,
         )
 
-    def _log_upstream_error(
+    def log_upstream_error(
         self, exchange: Exchange, kind: UpstreamError, exc: BaseException, partial: bool = False
     ) -> None:
         self._metrics.upstream_errors[kind].inc()
