@@ -20,10 +20,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from session_lens.app import create_proxy_app
+from session_lens.app import LANE, create_proxy_app
 from session_lens.config import load_config
 from session_lens.embedded import start_embedded
 from session_lens.explain import Breaker, Explainer
+from session_lens.fastlane import HopSite
 from session_lens.metrics import Metrics
 from session_lens.migrations import migrate
 from session_lens.recorder import Recorder
@@ -102,7 +103,10 @@ MakeProxy = Callable[..., Awaitable[ProxyUnderTest]]
 
 
 @pytest.fixture
-async def make_proxy(aiohttp_server: Any, tmp_path: Path) -> MakeProxy:
+async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
+    """session-lens' proxy listener as `serve` runs it: the fast lane, then aiohttp."""
+    runners: list[web.AppRunner] = []
+
     async def start(
         upstream_url: str, breaker: Breaker | None = None, **settings: Any
     ) -> ProxyUnderTest:
@@ -115,11 +119,16 @@ async def make_proxy(aiohttp_server: Any, tmp_path: Path) -> MakeProxy:
         if config.lifecycle_source == "observed":
             recorder = Recorder(config, metrics, config.database_url)
         app = create_proxy_app(config, metrics, explainer, recorder)
-        server: TestServer = await aiohttp_server(app)
-        assert server.host is not None and server.port is not None
-        return ProxyUnderTest(server.host, server.port, registry, recorder)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        runners.append(runner)
+        site = HopSite(runner, app[LANE], "127.0.0.1", 0)
+        await site.start()
+        return ProxyUnderTest("127.0.0.1", site.port, registry, recorder)
 
-    return start
+    yield start
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from prometheus_client.exposition import choose_encoder
 
 from .config import Config
 from .explain import Explainer, report_json
+from .fastlane import Lane
 from .ids import IdValidator
 from .logs import quiet_malformed_requests
 from .metrics import Metrics
@@ -20,6 +21,7 @@ from .recorder import Recorder
 from .store import StoreError
 
 PROXY = web.AppKey("proxy", Proxy)
+LANE: web.AppKey[Lane | None] = web.AppKey("lane")
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 DRAINING = web.AppKey("draining", asyncio.Event)
@@ -61,6 +63,7 @@ def create_proxy_app(
         },
     )
     app[PROXY] = proxy
+    lane = app[LANE] = Lane(proxy, config) if Lane.serves(config) else None
     app[CONFIG] = config
     app[EXPLAINER] = explainer
 
@@ -70,12 +73,16 @@ def create_proxy_app(
             await recorder.start()
         await proxy.open()
         yield
+        if lane is not None:
+            lane.close()
         await proxy.close()
         if recorder is not None:
             await recorder.stop()
         await explainer.close()
 
     async def drain(app: web.Application) -> None:
+        if lane is not None:
+            lane.drain()
         await proxy.drain(config.shutdown_grace.total_seconds())
 
     app.cleanup_ctx.append(upstream_client)

@@ -25,7 +25,7 @@ from .demo import DemoOptions, run_demo
 from .embedded import EmbeddedError, start_embedded
 from .logs import setup_logging
 from .operate import DatabaseError, run_explain, run_migrations
-from .server import ListenError, serve
+from .server import ListenError, run_fast, serve
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if service is not None:
             options = DemoOptions(args.duration, args.rate, service, args.seed)
             return asyncio.run(run_demo(config, options))
-        asyncio.run(serve(config))
+        run_fast(serve(config))
     except (ListenError, EmbeddedError, DatabaseError) as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

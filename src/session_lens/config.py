@@ -67,6 +67,7 @@ class Config:
     max_future_skew: timedelta = timedelta(hours=24)
     upstream_connect_timeout: timedelta = timedelta(seconds=5)
     upstream_read_timeout: timedelta = timedelta(seconds=60)
+    header_read_timeout: timedelta = timedelta(seconds=30)
     shutdown_grace: timedelta = timedelta(seconds=10)
     log_level: str = "info"
     data_dir: Path = field(default_factory=lambda: default_data_dir())
@@ -338,6 +339,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_future_skew": parse_duration,
     "upstream_connect_timeout": _positive_duration,
     "upstream_read_timeout": _positive_duration,
+    "header_read_timeout": _positive_duration,
     "shutdown_grace": parse_duration,
     "log_level": _choice("debug", "info", "warning", "error"),
     "data_dir": _path,
@@ -369,6 +371,7 @@ HELP = {
     "max_future_skew": "how far in the future an ID's timestamp may lie (default 24h)",
     "upstream_connect_timeout": "time to open an upstream connection (default 5s)",
     "upstream_read_timeout": "longest silence from the upstream while reading (default 60s)",
+    "header_read_timeout": "time a client gets to send a request head (default 30s), else 408",
     "shutdown_grace": "time in-flight requests get to finish on shutdown (default 10s)",
     "log_level": "debug, info, warning or error (default info)",
     "data_dir": "directory of the embedded PostgreSQL, used without database_url",

@@ -294,6 +294,21 @@ class Proxy:
         assert self._client is not None, "Proxy.open() was not awaited"
         return self._client
 
+    @property
+    def routes(self) -> RouteTable:
+        """The session routes lookups are matched against."""
+        return self._routes
+
+    @property
+    def max_body(self) -> int | None:
+        """The largest request body accepted, if there is a limit."""
+        return self._max_body
+
+    def lifecycle_match(self, method: str, path: str) -> bool:
+        """Whether `method path` is a lifecycle route whose answers are recorded."""
+        table = self._lifecycle_routes
+        return table is not None and table.match(method, path) is not None
+
     def begin(self) -> None:
         """Count a request in flight."""
         self._inflight += 1

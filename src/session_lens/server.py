@@ -4,14 +4,17 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from . import __version__
-from .app import PROXY, create_admin_app, create_proxy_app
+from .app import LANE, PROXY, create_admin_app, create_proxy_app
 from .config import Address, Config, mask_url
 from .explain import Explainer
+from .fastlane import HopSite, Lane
 from .metrics import Metrics
 from .recorder import Recorder
 
@@ -27,15 +30,25 @@ class ListenError(Exception):
         self.reason = reason
 
 
-async def _start(runner: web.AppRunner, address: Address) -> None:
+async def _start(runner: web.AppRunner, address: Address, lane: Lane | None = None) -> None:
     await runner.setup()
-    site = web.TCPSite(runner, address.host, address.port, backlog=1024)
+    site = HopSite(runner, lane, address.host, address.port, backlog=1024)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ListenError(address, reason) from exc
+
+
+def run_fast(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop where it is installed, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
@@ -74,7 +87,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     try:
         await _start(admin, config.admin_listen)
         try:
-            await _start(proxy, config.listen)
+            await _start(proxy, config.listen, proxy_app[LANE])
         except ListenError:
             await admin.cleanup()
             raise

@@ -1,0 +1,924 @@
+"""The fast lane: plain HTTP/1.1 requests relayed at the protocol level.
+
+aiohttp's server and client cost hundreds of microseconds a request, more than
+the rest of the hop together. Most of a session service's traffic is small,
+well-formed HTTP/1.1, and for that traffic this module reads the request head
+itself, strictly. A head it does not fully recognise — another version, HEAD,
+`Transfer-Encoding`, `Upgrade`, `Expect`, a body over 64 KiB, a folded or bare-LF
+line, a target not in origin form, a lifecycle route — is handed over with its
+connection and every byte read so far to aiohttp's server, which answers it and
+everything after it on that connection as before.
+
+Recognised requests go upstream over a pool of keep-alive connections whose
+responses llhttp parses (httptools), and their answers come back with
+backpressure both ways: a slow client pauses the upstream's socket.
+"""
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlsplit
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .config import Config
+from .proxy import (
+    MAX_MERGED_BODY,
+    REASON_HEADER,
+    REQUEST_ID,
+    Answer,
+    Exchange,
+    MissPlan,
+    Proxy,
+    new_request_id,
+)
+from .reasons import Kind, Outcome, UpstreamError
+
+log = logging.getLogger("session_lens.proxy")
+
+MAX_HEAD = 16384
+"""Larger request heads go to aiohttp, which applies its limits to them."""
+MAX_BODY = 65536
+"""Larger request bodies go to aiohttp, which streams them."""
+MAX_RESPONSE_HEAD = 1 << 20
+HIGH_WATER = 1 << 18
+"""Response bytes buffered from the upstream before its socket is paused."""
+IDLE_UPSTREAM = 30.0
+"""Idle upstream connections are closed after this long."""
+IDLE_CLIENT = 75.0
+"""Idle client connections are closed after this long, as aiohttp does."""
+SWEEP_EVERY = 1.0
+
+_REQUEST_LINE = re.compile(rb"(GET|POST|PUT|PATCH|DELETE|OPTIONS) (/[!-~]*) HTTP/1\.1")
+_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([\t !-~\x80-\xff]*)")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+_HANDED_OVER = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+_IDEMPOTENT = frozenset({b"GET", b"PUT", b"DELETE", b"OPTIONS"})
+_BODYLESS = frozenset({204, 304})
+
+
+class Head:
+    """A request head the fast lane recognised, and what it needs of it."""
+
+    __slots__ = ("close", "fields", "forwarded", "host", "length", "method", "request_id", "target")
+
+    def __init__(self, method: bytes, target: bytes) -> None:
+        self.method = method
+        self.target = target
+        self.fields: list[tuple[bytes, bytes]] = []
+        """End-to-end fields, in order, as sent."""
+        self.host: bytes | None = None
+        self.length = 0
+        self.close = False
+        self.request_id: bytes | None = None
+        self.forwarded: dict[bytes, list[bytes]] = {}
+
+
+def parse_head(block: bytes) -> Head | None:
+    """The head in `block` (without its blank line), or None to hand it to aiohttp."""
+    lines = block.split(b"\r\n")
+    line = _REQUEST_LINE.fullmatch(lines[0])
+    if line is None:
+        return None
+    head = Head(line[1], line[2])
+    fields: list[tuple[bytes, bytes, bytes]] = []
+    named: set[bytes] = set()
+    lengths = 0
+    first_id: bytes | None = None
+    for raw in lines[1:]:
+        found = _FIELD.fullmatch(raw)
+        if found is None:  # bare LF, obs-fold, a control character, no colon...
+            return None
+        name, value = found[1], found[2].strip(b" \t")
+        lowered = name.lower()
+        if lowered in _HANDED_OVER:
+            return None
+        if lowered == b"content-length":
+            lengths += 1
+            if lengths > 1 or _DIGITS.fullmatch(value) is None:
+                return None
+            head.length = int(value)
+        elif lowered == b"host":
+            if head.host is not None:
+                return None
+            head.host = value
+        elif lowered == b"connection":
+            for token in value.lower().split(b","):
+                named.add(token.strip(b" \t"))
+            continue
+        elif lowered == b"x-request-id":
+            if not value.isascii():
+                return None
+            if first_id is None:
+                first_id = value
+        fields.append((name, value, lowered))
+    if head.host is None or head.length > MAX_BODY or b"upgrade" in named:
+        return None
+    head.close = b"close" in named
+    drop = _HOP_BY_HOP | named
+    if first_id:
+        head.request_id = first_id
+    elif first_id is not None:  # empty: replaced by one of ours, as if absent
+        drop = drop | {b"x-request-id"}
+    for name, value, lowered in fields:
+        if lowered in drop or lowered.startswith(b"proxy-"):
+            continue
+        if lowered in _FORWARDED:
+            head.forwarded.setdefault(lowered, []).append(value)
+            continue
+        head.fields.append((name, value))
+    return head
+
+
+class UpstreamFailure(Exception):
+    """The upstream failed one way or another before its answer was whole."""
+
+    def __init__(self, kind: UpstreamError, detail: str, received: bool = True) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.received = received
+        """Whether any byte of an answer had arrived."""
+
+
+class Upstream(asyncio.Protocol):
+    """One keep-alive connection to the upstream, one request at a time."""
+
+    def __init__(self, pool: "Pool") -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.busy = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.framing = b""  # b"length", b"chunked" or b"close"
+        self.length: int | None = None
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.headed = False
+        self.complete = False
+        self.keep_alive = False
+        self.received = False
+        self.failure: UpstreamFailure | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._head_bytes = 0
+        self._informational = False
+        self._paused = False
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # Requests
+
+    def send(self, data: bytes) -> None:
+        """Write one request; its answer is read into this object."""
+        assert self.transport is not None
+        self._reset()
+        self.busy = True
+        self._last_read = self._loop.time()
+        self._timer = self._loop.call_at(
+            self._last_read + self._pool.read_timeout, self._check_timeout
+        )
+        self.transport.write(data)
+
+    async def wait(self) -> None:
+        """Until something happens: the head, more body, the end or a failure."""
+        if self.failure is not None:
+            raise self.failure
+        if self.chunks or self.complete:  # it happened while nobody was waiting
+            return
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self.failure is not None:
+            raise self.failure
+
+    def take(self) -> list[bytes]:
+        """The body bytes buffered so far; reading resumes if it was paused."""
+        chunks, self.chunks, self.buffered = self.chunks, [], 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self._last_read = self._loop.time()
+            self.transport.resume_reading()
+        return chunks
+
+    def done(self) -> None:
+        """The answer was relayed: back to the pool if the connection can be reused."""
+        self.busy = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.complete and self.failure is None and self.keep_alive:
+            self._pool.release(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, failure: UpstreamFailure) -> None:
+        if self.failure is None and not self.complete:
+            self.failure = failure
+            self._wake()
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self.complete or self.failure is not None:
+            return
+        now = self._loop.time()
+        deadline = self._last_read + self._pool.read_timeout
+        if self._paused or now < deadline:  # a paused socket is the client's slowness
+            self._timer = self._loop.call_at(max(deadline, now + 0.1), self._check_timeout)
+            return
+        self._fail(UpstreamFailure(UpstreamError.TIMEOUT, "no answer in time", self.received))
+        self.close()
+
+    # Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        if self.headed and self.framing == b"close" and not self.complete:
+            self.complete = True  # a close-delimited body ends with the connection
+            self._wake()
+            return
+        if self.headed:  # a body shorter than its framing promised
+            self._fail(UpstreamFailure(UpstreamError.PROTOCOL, "the body was cut short"))
+            return
+        detail = f"{type(exc).__name__}: {exc}" if exc else "the connection was closed"
+        self._fail(UpstreamFailure(UpstreamError.RESET, detail, self.received))
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:  # nothing was asked: whatever this is, the connection is spoilt
+            self.close()
+            return
+        self.received = True
+        self._last_read = self._loop.time()
+        if not self.headed:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                self._fail(UpstreamFailure(UpstreamError.PROTOCOL, "response head too large"))
+                self.close()
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamFailure(UpstreamError.PROTOCOL, "an upgrade nobody asked for"))
+            self.close()
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamFailure(UpstreamError.PROTOCOL, f"malformed response: {exc}"))
+            self.close()
+
+    def pause_writing(self) -> None:  # request bodies are small: nothing to hold back
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # httptools callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (103 Early Hints...): not relayed
+            self._informational = True
+            return
+        self.status = status
+        framing = b"close"
+        for name, value in self.fields:
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                codings = value.lower().rsplit(b",", 1)
+                framing = b"chunked" if codings[-1].strip() == b"chunked" else b"close"
+            elif lowered == b"content-length" and framing != b"chunked":
+                framing = b"length"
+                self.length = int(value)
+        if status in _BODYLESS:
+            framing = b"length"
+        self.framing = framing
+        self.headed = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            self.fields = []
+            self.reason = b""
+            self._head_bytes = 0
+            return
+        self.complete = True
+        self.keep_alive = self._parser.should_keep_alive()
+        self._wake()
+
+
+class Pool:
+    """Keep-alive connections to the upstream, newest idle first."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._host = host
+        self._port = port
+        self._connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: list[Upstream] = []
+        self._all: set[Upstream] = set()
+
+    async def acquire(self) -> tuple[Upstream, bool]:
+        """A connection, and whether it was used before."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                return connection, True
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await self.loop.create_connection(
+                    lambda: Upstream(self), self._host, self._port
+                )
+        except TimeoutError:
+            raise UpstreamFailure(UpstreamError.TIMEOUT, "connect timed out", False) from None
+        except OSError as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            raise UpstreamFailure(UpstreamError.CONNECT, detail, False) from None
+        self._all.add(connection)
+        return connection, False
+
+    def release(self, connection: Upstream) -> None:
+        connection.idle_since = self.loop.time()
+        self._idle.append(connection)
+
+    def forget(self, connection: Upstream) -> None:
+        self._all.discard(connection)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle for longer than `IDLE_UPSTREAM`."""
+        stale = [c for c in self._idle if c.closed or now - c.idle_since > IDLE_UPSTREAM]
+        if stale:
+            self._idle = [c for c in self._idle if c not in stale]
+            for connection in stale:
+                connection.close()
+
+    def close(self) -> None:
+        for connection in list(self._all):
+            connection.close()
+        self._idle.clear()
+
+
+class Lane:
+    """What the fast lane shares across connections: the proxy, the pool, the clock."""
+
+    def __init__(self, proxy: Proxy, config: Config) -> None:
+        parts = urlsplit(config.upstream)
+        self.proxy = proxy
+        self._host = parts.hostname or ""
+        self._port = parts.port or 80
+        self._prefix = parts.path.encode()
+        self._config = config
+        self._pool: Pool | None = None
+        self.connections: set[HopProtocol] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._date = b""
+        self._date_at = 0
+        self.draining = False
+        self.header_timeout = config.header_read_timeout.total_seconds()
+
+    @staticmethod
+    def serves(config: Config) -> bool:
+        """Whether the fast lane can carry this configuration's traffic (plain http)."""
+        return urlsplit(config.upstream).scheme == "http"
+
+    @property
+    def pool(self) -> Pool:
+        if self._pool is None:
+            self._pool = Pool(
+                self._host,
+                self._port,
+                self._config.upstream_connect_timeout.total_seconds(),
+                self._config.upstream_read_timeout.total_seconds(),
+            )
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return self._pool
+
+    def date(self) -> bytes:
+        """Today's `Date` header value, formatted once a second."""
+        now = int(time.time())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = formatdate(now, usegmt=True).encode()
+        return self._date
+
+    def upstream_request(self, head: Head, body: bytes, peer: bytes, request_id: bytes) -> bytes:
+        """The request as the upstream gets it: hop-by-hop fields out, X-Forwarded-* in."""
+        out = [head.method, b" ", self._prefix, head.target, b" HTTP/1.1\r\n"]
+        for name, value in head.fields:
+            out += (name, b": ", value, b"\r\n")
+        forwarded = head.forwarded
+        if peer:
+            out += (b"X-Forwarded-For: ", _folded(forwarded.get(b"x-forwarded-for"), peer))
+        out += (b"X-Forwarded-Proto: ", _folded(forwarded.get(b"x-forwarded-proto"), b"http"))
+        assert head.host is not None
+        out += (b"X-Forwarded-Host: ", _folded(forwarded.get(b"x-forwarded-host"), head.host))
+        if head.request_id is None:
+            out += (b"X-Request-ID: ", request_id, b"\r\n")
+        out += (b"\r\n", body)
+        return b"".join(out)
+
+    def drain(self) -> None:
+        """Stop keeping connections alive: idle ones close now, busy ones after their answer."""
+        self.draining = True
+        for connection in list(self.connections):
+            connection.close_if_idle()
+
+    def close(self) -> None:
+        """Close every connection, client and upstream."""
+        self.draining = True
+        for connection in list(self.connections):
+            connection.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._pool is not None:
+            self._pool.close()
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            now = loop.time()
+            if self._pool is not None:
+                self._pool.sweep(now)
+            for connection in list(self.connections):
+                connection.check_idle(now)
+
+
+def _folded(previous: list[bytes] | None, value: bytes) -> bytes:
+    if previous:
+        return b", ".join((*previous, value)) + b"\r\n"
+    return value + b"\r\n"
+
+
+class HopProtocol(asyncio.Protocol):
+    """One client connection in the fast lane, until it is handed to aiohttp."""
+
+    def __init__(self, lane: Lane, fallback: Callable[[], asyncio.Protocol]) -> None:
+        self._lane = lane
+        self._fallback = fallback
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._task: asyncio.Task[None] | None = None
+        self._peer = b""
+        self._paused_reading = False
+        self._writable: asyncio.Future[None] | None = None
+        self._since = 0.0
+        """When the connection last went idle or a head began arriving."""
+        self._gone = False
+
+    # Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self._peer = str(peer[0]).encode()
+        self._since = self._loop.time()
+        self._lane.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
+        self._lane.connections.discard(self)
+        if self._task is not None:
+            self._task.cancel()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._buffer:
+            self._since = self._loop.time()
+        self._buffer += data
+        if self._task is None:
+            self._next()
+        elif len(self._buffer) > MAX_HEAD + MAX_BODY and not self._paused_reading:
+            self._paused_reading = True  # pipelined requests wait their turn
+            assert self._transport is not None
+            self._transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # Connection management
+
+    def close_if_idle(self) -> None:
+        if self._task is None and not self._buffer and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def check_idle(self, now: float) -> None:
+        """Close a connection idle too long, or one whose head is too slow to arrive."""
+        if self._task is not None or self._transport is None:
+            return
+        if self._buffer:
+            if now - self._since > self._lane.header_timeout:
+                self._answer_and_close(408, "the request head did not arrive in time")
+        elif now - self._since > IDLE_CLIENT:
+            self._transport.close()
+
+    def _answer_and_close(self, status: int, detail: str) -> None:
+        assert self._transport is not None
+        log.info("request head timed out", extra={"peer": self._peer.decode()})
+        answer = Answer(
+            status,
+            b'{"title": "%s", "status": %d, "detail": "%s"}'
+            % (HTTPStatus(status).phrase.encode(), status, detail.encode()),
+        )
+        self._transport.write(self._render(answer, close=True))
+        self._buffer.clear()
+        self._transport.close()
+
+    # Requests
+
+    def _next(self) -> None:
+        """Start on the request at the front of the buffer, if it is all here."""
+        transport = self._transport
+        assert transport is not None
+        while self._buffer and not self._gone:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                buffer = self._buffer
+                if len(buffer) > MAX_HEAD or buffer.count(b"\n") != buffer.count(b"\r\n"):
+                    self._hand_over()  # too long, or lines ending in a bare LF
+                return
+            head = parse_head(bytes(self._buffer[:end])) if end <= MAX_HEAD else None
+            if head is None:
+                self._hand_over()
+                return
+            path = head.target.partition(b"?")[0].decode()
+            proxy = self._lane.proxy
+            limit = proxy.max_body
+            too_large = limit is not None and head.length > limit
+            if too_large or proxy.lifecycle_match(head.method.decode(), path):
+                self._hand_over()  # aiohttp answers 413s and records lifecycle events
+                return
+            total = end + 4 + head.length
+            if len(self._buffer) < total:
+                return
+            body = bytes(self._buffer[end + 4 : total])
+            del self._buffer[:total]
+            if self._paused_reading and len(self._buffer) < MAX_HEAD:
+                self._paused_reading = False
+                transport.resume_reading()
+            if not self._answer_here(head, path):
+                self._task = self._loop.create_task(self._relay(head, body, path))
+                return
+            if head.close:
+                transport.close()
+                return
+        self._since = self._loop.time()
+
+    def _hand_over(self) -> None:
+        """Give the connection, and what it has sent so far, to aiohttp's server."""
+        transport = self._transport
+        assert transport is not None
+        self._lane.connections.discard(self)
+        protocol = self._fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._buffer:
+            data, self._buffer = bytes(self._buffer), bytearray()
+            protocol.data_received(data)
+        if self._paused_reading:
+            transport.resume_reading()
+
+    def _exchange(self, head: Head, kind: Kind) -> Exchange:
+        given = head.request_id
+        request_id = given.decode() if given is not None else new_request_id()
+        return Exchange(kind, head.target.decode(), request_id, given is None, time.perf_counter())
+
+    def _answer_here(self, head: Head, path: str) -> bool:
+        """Answer a malformed session ID at once (enforce mode); False to relay the request."""
+        if head.method != b"GET":
+            return False
+        proxy = self._lane.proxy
+        match = proxy.routes.match(path)
+        if match is None:
+            return False
+        exchange = self._exchange(head, Kind.LOOKUP)
+        exchange.match = match
+        answer = proxy.reject(exchange)
+        if answer is None:  # valid, or observe mode
+            return False
+        proxy.begin()
+        exchange.status = answer.status
+        assert self._transport is not None
+        self._transport.write(self._render(answer, head.close or self._lane.draining))
+        proxy.finish(exchange)
+        return True
+
+    def _render(self, answer: Answer, close: bool) -> bytes:
+        out = [
+            b"HTTP/1.1 %d %s\r\n" % (answer.status, HTTPStatus(answer.status).phrase.encode()),
+            b"Content-Type: application/problem+json\r\nContent-Length: %d\r\n" % len(answer.body),
+            b"Date: " + self._lane.date() + b"\r\n",
+        ]
+        for name, value in answer.headers:
+            out.append(f"{name}: {value}\r\n".encode())
+        if close:
+            out.append(b"Connection: close\r\n")
+        out += (b"\r\n", answer.body)
+        return b"".join(out)
+
+    async def _relay(self, head: Head, body: bytes, path: str) -> None:
+        lane = self._lane
+        proxy = lane.proxy
+        proxy.begin()
+        exchange = self._exchange(head, Kind.PASSTHROUGH)
+        if head.method == b"GET":
+            exchange.match = proxy.routes.match(path)
+            if exchange.match is not None:
+                exchange.kind = Kind.LOOKUP
+        close = head.close
+        try:
+            close = await self._forward(head, body, exchange) or close
+        except asyncio.CancelledError:
+            log.debug("client went away", extra={"request_id": exchange.request_id})
+            return
+        finally:
+            proxy.finish(exchange)
+            self._task = None
+        if close or lane.draining or self._transport is None:
+            if self._transport is not None:
+                self._transport.close()
+            return
+        self._since = self._loop.time()
+        if self._buffer:
+            self._next()
+
+    async def _forward(self, head: Head, body: bytes, exchange: Exchange) -> bool:
+        """Relay one request and its answer; True when the connection must close after."""
+        lane = self._lane
+        proxy = lane.proxy
+        transport = self._transport
+        assert transport is not None
+        data = lane.upstream_request(head, body, self._peer, exchange.request_id.encode())
+        sent = time.perf_counter()
+        upstream: Upstream | None = None
+        try:
+            for attempt in (1, 2):
+                upstream, reused = await lane.pool.acquire()
+                upstream.send(data)
+                try:
+                    while not upstream.headed:
+                        await upstream.wait()
+                    break
+                except UpstreamFailure as failure:
+                    upstream.close()
+                    # A kept-alive connection the upstream closed just as it was
+                    # reused: an idempotent request is safe to send again, once.
+                    retry = reused and not failure.received and head.method in _IDEMPOTENT
+                    if attempt == 2 or not retry:
+                        raise
+        except UpstreamFailure as failure:
+            exchange.status = 504 if failure.kind is UpstreamError.TIMEOUT else 502
+            answer = proxy.failure(exchange, failure.kind, failure)
+            transport.write(self._render(answer, head.close or lane.draining))
+            return head.close
+        except BaseException:  # the client went away: so does the upstream request
+            if upstream is not None:
+                upstream.close()
+            raise
+        assert upstream is not None
+        try:
+            return await self._answer(head, exchange, upstream, sent)
+        finally:
+            upstream.done()
+
+    async def _answer(
+        self, head: Head, exchange: Exchange, upstream: Upstream, sent: float
+    ) -> bool:
+        lane = self._lane
+        proxy = lane.proxy
+        status = exchange.status = upstream.status
+        fields, named = _end_to_end(upstream.fields, upstream.framing == b"chunked")
+        close = head.close or lane.draining
+        outcome = proxy.count_lookup(exchange, status)
+        if outcome is Outcome.NOT_FOUND:
+            return await self._miss(head, exchange, upstream, fields, sent, close)
+        have_date = b"date" in named
+        have_id = b"x-request-id" in named
+        chunked = upstream.framing != b"length"
+        out = [b"HTTP/1.1 %d " % status, upstream.reason, b"\r\n"]
+        for name, value in fields:
+            out += (name, b": ", value, b"\r\n")
+        if not have_date:
+            out += (b"Date: ", lane.date(), b"\r\n")
+        if exchange.id_generated and not have_id:
+            out += (b"X-Request-ID: ", exchange.request_id.encode(), b"\r\n")
+        if chunked:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if close:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        return await self._stream(out, exchange, upstream, chunked, sent) or close
+
+    async def _stream(
+        self, out: list[bytes], exchange: Exchange, upstream: Upstream, chunked: bool, sent: float
+    ) -> bool:
+        """Write `out` and then the body as it comes; True when the connection must close."""
+        transport = self._transport
+        assert transport is not None
+        try:
+            while True:
+                for chunk in upstream.take():
+                    if chunked:
+                        out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+                    else:
+                        out.append(chunk)
+                if upstream.complete:
+                    if chunked:
+                        out.append(b"0\r\n\r\n")
+                    transport.write(b"".join(out))
+                    exchange.upstream_seconds = time.perf_counter() - sent
+                    return False
+                if out:
+                    transport.write(b"".join(out))
+                    out = []
+                if self._writable is not None and not self._writable.done():
+                    await self._writable
+                    if self._gone:
+                        return True
+                await upstream.wait()
+        except UpstreamFailure as failure:
+            # The head may be out: the only honest answer left is a cut connection.
+            self._lane.proxy.log_upstream_error(exchange, failure.kind, failure, partial=True)
+            if out:
+                transport.write(b"".join(out))
+            transport.close()
+            return True
+
+    async def _miss(
+        self,
+        head: Head,
+        exchange: Exchange,
+        upstream: Upstream,
+        fields: list[tuple[bytes, bytes]],
+        sent: float,
+        close: bool,
+    ) -> bool:
+        """A lookup the upstream did not find: explained, then relayed or rewritten."""
+        proxy = self._lane.proxy
+        query = head.target.partition(b"?")[2].decode()
+        given = next((v for k, v in parse_qsl(query) if k == "include_deleted"), "")
+        include_deleted = given.lower() in ("true", "1")
+        explanation = await proxy.explain_miss(exchange, include_deleted, upstream.status, sent)
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in fields
+        )
+        if exchange.id_generated:
+            headers.setdefault(REQUEST_ID, exchange.request_id)
+        headers.setdefault("Date", self._lane.date().decode())
+        headers[REASON_HEADER] = explanation.reason.value
+        length = upstream.length if upstream.framing == b"length" else None
+        plan = proxy.miss_plan("GET", headers, length)
+        chunked = upstream.framing != b"length"
+        rewritten: bytes | None = None
+        if plan is not None:
+            try:
+                raw = await _whole(upstream, MAX_MERGED_BODY if plan is MissPlan.MERGE else 0)
+            except UpstreamFailure as failure:
+                answer = proxy.failure(exchange, failure.kind, failure)
+                assert self._transport is not None
+                self._transport.write(self._render(answer, close))
+                return close
+            rewritten = proxy.miss_body(plan, upstream.status, headers, exchange, explanation, raw)
+            headers.popall("Content-Length", None)
+            headers["Content-Length"] = str(len(rewritten))
+            chunked = False
+        out = [b"HTTP/1.1 %d " % upstream.status, upstream.reason, b"\r\n"]
+        for name, value in headers.items():
+            out += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+        if chunked:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if close:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        if rewritten is not None:
+            assert self._transport is not None
+            self._transport.write(b"".join(out) + rewritten)
+            exchange.upstream_seconds = time.perf_counter() - sent
+            return close
+        return await self._stream(out, exchange, upstream, chunked, sent) or close
+
+
+async def _whole(upstream: Upstream, keep: int) -> bytes:
+    """The rest of an answer's body: its first `keep` bytes kept, the others read and dropped."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        for chunk in upstream.take():
+            if size < keep:
+                parts.append(chunk)
+            size += len(chunk)
+        if upstream.complete:
+            return b"".join(parts)[:keep]
+        await upstream.wait()
+
+
+def _end_to_end(
+    fields: list[tuple[bytes, bytes]], chunked: bool
+) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
+    """A response's fields without hop-by-hop ones, and the names of those kept, lowered.
+
+    A chunked answer's Content-Length says nothing true: it goes too.
+    """
+    drop = set(_HOP_BY_HOP)
+    for name, value in fields:
+        if name.lower() == b"connection":
+            drop.update(token.strip(b" \t") for token in value.lower().split(b","))
+    kept: list[tuple[bytes, bytes]] = []
+    named: set[bytes] = set()
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered in drop or lowered.startswith(b"proxy-"):
+            continue
+        if chunked and lowered == b"content-length":
+            continue
+        kept.append((name, value))
+        named.add(lowered)
+    return kept, named
+
+
+class HopSite(web.TCPSite):
+    """A TCP site whose connections start in the fast lane (without a lane: aiohttp's)."""
+
+    __slots__ = ("_lane",)
+
+    def __init__(self, runner: web.BaseRunner, lane: Lane | None, *args: Any, **kwargs: Any):
+        super().__init__(runner, *args, **kwargs)
+        self._lane = lane
+
+    async def start(self) -> None:
+        if self._lane is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)
+        fallback = self._runner.server
+        assert fallback is not None
+        lane = self._lane
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: HopProtocol(lane, fallback),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]
