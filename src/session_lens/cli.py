@@ -26,6 +26,7 @@ from .embedded import EmbeddedError, start_embedded
 from .logs import setup_logging
 from .operate import DatabaseError, run_explain, run_migrations
 from .server import ListenError, run_fast, serve
+from .workers import WorkersFailed, supervise
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -133,8 +134,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if service is not None:
             options = DemoOptions(args.duration, args.rate, service, args.seed)
             return asyncio.run(run_demo(config, options))
-        run_fast(serve(config))
-    except (ListenError, EmbeddedError, DatabaseError) as exc:
+        if config.workers > 1:
+            run_fast(supervise(config))
+        else:
+            run_fast(serve(config))
+    except (ListenError, EmbeddedError, DatabaseError, WorkersFailed) as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

@@ -68,6 +68,8 @@ class Config:
     upstream_connect_timeout: timedelta = timedelta(seconds=5)
     upstream_read_timeout: timedelta = timedelta(seconds=60)
     header_read_timeout: timedelta = timedelta(seconds=30)
+    max_connections: int = 10000
+    workers: int = 1
     shutdown_grace: timedelta = timedelta(seconds=10)
     log_level: str = "info"
     data_dir: Path = field(default_factory=lambda: default_data_dir())
@@ -304,6 +306,16 @@ def _size(raw: object) -> int:
     return size
 
 
+def _count(low: int, high: int) -> Callable[[object], int]:
+    def parse(raw: object) -> int:
+        text = str(raw).strip()
+        if isinstance(raw, bool) or not text.isdigit() or not low <= int(text) <= high:
+            raise _Invalid(f"{raw!r} is not a whole number from {low} to {high}")
+        return int(text)
+
+    return parse
+
+
 def _token(raw: object) -> str:
     text = str(raw).strip()
     if len(text) < 16 or any(c.isspace() for c in text):
@@ -340,6 +352,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_connect_timeout": _positive_duration,
     "upstream_read_timeout": _positive_duration,
     "header_read_timeout": _positive_duration,
+    "max_connections": _count(1, 1_000_000),
+    "workers": _count(1, 64),
     "shutdown_grace": parse_duration,
     "log_level": _choice("debug", "info", "warning", "error"),
     "data_dir": _path,
@@ -372,6 +386,8 @@ HELP = {
     "upstream_connect_timeout": "time to open an upstream connection (default 5s)",
     "upstream_read_timeout": "longest silence from the upstream while reading (default 60s)",
     "header_read_timeout": "time a client gets to send a request head (default 30s), else 408",
+    "max_connections": "client connections held open at once, per worker (default 10000)",
+    "workers": "processes serving the proxy port, SO_REUSEPORT (default 1)",
     "shutdown_grace": "time in-flight requests get to finish on shutdown (default 10s)",
     "log_level": "debug, info, warning or error (default info)",
     "data_dir": "directory of the embedded PostgreSQL, used without database_url",

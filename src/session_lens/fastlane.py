@@ -18,7 +18,6 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
@@ -423,6 +422,8 @@ class Lane:
         self._date_at = 0
         self.draining = False
         self.header_timeout = config.header_read_timeout.total_seconds()
+        self.max_connections = config.max_connections
+        self._refusal_logged = 0.0
 
     @staticmethod
     def serves(config: Config) -> bool:
@@ -438,7 +439,6 @@ class Lane:
                 self._config.upstream_connect_timeout.total_seconds(),
                 self._config.upstream_read_timeout.total_seconds(),
             )
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return self._pool
 
     def date(self) -> bytes:
@@ -464,6 +464,18 @@ class Lane:
             out += (b"X-Request-ID: ", request_id, b"\r\n")
         out += (b"\r\n", body)
         return b"".join(out)
+
+    def accept(self, fallback: web.Server) -> asyncio.Protocol:
+        """A new client connection: the fast lane's, or refused over `max_connections`."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if len(self.connections) + len(fallback.connections) < self.max_connections:
+            return HopProtocol(self, fallback)
+        now = time.monotonic()
+        if now - self._refusal_logged > 10:  # a flood must not flood the log too
+            self._refusal_logged = now
+            log.warning("connection limit reached", extra={"max_connections": self.max_connections})
+        return _Refused()
 
     def drain(self) -> None:
         """Stop keeping connections alive: idle ones close now, busy ones after their answer."""
@@ -501,7 +513,7 @@ def _folded(previous: list[bytes] | None, value: bytes) -> bytes:
 class HopProtocol(asyncio.Protocol):
     """One client connection in the fast lane, until it is handed to aiohttp."""
 
-    def __init__(self, lane: Lane, fallback: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, lane: Lane, fallback: web.Server) -> None:
         self._lane = lane
         self._fallback = fallback
         self._loop = asyncio.get_running_loop()
@@ -896,6 +908,24 @@ def _end_to_end(
     return kept, named
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over the limit: a 503 and a close, nothing read."""
+
+    _ANSWER = (
+        b'{"title": "Service Unavailable", "status": 503, '
+        b'"detail": "too many connections are open; try again"}'
+    )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        writer = cast(asyncio.Transport, transport)
+        writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
+            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+            % (len(self._ANSWER), self._ANSWER)
+        )
+        writer.close()
+
+
 class HopSite(web.TCPSite):
     """A TCP site whose connections start in the fast lane (without a lane: aiohttp's)."""
 
@@ -914,7 +944,7 @@ class HopSite(web.TCPSite):
         assert fallback is not None
         lane = self._lane
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: HopProtocol(lane, fallback),
+            lambda: lane.accept(fallback),
             self._host,
             self._port,
             backlog=self._backlog,

@@ -96,6 +96,7 @@ class Metrics:
         self.inflight = Gauge(
             PREFIX + "inflight_requests",
             "Requests being handled now.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.classification_duration = Histogram(
@@ -118,6 +119,7 @@ class Metrics:
         self.breaker_open = Gauge(
             PREFIX + "classifier_breaker_open",
             "1 while the circuit breaker keeps the classifier off the database.",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         lifecycle_events = Counter(
@@ -129,17 +131,20 @@ class Metrics:
         self.spooled_events = Gauge(
             PREFIX + "spooled_events",
             "Observed events on disk that the database does not have yet.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.spool_bytes = Gauge(
             PREFIX + "spool_bytes",
             "Size of the spool file of observed events.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         build_info = Gauge(
             PREFIX + "build_info",
             "Always 1; the version is in the label.",
             ["version"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         build_info.labels(__version__).set(1)

@@ -30,9 +30,13 @@ class ListenError(Exception):
         self.reason = reason
 
 
-async def _start(runner: web.AppRunner, address: Address, lane: Lane | None = None) -> None:
+async def start_runner(
+    runner: web.AppRunner, address: Address, lane: Lane | None = None, reuse_port: bool = False
+) -> None:
     await runner.setup()
-    site = HopSite(runner, lane, address.host, address.port, backlog=1024)
+    site = HopSite(
+        runner, lane, address.host, address.port, backlog=1024, reuse_port=reuse_port or None
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -51,8 +55,14 @@ def run_fast(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM or SIGINT (or `stop` is set), then shut down gracefully."""
+async def serve(
+    config: Config, stop: asyncio.Event | None = None, worker: int | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT (or `stop` is set), then shut down gracefully.
+
+    As one of several workers (`worker` is its index), only the proxy listener
+    is served, on a port shared with the others; the supervisor has the admin one.
+    """
     disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the output and nobody graphs them
     registry = CollectorRegistry()
     metrics = Metrics(registry, config.session_routes)
@@ -74,28 +84,33 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         handle_signals=False,
         handler_cancellation=True,
     )
-    admin = web.AppRunner(
-        create_admin_app(config, registry, explainer, proxy_app[PROXY].draining, recorder),
-        access_log=None,
-        shutdown_timeout=1.0,
-        handle_signals=False,
-    )
+    admin = None
+    if worker is None:
+        admin = web.AppRunner(
+            create_admin_app(config, registry, explainer, proxy_app[PROXY].draining, recorder),
+            access_log=None,
+            shutdown_timeout=1.0,
+            handle_signals=False,
+        )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await _start(admin, config.admin_listen)
+        if admin is not None:
+            await start_runner(admin, config.admin_listen)
         try:
-            await _start(proxy, config.listen, proxy_app[LANE])
+            await start_runner(proxy, config.listen, proxy_app[LANE], reuse_port=worker is not None)
         except ListenError:
-            await admin.cleanup()
+            if admin is not None:
+                await admin.cleanup()
             raise
         log.info(
             "listening",
             extra={
                 "listen": str(config.listen),
-                "admin_listen": str(config.admin_listen),
+                "admin_listen": str(config.admin_listen) if admin else None,
+                "worker": worker,
                 "upstream": mask_url(config.upstream),
                 "validation": config.validation,
                 "version": __version__,
@@ -104,8 +119,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         await stop.wait()
         log.info("shutting down", extra={"grace_seconds": grace})
         await proxy.cleanup()
-        await admin.cleanup()
-        log.info("stopped")
+        if admin is not None:
+            await admin.cleanup()
+        log.info("stopped", extra={"worker": worker})
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
