@@ -628,8 +628,9 @@ class HopProtocol(asyncio.Protocol):
             if self._paused_reading and len(self._buffer) < MAX_HEAD:
                 self._paused_reading = False
                 transport.resume_reading()
-            if not self._answer_here(head, path):
-                self._task = self._loop.create_task(self._relay(head, body, path))
+            exchange = self._answer_here(head, path)
+            if exchange is not None:
+                self._task = self._loop.create_task(self._relay(head, body, exchange))
                 return
             if head.close:
                 transport.close()
@@ -655,25 +656,23 @@ class HopProtocol(asyncio.Protocol):
         request_id = given.decode() if given is not None else new_request_id()
         return Exchange(kind, head.target.decode(), request_id, given is None, time.perf_counter())
 
-    def _answer_here(self, head: Head, path: str) -> bool:
-        """Answer a malformed session ID at once (enforce mode); False to relay the request."""
-        if head.method != b"GET":
-            return False
-        proxy = self._lane.proxy
-        match = proxy.routes.match(path)
+    def _answer_here(self, head: Head, path: str) -> Exchange | None:
+        """Answer a malformed session ID at once (enforce mode), else the exchange to relay."""
+        match = self._lane.proxy.routes.match(path) if head.method == b"GET" else None
         if match is None:
-            return False
+            return self._exchange(head, Kind.PASSTHROUGH)
         exchange = self._exchange(head, Kind.LOOKUP)
         exchange.match = match
+        proxy = self._lane.proxy
         answer = proxy.reject(exchange)
         if answer is None:  # valid, or observe mode
-            return False
+            return exchange
         proxy.begin()
         exchange.status = answer.status
         assert self._transport is not None
         self._transport.write(self._render(answer, head.close or self._lane.draining))
         proxy.finish(exchange)
-        return True
+        return None
 
     def _render(self, answer: Answer, close: bool) -> bytes:
         out = [
@@ -688,15 +687,10 @@ class HopProtocol(asyncio.Protocol):
         out += (b"\r\n", answer.body)
         return b"".join(out)
 
-    async def _relay(self, head: Head, body: bytes, path: str) -> None:
+    async def _relay(self, head: Head, body: bytes, exchange: Exchange) -> None:
         lane = self._lane
         proxy = lane.proxy
         proxy.begin()
-        exchange = self._exchange(head, Kind.PASSTHROUGH)
-        if head.method == b"GET":
-            exchange.match = proxy.routes.match(path)
-            if exchange.match is not None:
-                exchange.kind = Kind.LOOKUP
         close = head.close
         try:
             close = await self._forward(head, body, exchange) or close
