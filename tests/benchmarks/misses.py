@@ -26,20 +26,23 @@ the page cache unless `--no-prewarm`), on IDs of which half were created once
 - the floor: a primary-key probe of `sessions` through that pool, one round trip
   that reads one row.
 
-Latency runs from the call to its answer. Prints markdown tables: the data, the
+Latency runs from the call to its answer, on uvloop like `session-lens serve`
+(`--loop asyncio` for asyncio's own loop). Prints markdown tables: the data, the
 latencies with ratios to the bare query, and the reasons given.
 """
 
 import argparse
 import asyncio
+import importlib.util
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -631,6 +634,18 @@ def _errors(registry: CollectorRegistry, kind: str) -> float:
     return registry.get_sample_value("session_lens_classifier_errors_total", {"kind": kind}) or 0.0
 
 
+T = TypeVar("T")
+
+
+def run_on(main: Coroutine[Any, Any, T], loop: str) -> T:
+    """Run `main` on uvloop (as `session-lens serve` does where it is installed) or asyncio's."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -644,6 +659,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="the paths take turns this often")
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".benchmarks" / "misses-db")
     parser.add_argument("--no-prewarm", action="store_true", help="leave the page cache as it is")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        help="event loop of the measurement (default: serve's, uvloop where installed)",
+    )
     args = parser.parse_args()
     layout = Layout(args.sessions, args.audit_rows)
     server = start_embedded(args.data_dir)
@@ -667,7 +688,7 @@ def main() -> None:
         started = time.perf_counter()
         read = asyncio.run(prewarm(url))
         print(f"prewarm: read {mib(read)} in {time.perf_counter() - started:.1f} s", flush=True)
-    runs = asyncio.run(measure(url, layout, args.rate, args.seconds, args.rounds))
+    runs = run_on(measure(url, layout, args.rate, args.seconds, args.rounds), args.loop)
 
     counts = layout.counts()
     print()
@@ -688,7 +709,8 @@ def main() -> None:
     print()
     reference = runs[0]
     print(
-        f"| at {args.rate:,.0f}/s, {args.seconds:g} s each in {args.rounds} rounds | lookups"
+        f"| at {args.rate:,.0f}/s, {args.seconds:g} s each in {args.rounds} rounds,"
+        f" {args.loop} | lookups"
         " | achieved | p50 | p99 | max | p50 of bare | p99 of bare |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
