@@ -89,6 +89,7 @@ class ProxyUnderTest:
     port: int
     registry: CollectorRegistry
     recorder: Recorder | None = None
+    runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
@@ -119,12 +120,14 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
         if config.lifecycle_source == "observed":
             recorder = Recorder(config, metrics, config.database_url)
         app = create_proxy_app(config, metrics, explainer, recorder)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=0.25
+        )
         await runner.setup()
         runners.append(runner)
         site = HopSite(runner, app[LANE], "127.0.0.1", 0)
         await site.start()
-        return ProxyUnderTest("127.0.0.1", site.port, registry, recorder)
+        return ProxyUnderTest("127.0.0.1", site.port, registry, recorder, runner)
 
     yield start
     for runner in runners:

@@ -221,6 +221,34 @@ async def test_client_gone_before_the_answer_is_a_failed_creation(
     assert reason == "the client went away first"
 
 
+async def test_a_creation_cut_by_shutdown_says_so(
+    upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    routes = json.dumps(
+        [{"method": "POST", "path": "/api/sessions", "action": "create", "id_from": "request:/id"}]
+    )
+    proxy = await make_proxy(
+        upstream.url, database_url=db, lifecycle_source="observed", lifecycle_routes=routes,
+        shutdown_grace="0.2s",
+    )  # fmt: skip
+    service.delay = 5.0
+    body = json.dumps({"id": SID}).encode()
+    _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"POST /api/sessions HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    assert proxy.runner is not None
+    await proxy.runner.cleanup()  # the grace period ends with the creation still upstream
+    writer.close()
+    assert await timeline(conn) == [("CREATING", None, "observed")]
+    reason = await conn.fetchval("SELECT reason FROM session_audit WHERE session_id = $1", SID)
+    assert reason == "cut at the end of the shutdown grace period"
+
+
 async def test_database_down_spools_then_replays_in_order(
     upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str,
     tmp_path: Path, caplog: pytest.LogCaptureFixture,

@@ -554,7 +554,12 @@ class Proxy:
             response = await self._forward(request, exchange, data, on_answer)
         except asyncio.CancelledError:
             if not answered and route.action is Action.CREATE and session_id:
-                self._record(route, session_id, exchange, False, "the client went away first")
+                why = (
+                    "cut at the end of the shutdown grace period"
+                    if self.draining.is_set()
+                    else "the client went away first"
+                )
+                self._record(route, session_id, exchange, False, why)
             raise
         if not answered and route.action is Action.CREATE and session_id:
             self._record(route, session_id, exchange, False, "the upstream did not answer")
