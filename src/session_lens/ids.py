@@ -6,7 +6,9 @@ allowed clock skew. The length is bounded before any regex runs.
 """
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from .reasons import Rule
 
@@ -23,7 +25,7 @@ class IdValidator:
     __slots__ = ("_max_future_skew",)
 
     def __init__(self, max_future_skew: timedelta) -> None:
-        self._max_future_skew = max_future_skew
+        self._max_future_skew = max_future_skew.total_seconds()
 
     def check(self, session_id: str, now: datetime | None = None) -> Rule | None:
         """The rule `session_id` breaks, or None when it is valid."""
@@ -31,16 +33,26 @@ class IdValidator:
             return Rule.MISSING
         if len(session_id) > MAX_ID_LENGTH:
             return Rule.TOO_LONG
-        match = _PATTERN.fullmatch(session_id)
-        if match is None:
-            return Rule.PATTERN
-        try:
-            year, month, day, hour, minute, second = map(int, match.groups())
-            stamp = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
-        except ValueError:
-            return Rule.CALENDAR
-        if now is None:
-            now = datetime.now(UTC)
-        if stamp > now + self._max_future_skew:
+        stamp = _parse(session_id)
+        if isinstance(stamp, Rule):
+            return stamp
+        moment = time.time() if now is None else now.timestamp()
+        if stamp > moment + self._max_future_skew:
             return Rule.FUTURE
         return None
+
+
+@lru_cache(maxsize=8192)
+def _parse(session_id: str) -> Rule | float:
+    """The rule the ID's form breaks, or the moment it names (UTC, seconds since the epoch).
+
+    Cached: a service's clients look up the same IDs again and again.
+    """
+    match = _PATTERN.fullmatch(session_id)
+    if match is None:
+        return Rule.PATTERN
+    try:
+        year, month, day, hour, minute, second = map(int, match.groups())
+        return datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
+    except ValueError:
+        return Rule.CALENDAR
