@@ -62,6 +62,7 @@ _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
 _HANDED_OVER = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+_NEVER_NAMED = frozenset({b"upgrade", b"content-length", b"host"})
 _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 _IDEMPOTENT = frozenset({b"GET", b"PUT", b"DELETE", b"OPTIONS"})
 _BODYLESS = frozenset({204, 304})
@@ -122,8 +123,8 @@ def parse_head(block: bytes) -> Head | None:
             if first_id is None:
                 first_id = value
         fields.append((name, value, lowered))
-    if head.host is None or head.length > MAX_BODY or b"upgrade" in named:
-        return None
+    if head.host is None or head.length > MAX_BODY or named & _NEVER_NAMED:
+        return None  # a Connection naming what frames or routes the request: aiohttp's
     head.close = b"close" in named
     drop = _HOP_BY_HOP | named
     if first_id:
@@ -295,6 +296,7 @@ class Upstream(asyncio.Protocol):
             self._fail(UpstreamFailure(UpstreamError.PROTOCOL, "an upgrade nobody asked for"))
             self.close()
         except httptools.HttpParserError as exc:
+            self.keep_alive = False
             self._fail(UpstreamFailure(UpstreamError.PROTOCOL, f"malformed response: {exc}"))
             self.close()
 
@@ -305,6 +307,10 @@ class Upstream(asyncio.Protocol):
         pass
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: nothing to trust here
+            raise ValueError("bytes after a whole answer")
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -526,6 +532,11 @@ class HopProtocol(asyncio.Protocol):
         self._since = 0.0
         """When the connection last went idle or a head began arriving."""
         self._gone = False
+        self._busy = False
+        """A request of this connection is being relayed."""
+        self._pending: tuple[Head, str, int] | None = None
+        """A head read whole, its path and its length, while its body arrives."""
+        lane.connections.add(self)  # counted from accept on: a burst cannot pass the cap
 
     # Protocol
 
@@ -535,7 +546,6 @@ class HopProtocol(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             self._peer = str(peer[0]).encode()
         self._since = self._loop.time()
-        self._lane.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
@@ -549,25 +559,44 @@ class HopProtocol(asyncio.Protocol):
         if not self._buffer:
             self._since = self._loop.time()
         self._buffer += data
-        if self._task is None:
+        if not self._busy:
             self._next()
-        elif len(self._buffer) > MAX_HEAD + MAX_BODY and not self._paused_reading:
-            self._paused_reading = True  # pipelined requests wait their turn
-            assert self._transport is not None
-            self._transport.pause_reading()
+        self._flow()
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
             self._writable = self._loop.create_future()
+        self._flow()
 
     def resume_writing(self) -> None:
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+        if not self._busy and self._buffer:
+            self._next()
+        self._flow()
+
+    def _blocked(self) -> bool:
+        """Whether the client is not reading what it was sent."""
+        return self._writable is not None and not self._writable.done()
+
+    def _flow(self) -> None:
+        """Read from the client unless it does not read its answers, or has sent plenty ahead."""
+        transport = self._transport
+        if transport is None or self._gone or transport.get_protocol() is not self:
+            return
+        ahead = len(self._buffer) > MAX_HEAD + MAX_BODY and (self._busy or self._pending is None)
+        pause = self._blocked() or ahead
+        if pause != self._paused_reading:
+            self._paused_reading = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     # Connection management
 
     def close_if_idle(self) -> None:
-        if self._task is None and not self._buffer and self._transport is not None:
+        if not self._busy and not self._buffer and self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:
@@ -576,9 +605,9 @@ class HopProtocol(asyncio.Protocol):
 
     def check_idle(self, now: float) -> None:
         """Close a connection idle too long, or one whose head is too slow to arrive."""
-        if self._task is not None or self._transport is None:
+        if self._busy or self._transport is None:
             return
-        if self._buffer:
+        if self._buffer and self._pending is None:  # a head arriving (a body may take its time)
             if now - self._since > self._lane.header_timeout:
                 self._answer_and_close(408, "the request head did not arrive in time")
         elif now - self._since > IDLE_CLIENT:
@@ -602,37 +631,38 @@ class HopProtocol(asyncio.Protocol):
         """Start on the request at the front of the buffer, if it is all here."""
         transport = self._transport
         assert transport is not None
-        while self._buffer and not self._gone:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                buffer = self._buffer
-                if len(buffer) > MAX_HEAD or buffer.count(b"\n") != buffer.count(b"\r\n"):
-                    self._hand_over()  # too long, or lines ending in a bare LF
-                return
-            head = parse_head(bytes(self._buffer[:end])) if end <= MAX_HEAD else None
-            if head is None:
-                self._hand_over()
-                return
-            path = head.target.partition(b"?")[0].decode()
-            proxy = self._lane.proxy
-            limit = proxy.max_body
-            too_large = limit is not None and head.length > limit
-            if too_large or proxy.lifecycle_match(head.method.decode(), path):
-                self._hand_over()  # aiohttp answers 413s and records lifecycle events
-                return
-            total = end + 4 + head.length
+        while self._buffer and not self._gone and not self._blocked():
+            if self._pending is None:
+                end = self._buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    buffer = self._buffer
+                    if len(buffer) > MAX_HEAD or buffer.count(b"\n") != buffer.count(b"\r\n"):
+                        self._hand_over()  # too long, or lines ending in a bare LF
+                    return
+                head = parse_head(bytes(self._buffer[:end])) if end <= MAX_HEAD else None
+                if head is None:
+                    self._hand_over()
+                    return
+                path = head.target.partition(b"?")[0].decode()
+                proxy = self._lane.proxy
+                limit = proxy.max_body
+                too_large = limit is not None and head.length > limit
+                if too_large or proxy.lifecycle_match(head.method.decode(), path):
+                    self._hand_over()  # aiohttp answers 413s and records lifecycle events
+                    return
+                self._pending = (head, path, end + 4 + head.length)
+            head, path, total = self._pending
             if len(self._buffer) < total:
-                return
-            body = bytes(self._buffer[end + 4 : total])
+                return  # the body is on its way
+            self._pending = None
+            body = bytes(self._buffer[total - head.length : total])
             del self._buffer[:total]
-            if self._paused_reading and len(self._buffer) < MAX_HEAD:
-                self._paused_reading = False
-                transport.resume_reading()
             exchange = self._answer_here(head, path)
             if exchange is not None:
+                self._busy = True
                 self._task = self._loop.create_task(self._relay(head, body, exchange))
                 return
-            if head.close:
+            if head.close or self._lane.draining:
                 transport.close()
                 return
         self._since = self._loop.time()
@@ -700,6 +730,7 @@ class HopProtocol(asyncio.Protocol):
         finally:
             proxy.finish(exchange)
             self._task = None
+            self._busy = False
         if close or lane.draining or self._transport is None:
             if self._transport is not None:
                 self._transport.close()
@@ -707,6 +738,7 @@ class HopProtocol(asyncio.Protocol):
         self._since = self._loop.time()
         if self._buffer:
             self._next()
+        self._flow()
 
     async def _forward(self, head: Head, body: bytes, exchange: Exchange) -> bool:
         """Relay one request and its answer; True when the connection must close after."""
@@ -729,7 +761,12 @@ class HopProtocol(asyncio.Protocol):
                     upstream.close()
                     # A kept-alive connection the upstream closed just as it was
                     # reused: an idempotent request is safe to send again, once.
-                    retry = reused and not failure.received and head.method in _IDEMPOTENT
+                    retry = (
+                        reused
+                        and failure.kind is UpstreamError.RESET
+                        and not failure.received
+                        and head.method in _IDEMPOTENT
+                    )
                     if attempt == 2 or not retry:
                         raise
         except UpstreamFailure as failure:
@@ -822,7 +859,9 @@ class HopProtocol(asyncio.Protocol):
         """A lookup the upstream did not find: explained, then relayed or rewritten."""
         proxy = self._lane.proxy
         query = head.target.partition(b"?")[2].decode()
-        given = next((v for k, v in parse_qsl(query) if k == "include_deleted"), "")
+        given = next(
+            (v for k, v in parse_qsl(query, keep_blank_values=True) if k == "include_deleted"), ""
+        )
         include_deleted = given.lower() in ("true", "1")
         explanation = await proxy.explain_miss(exchange, include_deleted, upstream.status, sent)
         headers: CIMultiDict[str] = CIMultiDict(
@@ -889,6 +928,8 @@ def _end_to_end(
     for name, value in fields:
         if name.lower() == b"connection":
             drop.update(token.strip(b" \t") for token in value.lower().split(b","))
+    if not chunked:  # the answer's framing, whatever its Connection header names
+        drop.discard(b"content-length")
     kept: list[tuple[bytes, bytes]] = []
     named: set[bytes] = set()
     for name, value in fields:

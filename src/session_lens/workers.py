@@ -48,13 +48,13 @@ class WorkersFailed(Exception):
     """The workers keep dying: the supervisor gives up."""
 
 
-def _worker(config: Config, index: int) -> None:
+def _worker(config: Config, index: int, supervisor: int) -> None:
     """A worker process's body (spawned: nothing is inherited but the arguments)."""
     setup_logging(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains
     if sys.platform == "linux":  # a supervisor killed with SIGKILL takes its workers along
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() == 1:  # it died before that was set
+        if os.getppid() != supervisor:  # it died before that was set
             return
     try:
         run_fast(serve(config, worker=index))
@@ -92,7 +92,7 @@ class Supervisor:
         if config.lifecycle_source == "observed":  # one spool each: appends never interleave
             config = replace(config, spool_dir=config.spool_path / f"worker-{index}")
         process = self._context.Process(
-            target=_worker, args=(config, index), name=f"session-lens-worker-{index}"
+            target=_worker, args=(config, index, os.getpid()), name=f"session-lens-worker-{index}"
         )
         process.start()
         self._processes[index] = process
