@@ -2,6 +2,8 @@
 
 import asyncio
 
+from aiohttp import web
+
 from .conftest import MakeProxy, Upstream, parse_response, read_head
 from .test_proxy import request_bytes
 
@@ -149,3 +151,34 @@ async def test_a_body_less_post_gains_no_content_length(
     [seen] = upstream.seen
     assert seen.header("Content-Length") == []
     assert ("X-Custom-Case", "Kept") in seen.headers
+
+
+async def test_a_client_leaving_takes_a_reused_upstream_request_along(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    abandoned = asyncio.Event()
+
+    async def slow_or_quick(request: web.Request) -> web.StreamResponse:
+        if request.path == "/slow":
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                abandoned.set()
+                raise
+        return web.json_response({"path": request.path})
+
+    upstream.respond = slow_or_quick
+    proxy = await make_proxy(upstream.url)
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(request_bytes("GET /warm HTTP/1.1", "Host: h"))
+    await _read_responses(reader, 1)  # the upstream connection is pooled now
+    writer.write(request_bytes("GET /slow HTTP/1.1", "Host: h"))  # sent on it at once
+    await asyncio.sleep(0.1)
+    writer.close()
+    await asyncio.wait_for(abandoned.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert proxy.metric("session_lens_inflight_requests") == 0
+    writer2_reader, writer2 = await asyncio.open_connection(proxy.host, proxy.port)
+    writer2.write(request_bytes("GET /after HTTP/1.1", "Host: h", "Connection: close"))
+    assert parse_response(await asyncio.wait_for(writer2_reader.read(), 5)).status == 200
+    writer2.close()

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
@@ -162,6 +163,8 @@ class Upstream(asyncio.Protocol):
         self.closed = False
         self.busy = False
         self.idle_since = 0.0
+        self.listener: Callable[[], None] | None = None
+        """Told, without a task, when an answer's bytes have been read (or it failed)."""
         self._reset()
 
     def _reset(self) -> None:
@@ -247,6 +250,8 @@ class Upstream(asyncio.Protocol):
         if self.failure is None and not self.complete:
             self.failure = failure
             self._wake()
+            if self.listener is not None:
+                self.listener()
 
     def _check_timeout(self) -> None:
         self._timer = None
@@ -271,6 +276,8 @@ class Upstream(asyncio.Protocol):
         if self.headed and self.framing == b"close" and not self.complete:
             self.complete = True  # a close-delimited body ends with the connection
             self._wake()
+            if self.listener is not None:
+                self.listener()
             return
         if self.headed:  # a body shorter than its framing promised
             self._fail(UpstreamFailure(UpstreamError.PROTOCOL, "the body was cut short"))
@@ -292,6 +299,8 @@ class Upstream(asyncio.Protocol):
                 return
         try:
             self._parser.feed_data(data)
+            if self.listener is not None:
+                self.listener()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamFailure(UpstreamError.PROTOCOL, "an upgrade nobody asked for"))
             self.close()
@@ -370,6 +379,14 @@ class Pool:
         self.read_timeout = read_timeout
         self._idle: list[Upstream] = []
         self._all: set[Upstream] = set()
+
+    def idle(self) -> Upstream | None:
+        """A kept-alive connection ready at once, if there is one."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                return connection
+        return None
 
     async def acquire(self) -> tuple[Upstream, bool]:
         """A connection, and whether it was used before."""
@@ -536,6 +553,8 @@ class HopProtocol(asyncio.Protocol):
         """A request of this connection is being relayed."""
         self._pending: tuple[Head, str, int] | None = None
         """A head read whole, its path and its length, while its body arrives."""
+        self._direct: tuple[Head, Exchange, Upstream, bytes, float] | None = None
+        """A request sent on a kept-alive connection, its answer awaited without a task."""
         lane.connections.add(self)  # counted from accept on: a burst cannot pass the cap
 
     # Protocol
@@ -550,6 +569,13 @@ class HopProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
         self._lane.connections.discard(self)
+        if self._direct is not None:  # the client went away: so does the upstream request
+            _, exchange, upstream, _, _ = self._direct
+            self._direct = None
+            upstream.listener = None
+            upstream.close()
+            self._lane.proxy.finish(exchange)
+            log.debug("client went away", extra={"request_id": exchange.request_id})
         if self._task is not None:
             self._task.cancel()
         if self._writable is not None and not self._writable.done():
@@ -660,7 +686,7 @@ class HopProtocol(asyncio.Protocol):
             exchange = self._answer_here(head, path)
             if exchange is not None:
                 self._busy = True
-                self._task = self._loop.create_task(self._relay(head, body, exchange))
+                self._start(head, body, exchange)
                 return
             if head.close or self._lane.draining:
                 transport.close()
@@ -717,42 +743,97 @@ class HopProtocol(asyncio.Protocol):
         out += (b"\r\n", answer.body)
         return b"".join(out)
 
-    async def _relay(self, head: Head, body: bytes, exchange: Exchange) -> None:
+    def _start(self, head: Head, body: bytes, exchange: Exchange) -> None:
+        """Send the request upstream: on a kept-alive connection at once, else from a task.
+
+        Most answers arrive whole in one read; those are written back from the
+        upstream's callback, with no task, no future and no turn of the loop.
+        """
         lane = self._lane
-        proxy = lane.proxy
-        proxy.begin()
-        close = head.close
+        lane.proxy.begin()
+        data = lane.upstream_request(head, body, self._peer, exchange.request_id.encode())
+        upstream = lane.pool.idle()
+        if upstream is None:
+            self._task = self._loop.create_task(self._relay(head, exchange, data))
+            return
+        self._direct = (head, exchange, upstream, data, time.perf_counter())
+        upstream.listener = self._heard
+        upstream.send(data)
+
+    def _heard(self) -> None:
+        """The upstream read something for the request sent without a task."""
+        assert self._direct is not None
+        head, exchange, upstream, data, sent = self._direct
+        if upstream.failure is None and not upstream.headed:
+            return  # a head in pieces
+        upstream.listener = None
+        self._direct = None
+        whole = upstream.failure is None and upstream.complete
+        if not whole or self._lane.proxy.is_miss(exchange, upstream.status):
+            relay = self._relay(head, exchange, data, upstream, sent)
+            self._task = self._loop.create_task(relay)
+            return
         try:
-            close = await self._forward(head, body, exchange) or close
+            close = self._answer_whole(head, exchange, upstream, sent)
+        finally:
+            upstream.done()
+        self._after(exchange, close)
+
+    async def _relay(
+        self,
+        head: Head,
+        exchange: Exchange,
+        data: bytes,
+        upstream: Upstream | None = None,
+        sent: float = 0.0,
+    ) -> None:
+        try:
+            close = await self._forward(head, exchange, data, upstream, sent)
         except asyncio.CancelledError:
+            self._lane.proxy.finish(exchange)
             log.debug("client went away", extra={"request_id": exchange.request_id})
             return
-        finally:
-            proxy.finish(exchange)
-            self._task = None
-            self._busy = False
-        if close or lane.draining or self._transport is None:
-            if self._transport is not None:
-                self._transport.close()
+        self._after(exchange, close)
+
+    def _after(self, exchange: Exchange, close: bool) -> None:
+        """A request answered: counted, then the connection closes or takes the next one."""
+        self._lane.proxy.finish(exchange)
+        self._task = None
+        self._busy = False
+        transport = self._transport
+        if close or self._lane.draining or transport is None:
+            if transport is not None:
+                transport.close()
             return
         self._since = self._loop.time()
         if self._buffer:
             self._next()
         self._flow()
 
-    async def _forward(self, head: Head, body: bytes, exchange: Exchange) -> bool:
-        """Relay one request and its answer; True when the connection must close after."""
+    async def _forward(
+        self,
+        head: Head,
+        exchange: Exchange,
+        data: bytes,
+        upstream: Upstream | None = None,
+        sent: float = 0.0,
+    ) -> bool:
+        """Relay one request and its answer; True when the connection must close after.
+
+        `upstream` is a kept-alive connection the request went out on already.
+        """
         lane = self._lane
         proxy = lane.proxy
         transport = self._transport
         assert transport is not None
-        data = lane.upstream_request(head, body, self._peer, exchange.request_id.encode())
-        sent = time.perf_counter()
-        upstream: Upstream | None = None
+        reused = upstream is not None
+        if upstream is None:
+            sent = time.perf_counter()
         try:
             for attempt in (1, 2):
-                upstream, reused = await lane.pool.acquire()
-                upstream.send(data)
+                if upstream is None:
+                    upstream, reused = await lane.pool.acquire()
+                    upstream.send(data)
                 try:
                     while not upstream.headed:
                         await upstream.wait()
@@ -769,6 +850,7 @@ class HopProtocol(asyncio.Protocol):
                     )
                     if attempt == 2 or not retry:
                         raise
+                    upstream = None
         except UpstreamFailure as failure:
             exchange.status = 504 if failure.kind is UpstreamError.TIMEOUT else 502
             answer = proxy.failure(exchange, failure.kind, failure)
@@ -795,6 +877,33 @@ class HopProtocol(asyncio.Protocol):
         outcome = proxy.count_lookup(exchange, status)
         if outcome is Outcome.NOT_FOUND:
             return await self._miss(head, exchange, upstream, fields, sent, close)
+        out, chunked = self._head_of(exchange, upstream, fields, named, close)
+        return await self._stream(out, exchange, upstream, chunked, sent) or close
+
+    def _answer_whole(
+        self, head: Head, exchange: Exchange, upstream: Upstream, sent: float
+    ) -> bool:
+        """`_answer` for an answer all here, not a miss: written back at once."""
+        status = exchange.status = upstream.status
+        fields, named = _end_to_end(upstream.fields, upstream.framing == b"chunked")
+        close = head.close or self._lane.draining
+        self._lane.proxy.count_lookup(exchange, status)
+        out, chunked = self._head_of(exchange, upstream, fields, named, close)
+        self._write_rest(out, upstream, chunked)
+        exchange.upstream_seconds = time.perf_counter() - sent
+        return close
+
+    def _head_of(
+        self,
+        exchange: Exchange,
+        upstream: Upstream,
+        fields: list[tuple[bytes, bytes]],
+        named: set[bytes],
+        close: bool,
+    ) -> tuple[list[bytes], bool]:
+        """The answer's status line and fields for the client, and whether it goes chunked."""
+        lane = self._lane
+        status = upstream.status
         have_date = b"date" in named
         have_id = b"x-request-id" in named
         chunked = upstream.framing != b"length"
@@ -810,7 +919,19 @@ class HopProtocol(asyncio.Protocol):
         if close:
             out.append(b"Connection: close\r\n")
         out.append(b"\r\n")
-        return await self._stream(out, exchange, upstream, chunked, sent) or close
+        return out, chunked
+
+    def _write_rest(self, out: list[bytes], upstream: Upstream, chunked: bool) -> None:
+        """Write `out` with the rest of a whole answer's body."""
+        assert self._transport is not None
+        for chunk in upstream.take():
+            if chunked:
+                out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            else:
+                out.append(chunk)
+        if chunked:
+            out.append(b"0\r\n\r\n")
+        self._transport.write(b"".join(out))
 
     async def _stream(
         self, out: list[bytes], exchange: Exchange, upstream: Upstream, chunked: bool, sent: float
@@ -820,17 +941,15 @@ class HopProtocol(asyncio.Protocol):
         assert transport is not None
         try:
             while True:
+                if upstream.complete:
+                    self._write_rest(out, upstream, chunked)
+                    exchange.upstream_seconds = time.perf_counter() - sent
+                    return False
                 for chunk in upstream.take():
                     if chunked:
                         out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
                     else:
                         out.append(chunk)
-                if upstream.complete:
-                    if chunked:
-                        out.append(b"0\r\n\r\n")
-                    transport.write(b"".join(out))
-                    exchange.upstream_seconds = time.perf_counter() - sent
-                    return False
                 if out:
                     transport.write(b"".join(out))
                     out = []

@@ -601,6 +601,10 @@ class Proxy:
         response.force_close()
         return response
 
+    def is_miss(self, exchange: Exchange, status: int) -> bool:
+        """Whether `status` answers a lookup with "not found", so the miss is explained."""
+        return exchange.match is not None and status in self._miss_statuses
+
     def count_lookup(self, exchange: Exchange, status: int) -> Outcome | None:
         match = exchange.match
         if match is None:
