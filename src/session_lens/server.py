@@ -4,7 +4,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +44,24 @@ async def start_runner(
         await runner.cleanup()
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ListenError(address, reason) from exc
+
+
+def admin_runner(app: web.Application) -> web.AppRunner:
+    """The runner of an admin app, as every process with an admin listener runs it."""
+    return web.AppRunner(app, access_log=None, shutdown_timeout=1.0, handle_signals=False)
+
+
+@contextmanager
+def stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` meanwhile."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
 
 
 def run_fast(main: Coroutine[Any, Any, None]) -> None:
@@ -86,17 +105,11 @@ async def serve(
     )
     admin = None
     if worker is None:
-        admin = web.AppRunner(
-            create_admin_app(config, registry, explainer, proxy_app[PROXY].draining, recorder),
-            access_log=None,
-            shutdown_timeout=1.0,
-            handle_signals=False,
+        admin = admin_runner(
+            create_admin_app(config, registry, explainer, proxy_app[PROXY].draining, recorder)
         )
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    with stopped_by_signals(stop):
         if admin is not None:
             await start_runner(admin, config.admin_listen)
         try:
@@ -122,6 +135,3 @@ async def serve(
         if admin is not None:
             await admin.cleanup()
         log.info("stopped", extra={"worker": worker})
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)

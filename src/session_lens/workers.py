@@ -22,7 +22,6 @@ import time
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, multiprocess
 
 from .app import create_admin_app
@@ -30,7 +29,14 @@ from .config import Address, Config, mask_url
 from .explain import Explainer
 from .logs import setup_logging
 from .metrics import Metrics
-from .server import ListenError, run_fast, serve, start_runner
+from .server import (
+    ListenError,
+    admin_runner,
+    run_fast,
+    serve,
+    start_runner,
+    stopped_by_signals,
+)
 
 log = logging.getLogger("session_lens.workers")
 
@@ -147,44 +153,35 @@ async def supervise(config: Config, stop: asyncio.Event | None = None) -> None:
         config, Metrics(CollectorRegistry(), config.session_routes), config.database_url
     )
     draining = asyncio.Event()
-    admin = web.AppRunner(
-        create_admin_app(config, registry, explainer, draining),
-        access_log=None,
-        shutdown_timeout=1.0,
-        handle_signals=False,
-    )
+    admin = admin_runner(create_admin_app(config, registry, explainer, draining))
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     supervisor = Supervisor(config, metrics_dir)
-    try:
-        await explainer.open()
-        await start_runner(admin, config.admin_listen)
-        for index in range(config.workers):
-            supervisor.start(index)
-        log.info(
-            "listening",
-            extra={
-                "listen": str(config.listen),
-                "admin_listen": str(config.admin_listen),
-                "upstream": mask_url(config.upstream),
-                "workers": config.workers,
-            },
-        )
-        while not stop.is_set():
-            supervisor.check()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL)
-        grace = config.shutdown_grace.total_seconds()
-        log.info("shutting down", extra={"grace_seconds": grace, "workers": config.workers})
-        draining.set()
-    finally:
-        await supervisor.stop(config.shutdown_grace.total_seconds())
-        await admin.cleanup()
-        await explainer.close()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-        reserved.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        log.info("stopped")
+    with stopped_by_signals(stop):
+        try:
+            await explainer.open()
+            await start_runner(admin, config.admin_listen)
+            for index in range(config.workers):
+                supervisor.start(index)
+            log.info(
+                "listening",
+                extra={
+                    "listen": str(config.listen),
+                    "admin_listen": str(config.admin_listen),
+                    "upstream": mask_url(config.upstream),
+                    "workers": config.workers,
+                },
+            )
+            while not stop.is_set():
+                supervisor.check()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), POLL)
+            grace = config.shutdown_grace.total_seconds()
+            log.info("shutting down", extra={"grace_seconds": grace, "workers": config.workers})
+            draining.set()
+        finally:
+            await supervisor.stop(config.shutdown_grace.total_seconds())
+            await admin.cleanup()
+            await explainer.close()
+            reserved.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            log.info("stopped")
