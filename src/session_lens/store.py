@@ -8,6 +8,7 @@ Errors from asyncpg or the network become this module's own:
     └── StoreQueryFailed   the database answered with an error (not migrated, say)
 """
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -128,8 +129,10 @@ async def read_timeline(
 async def _fetch(
     pool: asyncpg.Pool, timeout: float, query: str, *args: object
 ) -> asyncpg.Record | None:
-    async with _translated(timeout), pool.acquire(timeout=timeout) as conn:
-        return await conn.fetchrow(query, *args, timeout=timeout)
+    # One deadline for both steps: a timer, where asyncpg's own acquire timeout
+    # would start a task on every call.
+    async with _translated(timeout), asyncio.timeout(timeout), pool.acquire() as conn:
+        return await conn.fetchrow(query, *args)
 
 
 @asynccontextmanager
