@@ -30,14 +30,16 @@ from multidict import CIMultiDict
 
 from .config import Config
 from .proxy import (
+    HOP_BY_HOP,
     MAX_MERGED_BODY,
     REASON_HEADER,
-    REQUEST_ID,
     Answer,
     Exchange,
     MissPlan,
     Proxy,
+    include_deleted_asked,
     new_request_id,
+    problem_answer,
 )
 from .reasons import Kind, Outcome, UpstreamError
 
@@ -59,9 +61,7 @@ SWEEP_EVERY = 1.0
 _REQUEST_LINE = re.compile(rb"(GET|POST|PUT|PATCH|DELETE|OPTIONS) (/[!-~]*) HTTP/1\.1")
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([\t !-~\x80-\xff]*)")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-_HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
+_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 _HANDED_OVER = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 _NEVER_NAMED = frozenset({b"upgrade", b"content-length", b"host"})
 _FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
@@ -309,12 +309,6 @@ class Upstream(asyncio.Protocol):
             self._fail(UpstreamFailure(UpstreamError.PROTOCOL, f"malformed response: {exc}"))
             self.close()
 
-    def pause_writing(self) -> None:  # request bodies are small: nothing to hold back
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # httptools callbacks
 
     def on_message_begin(self) -> None:
@@ -390,10 +384,9 @@ class Pool:
 
     async def acquire(self) -> tuple[Upstream, bool]:
         """A connection, and whether it was used before."""
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.closed:
-                return connection, True
+        reused = self.idle()
+        if reused is not None:
+            return reused, True
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await self.loop.create_connection(
@@ -498,7 +491,7 @@ class Lane:
         if now - self._refusal_logged > 10:  # a flood must not flood the log too
             self._refusal_logged = now
             log.warning("connection limit reached", extra={"max_connections": self.max_connections})
-        return _Refused()
+        return _Refused(self.date())
 
     def drain(self) -> None:
         """Stop keeping connections alive: idle ones close now, busy ones after their answer."""
@@ -642,12 +635,7 @@ class HopProtocol(asyncio.Protocol):
     def _answer_and_close(self, status: int, detail: str) -> None:
         assert self._transport is not None
         log.info("request head timed out", extra={"peer": self._peer.decode()})
-        answer = Answer(
-            status,
-            b'{"title": "%s", "status": %d, "detail": "%s"}'
-            % (HTTPStatus(status).phrase.encode(), status, detail.encode()),
-        )
-        self._transport.write(self._render(answer, close=True))
+        self._transport.write(self._render(problem_answer(status, detail), close=True))
         self._buffer.clear()
         self._transport.close()
 
@@ -731,17 +719,7 @@ class HopProtocol(asyncio.Protocol):
         return None
 
     def _render(self, answer: Answer, close: bool) -> bytes:
-        out = [
-            b"HTTP/1.1 %d %s\r\n" % (answer.status, HTTPStatus(answer.status).phrase.encode()),
-            b"Content-Type: application/problem+json\r\nContent-Length: %d\r\n" % len(answer.body),
-            b"Date: " + self._lane.date() + b"\r\n",
-        ]
-        for name, value in answer.headers:
-            out.append(f"{name}: {value}\r\n".encode())
-        if close:
-            out.append(b"Connection: close\r\n")
-        out += (b"\r\n", answer.body)
-        return b"".join(out)
+        return render(answer, self._lane.date(), close)
 
     def _start(self, head: Head, body: bytes, exchange: Exchange) -> None:
         """Send the request upstream: on a kept-alive connection at once, else from a task.
@@ -852,7 +830,6 @@ class HopProtocol(asyncio.Protocol):
                         raise
                     upstream = None
         except UpstreamFailure as failure:
-            exchange.status = 504 if failure.kind is UpstreamError.TIMEOUT else 502
             answer = proxy.failure(exchange, failure.kind, failure)
             transport.write(self._render(answer, head.close or lane.draining))
             return head.close
@@ -869,12 +846,7 @@ class HopProtocol(asyncio.Protocol):
     async def _answer(
         self, head: Head, exchange: Exchange, upstream: Upstream, sent: float
     ) -> bool:
-        lane = self._lane
-        proxy = lane.proxy
-        status = exchange.status = upstream.status
-        fields, named = _end_to_end(upstream.fields, upstream.framing == b"chunked")
-        close = head.close or lane.draining
-        outcome = proxy.count_lookup(exchange, status)
+        outcome, fields, named, close = self._opened(head, exchange, upstream)
         if outcome is Outcome.NOT_FOUND:
             return await self._miss(head, exchange, upstream, fields, sent, close)
         out, chunked = self._head_of(exchange, upstream, fields, named, close)
@@ -884,14 +856,21 @@ class HopProtocol(asyncio.Protocol):
         self, head: Head, exchange: Exchange, upstream: Upstream, sent: float
     ) -> bool:
         """`_answer` for an answer all here, not a miss: written back at once."""
-        status = exchange.status = upstream.status
-        fields, named = _end_to_end(upstream.fields, upstream.framing == b"chunked")
-        close = head.close or self._lane.draining
-        self._lane.proxy.count_lookup(exchange, status)
+        _, fields, named, close = self._opened(head, exchange, upstream)
         out, chunked = self._head_of(exchange, upstream, fields, named, close)
         self._write_rest(out, upstream, chunked)
         exchange.upstream_seconds = time.perf_counter() - sent
         return close
+
+    def _opened(
+        self, head: Head, exchange: Exchange, upstream: Upstream
+    ) -> tuple[Outcome | None, list[tuple[bytes, bytes]], set[bytes], bool]:
+        """An answer's head arrived: its outcome counted, its end-to-end fields, and
+        whether the client's connection closes after it."""
+        exchange.status = upstream.status
+        outcome = self._lane.proxy.count_lookup(exchange, upstream.status)
+        fields, named = _end_to_end(upstream.fields, upstream.framing == b"chunked")
+        return outcome, fields, named, head.close or self._lane.draining
 
     def _head_of(
         self,
@@ -900,13 +879,16 @@ class HopProtocol(asyncio.Protocol):
         fields: list[tuple[bytes, bytes]],
         named: set[bytes],
         close: bool,
+        chunked: bool | None = None,
     ) -> tuple[list[bytes], bool]:
-        """The answer's status line and fields for the client, and whether it goes chunked."""
+        """The answer's status line and fields for the client, and whether it goes chunked
+        (as the upstream's framing says, unless `chunked` says otherwise)."""
         lane = self._lane
         status = upstream.status
         have_date = b"date" in named
         have_id = b"x-request-id" in named
-        chunked = upstream.framing != b"length"
+        if chunked is None:
+            chunked = upstream.framing != b"length"
         out = [b"HTTP/1.1 %d " % status, upstream.reason, b"\r\n"]
         for name, value in fields:
             out += (name, b": ", value, b"\r\n")
@@ -924,11 +906,7 @@ class HopProtocol(asyncio.Protocol):
     def _write_rest(self, out: list[bytes], upstream: Upstream, chunked: bool) -> None:
         """Write `out` with the rest of a whole answer's body."""
         assert self._transport is not None
-        for chunk in upstream.take():
-            if chunked:
-                out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-            else:
-                out.append(chunk)
+        _framed(out, upstream.take(), chunked)
         if chunked:
             out.append(b"0\r\n\r\n")
         self._transport.write(b"".join(out))
@@ -945,11 +923,7 @@ class HopProtocol(asyncio.Protocol):
                     self._write_rest(out, upstream, chunked)
                     exchange.upstream_seconds = time.perf_counter() - sent
                     return False
-                for chunk in upstream.take():
-                    if chunked:
-                        out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-                    else:
-                        out.append(chunk)
+                _framed(out, upstream.take(), chunked)
                 if out:
                     transport.write(b"".join(out))
                     out = []
@@ -978,21 +952,18 @@ class HopProtocol(asyncio.Protocol):
         """A lookup the upstream did not find: explained, then relayed or rewritten."""
         proxy = self._lane.proxy
         query = head.target.partition(b"?")[2].decode()
-        given = next(
-            (v for k, v in parse_qsl(query, keep_blank_values=True) if k == "include_deleted"), ""
+        pairs = parse_qsl(query, keep_blank_values=True)
+        include_deleted = include_deleted_asked(
+            next((value for key, value in pairs if key == "include_deleted"), "")
         )
-        include_deleted = given.lower() in ("true", "1")
         explanation = await proxy.explain_miss(exchange, include_deleted, upstream.status, sent)
         headers: CIMultiDict[str] = CIMultiDict(
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in fields
         )
-        if exchange.id_generated:
-            headers.setdefault(REQUEST_ID, exchange.request_id)
-        headers.setdefault("Date", self._lane.date().decode())
         headers[REASON_HEADER] = explanation.reason.value
         length = upstream.length if upstream.framing == b"length" else None
         plan = proxy.miss_plan("GET", headers, length)
-        chunked = upstream.framing != b"length"
+        chunked: bool | None = None  # as the upstream framed it
         rewritten: bytes | None = None
         if plan is not None:
             try:
@@ -1006,20 +977,24 @@ class HopProtocol(asyncio.Protocol):
             headers.popall("Content-Length", None)
             headers["Content-Length"] = str(len(rewritten))
             chunked = False
-        out = [b"HTTP/1.1 %d " % upstream.status, upstream.reason, b"\r\n"]
-        for name, value in headers.items():
-            out += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
-        if chunked:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        if close:
-            out.append(b"Connection: close\r\n")
-        out.append(b"\r\n")
+        fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        named = {name.lower() for name, _ in fields}
+        out, chunked = self._head_of(exchange, upstream, fields, named, close, chunked)
         if rewritten is not None:
             assert self._transport is not None
             self._transport.write(b"".join(out) + rewritten)
             exchange.upstream_seconds = time.perf_counter() - sent
             return close
         return await self._stream(out, exchange, upstream, chunked, sent) or close
+
+
+def _framed(out: list[bytes], chunks: list[bytes], chunked: bool) -> None:
+    """Append body chunks to `out`, each framed as a chunk when the answer goes chunked."""
+    if not chunked:
+        out += chunks
+        return
+    for chunk in chunks:
+        out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
 
 
 async def _whole(upstream: Upstream, keep: int) -> bytes:
@@ -1047,7 +1022,9 @@ def _end_to_end(
     for name, value in fields:
         if name.lower() == b"connection":
             drop.update(token.strip(b" \t") for token in value.lower().split(b","))
-    if not chunked:  # the answer's framing, whatever its Connection header names
+    if chunked:
+        drop.add(b"content-length")
+    else:  # the answer's framing, whatever its Connection header names
         drop.discard(b"content-length")
     kept: list[tuple[bytes, bytes]] = []
     named: set[bytes] = set()
@@ -1055,28 +1032,38 @@ def _end_to_end(
         lowered = name.lower()
         if lowered in drop or lowered.startswith(b"proxy-"):
             continue
-        if chunked and lowered == b"content-length":
-            continue
         kept.append((name, value))
         named.add(lowered)
     return kept, named
 
 
+def render(answer: Answer, date: bytes, close: bool) -> bytes:
+    """An answer of session-lens' own, as bytes on the wire."""
+    out = [
+        b"HTTP/1.1 %d %s\r\n" % (answer.status, HTTPStatus(answer.status).phrase.encode()),
+        b"Content-Type: application/problem+json\r\nContent-Length: %d\r\n" % len(answer.body),
+        b"Date: " + date + b"\r\n",
+    ]
+    for name, value in answer.headers:
+        out.append(f"{name}: {value}\r\n".encode())
+    if close:
+        out.append(b"Connection: close\r\n")
+    out += (b"\r\n", answer.body)
+    return b"".join(out)
+
+
+_TOO_MANY = problem_answer(503, "too many connections are open; try again", [("Retry-After", "1")])
+
+
 class _Refused(asyncio.Protocol):
     """A connection over the limit: a 503 and a close, nothing read."""
 
-    _ANSWER = (
-        b'{"title": "Service Unavailable", "status": 503, '
-        b'"detail": "too many connections are open; try again"}'
-    )
+    def __init__(self, date: bytes) -> None:
+        self._date = date
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         writer = cast(asyncio.Transport, transport)
-        writer.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
-            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
-            % (len(self._ANSWER), self._ANSWER)
-        )
+        writer.write(render(_TOO_MANY, self._date, close=True))
         writer.close()
 
 

@@ -173,7 +173,8 @@ def new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def _include_deleted(value: str) -> bool:
+def include_deleted_asked(value: str) -> bool:
+    """Whether an `include_deleted` query value asks for deleted sessions."""
     return value.lower() in ("true", "1")
 
 
@@ -459,7 +460,7 @@ class Proxy:
             if on_answer is not None:
                 head, whole = await on_answer(upstream)
             elif self.count_lookup(exchange, upstream.status) is Outcome.NOT_FOUND:
-                include_deleted = _include_deleted(request.query.get("include_deleted", ""))
+                include_deleted = include_deleted_asked(request.query.get("include_deleted", ""))
                 explanation = await self.explain_miss(
                     exchange, include_deleted, upstream.status, sent
                 )
