@@ -110,14 +110,14 @@ async def serve(
         )
     stop = stop or asyncio.Event()
     with stopped_by_signals(stop):
+        # The proxy listener first: once /healthz answers, clients can connect.
+        await start_runner(proxy, config.listen, proxy_app[LANE], reuse_port=worker is not None)
         if admin is not None:
-            await start_runner(admin, config.admin_listen)
-        try:
-            await start_runner(proxy, config.listen, proxy_app[LANE], reuse_port=worker is not None)
-        except ListenError:
-            if admin is not None:
-                await admin.cleanup()
-            raise
+            try:
+                await start_runner(admin, config.admin_listen)
+            except ListenError:
+                await proxy.cleanup()
+                raise
         log.info(
             "listening",
             extra={
