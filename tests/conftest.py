@@ -279,3 +279,16 @@ async def wait_until_healthy(admin_port: int, process: "subprocess.Popen[bytes]"
             assert process.poll() is None, "session-lens exited"
             assert time.monotonic() < deadline, "session-lens did not start"
             await asyncio.sleep(0.05)
+
+
+def parents() -> dict[int, int]:
+    """Every process's parent, from /proc."""
+    found: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            found[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    return found

@@ -8,23 +8,24 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import VALID_ID, Upstream
+from tests.conftest import VALID_ID, Upstream, parents
 from tests.test_cli import serving
 
 
 def _workers_of(pid: int) -> set[int]:
     """The spawned worker processes of `pid` (the resource tracker left out)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rpartition(")")[2].split()[1])
-            if parent == pid and b"spawn_main" in (entry / "cmdline").read_bytes():
-                found.add(int(entry.name))
-    return found
+    return {
+        child
+        for child, parent in parents().items()
+        if parent == pid and b"spawn_main" in _cmdline(child)
+    }
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
 
 
 def _alive(pid: int) -> bool:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.benchmarks.tools import require, wait_for, wrk
-from tests.conftest import free_port
+from tests.conftest import free_port, parents
 
 NGINX = """
 worker_processes 1;
@@ -97,17 +97,10 @@ def pinned(pids: list[int]) -> Iterator[None]:
 
 def descendants(pids: list[int]) -> set[int]:
     """The processes and all their children, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    every = parents()
     family = set(pids)
     while True:
-        more = {pid for pid, parent in parents.items() if parent in family} - family
+        more = {pid for pid, parent in every.items() if parent in family} - family
         if not more:
             return family
         family |= more
