@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -247,12 +248,22 @@ async def empty_db(postgres_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+TRACKED_SINCE = datetime(2025, 1, 1, tzinfo=UTC)
+"""The horizon of the `db` fixture: the suite's IDs (minted 2025-12-30) lie after it."""
+
+
+async def track_since(conn: asyncpg.Connection, moment: datetime) -> None:
+    """Set the tracking horizon, as if migration 001 had run at `moment`."""
+    await conn.execute("UPDATE session_lens_tracking SET migrated_at = $1", moment)
+
+
 @pytest.fixture
 async def db(empty_db: str) -> str:
-    """A fresh database with the lifecycle tables migrated in."""
+    """A fresh database with the lifecycle tables migrated in, tracked since 2025-01-01."""
     conn = await asyncpg.connect(empty_db)
     try:
         await migrate(conn, Tables())
+        await track_since(conn, TRACKED_SINCE)
     finally:
         await conn.close()
     return empty_db

@@ -47,6 +47,7 @@ async def test_readyz_follows_the_upstream(aiohttp_client: Any, upstream: Upstre
     assert await response.json() == {
         "status": "degraded",
         "checks": {"upstream": "ok", "database": "down: no database configured"},
+        "tracking_horizon": None,
     }
 
     port = free_port()
@@ -91,6 +92,9 @@ async def test_explain_endpoint_and_database_readiness(
         assert report["state"] == "DELETED"
         assert report["reason"] == "deleted"
         assert report["reason_with_include_deleted"] == "deleted_not_served"
+        assert report["minted_at"] == "2025-12-30T02:09:44+00:00"
+        assert report["tracking_horizon"] == "2025-01-01T00:00:00+00:00"
+        assert report["store_retention"] is None
         assert [(e["from"], e["to"]) for e in report["timeline"]] == [
             (None, "STOPPED"),
             ("STOPPED", "DELETED"),
@@ -102,7 +106,10 @@ async def test_explain_endpoint_and_database_readiness(
         assert await response.json() == {
             "status": "ready",
             "checks": {"upstream": "ok", "database": "ok"},
+            "tracking_horizon": "2025-01-01T00:00:00+00:00",
         }
+        scraped = (await (await client.get("/metrics")).read()).decode()
+        assert "session_lens_tracking_horizon_timestamp_seconds 1.7356896e+09" in scraped
     finally:
         await explainer.close()
 

@@ -2,7 +2,7 @@
 
 import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,11 @@ PURGING = json.dumps(
         {"method": "DELETE", "path": "/api/sessions/{session_id}", "action": "purge"},
     ]
 )
+
+
+def minted(moment: datetime, suffix: str = "0000000f") -> str:
+    """A session ID minted at `moment` (UTC)."""
+    return f"exec_{moment:%Y%m%d_%H%M%S}_{suffix}"
 
 
 class SessionService:
@@ -116,7 +121,9 @@ async def test_misses_are_classified_from_observed_tables(
     proxy = await make_proxy(
         upstream.url, database_url=db, lifecycle_source="observed", lifecycle_routes=PURGING
     )
-    deleted, purged, failed, never = (f"exec_20251230_020944_0000000{n}" for n in range(4))
+    deleted, purged, failed, old = (f"exec_20251230_020944_0000000{n}" for n in range(4))
+    # Minted after recording began (the IDs name whole seconds: a little ahead).
+    never = minted(datetime.now(UTC) + timedelta(seconds=2))
     for session_id in (deleted, purged):
         await call(proxy, "POST", "/api/sessions", json={"id": session_id})
         await call(proxy, "POST", f"/api/sessions/{session_id}/stop")
@@ -132,13 +139,14 @@ async def test_misses_are_classified_from_observed_tables(
 
     reasons = {}
     async with aiohttp.ClientSession() as client:
-        for session_id in (deleted, purged, failed, never):
+        for session_id in (deleted, purged, failed, old, never):
             async with client.get(f"{proxy.url}/api/sessions/{session_id}") as response:
                 reasons[session_id] = response.headers["X-Session-Not-Found-Reason"]
     assert reasons == {
         deleted: "deleted",
         purged: "purged",
         failed: "creation_failed",
+        old: "predates_tracking",  # minted before this recorder began: no evidence either way
         never: "never_existed",
     }
     assert (

@@ -169,13 +169,19 @@ async def _readyz(request: web.Request) -> web.Response:
         status, code = "ready", 200
     else:
         status, code = "degraded", 200
-    return web.json_response({"status": status, "checks": checks}, status=code)
+    horizon = request.app[EXPLAINER].horizon
+    body = {
+        "status": status,
+        "checks": checks,
+        "tracking_horizon": None if horizon is None else horizon.isoformat(),
+    }
+    return web.json_response(body, status=code)
 
 
 async def _explain(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     config = request.app[CONFIG]
-    rule = IdValidator(config.max_future_skew).check(session_id)
+    rule = IdValidator(config.max_future_skew, config.id_timezone).check(session_id)
     if rule is not None:
         return web.json_response(
             {"session_id": session_id[:64], "reason": "invalid_format", "rule": rule.value},

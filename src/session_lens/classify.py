@@ -1,8 +1,9 @@
 """Why a valid lookup found nothing: a pure function of the evidence."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from .reasons import Reason
+from .retention import Fate
 from .schema import LIVE_STATES, SessionState
 from .store import Evidence
 
@@ -10,14 +11,26 @@ from .store import Evidence
 def classify(
     evidence: Evidence,
     *,
+    minted_at: datetime | None,
     include_deleted: bool,
     visibility_window: timedelta,
     creation_timeout: timedelta,
+    fate: Fate = Fate.KEPT,
 ) -> Reason:
-    """The reason the upstream answered "not found", from the lifecycle row and audit trail."""
+    """The reason the upstream answered "not found", from the lifecycle row and audit trail.
+
+    `minted_at` is the moment the ID names (None for a malformed ID forwarded in
+    observe mode: no such session can exist); `fate` what the store's own retention
+    has done to the partition it was created in.
+    """
+    if fate is Fate.DROPPED:
+        return Reason.EXPIRED
     state = evidence.state
     if state is None:
         if not evidence.has_audit:
+            # No evidence means "never existed" only where the records are complete.
+            if minted_at is not None and (evidence.horizon is None or minted_at < evidence.horizon):
+                return Reason.PREDATES_TRACKING
             return Reason.NEVER_EXISTED
         if evidence.last_old_state == SessionState.CREATING and evidence.last_new_state is None:
             return Reason.CREATION_FAILED

@@ -13,11 +13,13 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import timedelta
+from datetime import UTC, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .retention import Period, StoreRetention, Unit
 from .routes import (
     DEFAULT_LIFECYCLE_ROUTES,
     LifecycleRoute,
@@ -65,6 +67,8 @@ class Config:
     invalid_status: int = 404
     session_routes: tuple[str, ...] = ("/api/sessions/{session_id}", "/sessions/{session_id}")
     max_future_skew: timedelta = timedelta(hours=24)
+    id_timezone: tzinfo = UTC
+    """The zone the IDs' timestamps are written in."""
     upstream_connect_timeout: timedelta = timedelta(seconds=5)
     upstream_read_timeout: timedelta = timedelta(seconds=60)
     header_read_timeout: timedelta = timedelta(seconds=30)
@@ -81,6 +85,9 @@ class Config:
     visibility_window: timedelta = timedelta(seconds=5)
     creation_timeout: timedelta = timedelta(seconds=30)
     classification_budget: timedelta = timedelta(milliseconds=50)
+    upstream_retention: Period | None = None
+    """The service's store's own TTL; None: it keeps everything."""
+    upstream_partition: Unit = Unit.DAY
     lifecycle_source: str = "database"
     lifecycle_routes: tuple[LifecycleRoute, ...] = DEFAULT_LIFECYCLE_ROUTES
     spool_dir: Path | None = None
@@ -90,6 +97,13 @@ class Config:
     """Request bodies larger than this are refused with 413; None: no limit."""
     admin_token: str | None = field(default=None, repr=False)
     """Bearer token the admin listener asks for; required off loopback."""
+
+    @property
+    def store_retention(self) -> StoreRetention | None:
+        """The store's retention in effect, if it has one."""
+        if self.upstream_retention is None:
+            return None
+        return StoreRetention(self.upstream_retention, self.upstream_partition)
 
     @property
     def spool_path(self) -> Path:
@@ -316,6 +330,23 @@ def _count(low: int, high: int) -> Callable[[object], int]:
     return parse
 
 
+def _time_zone(raw: object) -> tzinfo:
+    text = str(raw).strip()
+    if text.upper() == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _Invalid(f"{raw!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
+
+
+def _period(raw: object) -> Period:
+    try:
+        return Period.parse(str(raw))
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
 def _token(raw: object) -> str:
     text = str(raw).strip()
     if len(text) < 16 or any(c.isspace() for c in text):
@@ -349,6 +380,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "invalid_status": _invalid_status,
     "session_routes": _routes,
     "max_future_skew": parse_duration,
+    "id_timezone": _time_zone,
     "upstream_connect_timeout": _positive_duration,
     "upstream_read_timeout": _positive_duration,
     "header_read_timeout": _positive_duration,
@@ -365,6 +397,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "visibility_window": parse_duration,
     "creation_timeout": _positive_duration,
     "classification_budget": _positive_duration,
+    "upstream_retention": _period,
+    "upstream_partition": lambda raw: Unit(_choice(*Unit)(raw)),
     "lifecycle_source": _choice("database", "observed"),
     "lifecycle_routes": _lifecycle_routes,
     "spool_dir": _path,
@@ -383,6 +417,7 @@ HELP = {
     "invalid_status": "status for a malformed ID: 404 (default), 400 or 422",
     "session_routes": "comma-separated path templates with {session_id}",
     "max_future_skew": "how far in the future an ID's timestamp may lie (default 24h)",
+    "id_timezone": "IANA time zone the IDs' timestamps are written in (default UTC)",
     "upstream_connect_timeout": "time to open an upstream connection (default 5s)",
     "upstream_read_timeout": "longest silence from the upstream while reading (default 60s)",
     "header_read_timeout": "time a client gets to send a request head (default 30s), else 408",
@@ -399,6 +434,8 @@ HELP = {
     "visibility_window": "how long a change may take to show upstream (default 5s)",
     "creation_timeout": "how long a creation may take before it counts as failed (default 30s)",
     "classification_budget": "time a miss may spend being explained (default 50ms)",
+    "upstream_retention": "the service's store's own TTL (e.g. 30d, 6M); default: none",
+    "upstream_partition": "its partition size: hour, day (default), week, month or year",
     "lifecycle_source": "database (the service's table, trigger-fed) or observed (from traffic)",
     "lifecycle_routes": "observed mode: JSON array of {method, path, action, id_from} tables",
     "spool_dir": "observed mode: where events wait for the database (default data_dir/spool)",
@@ -474,6 +511,16 @@ def load_config(
                 f" set {env_name('admin_token')}",
             )
         )
+    retention, partition = values.get("upstream_retention"), values.get("upstream_partition")
+    if retention is not None and not retention.fits(partition or Unit.DAY):
+        problems.append(
+            Problem(
+                "upstream_retention",
+                raw["upstream_retention"][1],
+                f"{retention} is not a whole number of {partition or Unit.DAY} partitions,"
+                " as the store requires of a TTL",
+            )
+        )
     if need_upstream and "upstream" not in raw:
         problems.append(
             Problem("upstream", "nowhere", f"is required: --upstream or {env_name('upstream')}")
@@ -502,7 +549,7 @@ def _show(value: object) -> str:
         return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, Path):
+    if isinstance(value, Path | Period | tzinfo):
         return _show(str(value))
     if isinstance(value, LifecycleRoute):
         source = value.id_from.value + (f":{value.pointer}" if value.pointer else "")

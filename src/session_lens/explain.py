@@ -10,15 +10,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from .classify import classify
 from .config import Config
+from .ids import IdValidator
 from .metrics import Metrics
 from .reasons import Reason
+from .retention import Fate, StoreRetention
 from .schema import Tables
 from .store import (
     AuditEntry,
@@ -35,6 +37,8 @@ log = logging.getLogger("session_lens.explain")
 POOL_SIZE = 10
 HEALTH_TIMEOUT = 1.0
 EXPLAIN_TIMEOUT = 5.0
+HORIZON_REFRESH = 60.0
+"""How often the horizon gauge is read again when nothing else reads it."""
 
 
 class Breaker:
@@ -85,6 +89,8 @@ class Explanation:
     reason: Reason
     evidence: Evidence | None = None
     error: str | None = None
+    note: str | None = None
+    """What the reason cannot say: a partition at the store's retention boundary."""
 
     def lifecycle(self) -> dict[str, Any] | None:
         """The evidence as the JSON members a response carries."""
@@ -103,14 +109,59 @@ class Explanation:
 
 
 @dataclass(frozen=True, slots=True)
+class Retained:
+    """Where an ID stands against the store's retention."""
+
+    retention: StoreRetention
+    partition_start: datetime
+    partition_end: datetime
+    fate: Fate
+
+    @classmethod
+    def of(cls, retention: StoreRetention, minted_at: datetime, now: datetime) -> "Retained":
+        """The partition an ID was created in, and whether the store has dropped it by `now`."""
+        start, end = retention.partition_of(minted_at)
+        return cls(retention, start, end, retention.fate(minted_at, now))
+
+    def note(self) -> str | None:
+        """A sentence for a partition that may or may not be gone."""
+        if self.fate is not Fate.BOUNDARY:
+            return None
+        return (
+            f"its partition ({_iso(self.partition_start)} to {_iso(self.partition_end)}) is at"
+            f" the store's retention boundary ({self.retention}): it may or may not be dropped yet"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     """Everything known about one session ID, for `explain`."""
 
     session_id: str
+    minted_at: datetime
     evidence: Evidence
     timeline: list[AuditEntry]
     reason: Reason
     reason_with_include_deleted: Reason
+    retained: Retained | None
+
+    def why(self) -> str:
+        """The reason a miss would get now, in a sentence a person can act on."""
+        minted = _when(self.minted_at)
+        horizon = _when(self.evidence.horizon)
+        if self.reason is Reason.EXPIRED and self.retained is not None:
+            return (
+                f"minted {minted}, in the partition from {_when(self.retained.partition_start)},"
+                f" which the store's retention ({self.retained.retention}) has dropped by now"
+            )
+        if self.reason is Reason.PREDATES_TRACKING:
+            return (
+                f"minted {minted}, before tracking began on {horizon}:"
+                " no evidence either way (import the service's store to know more)"
+            )
+        if self.reason is Reason.NEVER_EXISTED:
+            return f"minted {minted}, after tracking began on {horizon}, and never recorded"
+        return f"minted {minted}; tracked since {horizon}"
 
 
 class Explainer:
@@ -125,8 +176,13 @@ class Explainer:
         self._queries = Queries(Tables(config.sessions_table, config.sessions_id_column))
         self._budget = config.classification_budget.total_seconds()
         self._breaker = breaker or Breaker()
+        self._ids = IdValidator(config.max_future_skew, config.id_timezone)
+        self._retention = config.store_retention
         self._pool: asyncpg.Pool | None = None
         self._pending: dict[tuple[str, bool], asyncio.Task[Explanation]] = {}
+        self._watch: asyncio.Task[None] | None = None
+        self.horizon: datetime | None = None
+        """The tracking horizon as last read from the database."""
 
     async def open(self) -> None:
         """Create the pool; it connects on first use, so a down database does not stop start-up."""
@@ -134,10 +190,11 @@ class Explainer:
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=0, max_size=POOL_SIZE, max_inactive_connection_lifetime=60
             )
+            self._watch = asyncio.create_task(self._watch_horizon(), name="session-lens horizon")
 
     async def close(self) -> None:
         """Close the pool, letting queries in flight finish."""
-        for task in self._pending.values():
+        for task in [*self._pending.values(), *([self._watch] if self._watch else [])]:
             task.cancel()
         if self._pool is not None:
             await self._pool.close()
@@ -146,6 +203,9 @@ class Explainer:
         """Why the upstream found nothing; `unknown` when the answer is not had in time."""
         started = time.perf_counter()
         try:
+            retained = self._retained(session_id, datetime.now(UTC))
+            if retained is not None and retained.fate is Fate.DROPPED:
+                return Explanation(Reason.EXPIRED)  # the ID alone says so: no query
             key = (session_id, include_deleted)
             task = self._pending.get(key)
             if task is None:
@@ -178,20 +238,49 @@ class Explainer:
             return Explanation(Reason.UNKNOWN, error=exc.detail)
         self._breaker.succeeded()
         self._metrics.breaker_open.set(0)
+        self._saw(evidence)
+        retained = self._retained(session_id, evidence.now)
         try:
-            return Explanation(self._classify(evidence, include_deleted), evidence)
+            reason = self._classify(session_id, evidence, include_deleted, retained)
+            return Explanation(reason, evidence, note=retained.note() if retained else None)
         except (TypeError, ValueError) as exc:  # evidence of a shape nobody planned for
             log.error("cannot classify", extra={"session_id": session_id, "error": repr(exc)})
             self._metrics.classifier_errors["query"].inc()
             return Explanation(Reason.UNKNOWN, evidence, error=f"unclassifiable evidence: {exc}")
 
-    def _classify(self, evidence: Evidence, include_deleted: bool) -> Reason:
+    def _retained(self, session_id: str, now: datetime) -> Retained | None:
+        minted = self._ids.minted_at(session_id)
+        if self._retention is None or minted is None:
+            return None
+        return Retained.of(self._retention, minted, now)
+
+    def _classify(
+        self,
+        session_id: str,
+        evidence: Evidence,
+        include_deleted: bool,
+        retained: Retained | None,
+    ) -> Reason:
         return classify(
             evidence,
+            minted_at=self._ids.minted_at(session_id),
             include_deleted=include_deleted,
             visibility_window=self._config.visibility_window,
             creation_timeout=self._config.creation_timeout,
+            fate=retained.fate if retained else Fate.KEPT,
         )
+
+    def _saw(self, evidence: Evidence) -> None:
+        """Keep the horizon (and its gauge) as the database last gave it."""
+        if evidence.horizon is not None and evidence.horizon != self.horizon:
+            self.horizon = evidence.horizon
+            self._metrics.tracking_horizon.set(evidence.horizon.timestamp())
+
+    async def _watch_horizon(self) -> None:
+        """Read the horizon now and then, so its gauge is right before any miss."""
+        while True:
+            await self.health()
+            await asyncio.sleep(HORIZON_REFRESH)
 
     async def report(self, session_id: str) -> Report:
         """State, audit timeline and the reason a lookup would get now; raises StoreError."""
@@ -199,12 +288,19 @@ class Explainer:
             raise StoreUnavailable("no database configured")
         evidence = await read_evidence(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
         timeline = await read_timeline(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
+        self._saw(evidence)
+        retained = self._retained(session_id, evidence.now)
+        minted = self._ids.minted_at(session_id)
+        if minted is None:
+            raise ValueError(f"{session_id[:64]!r} is not a valid session ID")
         return Report(
             session_id,
+            minted,
             evidence,
             timeline,
-            self._classify(evidence, include_deleted=False),
-            self._classify(evidence, include_deleted=True),
+            self._classify(session_id, evidence, False, retained),
+            self._classify(session_id, evidence, True, retained),
+            retained,
         )
 
     async def health(self) -> str | None:
@@ -212,9 +308,12 @@ class Explainer:
         if self._pool is None:
             return "no database configured"
         try:
-            await read_evidence(self._pool, self._queries, "exec_health_check", HEALTH_TIMEOUT)
+            evidence = await read_evidence(
+                self._pool, self._queries, "exec_health_check", HEALTH_TIMEOUT
+            )
         except StoreError as exc:
             return exc.detail
+        self._saw(evidence)
         self._breaker.succeeded()  # the probe was a trial that went through
         self._metrics.breaker_open.set(0)
         return None
@@ -223,14 +322,28 @@ class Explainer:
 def report_json(report: Report) -> dict[str, Any]:
     """A report as the admin endpoint serves it."""
     evidence = report.evidence
+    retained = report.retained
     return {
         "session_id": report.session_id,
+        "minted_at": _iso(report.minted_at),
+        "tracking_horizon": _iso(evidence.horizon),
+        "store_retention": None
+        if retained is None
+        else {
+            "ttl": str(retained.retention.ttl),
+            "partition": retained.retention.partition.value,
+            "partition_start": _iso(retained.partition_start),
+            "partition_end": _iso(retained.partition_end),
+            "fate": retained.fate.value,
+        },
         "state": evidence.state,
         "created_at": _iso(evidence.created_at),
         "updated_at": _iso(evidence.updated_at),
         "deleted_at": _iso(evidence.deleted_at),
         "reason": report.reason.value,
         "reason_with_include_deleted": report.reason_with_include_deleted.value,
+        "why": report.why(),
+        "note": retained.note() if retained else None,
         "timeline": [
             {
                 "at": _iso(entry.occurred_at),
@@ -247,3 +360,10 @@ def report_json(report: Report) -> dict[str, Any]:
 
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
+
+
+def _when(moment: datetime | None) -> str:
+    """A moment as a person reads it, in UTC to the second."""
+    if moment is None:
+        return "(unknown)"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -1,13 +1,14 @@
 """Session-ID validation: pure, precompiled, no I/O.
 
 A valid ID is `exec_YYYYMMDD_HHMMSS_xxxxxxxx` (8 lowercase hex digits), carries
-a real calendar date and time (taken as UTC), and is not later than now plus an
-allowed clock skew. The length is bounded before any regex runs.
+a real calendar date and time (read in the configured time zone, UTC by
+default), and is not later than now plus an allowed clock skew. The length is
+bounded before any regex runs.
 """
 
 import re
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from functools import lru_cache
 
 from .reasons import Rule
@@ -22,10 +23,12 @@ _PATTERN = re.compile(r"exec_(\d{4})(\d\d)(\d\d)_(\d\d)(\d\d)(\d\d)_[a-f0-9]{8}"
 class IdValidator:
     """Checks session IDs against the format and the clock."""
 
-    __slots__ = ("_max_future_skew",)
+    __slots__ = ("_max_future_skew", "zone")
 
-    def __init__(self, max_future_skew: timedelta) -> None:
+    def __init__(self, max_future_skew: timedelta, zone: tzinfo = UTC) -> None:
         self._max_future_skew = max_future_skew.total_seconds()
+        self.zone = zone
+        """The time zone the IDs' timestamps are written in."""
 
     def check(self, session_id: str, now: datetime | None = None) -> Rule | None:
         """The rule `session_id` breaks, or None when it is valid."""
@@ -33,7 +36,7 @@ class IdValidator:
             return Rule.MISSING
         if len(session_id) > MAX_ID_LENGTH:
             return Rule.TOO_LONG
-        stamp = _parse(session_id)
+        stamp = _parse(session_id, self.zone)
         if isinstance(stamp, Rule):
             return stamp
         moment = time.time() if now is None else now.timestamp()
@@ -41,18 +44,26 @@ class IdValidator:
             return Rule.FUTURE
         return None
 
+    def minted_at(self, session_id: str) -> datetime | None:
+        """When a well-formed ID was minted (an aware datetime in UTC), else None."""
+        if len(session_id) > MAX_ID_LENGTH:
+            return None
+        stamp = _parse(session_id, self.zone)
+        return None if isinstance(stamp, Rule) else datetime.fromtimestamp(stamp, UTC)
+
 
 @lru_cache(maxsize=8192)
-def _parse(session_id: str) -> Rule | float:
-    """The rule the ID's form breaks, or the moment it names (UTC, seconds since the epoch).
+def _parse(session_id: str, zone: tzinfo) -> Rule | float:
+    """The rule the ID's form breaks, or the moment it names (seconds since the epoch).
 
-    Cached: a service's clients look up the same IDs again and again.
+    Cached: a service's clients look up the same IDs again and again. A local time
+    that a daylight-saving change makes ambiguous is read as its first occurrence.
     """
     match = _PATTERN.fullmatch(session_id)
     if match is None:
         return Rule.PATTERN
     try:
         year, month, day, hour, minute, second = map(int, match.groups())
-        return datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
+        return datetime(year, month, day, hour, minute, second, tzinfo=zone).timestamp()
     except ValueError:
         return Rule.CALENDAR

@@ -8,7 +8,7 @@ writer in the audit trail and turns refusals into errors that say why.
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from enum import StrEnum
 from typing import Any
 
@@ -92,11 +92,12 @@ class Lifecycle:
         *,
         actor: str = "session-lens",
         max_future_skew: timedelta = timedelta(hours=24),
+        id_timezone: tzinfo = UTC,
     ) -> None:
         self._db = db
         self._tables = tables or Tables()
         self._actor = actor
-        self._validator = IdValidator(max_future_skew)
+        self._validator = IdValidator(max_future_skew, id_timezone)
         names = self._tables.names
         columns = "{id}::text, state, created_at, updated_at, deleted_at".format(**names)
         self._select = f"SELECT {columns} FROM {names['table']} WHERE {names['id']} = $1"

@@ -21,6 +21,7 @@ EVENT_RESULTS = (
     "duplicate",
     "dropped",
     "rejected",
+    "before_horizon",
 )
 CLASSIFICATION_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -138,6 +139,13 @@ class Metrics:
             PREFIX + "spool_bytes",
             "Size of the spool file of observed events.",
             multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.tracking_horizon = Gauge(
+            PREFIX + "tracking_horizon_timestamp_seconds",
+            "Since when the lifecycle tables hold every change (Unix time): older IDs"
+            " without evidence read predates_tracking.",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         build_info = Gauge(

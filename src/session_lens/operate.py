@@ -118,7 +118,7 @@ def _print_plan(found: Plan, tables: Tables, state_expression: str, out: TextIO)
 
 async def run_explain(config: Config, session_id: str, out: TextIO = sys.stdout) -> int:
     """Print what the lifecycle tables say of one ID; returns the exit code."""
-    rule = IdValidator(config.max_future_skew).check(session_id)
+    rule = IdValidator(config.max_future_skew, config.id_timezone).check(session_id)
     if rule is not None:
         print(f"{session_id[:64]!r} is not a valid session ID ({rule}): invalid_format", file=out)
         return 2
@@ -137,7 +137,14 @@ async def run_explain(config: Config, session_id: str, out: TextIO = sys.stdout)
 def format_report(report: Report) -> str:
     """A report as a person reads it."""
     evidence = report.evidence
-    lines = [f"session   {report.session_id}"]
+    lines = [f"session   {report.session_id}", f"minted    {_when(report.minted_at)}"]
+    lines.append(f"tracked   since {_when(evidence.horizon)}")
+    if report.retained is not None:
+        retained = report.retained
+        lines.append(
+            f"store     {retained.retention}: partition from {_when(retained.partition_start)}"
+            f" {retained.fate}"
+        )
     if evidence.has_row:
         lines.append(f"state     {evidence.state}")
         lines.append(f"created   {_when(evidence.created_at)}")
@@ -147,6 +154,10 @@ def format_report(report: Report) -> str:
     else:
         lines.append("state     (no row)")
     lines.append(f"a miss now would be: {report.reason}")
+    lines.append(f"  {report.why()}")
+    note = report.retained.note() if report.retained else None
+    if note:
+        lines.append(f"  note: {note}")
     if report.reason_with_include_deleted != report.reason:
         lines.append(f"  with include_deleted=true: {report.reason_with_include_deleted}")
     lines.append("timeline" if report.timeline else "timeline  (empty: never heard of)")

@@ -93,6 +93,9 @@ _REASON_DETAIL = {
     Reason.ARCHIVED: "the session was archived",
     Reason.NOT_YET_VISIBLE: "the session changed moments ago and is not visible upstream yet",
     Reason.UPSTREAM_INCONSISTENT: "the session is live, but the upstream did not find it",
+    Reason.EXPIRED: "the store's own retention has dropped the partition the session was in",
+    Reason.PREDATES_TRACKING: "the session is older than session-lens' records:"
+    " no evidence either way",
     Reason.UNKNOWN: "no lifecycle evidence could be read in time",
 }
 _UPSTREAM_DETAIL = {
@@ -241,7 +244,7 @@ class Proxy:
         self._max_body = config.max_body_bytes
         self._miss_body_mode = config.not_found_body
         self._routes = RouteTable(config.session_routes)
-        self._validator = IdValidator(config.max_future_skew)
+        self._validator = IdValidator(config.max_future_skew, config.id_timezone)
         self._enforce = config.validation == "enforce"
         self._upstream = config.upstream
         self._client: aiohttp.ClientSession | None = None
@@ -641,6 +644,7 @@ class Proxy:
                 "status": status,
                 "lifecycle": explanation.lifecycle(),
                 "classifier_error": explanation.error,
+                "note": explanation.note,
                 "upstream_ms": _ms_since(sent),
                 "duration_ms": _ms_since(exchange.started),
             },

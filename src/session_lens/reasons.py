@@ -20,6 +20,8 @@ class Reason(StrEnum):
     ARCHIVED = "archived"
     NOT_YET_VISIBLE = "not_yet_visible"
     UPSTREAM_INCONSISTENT = "upstream_inconsistent"
+    EXPIRED = "expired"
+    PREDATES_TRACKING = "predates_tracking"
     UNKNOWN = "unknown"
 
 

@@ -208,9 +208,14 @@ class Recorder:
         self._metrics = metrics
         self._dsn = dsn
         self._spool = Spool(config.spool_path, config.spool_max_bytes)
-        self._record_sql = "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)".format(
-            **Tables(config.sessions_table, config.sessions_id_column).names
-        )
+        names = Tables(config.sessions_table, config.sessions_id_column).names
+        self._record_sql = "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)".format(**names)
+        # Tracking begins with the first recorder to start; the earliest start counts.
+        self._observing_sql = (
+            "UPDATE {tracking} SET observing_since = least(coalesce(observing_since, $1), $1)"
+        ).format(**names)
+        self._started_at = datetime.now(UTC)
+        self._announced = False
         self._pool: asyncpg.Pool | None = None
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -240,8 +245,7 @@ class Recorder:
         if self._dsn is not None:
             self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
         self._task = asyncio.create_task(self._run(), name="session-lens recorder")
-        if self._pending:
-            self._wake.set()
+        self._wake.set()  # at once: say that recording has begun, replay what is spooled
 
     def record(self, event: Event) -> None:
         """Spool an event now and let the writer take it; never waits."""
@@ -314,6 +318,10 @@ class Recorder:
         """Move everything past the checkpoint into the database, batch by batch."""
         if self._pool is None:
             return
+        if not self._announced:
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await self._pool.execute(self._observing_sql, self._started_at)
+            self._announced = True
         spool = self._spool
         while spool.checkpoint < spool.size:
             lines, _ = await asyncio.to_thread(spool.read, spool.checkpoint)
@@ -421,8 +429,8 @@ class Recorder:
 
 def _result(event: Event, before: Any) -> str:
     """How an event went in: recorded, duplicate, creation_failed, unexpected_transition."""
-    if before == "duplicate":
-        return "duplicate"
+    if before in ("duplicate", "before_horizon"):
+        return str(before)
     if not event.ok:
         return "creation_failed"
     target = TARGET_STATE[event.action]

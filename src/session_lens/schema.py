@@ -62,6 +62,9 @@ class Tables:
             "events": quote_ident(prefix + "session_lens_events"),
             "record": quote_ident(prefix + "session_lens_record"),
             "record_batch": quote_ident(prefix + "session_lens_record_batch"),
+            "tracking": quote_ident(prefix + "session_lens_tracking"),
+            "delete_guard": quote_ident(prefix + "session_lens_audit_delete_guard"),
+            "prune_guard": quote_ident(prefix + "session_lens_audit_prune_guard"),
             "states": ", ".join(f"'{state.value}'" for state in SessionState),
             "transitions": ", ".join(
                 f"'{old.value}>{new.value}'"

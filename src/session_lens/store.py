@@ -60,6 +60,8 @@ class Evidence:
     last_at: datetime | None
     last_trigger: str | None
     now: datetime
+    horizon: datetime | None
+    """Since when the lifecycle tables hold every change (None: not recorded)."""
 
     @property
     def has_row(self) -> bool:
@@ -94,7 +96,8 @@ class Queries:
             # ::timestamptz: a legacy table may keep these as timestamps without a zone.
             "SELECT s.state::text, s.created_at::timestamptz, s.updated_at::timestamptz,"
             " s.deleted_at::timestamptz,"
-            " a.old_state, a.new_state, a.occurred_at, a.trigger, statement_timestamp()"
+            " a.old_state, a.new_state, a.occurred_at, a.trigger, statement_timestamp(),"
+            " (SELECT horizon FROM {tracking})"
             " FROM (SELECT $1::text AS key) AS k"
             " LEFT JOIN {table} AS s ON s.{id} = k.key"
             " LEFT JOIN LATERAL ("
