@@ -12,7 +12,7 @@ import signal
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
@@ -25,7 +25,11 @@ from rich.table import Table
 from .config import Address, Config
 from .reasons import Reason
 from .reference import Faults, ReferenceService, new_session_id
+from .retention import Period, Unit
 from .server import serve
+
+DEMO_RETENTION_DAYS = 365
+"""The reference store's TTL in the demo (its days-partitioned table keeps a year)."""
 
 MALFORMED = (
     "exec_2025",
@@ -53,11 +57,22 @@ class Traffic:
 class Generator:
     """Drives the reference service through session-lens the way clients would."""
 
-    def __init__(self, proxy_url: str, rate: float, seed: int | None = None) -> None:
+    def __init__(
+        self, proxy_url: str, rate: float, seed: int | None = None, horizon: datetime | None = None
+    ) -> None:
         self._url = proxy_url
         self._rate = rate
         self._rng = random.Random(seed)  # noqa: S311 - traffic, not secrets
+        self._horizon = horizon or datetime.now(UTC)
         self.traffic = Traffic()
+
+    def _old_id(self) -> str:
+        """An ID a client kept from before: minted before tracking began, or long before."""
+        if self._rng.random() < 0.5:  # before the records, within the store's retention
+            age = timedelta(seconds=self._rng.uniform(60, 30 * 86400))
+            return new_session_id(self._horizon - age)
+        age = timedelta(days=self._rng.uniform(1.2, 2) * DEMO_RETENTION_DAYS)
+        return new_session_id(datetime.now(UTC) - age)  # the store has dropped it
 
     async def run(self) -> None:
         """Send requests at the configured rate until cancelled."""
@@ -86,8 +101,10 @@ class Generator:
                 await self._create(client)
             elif roll < 0.55:
                 await self._move(client)
-            elif roll < 0.65:
+            elif roll < 0.62:
                 await self._lookup(client, new_session_id())  # never created
+            elif roll < 0.65:
+                await self._lookup(client, self._old_id())
             elif roll < 0.70:
                 await self._lookup(client, rng.choice(MALFORMED))
             else:
@@ -196,6 +213,9 @@ async def run_demo(config: Config, options: DemoOptions, console: Console | None
     assert config.database_url is not None
     service_url = f"http://{options.service_listen}"
     config = replace(config, upstream=service_url)
+    if config.sources.get("upstream_retention", "default") == "default":
+        # The reference store keeps a year: IDs older than that read expired.
+        config = replace(config, upstream_retention=Period(DEMO_RETENTION_DAYS, Unit.DAY))
     if config.sources.get("visibility_window", "default") == "default":
         # The reference replica lags 1.5 s: a window a little wider shows both
         # not_yet_visible and, for sessions it lost, upstream_inconsistent soon.
@@ -206,7 +226,8 @@ async def run_demo(config: Config, options: DemoOptions, console: Console | None
     await web.TCPSite(service, options.service_listen.host, options.service_listen.port).start()
     stop = asyncio.Event()
     lens = asyncio.create_task(serve(config, stop))
-    generator = Generator(f"http://{config.listen}", options.rate, options.seed)
+    horizon = await pool.fetchval("SELECT horizon FROM session_lens_tracking")
+    generator = Generator(f"http://{config.listen}", options.rate, options.seed, horizon)
     traffic = None
     try:
         await _wait_ready(config.admin_listen, lens)

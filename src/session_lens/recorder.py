@@ -11,6 +11,7 @@ goes on.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ log = logging.getLogger("session_lens.recorder")
 
 BATCH = 500
 WRITE_TIMEOUT = 5.0
+ANNOUNCE_TIMEOUT = 2.0
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
 COALESCE = 0.02
 SYNC_INTERVAL = 0.2
@@ -244,8 +246,13 @@ class Recorder:
         self._publish()
         if self._dsn is not None:
             self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
+            # Before the first request, when the database lets us in time; else the
+            # writer says it as soon as the database is back.
+            with contextlib.suppress(TimeoutError, *UNREACHABLE, asyncpg.PostgresError):
+                await self._announce(ANNOUNCE_TIMEOUT)
         self._task = asyncio.create_task(self._run(), name="session-lens recorder")
-        self._wake.set()  # at once: say that recording has begun, replay what is spooled
+        if self._pending or not self._announced:
+            self._wake.set()
 
     def record(self, event: Event) -> None:
         """Spool an event now and let the writer take it; never waits."""
@@ -318,10 +325,7 @@ class Recorder:
         """Move everything past the checkpoint into the database, batch by batch."""
         if self._pool is None:
             return
-        if not self._announced:
-            async with asyncio.timeout(WRITE_TIMEOUT):
-                await self._pool.execute(self._observing_sql, self._started_at)
-            self._announced = True
+        await self._announce(WRITE_TIMEOUT)
         spool = self._spool
         while spool.checkpoint < spool.size:
             lines, _ = await asyncio.to_thread(spool.read, spool.checkpoint)
@@ -341,6 +345,14 @@ class Recorder:
             self._full = False
             log.warning("spool has room again")
         self._publish()
+
+    async def _announce(self, timeout: float) -> None:
+        """Record, once, that tracking by observation has begun (when this process started)."""
+        if self._announced or self._pool is None:
+            return
+        async with asyncio.timeout(timeout):
+            await self._pool.execute(self._observing_sql, self._started_at)
+        self._announced = True
 
     async def _write_isolating(self, batch: list[tuple[int, bytes]]) -> None:
         """Write a batch; when the database refuses its data, find and skip the bad event.

@@ -65,9 +65,9 @@ class Faults:
         return fault in self.enabled and self.rng.random() < (share or self.share)
 
 
-def new_session_id() -> str:
-    """A fresh ID in the service's format."""
-    return datetime.now(UTC).strftime("exec_%Y%m%d_%H%M%S_") + secrets.token_hex(4)
+def new_session_id(minted: datetime | None = None) -> str:
+    """A fresh ID in the service's format, minted now unless told when."""
+    return (minted or datetime.now(UTC)).strftime("exec_%Y%m%d_%H%M%S_") + secrets.token_hex(4)
 
 
 class ReferenceService:
