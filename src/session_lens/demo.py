@@ -291,6 +291,8 @@ def _summary(console: Console, traffic: Traffic, config: Config) -> int:
     if explained:
         console.print("Look at any of them with:")
         command = f"  session-lens explain {explained} --data-dir {config.data_dir}"
+        if config.upstream_retention is not None:  # the demo's store keeps a year
+            command += f" --upstream-retention {config.upstream_retention}"
         console.print(command, soft_wrap=True)
     if missing:
         console.print(f"not seen this time: {', '.join(missing)} (run longer: --duration 30)")
