@@ -28,7 +28,7 @@ from .config import Config
 from .metrics import Metrics
 from .routes import TARGET_STATE, Action
 from .schema import TRANSITIONS, SessionState, Tables
-from .store import UNREACHABLE
+from .store import UNREACHABLE, refused_for_itself, remedy
 
 log = logging.getLogger("session_lens.recorder")
 
@@ -313,13 +313,16 @@ class Recorder:
                 self.last_error = None
 
     def _outage(self, exc: BaseException) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
+        hint = remedy(exc)
+        error = f"{type(exc).__name__}: {exc}"[:300] + (f" ({hint})" if hint else "")
+        if self._outage_since is None or error != self.last_error:
             log.warning(
                 "spooling lifecycle events: the database is not taking them",
-                extra={"error": self.last_error, "events": self._pending},
+                extra={"error": error, "events": self._pending, "remedy": hint},
             )
+        self.last_error = error
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
 
     async def _drain(self) -> None:
         """Move everything past the checkpoint into the database, batch by batch."""
@@ -355,15 +358,16 @@ class Recorder:
         self._announced = True
 
     async def _write_isolating(self, batch: list[tuple[int, bytes]]) -> None:
-        """Write a batch; when the database refuses its data, find and skip the bad event.
+        """Write a batch; when the database refuses an event's values, skip just that event.
 
-        An outage (no connection) is raised, to spool and retry; an event the database
-        will never take (a refused value) must not hold up everything behind it.
+        A refusal about the database itself (no connection, not migrated, a privilege,
+        read-only, disk full) is raised: the events stay spooled until it is fixed. An
+        event the database will never take must not hold up everything behind it.
         """
         try:
             await self._write(batch)
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, UNREACHABLE):
+            if isinstance(exc, UNREACHABLE) or not refused_for_itself(exc):
                 raise
             if len(batch) == 1:
                 self._reject(batch[0][1], exc)
@@ -372,7 +376,7 @@ class Recorder:
                 try:
                     await self._write([line])
                 except asyncpg.PostgresError as single:
-                    if isinstance(single, UNREACHABLE):
+                    if isinstance(single, UNREACHABLE) or not refused_for_itself(single):
                         raise
                     self._reject(line[1], single)
 
@@ -398,6 +402,10 @@ class Recorder:
                 events.append(Event.parse(line))
             except (ValueError, TypeError) as exc:
                 log.error("skipping a damaged spool line", extra={"error": str(exc)})
+        # Sessions in one order for every recorder: each locks its sessions as it goes,
+        # and two batches taking the same locks in the same order cannot deadlock.
+        # The sort is stable, so one session's events keep their order.
+        events.sort(key=lambda event: event.session_id)
         columns: list[list[Any]] = [[], [], [], [], [], [], []]
         for event in events:
             target = TARGET_STATE[event.action]
@@ -416,7 +424,17 @@ class Recorder:
             await conn.execute("SELECT set_config('session_lens.actor', 'session-lens', true)")
             befores = await conn.fetchval(self._record_sql, *columns)
         for event, before in zip(events, befores, strict=True):
-            self._metrics.lifecycle_events[event.action, _result(event, before)].inc()
+            result = _result(event, before)
+            self._metrics.lifecycle_events[event.action, result].inc()
+            if result == "future":
+                log.error(
+                    "refused a lifecycle event stamped in the future: is this host's clock right?",
+                    extra={
+                        "session_id": event.session_id,
+                        "action": event.action.value,
+                        "occurred_at": datetime.fromtimestamp(event.at, UTC).isoformat(),
+                    },
+                )
 
     async def drained(self) -> None:
         """Wait until the database has every event spooled so far."""
@@ -441,8 +459,10 @@ class Recorder:
 
 def _result(event: Event, before: Any) -> str:
     """How an event went in: recorded, duplicate, creation_failed, unexpected_transition."""
-    if before in ("duplicate", "before_horizon"):
+    if before in ("duplicate", "before_horizon", "future"):
         return str(before)
+    if before.startswith("late:"):
+        return "late"
     if not event.ok:
         return "creation_failed"
     target = TARGET_STATE[event.action]

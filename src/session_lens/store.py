@@ -102,12 +102,12 @@ class Queries:
             " LEFT JOIN {table} AS s ON s.{id} = k.key"
             " LEFT JOIN LATERAL ("
             "  SELECT old_state, new_state, occurred_at, trigger FROM {audit}"
-            "  WHERE session_id = k.key ORDER BY id DESC LIMIT 1"
+            "  WHERE session_id = k.key ORDER BY occurred_at DESC, id DESC LIMIT 1"
             " ) AS a ON true"
         ).format(**names)
         self.timeline = (
             "SELECT id, occurred_at, old_state, new_state, trigger, actor, reason"
-            " FROM {audit} WHERE session_id = $1::text ORDER BY id LIMIT $2"
+            " FROM {audit} WHERE session_id = $1::text ORDER BY occurred_at, id LIMIT $2"
         ).format(**names)
 
 
@@ -148,7 +148,41 @@ async def _translated(timeout: float) -> AsyncIterator[None]:
     except UNREACHABLE as exc:
         raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
     except asyncpg.PostgresError as exc:
-        raise StoreQueryFailed(f"{type(exc).__name__}: {exc}") from exc
+        hint = remedy(exc)
+        detail = f"{type(exc).__name__}: {exc}" + (f" ({hint})" if hint else "")
+        raise StoreQueryFailed(detail) from exc
+
+
+def refused_for_itself(exc: asyncpg.PostgresError) -> bool:
+    """Whether the database refused a write because of the values in it (SQLSTATE 22, 23).
+
+    Such a write will never go in and may be skipped; any other refusal is about
+    the database (not migrated, a privilege, read-only, disk full, a conflict):
+    every write would meet it, so none may be skipped until it is fixed.
+    """
+    return (exc.sqlstate or "")[:2] in ("22", "23")
+
+
+_REMEDIES = {
+    "42P01": "the lifecycle tables are not migrated: run `session-lens migrate`",
+    "42883": "the lifecycle tables are not migrated to this version: run `session-lens migrate`",
+    "42703": "the lifecycle tables are not migrated to this version: run `session-lens migrate`",
+    "42501": "the database role lacks a privilege on the lifecycle tables: grant it",
+    "25006": "the database is read-only (a standby?): point database_url at the primary",
+    "53100": "the database's disk is full",
+    "53200": "the database is out of memory",
+    "53300": "the database has no connection slots left",
+    "57P01": "the database is shutting down",
+    "57P03": "the database is starting up",
+    "40001": "a conflict with another writer: retried",
+    "40P01": "a conflict with another writer: retried",
+}
+
+
+def remedy(exc: BaseException) -> str | None:
+    """What to do about a refusal from the database, when it is a known one."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return _REMEDIES.get(sqlstate) if isinstance(sqlstate, str) else None
 
 
 UNREACHABLE: tuple[type[BaseException], ...] = (
