@@ -269,3 +269,22 @@ async def test_an_event_refused_for_its_values_alone_is_skipped_and_counted(
     await asyncio.wait_for(a.drained(), 10)
     assert recorders.count("rejected") == 1
     assert (await row(conn))["state"] == "ACTIVE"
+
+
+async def test_serving_an_unmigrated_store_says_so_at_once(
+    empty_db: str, upstream: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from session_lens.explain import Explainer
+
+    config = load_config(flags={"upstream": upstream.url, "database_url": empty_db})
+    explainer = Explainer(config, Metrics(CollectorRegistry(), ()), empty_db)
+    await explainer.open()
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not any("cannot be read" in r.getMessage() for r in caplog.records):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        problem = await explainer.health()
+    finally:
+        await explainer.close()
+    assert problem is not None and "run `session-lens migrate`" in problem

@@ -277,9 +277,20 @@ class Explainer:
             self._metrics.tracking_horizon.set(evidence.horizon.timestamp())
 
     async def _watch_horizon(self) -> None:
-        """Read the horizon now and then, so its gauge is right before any miss."""
+        """Read the horizon now and then, so its gauge is right before any miss.
+
+        The first read happens at start-up: a store that cannot be read (not
+        migrated, say) is said at once, in one log line, and again when that changes.
+        """
+        said: str | None = None
         while True:
-            await self.health()
+            problem = await self.health()
+            if problem != said:
+                if problem is not None:
+                    log.error("the lifecycle tables cannot be read", extra={"problem": problem})
+                elif said is not None:
+                    log.warning("the lifecycle tables can be read again")
+                said = problem
             await asyncio.sleep(HORIZON_REFRESH)
 
     async def report(self, session_id: str) -> Report:
