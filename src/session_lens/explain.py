@@ -249,10 +249,10 @@ class Explainer:
             return Explanation(Reason.UNKNOWN, evidence, error=f"unclassifiable evidence: {exc}")
 
     def _retained(self, session_id: str, now: datetime) -> Retained | None:
-        minted = self._ids.minted_at(session_id)
-        if self._retention is None or minted is None:
+        if self._retention is None:
             return None
-        return Retained.of(self._retention, minted, now)
+        minted = self._ids.minted_at(session_id)
+        return None if minted is None else Retained.of(self._retention, minted, now)
 
     def _classify(
         self,
