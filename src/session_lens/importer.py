@@ -403,10 +403,12 @@ class Summary:
 
 
 def _page_function(tables: Tables, columns: Sequence[Column], expression: str, v16: bool) -> str:
-    """A temporary function importing the staged page: one audit entry per new session.
+    """Temporary functions importing the staged page: one audit entry per new session.
 
-    One INSERT per row, so each session's audit entry is stamped with the time of its
-    state in the source (the trigger reads `session_lens.occurred_at`), not the import's.
+    What can be done for the whole page is (the state, which timestamps parse, which
+    sessions are known); then one INSERT per row, so that each session's audit entry is
+    stamped with the time of its state in the source (the trigger reads
+    `session_lens.occurred_at`), not with the import's.
     """
     names = tables.names
     present = {column.name for column in columns}
@@ -416,29 +418,20 @@ def _page_function(tables: Tables, columns: Sequence[Column], expression: str, v
         return f"s.{quote_ident(name)}::text" if name in present else "NULL::text"
 
     if v16:
-        parse = "IF {v} IS NOT NULL AND NOT pg_input_is_valid({v}, 'timestamptz') THEN"
-        check = "\n".join(
-            parse.format(v=f"r.{n}") + f"\n o_row := r.sl_n; o_outcome := 'refused';"
-            f" o_detail := format('{n} %L is not a timestamp', r.{n}); RETURN NEXT; CONTINUE;"
-            "\n END IF;"
-            for n in TIMESTAMP_COLUMNS
-            if n in present
-        )
-    elif present & set(TIMESTAMP_COLUMNS):
-        check = (
-            "BEGIN\n"
-            + "\n".join(
-                f"v_bad := '{n}'; PERFORM r.{n}::timestamptz;"
-                for n in TIMESTAMP_COLUMNS
-                if n in present
-            )
-            + "\nEXCEPTION WHEN others THEN\n o_row := r.sl_n; o_outcome := 'refused';"
-            " o_detail := format('%s is not a timestamp', v_bad); RETURN NEXT; CONTINUE;"
-            "\nEND;"
+        timestamp_ok = (
+            "CREATE OR REPLACE FUNCTION pg_temp.session_lens_timestamp_ok(value text)"
+            " RETURNS boolean LANGUAGE sql STABLE"
+            " AS $sl$ SELECT value IS NULL OR pg_input_is_valid(value, 'timestamptz') $sl$;"
         )
     else:
-        check = ""
+        timestamp_ok = (
+            "CREATE OR REPLACE FUNCTION pg_temp.session_lens_timestamp_ok(value text)"
+            " RETURNS boolean LANGUAGE plpgsql STABLE AS $sl$ BEGIN"
+            " PERFORM value::timestamptz; RETURN true;"
+            " EXCEPTION WHEN others THEN RETURN false; END $sl$;"
+        )
     return f"""
+{timestamp_ok}
 CREATE OR REPLACE FUNCTION pg_temp.session_lens_import_page(careful boolean)
 RETURNS TABLE (o_row bigint, o_outcome text, o_detail text)
 LANGUAGE plpgsql AS $sl$
@@ -446,16 +439,32 @@ LANGUAGE plpgsql AS $sl$
 DECLARE
     r record;
     v_state text;
-    v_bad text;
-    v_created timestamptz;
-    v_updated timestamptz;
 BEGIN
     FOR r IN
-        SELECT s.{ROW} AS sl_n, s.{quote_ident(id_column)}::text AS sl_id,
-               CASE WHEN careful THEN NULL ELSE ({expression})::text END AS sl_state,
-               {raw("created_at")} AS created_at, {raw("updated_at")} AS updated_at,
-               {raw("deleted_at")} AS deleted_at
-        FROM pg_temp.{STAGE} AS s ORDER BY s.{ROW}
+        SELECT p.*,
+               CASE WHEN p.sl_bad IS NULL
+                    THEN coalesce(p.created_at::timestamptz, p.updated_at::timestamptz, now())
+               END AS sl_created,
+               CASE WHEN p.sl_bad IS NULL
+                    THEN coalesce(p.updated_at::timestamptz, p.created_at::timestamptz, now())
+               END AS sl_updated
+        FROM (
+            SELECT q.*,
+                   CASE WHEN NOT pg_temp.session_lens_timestamp_ok(q.created_at) THEN 'created_at'
+                        WHEN NOT pg_temp.session_lens_timestamp_ok(q.updated_at) THEN 'updated_at'
+                        WHEN NOT pg_temp.session_lens_timestamp_ok(q.deleted_at) THEN 'deleted_at'
+                   END AS sl_bad,
+                   EXISTS (SELECT 1 FROM {names["audit"]} AS a WHERE a.session_id = q.sl_id)
+                       AS sl_known
+            FROM (
+                SELECT s.{ROW} AS sl_n, s.{quote_ident(id_column)}::text AS sl_id,
+                       CASE WHEN careful THEN NULL ELSE ({expression})::text END AS sl_state,
+                       {raw("created_at")} AS created_at, {raw("updated_at")} AS updated_at,
+                       {raw("deleted_at")} AS deleted_at
+                FROM pg_temp.{STAGE} AS s
+            ) AS q
+        ) AS p
+        ORDER BY p.sl_n
     LOOP
         v_state := r.sl_state;
         IF careful THEN
@@ -474,17 +483,21 @@ BEGIN
                         END;
             RETURN NEXT; CONTINUE;
         END IF;
-        {check}
-        IF EXISTS (SELECT 1 FROM {names["audit"]} AS a WHERE a.session_id = r.sl_id) THEN
+        IF r.sl_bad IS NOT NULL THEN
+            o_row := r.sl_n; o_outcome := 'refused';
+            o_detail := format('%s %L is not a timestamp', r.sl_bad, CASE r.sl_bad
+                WHEN 'created_at' THEN r.created_at WHEN 'updated_at' THEN r.updated_at
+                ELSE r.deleted_at END);
+            RETURN NEXT; CONTINUE;
+        END IF;
+        IF r.sl_known THEN
             o_row := r.sl_n; o_outcome := 'known'; o_detail := NULL; RETURN NEXT; CONTINUE;
         END IF;
-        v_created := coalesce(r.created_at::timestamptz, r.updated_at::timestamptz, now());
-        v_updated := coalesce(r.updated_at::timestamptz, v_created);
-        PERFORM set_config('session_lens.occurred_at', v_updated::text, true);
+        PERFORM set_config('session_lens.occurred_at', r.sl_updated::text, true);
         INSERT INTO {names["table"]} ({names["id"]}, state, created_at, updated_at, deleted_at)
-        VALUES (r.sl_id, v_state, v_created, v_updated,
+        VALUES (r.sl_id, v_state, r.sl_created, r.sl_updated,
                 CASE WHEN v_state = 'DELETED'
-                     THEN coalesce(r.deleted_at::timestamptz, v_updated)
+                     THEN coalesce(r.deleted_at::timestamptz, r.sl_updated)
                      WHEN v_state = 'ARCHIVED' THEN r.deleted_at::timestamptz END)
         ON CONFLICT DO NOTHING;
         IF NOT FOUND THEN
@@ -643,6 +656,57 @@ async def run(
     return summary
 
 
+@dataclass(slots=True)
+class Page:
+    """One page of the source, its IDs checked: the rows to write and those refused."""
+
+    read: int
+    units: int
+    good: list[Row] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    """Where each good row was in the page, to report refusals in the source's order."""
+    refused: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+async def _checked(
+    source: Source, validator: IdValidator, id_index: int, size: int
+) -> AsyncIterator[Page]:
+    async for rows, units in source.pages(size):
+        page = Page(len(rows), units)
+        for position, row in enumerate(rows):
+            first = row.values[0] if row.values else None
+            if isinstance(first, Refused):
+                page.refused.append((position, row.where, first.why))
+                continue
+            value = row.values[id_index]
+            session_id = value if isinstance(value, str) else _text(value) or ""
+            rule = validator.check(session_id)
+            if rule is not None:
+                why = f"{session_id[:64]!r}: invalid ID ({rule})"
+                page.refused.append((position, row.where, why))
+                continue
+            if session_id is not value:
+                values = list(row.values)
+                values[id_index] = session_id
+                row = Row(row.where, tuple(values))
+            page.good.append(row)
+            page.positions.append(position)
+        yield page
+
+
+async def _read_ahead(pages: AsyncIterator[Page]) -> AsyncIterator[Page]:
+    """The pages, the next one read and checked while the current one is written."""
+    following: asyncio.Future[Page | None] = asyncio.ensure_future(anext(pages, None))
+    try:
+        while (page := await following) is not None:
+            following = asyncio.ensure_future(anext(pages, None))
+            yield page
+    finally:
+        following.cancel()
+        if following.done() and not following.cancelled():
+            following.exception()  # retrieved: the error that stopped us is the one to tell
+
+
 async def _pages(
     source: Source,
     store: Store,
@@ -653,40 +717,22 @@ async def _pages(
 ) -> None:
     names = [column.name for column in source.columns]
     id_index = next(names.index(name) for name in ID_COLUMNS if name in names)
-    async for page, units in source.pages(options.page_size):
-        good: list[Row] = []
-        positions: list[int] = []
-        refused: list[tuple[int, str, str]] = []
-        for position, row in enumerate(page):
-            first = row.values[0] if row.values else None
-            if isinstance(first, Refused):
-                refused.append((position, row.where, first.why))
-                continue
-            value = row.values[id_index]
-            session_id = value if isinstance(value, str) else _text(value) or ""
-            rule = validator.check(session_id)
-            if rule is not None:
-                refused.append((position, row.where, f"{session_id[:64]!r}: invalid ID ({rule})"))
-                continue
-            if session_id is not value:
-                values = list(row.values)
-                values[id_index] = session_id
-                row = Row(row.where, tuple(values))
-            good.append(row)
-            positions.append(position)
-        left_out = await store.write(good, options.dry_run) if good else []
+    checked = _checked(source, validator, id_index, options.page_size)
+    async for page in _read_ahead(checked):
+        left_out = await store.write(page.good, options.dry_run) if page.good else []
         for index, outcome, why in left_out:
             if outcome == "known":
                 summary.known += 1
             else:
-                row = good[index]
-                refused.append((positions[index], row.where, f"{row.values[id_index]}: {why}"))
-        summary.read += len(page)
-        summary.imported += len(good) - len(left_out)
-        summary.refuse(sorted(refused))
+                row = page.good[index]
+                where = page.positions[index]
+                page.refused.append((where, row.where, f"{row.values[id_index]}: {why}"))
+        summary.read += page.read
+        summary.imported += len(page.good) - len(left_out)
+        summary.refuse(sorted(page.refused))
         summary.pages += 1
         if progress is not None:
-            progress(units)
+            progress(page.units)
 
 
 # --- for a person ------------------------------------------------------------------------
