@@ -344,6 +344,40 @@ async def test_interrupted_and_resumed(db: str, tmp_path: Path) -> None:
         await conn.close()
 
 
+async def test_the_store_going_away_stops_the_import_clearly(db: str, tmp_path: Path) -> None:
+    path = tmp_path / "sessions.csv"
+    path.write_text("id\n" + "".join(f"exec_20250101_000000_{n:08x}\n" for n in range(ROWS)))
+    command = [
+        sys.executable, "-m", "session_lens", "import", "--from-file", str(path),
+        "--page-size", str(PAGE), "--database-url", db, "--lifecycle-source", "observed",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_LENS_")}
+    conn = await asyncpg.connect(db)
+    try:
+        process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while await conn.fetchval("SELECT count(*) FROM sessions") < 2 * PAGE:
+            assert process.poll() is None, "the import ended before the outage"
+            assert time.monotonic() < deadline, "no page was committed"
+            await asyncio.sleep(0.02)
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        out, err = await asyncio.to_thread(process.communicate, timeout=30)
+        assert process.returncode == 1, err[-2000:]
+        [message] = [line for line in err.splitlines() if line.startswith("session-lens: ")]
+        assert message.startswith("session-lens: lost the lifecycle store postgresql://")
+        assert message.endswith("pages before it are committed")
+        assert "Traceback" not in err
+        kept = await conn.fetchval("SELECT count(*) FROM sessions")
+        assert kept % PAGE == 0 and f"imported       {kept:,}\n" in out
+    finally:
+        await conn.close()
+
+
 async def test_misses_after_import_carry_evidence(
     db: str, foreign: str, upstream: Upstream, make_proxy: MakeProxy
 ) -> None:

@@ -237,10 +237,10 @@ class DatabaseSource(Source):
                 if len(page) == size:
                     yield page, len(page)
                     page = []
+        except LOST as exc:
+            raise ImportFailed(f"lost {mask_url(self._url)}: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise ImportFailed(f"reading {mask_url(self._url)} failed: {exc}") from exc
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-            raise ImportFailed(f"lost {mask_url(self._url)}: {exc}") from exc
         if page:
             yield page, len(page)
 
@@ -248,6 +248,15 @@ class DatabaseSource(Source):
         if self._conn is not None:
             self._conn.terminate()  # its read transaction goes with it; nothing was written
 
+
+LOST = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+"""What a database that went away (or was shut down) raises."""
 
 FIRST_USER_OID = 16384
 """Types below this OID are built into PostgreSQL and mean the same in every database."""
@@ -583,7 +592,8 @@ class Store:
                 timeout=PAGE_TIMEOUT,
             )
         except BaseException:
-            await transaction.rollback()
+            if not conn.is_closed():  # when it is, the server has rolled back already
+                await transaction.rollback()
             raise
         if dry_run:
             await transaction.rollback()
@@ -645,7 +655,7 @@ async def run(
             await _pages(source, store, validator, options, summary, progress)
         finally:
             await source.close()
-    except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+    except LOST as exc:
         raise ImportFailed(
             f"lost the lifecycle store {mask_url(config.database_url)}: {exc}"
         ) from exc
@@ -776,22 +786,27 @@ def run_import(config: Config, options: Options, out: TextIO | None = None) -> i
         bars.append(bar)
         return bar.update  # type: ignore[no-any-return]
 
+    def done() -> None:
+        for bar in bars:  # closed first, so that nothing printed shares a line with one
+            bar.close()
+
     try:
         asyncio.run(run(config, options, summary, start))
     except ImportUsage as exc:
+        done()
         print(f"session-lens: {exc}", file=sys.stderr)
         return 2
     except ImportFailed as exc:
+        done()
         if summary.read:
             print(format_summary(summary, options), file=out)
         kept = f"; the {summary.pages:,} pages before it are committed" if summary.pages else ""
         print(f"session-lens: {exc}{kept}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        done()
         print(format_summary(summary, options, interrupted=True), file=out)
         return 130
-    finally:
-        for bar in bars:
-            bar.close()
+    done()
     print(format_summary(summary, options), file=out)
     return 0
