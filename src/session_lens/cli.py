@@ -23,6 +23,7 @@ from .config import (
 )
 from .demo import DemoOptions, run_demo
 from .embedded import EmbeddedError, start_embedded
+from .importer import ImportUsage, add_arguments, options_from, run_import
 from .logs import setup_logging
 from .operate import DatabaseError, run_explain, run_migrations
 from .server import ListenError, run_fast, serve
@@ -64,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         "explain", parents=[common], help="the state, audit timeline and reason for one ID"
     )
     explain.add_argument("session_id", metavar="SESSION_ID")
+    add_arguments(
+        commands.add_parser(
+            "import",
+            parents=[common],
+            help="observed mode: seed the lifecycle store with the sessions the service has",
+        )
+    )
     demo = commands.add_parser(
         "demo",
         parents=[common],
@@ -107,6 +115,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         config = resolve_config(args, environ)
         service = parse_address(args.service_listen) if args.command == "demo" else None
+        importing = options_from(args, config) if args.command == "import" else None
+    except ImportUsage as exc:
+        print(f"session-lens: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"session-lens: {problem}", file=sys.stderr)
@@ -131,6 +143,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return asyncio.run(run_migrations(config, dry_run=args.dry_run))
         if args.command == "explain":
             return asyncio.run(run_explain(config, args.session_id))
+        if importing is not None:
+            return run_import(config, importing)
         if service is not None:
             options = DemoOptions(args.duration, args.rate, service, args.seed)
             return asyncio.run(run_demo(config, options))

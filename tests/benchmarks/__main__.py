@@ -1,17 +1,20 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
-    python -m tests.benchmarks [--seconds 5] [--only hop,streaming,misses,recording]
+    python -m tests.benchmarks [--seconds 5] [--only hop,streaming,misses,recording,import]
 
 Needs nginx, wrk and curl (Debian: nginx-light, wrk, curl). Each part runs in a
 process of its own, one after the other, and prints markdown; this collects
 them under the machine's description and the command, and writes the file
-(`--output -` prints it instead). The misses part builds its 10 M / 50 M-row
-database on first use (about half an hour) and keeps it in `.benchmarks/`.
+(`--output -` prints it instead). With `--only`, the parts run replace their own
+sections of the existing file (the same `## ` heading) and every other section
+stays as it was. The misses part builds its 10 M / 50 M-row database on first
+use (about half an hour) and keeps it in `.benchmarks/`.
 """
 
 import argparse
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -27,7 +30,10 @@ PARTS = {
     "streaming": "Streaming 1 GiB each way",
     "misses": "Misses at 1 000 a second against 10 M sessions and 50 M audit rows",
     "recording": "Recording observed lifecycle events",
+    "import": "Importing 1 M sessions from a database and from a file",
 }
+MODULES = {"import": "imports"}
+"""Parts whose module is not named like the part (`import` is a keyword)."""
 
 
 def machine() -> str:
@@ -66,16 +72,17 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5, help="each wrk run")
-    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
+    parser.add_argument("--only", help="comma-separated parts (default: all)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
-    require("nginx", "wrk", "curl")
-    parts = [part.strip() for part in args.only.split(",") if part.strip()]
+    parts = [part.strip() for part in (args.only or ",".join(PARTS)).split(",") if part.strip()]
     unknown = [part for part in parts if part not in PARTS]
     if unknown:
         raise SystemExit(f"unknown parts: {', '.join(unknown)} (known: {', '.join(PARTS)})")
+    if {"hop", "streaming", "recording"} & set(parts):
+        require("nginx", "wrk", "curl")
     command = "python -m tests.benchmarks " + shlex.join(sys.argv[1:])
-    sections = []
+    sections = {}
     for part in parts:
         extra = {
             "hop": ["--seconds", str(args.seconds)],
@@ -83,8 +90,9 @@ def main() -> None:
         }.get(part, [])
         print(f"-- {part}", file=sys.stderr, flush=True)
         started = time.monotonic()
+        module = f"tests.benchmarks.{MODULES.get(part, part)}"
         result = subprocess.run(
-            [sys.executable, "-m", f"tests.benchmarks.{part}", *extra],
+            [sys.executable, "-m", module, *extra],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -92,25 +100,45 @@ def main() -> None:
         if result.returncode != 0:
             raise SystemExit(f"the {part} benchmark failed (exit code {result.returncode})")
         minutes = (time.monotonic() - started) / 60
-        command_line = f"python -m tests.benchmarks.{part} {shlex.join(extra)}".strip()
-        sections.append(
-            f"## {PARTS[part]}\n\n`{command_line}` ({minutes:.1f} min)\n\n{result.stdout.strip()}\n"
+        command_line = f"python -m {module} {shlex.join(extra)}".strip()
+        when = f", {datetime.now(UTC):%Y-%m-%d}" if args.only else ""
+        sections[f"## {PARTS[part]}"] = (
+            f"`{command_line}` ({minutes:.1f} min{when})\n\n{result.stdout.strip()}\n"
         )
-    document = "\n".join(
-        [
-            "# Benchmarks\n",
-            f"Written by `{command.strip()}` on {datetime.now(UTC):%Y-%m-%d}; each part can"
-            " also be run alone with the command under its heading. Compare ratios, not"
-            " absolute figures, between machines.\n",
-            f"Machine: {machine()}\n",
-            *sections,
-        ]
-    )
+    output = Path(args.output)
+    if args.output != "-" and args.only and output.exists():
+        document = merge(output.read_text(), sections)
+    else:
+        document = "\n".join(
+            [
+                "# Benchmarks\n",
+                f"Written by `{command.strip()}` on {datetime.now(UTC):%Y-%m-%d}; each part"
+                " can also be run alone with the command under its heading. Compare ratios,"
+                " not absolute figures, between machines.\n",
+                f"Machine: {machine()}\n",
+                *(f"{heading}\n\n{body}" for heading, body in sections.items()),
+            ]
+        )
     if args.output == "-":
         print(document)
     else:
         Path(args.output).write_text(document)
         print(f"wrote {args.output}", file=sys.stderr)
+
+
+def merge(existing: str, sections: dict[str, str]) -> str:
+    """The document with each run part's section replaced (or added at the end), the rest kept.
+
+    A section is what lies between its `## ` heading and the next; the header above the
+    first heading is kept as it is.
+    """
+    header, *old = re.split(r"^(?=## )", existing, flags=re.M)
+    chunks = [header]
+    for chunk in old:
+        heading = chunk.split("\n", 1)[0].rstrip()
+        chunks.append(f"{heading}\n\n{sections.pop(heading)}" if heading in sections else chunk)
+    chunks.extend(f"{heading}\n\n{body}" for heading, body in sections.items())
+    return "\n\n".join(chunk.strip("\n") for chunk in chunks) + "\n"
 
 
 if __name__ == "__main__":
