@@ -288,3 +288,20 @@ async def test_serving_an_unmigrated_store_says_so_at_once(
     finally:
         await explainer.close()
     assert problem is not None and "run `session-lens migrate`" in problem
+
+
+async def test_a_row_written_otherwise_counts_from_its_updated_at(
+    recorders: Recorders, conn: asyncpg.Connection
+) -> None:
+    # Imported (or written with SQL) as ARCHIVED at T0+5; a stop seen at T0+3 is older.
+    await conn.execute(
+        "INSERT INTO sessions (id, state, created_at, updated_at) VALUES ($1, 'ARCHIVED', $2, $2)",
+        SID,
+        datetime.fromtimestamp(T0 + 5, UTC),
+    )
+    a = await recorders.start()
+    await send(a, event(Action.STOP, 3))
+    assert (await row(conn))["state"] == "ARCHIVED"
+    assert recorders.count("late") == 1
+    await send(a, event(Action.DELETE, 7))
+    assert (await row(conn))["state"] == "DELETED"

@@ -66,6 +66,7 @@ CREATE OR REPLACE FUNCTION {record}(
 DECLARE
     target text := CASE WHEN p_ok THEN p_state END;  -- NULL: no row after it
     before text;
+    before_at timestamptz;
     prior text;
     newest boolean;
     who text := coalesce(nullif(current_setting('session_lens.actor', true), ''), session_user);
@@ -98,13 +99,17 @@ BEGIN
      WHERE e.session_id = p_session AND (e.occurred_at, e.event_id) < (p_at, p_event)
      ORDER BY e.occurred_at DESC, e.event_id DESC
      LIMIT 1;
+    SELECT state, updated_at INTO before, before_at
+      FROM {table} WHERE {id} = p_session FOR UPDATE;
+    -- The newest: no later event, and not older than the row's state either (a row
+    -- imported or written with SQL reached its state at updated_at).
     newest := NOT EXISTS (
         SELECT 1 FROM {events} AS e
-         WHERE e.session_id = p_session AND (e.occurred_at, e.event_id) > (p_at, p_event));
+         WHERE e.session_id = p_session AND (e.occurred_at, e.event_id) > (p_at, p_event))
+        AND (before_at IS NULL OR p_at >= before_at);
     PERFORM set_config('session_lens.occurred_at', p_at::text, true),
             set_config('session_lens.audited', 'on', true),
             set_config('session_lens.any_transition', 'on', true);
-    SELECT state INTO before FROM {table} WHERE {id} = p_session FOR UPDATE;
     IF newest THEN
         prior := coalesce(before, prior);  -- the row, where someone else wrote it too
         IF NOT p_ok THEN
