@@ -242,11 +242,15 @@ class Pruning:
         async with self.conn.transaction():
             await self.conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             row = await self.conn.fetchrow(q.read + " FOR UPDATE", timeout=STATEMENT_TIMEOUT)
-            self.before = Horizon(*row.values())
             moved = await self.conn.fetchrow(q.move, self.cutoff, timeout=STATEMENT_TIMEOUT)
-            self.after = Horizon(*moved.values())
+        # Only once committed: until then, a run cut short has changed nothing.
+        self.before, self.after = Horizon(*row.values()), Horizon(*moved.values())
 
     async def _indexes(self) -> None:
+        # One process builds, not a leader and its workers: the cores stay the service's.
+        await self.conn.execute(
+            "SET max_parallel_maintenance_workers = 0", timeout=STATEMENT_TIMEOUT
+        )
         for index in self.queries.indexes:
             found = await self.conn.fetchrow(
                 self.queries.index_state, index.table, index.name, timeout=STATEMENT_TIMEOUT
