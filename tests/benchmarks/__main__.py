@@ -1,12 +1,13 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
-    python -m tests.benchmarks [--seconds 5] [--only hop,streaming,misses,recording]
+    python -m tests.benchmarks [--seconds 5] [--only hop,streaming,misses,recording,prune]
 
 Needs nginx, wrk and curl (Debian: nginx-light, wrk, curl). Each part runs in a
 process of its own, one after the other, and prints markdown; this collects
 them under the machine's description and the command, and writes the file
 (`--output -` prints it instead). The misses part builds its 10 M / 50 M-row
-database on first use (about half an hour) and keeps it in `.benchmarks/`.
+database on first use (about half an hour) and keeps it in `.benchmarks/`; the
+prune part works on a copy of it.
 """
 
 import argparse
@@ -27,6 +28,7 @@ PARTS = {
     "streaming": "Streaming 1 GiB each way",
     "misses": "Misses at 1 000 a second against 10 M sessions and 50 M audit rows",
     "recording": "Recording observed lifecycle events",
+    "prune": "Pruning 10 M of 50 M audit entries while the service writes",
 }
 
 
