@@ -226,6 +226,10 @@ async def _prune(pruning: Pruning, out: TextIO, err: TextIO) -> int:
     bars: list[tqdm] = []
 
     def progress(stage: Stage, total: int) -> Progress:
+        for done in bars:
+            done.close()
+        if not total:
+            return lambda removed: None
         label = "audit entries" if stage is Stage.AUDIT else "events"
         bar = tqdm(total=total, unit="rows", unit_scale=True, desc=label, file=err)
         bars.append(bar)
@@ -246,7 +250,9 @@ async def _prune(pruning: Pruning, out: TextIO, err: TextIO) -> int:
         for bar in bars:
             bar.close()
     assert pruning.before is not None and pruning.after is not None
-    print(f"horizon   {_when(pruning.before.horizon)} -> {_when(pruning.after.horizon)}", file=out)
+    before, after = pruning.before.horizon, pruning.after.horizon
+    moved = "" if after != before else " (unchanged)"
+    print(f"horizon   {_when(before)} -> {_when(after)}{moved}", file=out)
     print(
         f"removed   {pruning.audit_removed:,} audit entries and {pruning.events_removed:,}"
         f" observed events older than {_when(pruning.after.pruned_before)}",
