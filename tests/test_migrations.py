@@ -31,6 +31,7 @@ async def test_empty_database_gets_the_tables(empty_db: str) -> None:
         ]
         indexes = {r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes")}
         assert {"session_lens_state_idx", "session_audit_session_time_idx"} <= indexes
+        assert not {i for i in indexes if i.endswith("occurred_at_idx")}  # prune's own
         assert await conn.fetchval("SELECT count(*) FROM session_lens_migrations") == 4
     finally:
         await conn.close()

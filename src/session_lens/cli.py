@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,15 @@ from .demo import DemoOptions, run_demo
 from .embedded import EmbeddedError, start_embedded
 from .importer import ImportUsage, add_arguments, options_from, run_import
 from .logs import setup_logging
-from .operate import DatabaseError, run_explain, run_migrations
+from .operate import DatabaseError, run_explain, run_migrations, run_prune
+from .prune import BATCH_SIZE
+from .retention import Period
 from .server import ListenError, run_fast, serve
 from .workers import WorkersFailed, supervise
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +76,22 @@ def _parser() -> argparse.ArgumentParser:
             help="observed mode: seed the lifecycle store with the sessions the service has",
         )
     )
+    prune = commands.add_parser(
+        "prune",
+        parents=[common],
+        help="remove audit entries older than a period, the tracking horizon moved first",
+    )
+    prune.add_argument(
+        "--older-than", required=True, metavar="PERIOD",
+        help="what to remove: older than 90d, 12w, 6M, 1y, 36h (months and years by calendar)",
+    )  # fmt: skip
+    prune.add_argument(
+        "--batch-size", type=_positive, default=BATCH_SIZE, metavar="N",
+        help=f"entries removed per transaction (default {BATCH_SIZE:,})",
+    )  # fmt: skip
+    prune.add_argument(
+        "--dry-run", action="store_true", help="print the cut-off and the counts, change nothing"
+    )
     demo = commands.add_parser(
         "demo",
         parents=[common],
@@ -90,6 +110,26 @@ def _parser() -> argparse.ArgumentParser:
         help="print the effective configuration, or what is wrong with it",
     )
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _period(text: str) -> Period:
+    """A period to prune by, one that reaches back to a date that exists; raises ValueError."""
+    period = Period.parse(text)
+    try:
+        period.before(datetime.now(UTC))
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"{text!r} reaches back before the year 1") from exc
+    return period
 
 
 def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
@@ -116,6 +156,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         config = resolve_config(args, environ)
         service = parse_address(args.service_listen) if args.command == "demo" else None
         importing = options_from(args, config) if args.command == "import" else None
+        older_than = _period(args.older_than) if args.command == "prune" else None
     except ImportUsage as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -124,7 +165,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             print(f"session-lens: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     except ValueError as exc:
-        print(f"session-lens: service_listen: {exc} (from flag --service-listen)", file=sys.stderr)
+        if args.command == "prune":
+            print(f"session-lens: --older-than: {exc}", file=sys.stderr)
+        else:
+            print(
+                f"session-lens: service_listen: {exc} (from flag --service-listen)",
+                file=sys.stderr,
+            )
         return EXIT_CONFIG
     if args.command == "check-config":
         print(describe(config))
@@ -145,6 +192,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return asyncio.run(run_explain(config, args.session_id))
         if importing is not None:
             return run_import(config, importing)
+        if older_than is not None:
+            prune = run_prune(config, older_than, batch_size=args.batch_size, dry_run=args.dry_run)
+            return asyncio.run(prune)
         if service is not None:
             options = DemoOptions(args.duration, args.rate, service, args.seed)
             return asyncio.run(run_demo(config, options))
@@ -156,7 +206,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
-        pass
+        if args.command == "prune":  # it has said how far it got
+            return EXIT_INTERRUPTED
     return 0
 
 

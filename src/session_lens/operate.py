@@ -1,6 +1,8 @@
-"""The operator's commands: `migrate` and `explain`, printing for a person to read."""
+"""The operator's commands: `migrate`, `explain` and `prune`, printing for a person to read."""
 
+import asyncio
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TextIO
@@ -23,6 +25,8 @@ from .migrations import (
     plan,
     qualified,
 )
+from .prune import Preview, PruneError, Pruning, Stage
+from .retention import Period
 from .schema import Tables
 from .store import StoreError
 
@@ -172,3 +176,105 @@ def format_report(report: Report) -> str:
 
 def _when(moment: object) -> str:
     return "-" if moment is None else str(moment)
+
+
+async def run_prune(
+    config: Config,
+    older_than: Period,
+    *,
+    batch_size: int,
+    dry_run: bool = False,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Remove audit entries and observed events older than a period (or, dry, count them)."""
+    try:
+        async with _connect(config) as conn:
+            tables = await qualified(conn, _tables(config))
+            now = await conn.fetchval("SELECT statement_timestamp()")
+            pruning = Pruning(conn, tables, older_than.before(now), batch_size)
+            print(f"cut-off   {pruning.cutoff} (older than {older_than})", file=out)
+            if dry_run:
+                _print_preview(await pruning.preview(), out)
+                return 0
+            return await _prune(pruning, out, err)
+    except PruneError as exc:
+        raise DatabaseError(f"cannot prune: {exc.detail}") from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise DatabaseError(f"cannot prune {AUDIT}: {exc}") from exc
+
+
+AUDIT = "session_audit"
+_LABELS = {Stage.HORIZON: "horizon", Stage.INDEXES: "indexes", Stage.AUDIT: "audit",
+           Stage.EVENTS: "events"}  # fmt: skip
+
+
+def _print_preview(preview: Preview, out: TextIO) -> None:
+    before, after = preview.horizon.horizon, preview.would_be.horizon
+    moves = "would move" if after != before else "would stay"
+    print(f"horizon   {_when(before)} -> {_when(after)} ({moves})", file=out)
+    print(
+        f"would remove {preview.audit_entries:,} audit entries and {preview.events:,}"
+        f" observed events older than {_when(preview.would_be.pruned_before)}",
+        file=out,
+    )
+    print("dry run: nothing changed", file=out)
+
+
+async def _prune(pruning: Pruning, out: TextIO, err: TextIO) -> int:
+    started = time.perf_counter()
+    bars: list[tqdm] = []
+
+    def progress(stage: Stage, total: int) -> Progress:
+        for done in bars:
+            done.close()
+        if not total:
+            return lambda removed: None
+        label = "audit entries" if stage is Stage.AUDIT else "events"
+        bar = tqdm(total=total, unit="rows", unit_scale=True, desc=label, file=err)
+        bars.append(bar)
+        return bar.update  # type: ignore[no-any-return]
+
+    def on_stage(stage: Stage) -> None:
+        if stage is Stage.INDEXES:
+            print(f"{stage.value} the batches walk (once; writes go on meanwhile)", file=err)
+
+    try:
+        await pruning.run(progress, on_stage)
+    except asyncio.CancelledError:
+        for bar in bars:
+            bar.close()
+        print(f"session-lens: {_how_far(pruning)}", file=err)
+        raise
+    finally:
+        for bar in bars:
+            bar.close()
+    assert pruning.before is not None and pruning.after is not None
+    before, after = pruning.before.horizon, pruning.after.horizon
+    moved = "" if after != before else " (unchanged)"
+    print(f"horizon   {_when(before)} -> {_when(after)}{moved}", file=out)
+    print(
+        f"removed   {pruning.audit_removed:,} audit entries and {pruning.events_removed:,}"
+        f" observed events older than {_when(pruning.after.pruned_before)}",
+        file=out,
+    )
+    stages = ", ".join(
+        f"{_LABELS[stage]} {seconds:.1f} s" for stage, seconds in pruning.seconds.items()
+    )
+    print(f"took      {time.perf_counter() - started:.1f} s ({stages})", file=out)
+    return 0
+
+
+def _how_far(pruning: Pruning) -> str:
+    """One line on what an interrupted run has done, for the person who stopped it."""
+    if pruning.after is None:
+        return "interrupted before the horizon moved: nothing changed"
+    done = f"the horizon is at {_when(pruning.after.horizon)}"
+    if pruning.stage is Stage.INDEXES:
+        done += ", nothing removed yet"
+    else:
+        done += (
+            f"; {pruning.audit_removed:,} of {pruning.audit_total:,} audit entries"
+            f" and {pruning.events_removed:,} events removed"
+        )
+    return f"interrupted while {pruning.stage.value}: {done}; run it again to continue"

@@ -28,6 +28,8 @@ TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
 
 LIVE_STATES = frozenset({S.ACTIVE, S.PAUSED, S.STOPPED})
 AUDIT_TABLE = "session_audit"
+AUDIT_TIME_INDEX = "session_audit_occurred_at_idx"
+EVENTS_TIME_INDEX = "session_lens_events_occurred_at_idx"
 
 
 def quote_ident(name: str) -> str:
@@ -66,6 +68,9 @@ class Tables:
             "audit_session_idx": quote_ident(prefix + "session_audit_session_id_idx"),
             "delete_guard": quote_ident(prefix + "session_lens_audit_delete_guard"),
             "prune_guard": quote_ident(prefix + "session_lens_audit_prune_guard"),
+            # Index names, bare: an index lives in its table's schema.
+            "audit_time_idx": quote_ident(AUDIT_TIME_INDEX),
+            "events_time_idx": quote_ident(EVENTS_TIME_INDEX),
             "states": ", ".join(f"'{state.value}'" for state in SessionState),
             "transitions": ", ".join(
                 f"'{old.value}>{new.value}'"

@@ -1,6 +1,6 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
-    python -m tests.benchmarks [--seconds 5] [--only hop,streaming,misses,recording,import]
+    python -m tests.benchmarks [--seconds 5] [--only hop,streaming,misses,recording,import,prune]
 
 Needs nginx, wrk and curl (Debian: nginx-light, wrk, curl). Each part runs in a
 process of its own, one after the other, and prints markdown; this collects
@@ -8,7 +8,8 @@ them under the machine's description and the command, and writes the file
 (`--output -` prints it instead). With `--only`, the parts run replace their own
 sections of the existing file (the same `## ` heading) and every other section
 stays as it was. The misses part builds its 10 M / 50 M-row database on first
-use (about half an hour) and keeps it in `.benchmarks/`.
+use (about half an hour) and keeps it in `.benchmarks/`; the
+prune part works on a copy of it.
 """
 
 import argparse
@@ -31,6 +32,7 @@ PARTS = {
     "misses": "Misses at 1 000 a second against 10 M sessions and 50 M audit rows",
     "recording": "Recording observed lifecycle events",
     "import": "Importing 1 M sessions from a database and from a file",
+    "prune": "Pruning 10 M of 50 M audit entries while the service writes",
 }
 MODULES = {"import": "imports"}
 """Parts whose module is not named like the part (`import` is a keyword)."""

@@ -7,7 +7,8 @@ The data lives in an embedded PostgreSQL in `.benchmarks/misses-db` (`--data-dir
 kept between runs. The first run, or one asking for other row counts, creates
 the database `session_lens_misses`, migrates it with session-lens' own runner,
 and loads `sessions` and `session_audit` with COPY (triggers off, indexes dropped
-for the load and built after it, then VACUUM and ANALYZE); later runs reuse it.
+for the load and built after it, then VACUUM and ANALYZE); later runs reuse it,
+migrated to the current version first.
 What is loaded: session IDs created over two years; 1 ID in 11 has no row in
 `sessions` any more (purged after a delete, or a creation that failed), the rest
 are in every state of the model (CREATING, ACTIVE, PAUSED, STOPPED, DELETED,
@@ -669,19 +670,7 @@ def main() -> None:
     layout = Layout(args.sessions, args.audit_rows)
     server = start_embedded(args.data_dir)
     url = with_database(server.url, DATABASE)
-    found = asyncio.run(_marker_or_none(server.url, url))
-    wanted = (args.sessions, args.audit_rows, GENERATOR)
-    if found is None or (found["sessions"], found["audit_rows"], found["generator"]) != wanted:
-        print(
-            f"loading {args.sessions:,} sessions, {args.audit_rows:,} audit rows"
-            f" into {args.data_dir}"
-        )
-        asyncio.run(load(server.url, url, layout))
-        found = asyncio.run(marker(url))
-        assert found is not None
-        reused = "loaded now"
-    else:
-        reused = f"loaded {found['loaded_at']:%Y-%m-%d %H:%M}, reused"
+    found, reused = prepared(server.url, url, layout, args.data_dir)
     size = asyncio.run(sizes(url))
     directory = _du(server.data_dir)
     if not args.no_prewarm:
@@ -737,6 +726,27 @@ def main() -> None:
         )
         + "."
     )
+
+
+def prepared(
+    admin_url: str, url: str, layout: Layout, data_dir: Path
+) -> tuple[asyncpg.Record, str]:
+    """The set's marker, loading it first unless there; and whether it was loaded now."""
+    found = asyncio.run(_marker_or_none(admin_url, url))
+    wanted = (layout.sessions, layout.audit_rows, GENERATOR)
+    if found is None or (found["sessions"], found["audit_rows"], found["generator"]) != wanted:
+        print(
+            f"loading {layout.sessions:,} sessions, {layout.audit_rows:,} audit rows"
+            f" into {data_dir}"
+        )
+        asyncio.run(load(admin_url, url, layout))
+        found = asyncio.run(marker(url))
+        assert found is not None
+        return found, "loaded now"
+    # A set loaded by an older version gets the later migrations, as a user's store would.
+    config = load_config(flags={"database_url": url}, need_upstream=False)
+    asyncio.run(run_migrations(config, quiet=True))
+    return found, f"loaded {found['loaded_at']:%Y-%m-%d %H:%M}, reused"
 
 
 async def _marker_or_none(admin_url: str, url: str) -> asyncpg.Record | None:
