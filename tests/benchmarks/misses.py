@@ -740,13 +740,26 @@ def prepared(
             f" into {data_dir}"
         )
         asyncio.run(load(admin_url, url, layout))
+        asyncio.run(tracked_from_start(url))
         found = asyncio.run(marker(url))
         assert found is not None
         return found, "loaded now"
     # A set loaded by an older version gets the later migrations, as a user's store would.
     config = load_config(flags={"database_url": url}, need_upstream=False)
     asyncio.run(run_migrations(config, quiet=True))
+    asyncio.run(tracked_from_start(url))
     return found, f"loaded {found['loaded_at']:%Y-%m-%d %H:%M}, reused"
+
+
+async def tracked_from_start(url: str) -> None:
+    """The set's records begin with its first session: IDs never created read never_existed."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "UPDATE session_lens_tracking SET migrated_at = to_timestamp($1)", float(START)
+        )
+    finally:
+        await conn.close()
 
 
 async def _marker_or_none(admin_url: str, url: str) -> asyncpg.Record | None:
