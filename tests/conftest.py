@@ -115,7 +115,7 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
         settings.setdefault("spool_dir", str(tmp_path / "spool"))
         config = load_config(flags={"upstream": upstream_url, **settings})
         registry = CollectorRegistry()
-        metrics = Metrics(registry, config.session_routes)
+        metrics = Metrics(registry, config.session_routes, config.exemplars)
         explainer = Explainer(config, metrics, config.database_url, breaker)
         recorder = None
         if config.lifecycle_source == "observed":

@@ -95,6 +95,8 @@ class Config:
     spool_max_bytes: int = 256 << 20
     max_body_bytes: int | None = None
     """Request bodies larger than this are refused with 413; None: no limit."""
+    exemplars: bool = True
+    """Whether metrics carry the session and request IDs of misses as exemplars."""
     admin_token: str | None = field(default=None, repr=False)
     """Bearer token the admin listener asks for; required off loopback."""
 
@@ -347,6 +349,19 @@ def _period(raw: object) -> Period:
         raise _Invalid(str(exc)) from None
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise _Invalid(f"{raw!r} is not true or false")
+    return text in _TRUE
+
+
 def _token(raw: object) -> str:
     text = str(raw).strip()
     if len(text) < 16 or any(c.isspace() for c in text):
@@ -405,6 +420,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "spool_max_bytes": _size,
     "admin_token": _token,
     "max_body_bytes": _size,
+    "exemplars": _bool,
 }
 SETTINGS = tuple(_PARSERS)
 
@@ -442,6 +458,7 @@ HELP = {
     "spool_max_bytes": "observed mode: the spool's cap (default 256MiB)",
     "admin_token": "bearer token for /metrics and /sessions/*/explain; required off loopback",
     "max_body_bytes": "refuse request bodies larger than this with 413 (default: no limit)",
+    "exemplars": "true (default) or false: session and request IDs of misses in exemplars",
 }
 """One line of help per setting, for flags and docs."""
 
@@ -545,6 +562,8 @@ def _show(value: object) -> str:
             if seconds >= size and seconds % size == 0:
                 return f'"{seconds / size:g}{unit}"'
         return f'"{seconds * 1000:g}ms"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, tuple):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, int):

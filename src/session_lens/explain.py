@@ -199,8 +199,13 @@ class Explainer:
         if self._pool is not None:
             await self._pool.close()
 
-    async def explain_miss(self, session_id: str, include_deleted: bool) -> Explanation:
-        """Why the upstream found nothing; `unknown` when the answer is not had in time."""
+    async def explain_miss(
+        self, session_id: str, include_deleted: bool, exemplar: dict[str, str] | None = None
+    ) -> Explanation:
+        """Why the upstream found nothing; `unknown` when the answer is not had in time.
+
+        `exemplar` goes with the time it took into `classification_duration_seconds`.
+        """
         started = time.perf_counter()
         try:
             retained = self._retained(session_id, datetime.now(UTC))
@@ -219,7 +224,7 @@ class Explainer:
                 self._metrics.classifier_errors["timeout"].inc()
                 return Explanation(Reason.UNKNOWN, error="no answer within the budget")
         finally:
-            self._metrics.classification_duration.observe(time.perf_counter() - started)
+            self._metrics.classification_duration.observe(time.perf_counter() - started, exemplar)
 
     async def _explain(self, session_id: str, include_deleted: bool) -> Explanation:
         if self._pool is None:

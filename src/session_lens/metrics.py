@@ -1,7 +1,9 @@
 """Prometheus metrics, every child resolved once at start.
 
 Labels hold only values from the bounded enums in `reasons` and the configured
-route templates, never anything taken from a request.
+route templates, never anything taken from a request. What comes from a request
+(the session ID, the request ID) goes into exemplars, which a scraper sees only
+when it asks for OpenMetrics, and only the latest one per series.
 """
 
 from collections.abc import Iterable
@@ -28,6 +30,10 @@ EVENT_RESULTS = (
 CLASSIFICATION_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 )  # fmt: skip
+EXEMPLAR_RUNES = 128
+"""OpenMetrics' limit on an exemplar's label names and values, together."""
+EXEMPLAR_SESSION_ID = 64
+"""The longest session ID an exemplar carries (a valid one has 29 characters)."""
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -50,8 +56,12 @@ LATENCY_BUCKETS = (
 class Metrics:
     """Every metric session-lens exports, registered on the registry given."""
 
-    def __init__(self, registry: CollectorRegistry, routes: Iterable[str]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, routes: Iterable[str], exemplars: bool = True
+    ) -> None:
         routes = tuple(routes)
+        self.exemplars = exemplars
+        """Whether misses and malformed IDs leave their IDs in exemplars."""
         lookups = Counter(
             PREFIX + "lookups_total",
             "Session lookups by route and outcome.",
@@ -170,3 +180,25 @@ class Metrics:
         self.lifecycle_events = {
             (a, r): lifecycle_events.labels(a, r) for a in Action for r in EVENT_RESULTS
         }
+
+    def exemplar(self, session_id: str, request_id: str) -> dict[str, str] | None:
+        """The exemplar labels for one request; None when exemplars are off or nothing fits.
+
+        Only printable ASCII goes in, within OpenMetrics' 128 characters: a session
+        ID longer than 64 is left out, a request ID is cut to what is left.
+        """
+        if not self.exemplars:
+            return None
+        labels = {}
+        room = EXEMPLAR_RUNES
+        if 0 < len(session_id) <= EXEMPLAR_SESSION_ID and _plain(session_id):
+            labels["session_id"] = session_id
+            room -= len("session_id") + len(session_id)
+        cut = request_id[: room - len("request_id")]
+        if cut and _plain(cut):
+            labels["request_id"] = cut
+        return labels or None
+
+
+def _plain(text: str) -> bool:
+    return text.isascii() and text.isprintable()

@@ -380,9 +380,10 @@ class Proxy:
         rule = self._validator.check(match.session_id)
         if rule is None:
             return None
-        self._metrics.invalid_ids[match.route, rule].inc()
+        exemplar = self._metrics.exemplar(match.session_id, request_id)
+        self._metrics.invalid_ids[match.route, rule].inc(exemplar=exemplar)
         self._metrics.lookups[match.route, Outcome.INVALID].inc()
-        self._metrics.not_found[match.route, Reason.INVALID_FORMAT].inc()
+        self._metrics.not_found[match.route, Reason.INVALID_FORMAT].inc(exemplar=exemplar)
         log.info(
             "invalid session id",
             extra={
@@ -630,8 +631,11 @@ class Proxy:
         """Classify a miss, count it and log it with the evidence behind the reason."""
         match = exchange.match
         assert match is not None
-        explanation = await self._explainer.explain_miss(match.session_id, include_deleted)
-        self._metrics.not_found[match.route, explanation.reason].inc()
+        exemplar = self._metrics.exemplar(match.session_id, exchange.request_id)
+        explanation = await self._explainer.explain_miss(
+            match.session_id, include_deleted, exemplar
+        )
+        self._metrics.not_found[match.route, explanation.reason].inc(exemplar=exemplar)
         log.info(
             "session not found",
             extra={

@@ -84,7 +84,7 @@ async def serve(
     """
     disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the output and nobody graphs them
     registry = CollectorRegistry()
-    metrics = Metrics(registry, config.session_routes)
+    metrics = Metrics(registry, config.session_routes, config.exemplars)
     grace = config.shutdown_grace.total_seconds()
     explainer = Explainer(config, metrics, config.database_url)
     recorder = (
