@@ -1,12 +1,13 @@
 """Wiring: the proxy app and the admin app, their lifecycles and routes."""
 
 import asyncio
+import base64
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -16,6 +17,7 @@ from .fastlane import Lane
 from .ids import IdValidator
 from .logs import quiet_malformed_requests
 from .metrics import Metrics
+from .page import HTML, SECURITY_POLICY, prefers_html, problem_page, report_page
 from .proxy import MAX_HEADER_BYTES, Proxy
 from .recorder import Recorder
 from .store import StoreError
@@ -117,21 +119,45 @@ _OPEN = frozenset({"/healthz", "/readyz"})
 
 
 def _bearer(token: str) -> Any:
+    """The admin token as a bearer token, or, for a browser, as a Basic password.
+
+    A browser cannot send a bearer token from a link (Grafana's to the explain
+    page); asked with Basic, it prompts once and sends it with every request.
+    """
     expected = f"Bearer {token}".encode()
+    secret = token.encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _OPEN:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            given = request.headers.get("Authorization", "")
+            if not (
+                hmac.compare_digest(given.encode(), expected)
+                or hmac.compare_digest(_basic_password(given), secret)
+            ):
+                challenge = 'Bearer realm="session-lens admin"'
+                if prefers_html(request.headers.get("Accept", "")):
+                    challenge = 'Basic realm="session-lens admin", charset="UTF-8"'
                 return web.json_response(
                     {"error": "a bearer token is required"},
                     status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="session-lens admin"'},
+                    headers={"WWW-Authenticate": challenge},
                 )
         return await handler(request)
 
     return check
+
+
+def _basic_password(authorization: str) -> bytes:
+    """The password of a Basic `Authorization` header (any user name), else nothing."""
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return b""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True)
+    except ValueError:
+        return b""
+    return decoded.partition(b":")[2]
 
 
 def _no_recorder() -> str | None:
@@ -179,21 +205,53 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _explain(request: web.Request) -> web.Response:
+    """The report as JSON, or as a page for a client that prefers HTML (a browser)."""
     session_id = request.match_info["session_id"]
     config = request.app[CONFIG]
+    html = prefers_html(request.headers.get("Accept", ""))
     rule = IdValidator(config.max_future_skew, config.id_timezone).check(session_id)
     if rule is not None:
-        return web.json_response(
+        if html:
+            page = problem_page(
+                "Not a session ID",
+                f"it breaks the rule {rule.value!r}: no lookup would reach the service",
+                session_id[:64],
+            )
+            return _page(page, 400)
+        response = web.json_response(
             {"session_id": session_id[:64], "reason": "invalid_format", "rule": rule.value},
             status=400,
         )
-    try:
-        report = await request.app[EXPLAINER].report(session_id)
-    except StoreError as exc:
-        return web.json_response(
-            {"error": "database unavailable", "detail": exc.detail}, status=503
-        )
-    return web.json_response(report_json(report))
+    else:
+        try:
+            report = report_json(await request.app[EXPLAINER].report(session_id))
+        except StoreError as exc:
+            if html:
+                return _page(problem_page("Database unavailable", exc.detail, session_id), 503)
+            response = web.json_response(
+                {"error": "database unavailable", "detail": exc.detail}, status=503
+            )
+        else:
+            if html:
+                return _page(report_page(report), 200)
+            response = web.json_response(report)
+    response.headers[hdrs.VARY] = "Accept"
+    return response
+
+
+def _page(text: str, status: int) -> web.Response:
+    return web.Response(
+        text=text,
+        status=status,
+        content_type=HTML,
+        charset="utf-8",
+        headers={
+            hdrs.VARY: "Accept",
+            "Content-Security-Policy": SECURITY_POLICY,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
 
 
 async def upstream_reachable(config: Config) -> str | None:
