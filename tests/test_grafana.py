@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .conftest import free_port
 ROOT = Path(__file__).parent.parent
 GRAFANA = ROOT / "grafana"
 RULES = GRAFANA / "prometheus" / "rules.yml"
+VALID_ID = re.compile(r"exec_\d{8}_\d{6}_[a-f0-9]{8}")
 METRIC = re.compile(r"\b(session_lens[_:][a-z0-9_:]+|up)\b")
 
 
@@ -36,9 +38,56 @@ def rules() -> list[dict[str, Any]]:
     return [rule for group in document["groups"] for rule in group["rules"]]
 
 
+def dashboard() -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(
+        (GRAFANA / "dashboards" / "session-lens.json").read_text()
+    )
+    return document
+
+
 def dashboard_queries() -> list[str]:
-    dashboard = json.loads((GRAFANA / "dashboards" / "session-lens.json").read_text())
-    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return [target["expr"] for panel in dashboard()["panels"] for target in panel["targets"]]
+
+
+def as_run(expr: str) -> str:
+    """A panel's query as Grafana sends it with every filter at All."""
+    for variable in ("$namespace", "$job", "$instance"):
+        expr = expr.replace(variable, ".*")
+    return expr.replace("$__rate_interval", "15s")
+
+
+SCOPE = ('namespace=~"$namespace"', 'job=~"$job"', 'instance=~"$instance"')
+SELECTOR = re.compile(r"\b(session_lens_[a-z0-9_]+)(\{[^}]*\})?")
+
+
+def test_every_panel_follows_the_datasource_and_the_filters() -> None:
+    document = dashboard()
+    variables = {v["name"]: v for v in document["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("namespace", "job", "instance"):
+        # All is `.*`, which also matches series without the label (no namespace
+        # outside Kubernetes).
+        assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*", name
+    for panel in document["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+            for metric, matchers in SELECTOR.findall(target["expr"]):
+                assert all(m in matchers for m in SCOPE), (panel["title"], metric)
+
+
+def test_the_reasons_panel_shows_exemplars_linked_to_the_explain_page() -> None:
+    reasons = next(p for p in dashboard()["panels"] if p["title"] == "Not-found reasons")
+    assert all(target.get("exemplar") for target in reasons["targets"])
+    source = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    (link,) = source["datasources"][0]["jsonData"]["exemplarTraceIdDestinations"]
+    assert link["name"] == "session_id"
+    assert link["url"].endswith("/sessions/${__value.raw}/explain")
+    compose = yaml.safe_load((GRAFANA / "compose.yaml").read_text())
+    assert "--enable-feature=exemplar-storage" in compose["services"]["prometheus"]["command"]
 
 
 def test_rules_check_and_unit_tests_pass() -> None:
@@ -108,7 +157,8 @@ async def test_demo_feeds_every_panel_and_rule_in_a_real_prometheus(tmp_path: Pa
     )  # fmt: skip
     server = subprocess.Popen(  # noqa: ASYNC220
         [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web_port}"],
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web_port}",
+         "--enable-feature=exemplar-storage"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{web_port}"
@@ -117,7 +167,7 @@ async def test_demo_feeds_every_panel_and_rule_in_a_real_prometheus(tmp_path: Pa
         async with aiohttp.ClientSession() as client:
             empty = []
             for expr in dashboard_queries():
-                if not await _query(client, base, expr.replace("$__rate_interval", "15s")):
+                if not await _query(client, base, as_run(expr)):
                     empty.append(expr)
             assert empty == [], "dashboard panels without data"
             for rule in rules():
@@ -125,6 +175,7 @@ async def test_demo_feeds_every_panel_and_rule_in_a_real_prometheus(tmp_path: Pa
                     assert await _query(client, base, rule["record"]), rule["record"]
                 for name in set(METRIC.findall(rule["expr"])):
                     assert await _query(client, base, name), f"{name} in {rule}"
+            await _exemplars_lead_to_sessions(client, base, admin)
         out, err = await asyncio.to_thread(demo.communicate, timeout=60)
         assert demo.returncode == 0, out.decode()[-2000:] + err.decode()[-2000:]
         assert "every reason appeared" in out.decode()
@@ -149,3 +200,36 @@ def test_no_metric_in_grafana_that_the_program_does_not_export() -> None:
     texts = [*dashboard_queries(), *(rule["expr"] for rule in rules())]
     used = {name for text in texts for name in METRIC.findall(text)} - {"up"}
     assert used - exported - recorded == set()
+
+
+EVIDENCED = {"deleted", "deleted_not_served", "purged", "archived", "creation_failed",
+             "creating", "not_yet_visible", "upstream_inconsistent"}  # fmt: skip
+"""Reasons given only on evidence: the lifecycle store holds these sessions."""
+
+
+async def _exemplars_lead_to_sessions(client: aiohttp.ClientSession, base: str, admin: int) -> None:
+    """The exemplars Prometheus kept name sessions that `explain` knows."""
+    now = time.time()
+    params = {"query": "session_lens_not_found_total", "start": str(now - 120), "end": str(now)}
+    async with client.get(f"{base}/api/v1/query_exemplars", params=params) as response:
+        body = await response.json()
+    assert body["status"] == "success", body
+    by_reason: dict[str, list[dict[str, str]]] = {}
+    for series in body["data"]:
+        reason = series["seriesLabels"]["reason"]
+        by_reason.setdefault(reason, []).extend(e["labels"] for e in series["exemplars"])
+    assert by_reason.keys() & EVIDENCED, by_reason.keys()
+    assert all(labels["request_id"] for found in by_reason.values() for labels in found)
+    for reason, found in by_reason.items():
+        if reason == "invalid_format":
+            continue
+        for labels in found:
+            session_id = labels["session_id"]
+            assert VALID_ID.fullmatch(session_id), (reason, session_id)
+            url = f"http://127.0.0.1:{admin}/sessions/{session_id}/explain"
+            async with client.get(url) as response:
+                assert response.status == 200, (reason, session_id)
+                report = await response.json()
+            assert report["session_id"] == session_id
+            if reason in EVIDENCED:
+                assert report["timeline"], (reason, session_id)
