@@ -99,6 +99,19 @@ async def test_two_workers_share_the_port_and_add_up_their_metrics(
         after = await _metric(served.admin_port, 'session_lens_requests_total{code="2xx"')
         assert after - before == 60  # one /metrics, both workers' counts
 
+        # The limit the README states: counted, but no exemplar crosses the processes.
+        assert await _get(f"{served.url}/api/sessions/exec_2025") == 404
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(
+                f"http://127.0.0.1:{served.admin_port}/metrics",
+                headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+            ) as response,
+        ):
+            scraped = await response.text()
+        assert 'rule="pattern"} 1.0\n' in scraped
+        assert " # {" not in scraped
+
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         replaced = await _workers(served.process.pid, 2)

@@ -160,6 +160,12 @@ async def supervise(config: Config, stop: asyncio.Event | None = None) -> None:
         try:
             await explainer.open()
             await start_runner(admin, config.admin_listen)
+            if config.exemplars:
+                log.info(
+                    "no exemplars with several workers: prometheus-client's multiprocess"
+                    " mode keeps only values",
+                    extra={"workers": config.workers},
+                )
             for index in range(config.workers):
                 supervisor.start(index)
             log.info(
