@@ -1,6 +1,6 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
-    python -m tests.benchmarks [--seconds 5] [--only hop,streaming,misses,recording]
+    python -m tests.benchmarks [--seconds 5] [--only hop,streaming,misses,recording,fleet]
 
 Needs nginx, wrk and curl (Debian: nginx-light, wrk, curl). Each part runs in a
 process of its own, one after the other, and prints markdown; this collects
@@ -27,6 +27,7 @@ PARTS = {
     "streaming": "Streaming 1 GiB each way",
     "misses": "Misses at 1 000 a second against 10 M sessions and 50 M audit rows",
     "recording": "Recording observed lifecycle events",
+    "fleet": "Many sidecars, one PostgreSQL: recording and misses as the fleet grows",
 }
 
 
@@ -80,6 +81,7 @@ def main() -> None:
         extra = {
             "hop": ["--seconds", str(args.seconds)],
             "recording": ["--seconds", str(args.seconds * 2)],
+            "fleet": ["--seconds", str(args.seconds)],
         }.get(part, [])
         print(f"-- {part}", file=sys.stderr, flush=True)
         started = time.monotonic()
