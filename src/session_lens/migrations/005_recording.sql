@@ -1,7 +1,10 @@
--- session-lens 005: a session first seen deleted is deleted since that event.
+-- session-lens 005: a session first seen deleted is deleted since that event;
+-- the newest event costs one index probe less.
 -- When the first event to reach the store is a delete (the creation still in
 -- another recorder's spool, or tracking begun late), the row is inserted in
 -- DELETED: deleted_at is the delete's time, as an update into DELETED sets it.
+-- The state before an event in time is read from the events only when the row
+-- cannot say it (a late event, or no row): most events arrive newest, row there.
 
 UPDATE {table} AS t SET deleted_at = t.updated_at
  WHERE t.state = 'DELETED' AND t.deleted_at IS NULL
@@ -42,27 +45,32 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'duplicate';
     END IF;
-    -- The state just before this event in time: what the latest earlier event led to.
-    SELECT CASE WHEN coalesce(e.ok, true) THEN
-               CASE e.action WHEN 'create' THEN 'ACTIVE' WHEN 'pause' THEN 'PAUSED'
-                    WHEN 'resume' THEN 'ACTIVE' WHEN 'stop' THEN 'STOPPED'
-                    WHEN 'delete' THEN 'DELETED' WHEN 'restore' THEN 'STOPPED'
-                    WHEN 'archive' THEN 'ARCHIVED' END
-           END
-      INTO prior
-      FROM {events} AS e
-     WHERE e.session_id = p_session AND (e.occurred_at, e.event_id) < (p_at, p_event)
-     ORDER BY e.occurred_at DESC, e.event_id DESC
-     LIMIT 1;
-    newest := NOT EXISTS (
-        SELECT 1 FROM {events} AS e
-         WHERE e.session_id = p_session AND (e.occurred_at, e.event_id) > (p_at, p_event));
+    -- The newest of its session: the first in the index's order, now it is in.
+    newest := (SELECT e.event_id FROM {events} AS e WHERE e.session_id = p_session
+                ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT 1) = p_event;
     PERFORM set_config('session_lens.occurred_at', p_at::text, true),
             set_config('session_lens.audited', 'on', true),
             set_config('session_lens.any_transition', 'on', true);
     SELECT state INTO before FROM {table} WHERE {id} = p_session FOR UPDATE;
+    -- The state just before this event in time: for the newest, the row's when there
+    -- is one (someone else may have written it too); else what the latest earlier
+    -- event led to.
+    IF newest AND before IS NOT NULL THEN
+        prior := before;
+    ELSE
+        SELECT CASE WHEN coalesce(e.ok, true) THEN
+                   CASE e.action WHEN 'create' THEN 'ACTIVE' WHEN 'pause' THEN 'PAUSED'
+                        WHEN 'resume' THEN 'ACTIVE' WHEN 'stop' THEN 'STOPPED'
+                        WHEN 'delete' THEN 'DELETED' WHEN 'restore' THEN 'STOPPED'
+                        WHEN 'archive' THEN 'ARCHIVED' END
+               END
+          INTO prior
+          FROM {events} AS e
+         WHERE e.session_id = p_session AND (e.occurred_at, e.event_id) < (p_at, p_event)
+         ORDER BY e.occurred_at DESC, e.event_id DESC
+         LIMIT 1;
+    END IF;
     IF newest THEN
-        prior := coalesce(before, prior);  -- the row, where someone else wrote it too
         IF NOT p_ok THEN
             NULL;  -- a creation that did not complete leaves no row
         ELSIF target IS NULL THEN
