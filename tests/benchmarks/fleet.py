@@ -10,25 +10,31 @@ spool of its own) are offered `--events` lifecycle events together, `--rate` a
 second across the fleet: sessions of five events (create, pause, resume, stop,
 delete), each event seen by a random instance, as replicas behind a load
 balancer see them. Measured: events a second that reach the store (first offered
-to the last in `session_lens_events`), the spool depth summed over the fleet
-every 0.5 s (its maximum, when the offering ends, at the end), and late events.
-The single-instance row is run twice more with the recording function of
-migration 003 (before event time decided) put back, taking turns with the
-current one, for the cost of the ordering rule.
+to the last in `session_lens_events`), PostgreSQL's CPU per event (the user and
+system time of the database's server processes), the spool depth summed over the
+fleet every 0.5 s (its maximum and when the offering ends), how long the drain
+took after it, late events, events the store refused, and sessions that did not
+end DELETED. The single-instance row runs three times with the current recording
+function and three times with migration 003's (before event time decided) put
+back, taking turns, for the cost of the ordering rule; the four-instance row
+once with each.
 
 Misses: 1, 2, 4 and 8 `session-lens serve` processes in front of one nginx
 answering every lookup 404, all explaining misses from one PostgreSQL holding
-100 000 sessions; one wrk per process, closed loop, with 8, 32, 128 and 512
+100 000 sessions; one wrk per process, closed loop, with 8, 16, 32, 64 and 128
 connections across the fleet. From each process's /metrics: misses classified a
 second, p50/p99 classification time (interpolated in the histogram's buckets, as
 Prometheus' `histogram_quantile`), misses past the 50 ms budget (`unknown`); from
-/proc: the CPU PostgreSQL used, for misses per PostgreSQL core-second.
+/proc: the CPU the database's server processes used, for misses per PostgreSQL
+core-second (a server process that exits during a step takes its time along).
 """
 
 import argparse
 import asyncio
 import json
+import logging
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,14 +56,14 @@ from session_lens.recorder import Event, Recorder
 from session_lens.routes import Action
 from session_lens.schema import Tables
 from tests.benchmarks.tools import require, wait_for, wrk
-from tests.conftest import TRACKED_SINCE, free_port, parents, track_since, with_database
+from tests.conftest import TRACKED_SINCE, free_port, track_since, with_database
 
 HISTORY = (Action.CREATE, Action.PAUSE, Action.RESUME, Action.STOP, Action.DELETE)
 SAMPLE = 0.5
 BUDGET = 0.05
 MISS_SESSIONS = 100_000
 FLEETS = (1, 2, 4, 8)
-CONNECTIONS = (8, 32, 128, 512)
+CONNECTIONS = (8, 16, 32, 64, 128)
 
 NGINX_CONF = """
 worker_processes 1;
@@ -102,7 +108,9 @@ def plan_events(instances: int, events: int, seed: int) -> list[list[bytes]]:
 
 
 async def recorder_child(dsn: str, spool: str, lines_path: str, rate: float) -> None:
-    """One instance: record its events at `rate` a second once told to go, report the spool."""
+    """One instance: record its events at `rate` a second once told to go, report the spool;
+    once drained, stay connected until told to exit, so the database's CPU can be read."""
+    logging.getLogger("session_lens").setLevel(logging.CRITICAL)  # refusals are counted instead
     config = load_config(
         flags={"database_url": dsn, "lifecycle_source": "observed", "spool_dir": spool},
         need_upstream=False,
@@ -129,11 +137,19 @@ async def recorder_child(dsn: str, spool: str, lines_path: str, rate: float) -> 
     print(json.dumps(["offered", time.monotonic() - started]), flush=True)
     await recorder.drained()
     reporter.cancel()
+    print(json.dumps(["drained", time.monotonic() - started]), flush=True)
+    await asyncio.to_thread(sys.stdin.readline)  # connections open until measured
     await recorder.stop()
 
 
 async def record_row(
-    url: str, work: Path, instances: int, events: int, rate: float, before_004: bool, row: int
+    url: str,
+    work: Path,
+    instances: int,
+    events: int,
+    rate: float,
+    before_004: bool,
+    row: int,
 ) -> dict[str, float]:
     """One fleet recording into a fresh database; what reached the store and how fast."""
     name = f"fleet_recording_{row}"
@@ -164,9 +180,10 @@ async def record_row(
         assert child.stdin is not None
         child.stdin.write(b"go\n")
         await child.stdin.drain()
-    started = time.monotonic()
+    cpu_before, started = await backends(conn), time.monotonic()
     depth: dict[int, dict[int, int]] = {}  # sample -> instance -> pending
     offered: list[float] = []
+    drained: list[float] = []
 
     async def read(index: int, child: asyncio.subprocess.Process) -> None:
         assert child.stdout is not None
@@ -174,16 +191,28 @@ async def record_row(
             at, value = json.loads(raw)
             if at == "offered":
                 offered.append(float(value))
+            elif at == "drained":
+                drained.append(float(value))
             else:
                 depth.setdefault(round(at / SAMPLE), {})[index] = int(value)
 
     readers = [asyncio.create_task(read(i, child)) for i, child in enumerate(children)]
-    while await conn.fetchval("SELECT count(*) FROM session_lens_events") < events:  # noqa: ASYNC110 - the store, polled
+    stored = 0
+    # Until the store has every event, or every instance is done (those the store refused
+    # are skipped by their recorder and never arrive).
+    while stored < events and len(drained) < instances:
         await asyncio.sleep(0.05)
+        stored = await conn.fetchval("SELECT count(*) FROM session_lens_events")
     elapsed = time.monotonic() - started
+    cpu = used(cpu_before, await backends(conn))
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write(b"exit\n")
+        await child.stdin.drain()
     for child in children:
         await child.wait()
     await asyncio.gather(*readers)
+    stored = await conn.fetchval("SELECT count(*) FROM session_lens_events")
     late = await conn.fetchval(
         "SELECT count(*) FROM session_lens_events e WHERE EXISTS (SELECT 1 FROM session_lens_events"
         " l WHERE l.session_id = e.session_id AND l.occurred_at > e.occurred_at"
@@ -194,7 +223,9 @@ async def record_row(
     totals = [sum(sample.values()) for _, sample in sorted(depth.items())]
     end_of_offer = round(max(offered) / SAMPLE)
     return {
-        "rate": events / elapsed,
+        "rate": stored / elapsed,
+        "cpu_per_event": cpu / max(stored, 1),
+        "lost": events - stored,
         "elapsed": elapsed,
         "offered_for": max(offered),
         "depth_max": max(totals),
@@ -213,36 +244,46 @@ def recording_function_of(version: int) -> str:
 
 
 async def recording(url: str, work: Path, events: int, rate: float) -> str:
-    runs = [(1, True), (1, False), (1, True), (1, False), (2, False), (4, False), (4, True)]
+    runs = [(1, True), (1, False)] * 3 + [(2, False), (4, False), (4, True)]
     results = []
     for row, (instances, before) in enumerate(runs):
         print(f"recording: {instances} instance(s), pre-004={before}", file=sys.stderr)
         results.append(
-            ((instances, before), await record_row(url, work, instances, events, rate, before, row))
+            (
+                (instances, before),
+                await record_row(url, work, instances, events, rate, before, row),
+            )
         )
     out = [
         f"{events:,} events offered at {rate:,.0f}/s across the fleet; sessions of five"
         " events, each seen by a random instance.",
         "",
-        "| instances | recording function | events/s into the store | spool depth max"
+        "| instances | recording function | events/s into the store"
+        " | PostgreSQL CPU per event | spool depth max"
         " | at the end of the offer | drained after the offer | late events"
-        " | sessions not DELETED |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        " | events refused | sessions not DELETED |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (instances, before), r in results:
         function = "migration 003 (arrival decides)" if before else "current (event time decides)"
         out.append(
-            f"| {instances} | {function} | {r['rate']:,.0f} | {r['depth_max']:,.0f} |"
+            f"| {instances} | {function} | {r['rate']:,.0f} | {r['cpu_per_event'] * 1e6:,.0f} µs"
+            f" | {r['depth_max']:,.0f} |"
             f" {r['depth_offer_end']:,.0f} | {r['drain']:.1f} s | {r['late']:,.0f} |"
+            f" {r['lost']:,.0f} |"
             f" {r['not_deleted']:,.0f} |"
         )
-    old = [r["rate"] for (n, before), r in results if n == 1 and before]
-    new = [r["rate"] for (n, before), r in results if n == 1 and not before]
-    ratio = (sum(new) / len(new)) / (sum(old) / len(old))
+
+    def median(before: bool, key: str) -> float:
+        return statistics.median(r[key] for (n, b), r in results if n == 1 and b is before)
+
+    rate = median(False, "rate") / median(True, "rate")
+    cpu = median(False, "cpu_per_event") / median(True, "cpu_per_event")
     out += [
         "",
-        f"One instance, current function over migration 003's (mean of two runs each,"
-        f" taking turns): {ratio:.2f}x the throughput ({1 - ratio:+.0%} cost).",
+        "One instance, the current function against migration 003's (medians of three runs"
+        f" each, taking turns): {rate:.2f}x the events a second, {cpu:.2f}x PostgreSQL's CPU"
+        " per event.",
     ]
     return "\n".join(out)
 
@@ -250,21 +291,40 @@ async def recording(url: str, work: Path, events: int, rate: float) -> str:
 # --- misses ----------------------------------------------------------------------------
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User and system time of processes (the living ones), in seconds."""
-    total = 0
+BACKENDS = (
+    "SELECT pid FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+)
+
+
+def cpu_by_pid(pids: Sequence[int]) -> dict[int, float]:
+    """User and system time of each living process, in seconds."""
+    found = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / 100  # clock ticks; Linux on x86 and arm64 uses 100 a second
+        found[pid] = (int(fields[11]) + int(fields[12])) / 100  # Linux counts 100 ticks a second
+    return found
 
 
-def postgres_pids(data_dir: Path) -> list[int]:
-    postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
-    return [postmaster] + [pid for pid, parent in parents().items() if parent == postmaster]
+def used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two readings; processes started meanwhile count whole."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+async def backends(conn: asyncpg.Connection) -> dict[int, float]:
+    """The CPU time of the database's server processes (other than `conn`'s own)."""
+    return cpu_by_pid([row["pid"] for row in await conn.fetch(BACKENDS)])
+
+
+async def backends_of(dsn: str) -> dict[int, float]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await backends(conn)
+    finally:
+        await conn.close()
 
 
 def scrape(admin_ports: Sequence[int]) -> dict[str, float]:
@@ -335,7 +395,7 @@ async def load_sessions(dsn: str) -> None:
         await conn.close()
 
 
-def misses(url: str, data_dir: Path, work: Path, seconds: int) -> str:
+def misses(url: str, work: Path, seconds: int) -> str:
     dsn = with_database(url, "fleet_misses")
 
     async def prepare() -> None:
@@ -371,7 +431,7 @@ def misses(url: str, data_dir: Path, work: Path, seconds: int) -> str:
                 for connections in CONNECTIONS:
                     each = max(1, connections // size)
                     print(f"misses: {size} process(es), {each} connection(s) each", file=sys.stderr)
-                    rows.append((size, each * size, *step(lenses, each, seconds, work, data_dir)))
+                    rows.append((size, each * size, *step(lenses, each, seconds, work, dsn)))
             finally:
                 for process, _, _ in lenses:
                     process.terminate()
@@ -388,7 +448,7 @@ def step(
     connections: int,
     seconds: int,
     work: Path,
-    data_dir: Path,
+    dsn: str,
 ) -> tuple[float, float, float, float, float, float, float]:
     admins = [admin for _, _, admin in lenses]
     # A short warm-up at this load, so pools and caches are ready before counting.
@@ -401,8 +461,7 @@ def step(
                 lenses,
             )
         )
-    pg = postgres_pids(data_dir)
-    before, cpu_before, clock = scrape(admins), cpu_seconds(pg), time.monotonic()
+    before, cpu_before, clock = scrape(admins), asyncio.run(backends_of(dsn)), time.monotonic()
     with ThreadPoolExecutor(len(lenses)) as pool:
         list(
             pool.map(
@@ -413,7 +472,7 @@ def step(
             )
         )
     elapsed = time.monotonic() - clock
-    after, cpu_after = scrape(admins), cpu_seconds(pg)
+    after, cpu_after = scrape(admins), asyncio.run(backends_of(dsn))
     count = "session_lens_classification_duration_seconds_count"
     answered = (after[count] - before[count]) / elapsed
     buckets = delta_buckets(before, after)
@@ -421,7 +480,7 @@ def step(
     timeouts = after.get('session_lens_classifier_errors_total{kind="timeout"}', 0.0) - before.get(
         'session_lens_classifier_errors_total{kind="timeout"}', 0.0
     )
-    pg_cores = (cpu_after - cpu_before) / elapsed
+    pg_cores = used(cpu_before, cpu_after) / elapsed
     return (
         answered,
         answered - unknown / elapsed,
@@ -448,24 +507,30 @@ def misses_table(
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for size, connections, rate, explained, p50, p99, unknown, timeouts, cores in rows:
+        # Backends that exit (a pool shrinking, the breaker open) take their CPU time along.
         per_core = f"{explained / cores:,.0f}" if cores > 0.05 else "-"
         out.append(
             f"| {size} | {connections} | {rate:,.0f} | {explained:,.0f} | {p50 * 1000:.2f} ms |"
-            f" {p99 * 1000:.2f} ms | {unknown:,.1f} | {timeouts:,.1f} | {cores:.2f} | {per_core} |"
+            f" {p99 * 1000:.2f} ms | {unknown:,.1f} | {timeouts:,.1f} | {max(cores, 0):.2f} |"
+            f" {per_core} |"
         )
-    missed = [row for row in rows if row[6] > 0]
-    clean = [row for row in rows if row[6] == 0]
+    # A stray `unknown` now and then (a scheduling hiccup on shared cores) is not the
+    # budget giving way; more than 1% of misses is.
+    held = [row for row in rows if row[6] <= 0.001 * row[2]]
+    missed = [row for row in rows if row[6] > 0.01 * row[2]]
     out.append("")
-    if clean:
-        best = max(clean, key=lambda row: row[3])
+    if held:
+        best = max(held, key=lambda row: row[3])
+        per_core = statistics.median(row[3] / row[8] for row in held if row[8] > 0.05)
         out.append(
-            f"Most explained with no miss past the budget: {best[3]:,.0f}/s ({best[0]} processes,"
-            f" {best[1]} connections), p99 {best[5] * 1000:.2f} ms."
+            f"With at most 0.1% `unknown`: up to {best[3]:,.0f} misses/s explained"
+            f" ({best[0]} processes, {best[1]} connections), p99 {best[5] * 1000:.2f} ms;"
+            f" PostgreSQL explained a median {per_core:,.0f} misses per core-second in those rows."
         )
     if missed:
         first = min(missed, key=lambda row: row[2])
         out.append(
-            f"The budget first missed (`unknown` > 0) at {first[2]:,.0f} misses/s"
+            f"`unknown` above 1% of misses first at {first[2]:,.0f} misses/s"
             f" ({first[0]} processes, {first[1]} connections)."
         )
     return "\n".join(out)
@@ -494,8 +559,7 @@ def main() -> None:
         )
     if args.only in (None, "misses"):
         sections.append(
-            "### Misses classified by one PostgreSQL\n\n"
-            + misses(database.url, database.data_dir, work, args.seconds)
+            "### Misses classified by one PostgreSQL\n\n" + misses(database.url, work, args.seconds)
         )
     print("\n\n".join(sections))
 
