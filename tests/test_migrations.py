@@ -7,16 +7,18 @@ import sys
 import asyncpg
 import pytest
 
-from session_lens.migrations import MigrationError, migrate, plan
+from session_lens.migrations import MIGRATIONS, MigrationError, migrate, plan
 from session_lens.schema import TRANSITIONS, SessionState, Tables
 
 SID = "exec_20251230_020944_4ad060d9"
+
+ALL = [migration.version for migration in MIGRATIONS]
 
 
 async def test_empty_database_gets_the_tables(empty_db: str) -> None:
     conn = await asyncpg.connect(empty_db)
     try:
-        assert await migrate(conn, Tables()) == [1, 2, 3, 4]
+        assert await migrate(conn, Tables()) == ALL
         assert await migrate(conn, Tables()) == []  # twice in a row: nothing to do
         columns = await conn.fetch(
             "SELECT column_name, is_nullable FROM information_schema.columns"
@@ -32,7 +34,7 @@ async def test_empty_database_gets_the_tables(empty_db: str) -> None:
         indexes = {r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes")}
         assert {"session_lens_state_idx", "session_audit_session_time_idx"} <= indexes
         assert not {i for i in indexes if i.endswith("occurred_at_idx")}  # prune's own
-        assert await conn.fetchval("SELECT count(*) FROM session_lens_migrations") == 4
+        assert await conn.fetchval("SELECT count(*) FROM session_lens_migrations") == len(ALL)
     finally:
         await conn.close()
 
@@ -73,7 +75,7 @@ async def test_legacy_table_keeps_everything_of_its_own(empty_db: str) -> None:
             batch_size=7_000,
             on_backfill=lambda total: seen.append,
         )
-        assert applied == [1, 2, 3, 4]
+        assert applied == ALL
         assert sum(seen) == LEGACY_ROWS and len(seen) == 15  # batches, shown as they go
         assert await conn.fetchval(theirs) == before
         states = dict(await conn.fetch("SELECT state, count(*) FROM sessions GROUP BY state"))
@@ -131,7 +133,7 @@ async def test_two_runners_at_once_apply_it_once(empty_db: str) -> None:
     first, second = await asyncpg.connect(empty_db), await asyncpg.connect(empty_db)
     try:
         results = await asyncio.gather(migrate(first, Tables()), migrate(second, Tables()))
-        assert sorted(results) == [[], [1, 2, 3, 4]]
+        assert sorted(results) == [[], ALL]
     finally:
         await first.close()
         await second.close()
@@ -239,7 +241,7 @@ async def test_realistic_legacy_shapes(empty_db: str) -> None:
         expression = (
             "CASE state WHEN 'running' THEN 'ACTIVE' WHEN 'gone' THEN 'DELETED' ELSE 'ACTIVE' END"
         )
-        assert await migrate(conn, Tables(), expression, batch_size=100) == [1, 2, 3, 4]
+        assert await migrate(conn, Tables(), expression, batch_size=100) == ALL
         states = dict(await conn.fetch("SELECT state, count(*) FROM sessions GROUP BY state"))
         assert states == {"ACTIVE": 750, "DELETED": 250}
         assert await conn.fetchval("SELECT count(*) FROM sessions WHERE created_at IS NULL") == 0
@@ -251,7 +253,7 @@ async def test_runs_again_after_a_partial_manual_change(db: str) -> None:
     conn = await asyncpg.connect(db)
     try:
         await conn.execute("DROP TABLE session_lens_migrations")
-        assert await migrate(conn, Tables()) == [1, 2, 3, 4]
+        assert await migrate(conn, Tables()) == ALL
     finally:
         await conn.close()
 

@@ -129,6 +129,18 @@ async def test_a_purge_overtaken_by_a_late_update_stays_purged(
     assert recorders.count("unexpected_transition") == 0
 
 
+async def test_a_session_first_seen_deleted_is_deleted_since_that_event(
+    recorders: Recorders, conn: asyncpg.Connection
+) -> None:
+    a, b = await recorders.start(), await recorders.start()
+    await send(b, event(Action.DELETE, 3))  # the creation and the stop still on their way
+    await send(a, event(Action.CREATE, 1), event(Action.STOP, 2))
+    found = await row(conn)
+    assert found["state"] == "DELETED"
+    assert found["deleted_at"] == datetime.fromtimestamp(T0 + 3, UTC)
+    assert found["created_at"] == datetime.fromtimestamp(T0 + 1, UTC)
+
+
 async def test_the_latest_event_decides_whatever_the_arrival_order(
     recorders: Recorders, conn: asyncpg.Connection
 ) -> None:

@@ -1,6 +1,7 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
-    python -m tests.benchmarks [--seconds 5] [--only hop,streaming,misses,recording,import,prune]
+    python -m tests.benchmarks [--seconds 5] [--only PART,...]   (hop, streaming, misses,
+        recording, import, prune, fleet)
 
 Needs nginx, wrk and curl (Debian: nginx-light, wrk, curl). Each part runs in a
 process of its own, one after the other, and prints markdown; this collects
@@ -33,6 +34,7 @@ PARTS = {
     "recording": "Recording observed lifecycle events",
     "import": "Importing 1 M sessions from a database and from a file",
     "prune": "Pruning 10 M of 50 M audit entries while the service writes",
+    "fleet": "Many sidecars, one PostgreSQL: recording and misses as the fleet grows",
 }
 MODULES = {"import": "imports"}
 """Parts whose module is not named like the part (`import` is a keyword)."""
@@ -89,6 +91,7 @@ def main() -> None:
         extra = {
             "hop": ["--seconds", str(args.seconds)],
             "recording": ["--seconds", str(args.seconds * 2)],
+            "fleet": ["--seconds", str(args.seconds)],
         }.get(part, [])
         print(f"-- {part}", file=sys.stderr, flush=True)
         started = time.monotonic()

@@ -87,38 +87,43 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'duplicate';
     END IF;
-    -- The state just before this event in time: what the latest earlier event led to.
-    SELECT CASE WHEN coalesce(e.ok, true) THEN
-               CASE e.action WHEN 'create' THEN 'ACTIVE' WHEN 'pause' THEN 'PAUSED'
-                    WHEN 'resume' THEN 'ACTIVE' WHEN 'stop' THEN 'STOPPED'
-                    WHEN 'delete' THEN 'DELETED' WHEN 'restore' THEN 'STOPPED'
-                    WHEN 'archive' THEN 'ARCHIVED' END
-           END
-      INTO prior
-      FROM {events} AS e
-     WHERE e.session_id = p_session AND (e.occurred_at, e.event_id) < (p_at, p_event)
-     ORDER BY e.occurred_at DESC, e.event_id DESC
-     LIMIT 1;
-    SELECT state, updated_at INTO before, before_at
-      FROM {table} WHERE {id} = p_session FOR UPDATE;
-    -- The newest: no later event, and not older than the row's state either (a row
-    -- imported or written with SQL reached its state at updated_at).
-    newest := NOT EXISTS (
-        SELECT 1 FROM {events} AS e
-         WHERE e.session_id = p_session AND (e.occurred_at, e.event_id) > (p_at, p_event))
-        AND (before_at IS NULL OR p_at >= before_at);
+    -- The newest of its session: the first in the index's order, now it is in.
+    newest := (SELECT e.event_id FROM {events} AS e WHERE e.session_id = p_session
+                ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT 1) = p_event;
     PERFORM set_config('session_lens.occurred_at', p_at::text, true),
             set_config('session_lens.audited', 'on', true),
             set_config('session_lens.any_transition', 'on', true);
+    SELECT state, updated_at INTO before, before_at
+      FROM {table} WHERE {id} = p_session FOR UPDATE;
+    -- Not older than the row's state either: a row imported or written with SQL
+    -- reached its state at updated_at.
+    newest := newest AND (before_at IS NULL OR p_at >= before_at);
+    -- The state just before this event in time: for the newest, the row's when there
+    -- is one (someone else may have written it too); else what the latest earlier
+    -- event led to.
+    IF newest AND before IS NOT NULL THEN
+        prior := before;
+    ELSE
+        SELECT CASE WHEN coalesce(e.ok, true) THEN
+                   CASE e.action WHEN 'create' THEN 'ACTIVE' WHEN 'pause' THEN 'PAUSED'
+                        WHEN 'resume' THEN 'ACTIVE' WHEN 'stop' THEN 'STOPPED'
+                        WHEN 'delete' THEN 'DELETED' WHEN 'restore' THEN 'STOPPED'
+                        WHEN 'archive' THEN 'ARCHIVED' END
+               END
+          INTO prior
+          FROM {events} AS e
+         WHERE e.session_id = p_session AND (e.occurred_at, e.event_id) < (p_at, p_event)
+         ORDER BY e.occurred_at DESC, e.event_id DESC
+         LIMIT 1;
+    END IF;
     IF newest THEN
-        prior := coalesce(before, prior);  -- the row, where someone else wrote it too
         IF NOT p_ok THEN
             NULL;  -- a creation that did not complete leaves no row
         ELSIF target IS NULL THEN
             DELETE FROM {table} WHERE {id} = p_session;
         ELSIF before IS NULL THEN
-            INSERT INTO {table} ({id}, state, created_at, updated_at)
-            VALUES (p_session, target, p_at, p_at);
+            INSERT INTO {table} ({id}, state, created_at, updated_at, deleted_at)
+            VALUES (p_session, target, p_at, p_at, CASE WHEN target = 'DELETED' THEN p_at END);
         ELSE
             UPDATE {table} SET state = target WHERE {id} = p_session;
         END IF;
