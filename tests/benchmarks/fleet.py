@@ -15,7 +15,7 @@ system time of the database's server processes), the spool depth summed over the
 fleet every 0.5 s (its maximum and when the offering ends), how long the drain
 took after it, late events, events the store refused, and sessions that did not
 end DELETED. The single-instance row runs three times with the current recording
-function and three times with migration 003's (before event time decided) put
+function and three times with migration 002's (before event time decided) put
 back, taking turns, for the cost of the ordering rule; the four-instance row
 once with each.
 
@@ -161,7 +161,7 @@ async def record_row(
     conn = await asyncpg.connect(dsn)
     await migrate(conn, Tables())
     if before_004:
-        await conn.execute(recording_function_of(3))
+        await conn.execute(recording_function_of(2))
     per_instance = rate / instances
     children = []
     for index, lines in enumerate(plan_events(instances, events, seed=row)):
@@ -265,7 +265,7 @@ async def recording(url: str, work: Path, events: int, rate: float) -> str:
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (instances, before), r in results:
-        function = "migration 003 (arrival decides)" if before else "current (event time decides)"
+        function = "migration 002 (arrival decides)" if before else "current (event time decides)"
         out.append(
             f"| {instances} | {function} | {r['rate']:,.0f} | {r['cpu_per_event'] * 1e6:,.0f} µs"
             f" | {r['depth_max']:,.0f} |"
@@ -281,7 +281,7 @@ async def recording(url: str, work: Path, events: int, rate: float) -> str:
     cpu = median(False, "cpu_per_event") / median(True, "cpu_per_event")
     out += [
         "",
-        "One instance, the current function against migration 003's (medians of three runs"
+        "One instance, the current function against migration 002's (medians of three runs"
         f" each, taking turns): {rate:.2f}x the events a second, {cpu:.2f}x PostgreSQL's CPU"
         " per event.",
     ]

@@ -51,7 +51,9 @@ BEGIN
 END
 $$;
 
--- One observed event, exactly once. Returns what it found:
+-- One observed event, exactly once. Events older than the pruned history are not
+-- applied again: their record of having been applied may be gone with it.
+-- Returns what it found:
 --   'before_horizon'  older than the pruned history: not applied again
 --   'future'          stamped further ahead of the database's clock than
 --                     session_lens.max_ahead (default 5 minutes): refused
