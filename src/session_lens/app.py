@@ -4,6 +4,7 @@ import asyncio
 import base64
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +30,19 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 DRAINING = web.AppKey("draining", asyncio.Event)
 EXPLAINER = web.AppKey("explainer", Explainer)
 RECORDER_HEALTH: web.AppKey[Callable[[], str | None]] = web.AppKey("recorder_health")
+
+
+@dataclass(frozen=True)
+class Listening:
+    """The worker processes accepting connections on the proxy port."""
+
+    count: int
+    of: int
+    ready: bool
+    """Whether the port is served as it should be for traffic to come."""
+
+
+WORKERS: web.AppKey[Callable[[], Listening] | None] = web.AppKey("workers")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -83,9 +97,12 @@ def create_proxy_app(
         await explainer.close()
 
     async def drain(app: web.Application) -> None:
-        if lane is not None:
-            lane.drain()
-        await proxy.drain(config.shutdown_grace.total_seconds())
+        grace = config.shutdown_grace.total_seconds()
+        if lane is None:
+            await proxy.drain(grace)
+            return
+        lane.drain()
+        await asyncio.gather(proxy.drain(grace), lane.drained(grace))
 
     app.cleanup_ctx.append(upstream_client)
     app.on_shutdown.append(drain)
@@ -98,14 +115,20 @@ def create_admin_app(
     explainer: Explainer,
     draining: asyncio.Event | None = None,
     recorder: Recorder | None = None,
+    workers: Callable[[], Listening] | None = None,
 ) -> web.Application:
-    """The app on the admin listener: /metrics, /healthz, /readyz, /sessions/{id}/explain."""
+    """The app on the admin listener: /metrics, /healthz, /readyz, /sessions/{id}/explain.
+
+    Served by one process, it starts once the proxy listener is up; a supervisor's
+    (`workers`) asks its workers whether they listen.
+    """
     app = web.Application(middlewares=[_bearer(config.admin_token)] if config.admin_token else [])
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[EXPLAINER] = explainer
     app[DRAINING] = draining or asyncio.Event()
     app[RECORDER_HEALTH] = recorder.health if recorder else _no_recorder
+    app[WORKERS] = workers
     app.router.add_get("/sessions/{session_id}/explain", _explain)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
@@ -187,20 +210,31 @@ async def _readyz(request: web.Request) -> web.Response:
     recorder = request.app[RECORDER_HEALTH]()
     if recorder is not _NOT_OBSERVING:
         checks["recorder"] = "ok" if recorder is None else recorder
-    # Only the upstream decides readiness: without the database, traffic still
-    # flows and misses are `unknown`; taking the hop out of service would be worse.
-    if upstream is not None:
+    workers = request.app[WORKERS]
+    listening = None if workers is None else workers()
+    if listening is not None:
+        checks["workers"] = (
+            "ok"
+            if listening.count == listening.of
+            else f"{listening.count} of {listening.of} listening"
+        )
+    # Only the upstream and the proxy port decide readiness: without the database,
+    # traffic still flows and misses are `unknown`; taking the hop out of service
+    # would be worse.
+    if upstream is not None or (listening is not None and not listening.ready):
         status, code = "not ready", 503
     elif all(check == "ok" for check in checks.values()):
         status, code = "ready", 200
     else:
         status, code = "degraded", 200
     horizon = request.app[EXPLAINER].horizon
-    body = {
+    body: dict[str, Any] = {
         "status": status,
         "checks": checks,
         "tracking_horizon": None if horizon is None else horizon.isoformat(),
     }
+    if listening is not None:
+        body["workers"] = {"listening": listening.count, "of": listening.of}
     return web.json_response(body, status=code)
 
 

@@ -16,7 +16,9 @@ backpressure both ways: a slow client pauses the upstream's socket.
 
 import asyncio
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -57,6 +59,12 @@ IDLE_UPSTREAM = 30.0
 IDLE_CLIENT = 75.0
 """Idle client connections are closed after this long, as aiohttp does."""
 SWEEP_EVERY = 1.0
+DRAIN_IDLE = 0.5
+"""Draining, how long a kept-alive connection may stay idle before it is closed.
+
+Closed at once, a client sending its next request at that moment would lose it
+(a POST is not sent again); given this long, a busy client's next request comes,
+and is answered with `Connection: close`."""
 
 _REQUEST_LINE = re.compile(rb"(GET|POST|PUT|PATCH|DELETE|OPTIONS) (/[!-~]*) HTTP/1\.1")
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([\t !-~\x80-\xff]*)")
@@ -494,10 +502,18 @@ class Lane:
         return _Refused(self.date())
 
     def drain(self) -> None:
-        """Stop keeping connections alive: idle ones close now, busy ones after their answer."""
+        """Stop keeping connections alive: each closes after its next answer, or idle."""
         self.draining = True
         for connection in list(self.connections):
-            connection.close_if_idle()
+            connection.close_if_idle(DRAIN_IDLE)
+
+    async def drained(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for every connection to close, idle ones closed."""
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            for connection in list(self.connections):
+                connection.close_if_idle(DRAIN_IDLE)
 
     def close(self) -> None:
         """Close every connection, client and upstream."""
@@ -614,8 +630,10 @@ class HopProtocol(asyncio.Protocol):
 
     # Connection management
 
-    def close_if_idle(self) -> None:
-        if not self._busy and not self._buffer and self._transport is not None:
+    def close_if_idle(self, longer_than: float = 0.0) -> None:
+        if self._busy or self._buffer or self._transport is None:
+            return
+        if self._loop.time() - self._since >= longer_than:
             self._transport.close()
 
     def abort(self) -> None:
@@ -1068,7 +1086,13 @@ class _Refused(asyncio.Protocol):
 
 
 class HopSite(web.TCPSite):
-    """A TCP site whose connections start in the fast lane (without a lane: aiohttp's)."""
+    """A TCP site whose connections start in the fast lane (without a lane: aiohttp's).
+
+    Stopping it takes in the connections the kernel has already queued on the
+    listener before closing it: closed with them queued, it would reset them, and
+    with SO_REUSEPORT the kernel queues connections to every listener of the port
+    until it closes (a rolling restart would lose them).
+    """
 
     __slots__ = ("_lane",)
 
@@ -1093,3 +1117,37 @@ class HopSite(web.TCPSite):
             reuse_port=self._reuse_port,
         )
         self._bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        server = self._server
+        if server is None:
+            await super().stop()
+            return
+        queued: list[socket.socket] = []
+        for listener in cast(asyncio.Server, server).sockets:
+            queued += _queued(listener.fileno())
+        server.close()  # no await since the queue was read: nothing can slip in between
+        await super().stop()
+        fallback = self._runner.server
+        assert fallback is not None
+        lane = self._lane
+        loop = asyncio.get_running_loop()
+        for sock in queued:
+            factory = fallback if lane is None else (lambda: lane.accept(fallback))
+            await loop.connect_accepted_socket(factory, sock)
+
+
+def _queued(listener: int) -> list[socket.socket]:
+    """The connections waiting in a listener's accept queue, accepted."""
+    accepted: list[socket.socket] = []
+    with socket.socket(fileno=os.dup(listener)) as sock:
+        sock.setblocking(False)
+        while True:
+            try:
+                connection, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return accepted
+            except OSError:  # out of descriptors, or the listener failed: keep what we have
+                return accepted
+            connection.setblocking(False)
+            accepted.append(connection)

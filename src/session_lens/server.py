@@ -4,7 +4,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -75,12 +75,16 @@ def run_fast(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def serve(
-    config: Config, stop: asyncio.Event | None = None, worker: int | None = None
+    config: Config,
+    stop: asyncio.Event | None = None,
+    worker: int | None = None,
+    listening: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (or `stop` is set), then shut down gracefully.
 
     As one of several workers (`worker` is its index), only the proxy listener
     is served, on a port shared with the others; the supervisor has the admin one.
+    `listening` is called once the proxy listener accepts connections.
     """
     disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the output and nobody graphs them
     registry = CollectorRegistry()
@@ -111,7 +115,10 @@ async def serve(
     stop = stop or asyncio.Event()
     with stopped_by_signals(stop):
         # The proxy listener first: once /healthz answers, clients can connect.
-        await start_runner(proxy, config.listen, proxy_app[LANE], reuse_port=worker is not None)
+        # SO_REUSEPORT always: the next process of a rolling restart binds beside this one.
+        await start_runner(proxy, config.listen, proxy_app[LANE], reuse_port=True)
+        if listening is not None:
+            listening()
         if admin is not None:
             try:
                 await start_runner(admin, config.admin_listen)

@@ -5,6 +5,12 @@ it no connections), starts the workers with spawn, and serves the admin
 listener itself. Workers write their metrics to files in a private directory
 (prometheus-client's multiprocess mode); /metrics sums them. A worker that dies
 is started again; SIGTERM or SIGINT drains every worker within the grace period.
+
+Each worker says when its listener is up (an event shared with the supervisor):
+/readyz waits for all of them at start, so a rolling restart hands the port to a
+full set. Afterwards it stays 200 while one still listens: the kernel gives new
+connections only to listening sockets, so they are served, and taking the whole
+process out of rotation for a worker's restart would cost more than the worker.
 """
 
 import asyncio
@@ -21,10 +27,11 @@ import tempfile
 import time
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from .app import create_admin_app
+from .app import Listening, create_admin_app
 from .config import Address, Config, mask_url
 from .explain import Explainer
 from .logs import setup_logging
@@ -54,7 +61,7 @@ class WorkersFailed(Exception):
     """The workers keep dying: the supervisor gives up."""
 
 
-def _worker(config: Config, index: int, supervisor: int) -> None:
+def _worker(config: Config, index: int, supervisor: int, listening: Event) -> None:
     """A worker process's body (spawned: nothing is inherited but the arguments)."""
     setup_logging(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains
@@ -63,7 +70,7 @@ def _worker(config: Config, index: int, supervisor: int) -> None:
         if os.getppid() != supervisor:  # it died before that was set
             return
     try:
-        run_fast(serve(config, worker=index))
+        run_fast(serve(config, worker=index, listening=listening.set))
     except ListenError as exc:
         print(f"session-lens worker {index}: {exc}", file=sys.stderr)
         sys.exit(EXIT_LISTEN)
@@ -91,17 +98,35 @@ class Supervisor:
         self._metrics_dir = metrics_dir
         self._context = multiprocessing.get_context("spawn")
         self._processes: dict[int, BaseProcess] = {}
+        self._listening: dict[int, Event] = {}
         self._deaths: list[float] = []
+        self._complete = False
+        """Every worker has been listening at once."""
 
     def start(self, index: int) -> None:
         config = self._config
         if config.lifecycle_source == "observed":  # one spool each: appends never interleave
             config = replace(config, spool_dir=config.spool_path / f"worker-{index}")
+        listening = self._context.Event()
         process = self._context.Process(
-            target=_worker, args=(config, index, os.getpid()), name=f"session-lens-worker-{index}"
+            target=_worker,
+            args=(config, index, os.getpid(), listening),
+            name=f"session-lens-worker-{index}",
         )
         process.start()
         self._processes[index] = process
+        self._listening[index] = listening
+
+    def listening(self) -> Listening:
+        """How many workers accept connections now; ready once all have, while one does."""
+        count = sum(
+            1
+            for index, process in self._processes.items()
+            if self._listening[index].is_set() and process.is_alive()
+        )
+        if count == self._config.workers:
+            self._complete = True
+        return Listening(count, self._config.workers, self._complete and count > 0)
 
     def check(self) -> None:
         """Start again the workers that died; raise when they keep dying or cannot listen."""
@@ -153,9 +178,11 @@ async def supervise(config: Config, stop: asyncio.Event | None = None) -> None:
         config, Metrics(CollectorRegistry(), config.session_routes), config.database_url
     )
     draining = asyncio.Event()
-    admin = admin_runner(create_admin_app(config, registry, explainer, draining))
     stop = stop or asyncio.Event()
     supervisor = Supervisor(config, metrics_dir)
+    admin = admin_runner(
+        create_admin_app(config, registry, explainer, draining, workers=supervisor.listening)
+    )
     with stopped_by_signals(stop):
         try:
             await explainer.open()
