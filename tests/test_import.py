@@ -368,7 +368,9 @@ async def test_the_store_going_away_stops_the_import_clearly(db: str, tmp_path: 
         )
         out, err = await asyncio.to_thread(process.communicate, timeout=30)
         assert process.returncode == 1, err[-2000:]
-        [message] = [line for line in err.splitlines() if line.startswith("session-lens: ")]
+        said = [line for line in err.splitlines() if line.startswith("session-lens: ")]
+        assert len(said) == 1, err[-3000:]
+        [message] = said
         assert message.startswith("session-lens: lost the lifecycle store postgresql://")
         assert message.endswith("pages before it are committed")
         assert "Traceback" not in err

@@ -13,6 +13,7 @@ store failed, exit 1); bad rows are never errors, they are refused and reported.
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import getpass
 import io
@@ -255,6 +256,9 @@ LOST = (
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
+    # A connection cut in the middle of an operation (a COPY) is left in a state
+    # where the next call says "another operation is in progress".
+    asyncpg.exceptions.InternalClientError,
 )
 """What a database that went away (or was shut down) raises."""
 
@@ -593,7 +597,11 @@ class Store:
             )
         except BaseException:
             if not conn.is_closed():  # when it is, the server has rolled back already
-                await transaction.rollback()
+                # A connection cut mid-COPY may refuse even the rollback ("another
+                # operation is in progress"); the first error is the one to tell, and
+                # the server rolls back a transaction whose connection is gone.
+                with contextlib.suppress(*LOST, asyncpg.PostgresError):
+                    await transaction.rollback()
             raise
         if dry_run:
             await transaction.rollback()
