@@ -260,7 +260,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_bad_periods_and_a_database_down_are_one_line_each() -> None:
     for period, complaint in [
         ("90 fortnights", "is not a retention period"),
-        ("6m", "write months as M"),
         ("99999y", "reaches back before the year 1"),
     ]:
         result = cli("--older-than", period, "--database-url", "postgresql://x@127.0.0.1:1/x")
@@ -320,3 +319,26 @@ async def test_interrupted_it_says_how_far_it_got_and_a_rerun_finishes(db: str) 
     assert result.returncode == 0, result.stderr
     assert f"removed   {left:,} audit entries" in result.stdout
     assert await count_audit(db) == 0
+
+
+async def test_older_than_takes_durations_as_every_setting_does(db: str) -> None:
+    conn = await asyncpg.connect(db)
+    try:
+        for minutes, session_id in ((60, "exec_20251230_020944_000000a1"),
+                                    (10, "exec_20251230_020944_000000a2")):  # fmt: skip
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT set_config('session_lens.occurred_at',"
+                    " (now() - make_interval(mins => $1))::text, true)",
+                    minutes,
+                )
+                await conn.execute(
+                    "INSERT INTO sessions (id, state) VALUES ($1, 'ACTIVE')", session_id
+                )
+        result = await asyncio.to_thread(cli, "--older-than", "30m", "--database-url", db)
+        assert result.returncode == 0, result.stderr
+        assert "(older than 1800 s)" in result.stdout
+        left = await conn.fetch("SELECT session_id FROM session_audit ORDER BY session_id")
+        assert [row["session_id"] for row in left] == ["exec_20251230_020944_000000a2"]
+    finally:
+        await conn.close()

@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from .config import (
     env_name,
     load_config,
     parse_address,
+    parse_duration,
     read_file,
 )
 from .demo import DemoOptions, run_demo
@@ -83,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--older-than", required=True, metavar="PERIOD",
-        help="what to remove: older than 90d, 12w, 6M, 1y, 36h (months and years by calendar)",
+        help="what to remove: older than 30m, 36h, 90d, 12w, 6M, 1y (M months, m minutes)",
     )  # fmt: skip
     prune.add_argument(
         "--batch-size", type=_positive, default=BATCH_SIZE, metavar="N",
@@ -122,8 +123,16 @@ def _positive(text: str) -> int:
     return value
 
 
-def _period(text: str) -> Period:
-    """A period to prune by, one that reaches back to a date that exists; raises ValueError."""
+def _period(text: str) -> Period | timedelta:
+    """What to prune by; raises ValueError.
+
+    A duration as every setting takes it (`30m`, `36h`, `1h30m`), or a calendar
+    period (`90d`, `12w`, `6M`, `1y`) that reaches back to a date that exists.
+    """
+    try:
+        return parse_duration(text)
+    except ValueError:
+        pass
     period = Period.parse(text)
     try:
         period.before(datetime.now(UTC))

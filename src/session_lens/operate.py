@@ -5,6 +5,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import TextIO
 
 import asyncpg
@@ -180,7 +181,7 @@ def _when(moment: object) -> str:
 
 async def run_prune(
     config: Config,
-    older_than: Period,
+    older_than: Period | timedelta,
     *,
     batch_size: int,
     dry_run: bool = False,
@@ -192,8 +193,12 @@ async def run_prune(
         async with _connect(config) as conn:
             tables = await qualified(conn, _tables(config))
             now = await conn.fetchval("SELECT statement_timestamp()")
-            pruning = Pruning(conn, tables, older_than.before(now), batch_size)
-            print(f"cut-off   {pruning.cutoff} (older than {older_than})", file=out)
+            if isinstance(older_than, timedelta):
+                cutoff, label = now - older_than, f"{older_than.total_seconds():g} s"
+            else:
+                cutoff, label = older_than.before(now), str(older_than)
+            pruning = Pruning(conn, tables, cutoff, batch_size)
+            print(f"cut-off   {pruning.cutoff} (older than {label})", file=out)
             if dry_run:
                 _print_preview(await pruning.preview(), out)
                 return 0
