@@ -84,6 +84,17 @@ async def upstream(aiohttp_server: Any) -> Upstream:
     return recorder
 
 
+async def not_found(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"error": "session_not_found"}, status=404)
+
+
+@pytest.fixture
+async def missing(upstream: Upstream) -> Upstream:
+    """An upstream that finds nothing, as the one in the story."""
+    upstream.respond = not_found
+    return upstream
+
+
 @dataclass
 class ProxyUnderTest:
     host: str

@@ -9,7 +9,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 
 from session_lens.migrations import migrate
 from session_lens.retention import Fate, Period, StoreRetention, Unit
@@ -29,16 +28,6 @@ def minted(moment: datetime, suffix: str = "0000000f") -> str:
 def fresh() -> str:
     """An ID minted after a horizon set just now (IDs name whole seconds: a little ahead)."""
     return minted(datetime.now(UTC) + timedelta(seconds=2))
-
-
-async def not_found(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"error": "session_not_found"}, status=404)
-
-
-@pytest.fixture
-async def missing(upstream: Upstream) -> Upstream:
-    upstream.respond = not_found
-    return upstream
 
 
 @pytest.fixture

@@ -17,21 +17,10 @@ from session_lens.lifecycle import CreationFailed, Lifecycle
 from session_lens.migrations import migrate
 from session_lens.schema import Tables
 
-from .conftest import MakeProxy, ProxyUnderTest, Upstream
+from .conftest import MakeProxy, ProxyUnderTest, Upstream, not_found
 
 SID = "exec_20251230_020944_4ad060d9"
 ROUTE = "/api/sessions/{session_id}"
-
-
-async def not_found(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"error": "session_not_found"}, status=404)
-
-
-@pytest.fixture
-async def missing(upstream: Upstream) -> Upstream:
-    """An upstream that finds nothing, as the one in the story."""
-    upstream.respond = not_found
-    return upstream
 
 
 async def lookup(proxy: ProxyUnderTest, query: str = "") -> tuple[int, dict[str, str], Any]:
