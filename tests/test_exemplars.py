@@ -3,7 +3,6 @@
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -13,15 +12,11 @@ from session_lens.config import load_config
 from session_lens.explain import Explainer
 from session_lens.metrics import Metrics
 
-from .conftest import MakeProxy, ProxyUnderTest, Upstream
+from .conftest import MakeProxy, ProxyUnderTest, Upstream, not_found
 
 SID = "exec_20251230_020944_4ad060d9"
 ROUTE = "/api/sessions/{session_id}"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
-
-
-async def not_found(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"error": "session_not_found"}, status=404)
 
 
 async def scrape(aiohttp_client: Any, proxy: ProxyUnderTest, accept: str) -> tuple[str, str]:

@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 
 from session_lens.cli import main
 from session_lens.config import mask_url
@@ -381,12 +380,8 @@ async def test_the_store_going_away_stops_the_import_clearly(db: str, tmp_path: 
 
 
 async def test_misses_after_import_carry_evidence(
-    db: str, foreign: str, upstream: Upstream, make_proxy: MakeProxy
+    db: str, foreign: str, missing: Upstream, make_proxy: MakeProxy
 ) -> None:
-    async def missing(request: web.Request) -> web.StreamResponse:
-        return web.json_response({"error": "session_not_found"}, status=404)
-
-    upstream.respond = missing
     code = await asyncio.to_thread(
         main,
         ["import", "--database-url", db, "--lifecycle-source", "observed", "--from-database",
@@ -394,7 +389,7 @@ async def test_misses_after_import_carry_evidence(
         {},
     )  # fmt: skip
     assert code == 0
-    proxy = await make_proxy(upstream.url, database_url=db, lifecycle_source="observed")
+    proxy = await make_proxy(missing.url, database_url=db, lifecycle_source="observed")
 
     async def reason(path: str) -> str:
         async with aiohttp.ClientSession() as client, client.get(proxy.url + path) as response:

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from session_lens.config import Config, load_config
@@ -105,15 +104,6 @@ async def test_older_entries_go_newer_stay_and_the_horizon_moves_first(
     await prune(db, "1d")
     assert (await tracking(conn))["pruned_before"] > pruned_before + timedelta(days=28)
     assert len(await audit(conn)) == 2
-
-
-@pytest.fixture
-async def missing(upstream: Upstream) -> Upstream:
-    async def not_found(request: web.Request) -> web.StreamResponse:
-        return web.json_response({"error": "session_not_found"}, status=404)
-
-    upstream.respond = not_found
-    return upstream
 
 
 async def reason(proxy: ProxyUnderTest, session_id: str) -> str:
