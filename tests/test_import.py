@@ -300,27 +300,40 @@ ROWS = 60_000
 PAGE = 1_000
 
 
+def import_command(db: str, path: Path) -> tuple[list[str], dict[str, str]]:
+    """`session-lens import` of a file in pages of PAGE, and an environment free of settings."""
+    command = [
+        sys.executable, "-m", "session_lens", "import", "--from-file", str(path),
+        "--page-size", str(PAGE), "--database-url", db, "--lifecycle-source", "observed",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_LENS_")}
+    return command, env
+
+
+async def until_pages(
+    conn: asyncpg.Connection, process: "subprocess.Popen[Any]", pages: int
+) -> None:
+    """Wait until the running import has committed `pages` pages."""
+    deadline = time.monotonic() + 60
+    while await conn.fetchval("SELECT count(*) FROM sessions") < pages * PAGE:
+        assert process.poll() is None, "the import ended too soon"
+        assert time.monotonic() < deadline, "no page was committed"
+        await asyncio.sleep(0.02)
+
+
 async def test_interrupted_and_resumed(db: str, tmp_path: Path) -> None:
     path = tmp_path / "sessions.csv"
     with path.open("w") as handle:
         handle.write("id,state,updated_at\n")
         for n in range(ROWS):
             handle.write(f"exec_20250101_000000_{n:08x},ACTIVE,2025-01-01 00:00:00\n")
-    command = [
-        sys.executable, "-m", "session_lens", "import", "--from-file", str(path),
-        "--page-size", str(PAGE), "--database-url", db, "--lifecycle-source", "observed",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_LENS_")}
+    command, env = import_command(db, path)
     conn = await asyncpg.connect(db)
     try:
         process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.monotonic() + 60
-        while await conn.fetchval("SELECT count(*) FROM sessions") < 3 * PAGE:
-            assert process.poll() is None, "the import ended before it could be cut"
-            assert time.monotonic() < deadline, "no page was committed"
-            await asyncio.sleep(0.02)
+        await until_pages(conn, process, 3)
         process.send_signal(signal.SIGKILL)
         await asyncio.to_thread(process.wait, 10)
         cut = await conn.fetchval("SELECT count(*) FROM sessions")
@@ -346,21 +359,13 @@ async def test_interrupted_and_resumed(db: str, tmp_path: Path) -> None:
 async def test_the_store_going_away_stops_the_import_clearly(db: str, tmp_path: Path) -> None:
     path = tmp_path / "sessions.csv"
     path.write_text("id\n" + "".join(f"exec_20250101_000000_{n:08x}\n" for n in range(ROWS)))
-    command = [
-        sys.executable, "-m", "session_lens", "import", "--from-file", str(path),
-        "--page-size", str(PAGE), "--database-url", db, "--lifecycle-source", "observed",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_LENS_")}
+    command, env = import_command(db, path)
     conn = await asyncpg.connect(db)
     try:
         process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        deadline = time.monotonic() + 60
-        while await conn.fetchval("SELECT count(*) FROM sessions") < 2 * PAGE:
-            assert process.poll() is None, "the import ended before the outage"
-            assert time.monotonic() < deadline, "no page was committed"
-            await asyncio.sleep(0.02)
+        await until_pages(conn, process, 2)
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
