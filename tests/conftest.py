@@ -25,7 +25,7 @@ from session_lens.app import LANE, create_proxy_app
 from session_lens.config import load_config
 from session_lens.embedded import start_embedded
 from session_lens.explain import Breaker, Explainer
-from session_lens.fastlane import HopSite
+from session_lens.lane import HopSite
 from session_lens.metrics import Metrics
 from session_lens.migrations import migrate
 from session_lens.recorder import Recorder

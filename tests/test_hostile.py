@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from session_lens.app import create_proxy_app
+from session_lens.app import LANE, create_proxy_app
 from session_lens.config import load_config
 from session_lens.ids import IdValidator
+from session_lens.lane import HopSite
 from session_lens.metrics import Metrics
 from session_lens.reasons import Rule
 
@@ -112,12 +113,12 @@ def stack() -> Iterator[Stack]:
         upstream = TestServer(app, loop=loop)
         await upstream.start_server()
         config = load_config(flags={"upstream": str(upstream.make_url("")).rstrip("/")})
-        proxy = TestServer(
-            create_proxy_app(config, Metrics(CollectorRegistry(), config.session_routes)),
-            loop=loop,
-        )
-        await proxy.start_server()
-        holder.update(upstream=upstream, proxy=proxy)
+        app = create_proxy_app(config, Metrics(CollectorRegistry(), config.session_routes))
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = HopSite(runner, app[LANE], "127.0.0.1", 0)
+        await site.start()
+        holder.update(upstream=upstream, runner=runner, port=site.port)
 
     def run() -> None:
         asyncio.set_event_loop(loop)
@@ -128,18 +129,19 @@ def stack() -> Iterator[Stack]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     ready.wait(10)
-    proxy = holder["proxy"]
-    assert isinstance(proxy, TestServer) and proxy.port is not None
-    found = Stack(proxy.port)
+    port = holder["port"]
+    assert isinstance(port, int)
+    found = Stack(port)
     handler = _Collect(found.errors)
     logging.getLogger().addHandler(handler)
     yield found
     logging.getLogger().removeHandler(handler)
 
     async def stop() -> None:
-        for server in holder.values():
-            assert isinstance(server, TestServer)
-            await server.close()
+        runner, upstream = holder["runner"], holder["upstream"]
+        assert isinstance(runner, web.AppRunner) and isinstance(upstream, TestServer)
+        await runner.cleanup()
+        await upstream.close()
 
     asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)

@@ -14,17 +14,18 @@ from prometheus_client.exposition import choose_encoder
 
 from .config import Config
 from .explain import Explainer, report_json
-from .fastlane import Lane
 from .ids import IdValidator
+from .lane import Lane
 from .logs import quiet_malformed_requests
 from .metrics import Metrics
 from .page import HTML, SECURITY_POLICY, prefers_html, problem_page, report_page
-from .proxy import MAX_HEADER_BYTES, Proxy
+from .policy import MAX_HEADER_BYTES, Policy
 from .recorder import Recorder
 from .store import StoreError
+from .websocket import WebSocketRelay
 
-PROXY = web.AppKey("proxy", Proxy)
-LANE: web.AppKey[Lane | None] = web.AppKey("lane")
+POLICY = web.AppKey("policy", Policy)
+LANE = web.AppKey("lane", Lane)
 CONFIG = web.AppKey("config", Config)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 DRAINING = web.AppKey("draining", asyncio.Event)
@@ -52,7 +53,8 @@ def create_proxy_app(
     explainer: Explainer | None = None,
     recorder: Recorder | None = None,
 ) -> web.Application:
-    """The app on the proxy listener: no routes, every request goes to the proxy.
+    """The proxy listener's app: the lane (app[LANE]) serves its connections, and
+    aiohttp's server only the WebSocket upgrades the lane gives it.
 
     It opens and closes the explainer's pool; without an explainer, misses are
     explained from `config.database_url` (none: every miss is `unknown`).
@@ -61,25 +63,20 @@ def create_proxy_app(
     explainer = explainer or Explainer(config, metrics, config.database_url)
     if recorder is None and config.lifecycle_source == "observed":
         recorder = Recorder(config, metrics, config.database_url)
-    proxy = Proxy(config, metrics, explainer, recorder)
+    policy = Policy(config, metrics, explainer, recorder)
+    relay = WebSocketRelay(config, policy)
 
-    # A middleware rather than a catch-all route: it also sees targets no route
-    # template can match (`OPTIONS *`), and skips the router's work.
+    # A middleware rather than a catch-all route: it skips the router's work.
     @web.middleware
-    async def forward_all(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await proxy.handle(request)
+    async def upgrade(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await relay.handle(request)
 
     app = web.Application(
-        middlewares=[forward_all],
-        handler_args={
-            "max_field_size": MAX_HEADER_BYTES,
-            "max_line_size": MAX_HEADER_BYTES,
-            # The upstream gets the client's bytes: a gzip body stays gzip.
-            "auto_decompress": False,
-        },
+        middlewares=[upgrade],
+        handler_args={"max_field_size": MAX_HEADER_BYTES, "max_line_size": MAX_HEADER_BYTES},
     )
-    app[PROXY] = proxy
-    lane = app[LANE] = Lane(proxy, config) if Lane.serves(config) else None
+    app[POLICY] = policy
+    lane = app[LANE] = Lane(policy, config)
     app[CONFIG] = config
     app[EXPLAINER] = explainer
 
@@ -87,22 +84,18 @@ def create_proxy_app(
         await explainer.open()
         if recorder is not None:
             await recorder.start()
-        await proxy.open()
+        await relay.open()
         yield
-        if lane is not None:
-            lane.close()
-        await proxy.close()
+        lane.close()
+        await relay.close()
         if recorder is not None:
             await recorder.stop()
         await explainer.close()
 
     async def drain(app: web.Application) -> None:
-        grace = config.shutdown_grace.total_seconds()
-        if lane is None:
-            await proxy.drain(grace)
-            return
         lane.drain()
-        await asyncio.gather(proxy.drain(grace), lane.drained(grace))
+        grace = config.shutdown_grace.total_seconds()
+        await asyncio.gather(policy.drain(grace), lane.drained(grace))
 
     app.cleanup_ctx.append(upstream_client)
     app.on_shutdown.append(drain)

@@ -71,6 +71,8 @@ class Config:
     """The zone the IDs' timestamps are written in."""
     upstream_connect_timeout: timedelta = timedelta(seconds=5)
     upstream_read_timeout: timedelta = timedelta(seconds=60)
+    upstream_ca_file: Path | None = None
+    """A PEM bundle trusted for an https upstream; None: the system's."""
     header_read_timeout: timedelta = timedelta(seconds=30)
     max_connections: int = 10000
     workers: int = 1
@@ -398,6 +400,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "id_timezone": _time_zone,
     "upstream_connect_timeout": _positive_duration,
     "upstream_read_timeout": _positive_duration,
+    "upstream_ca_file": _path,
     "header_read_timeout": _positive_duration,
     "max_connections": _count(1, 1_000_000),
     "workers": _count(1, 64),
@@ -436,6 +439,7 @@ HELP = {
     "id_timezone": "IANA time zone the IDs' timestamps are written in (default UTC)",
     "upstream_connect_timeout": "time to open an upstream connection (default 5s)",
     "upstream_read_timeout": "longest silence from the upstream while reading (default 60s)",
+    "upstream_ca_file": "PEM file of CAs trusted for an https upstream (default: the system's)",
     "header_read_timeout": "time a client gets to send a request head (default 30s), else 408",
     "max_connections": "client connections held open at once, per worker (default 10000)",
     "workers": "processes serving the proxy port, SO_REUSEPORT (default 1)",

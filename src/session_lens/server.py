@@ -12,10 +12,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from . import __version__
-from .app import LANE, PROXY, create_admin_app, create_proxy_app
+from .app import LANE, POLICY, create_admin_app, create_proxy_app
 from .config import Address, Config, mask_url
 from .explain import Explainer
-from .fastlane import HopSite, Lane
+from .lane import HopSite, Lane
 from .metrics import Metrics
 from .recorder import Recorder
 
@@ -35,9 +35,13 @@ async def start_runner(
     runner: web.AppRunner, address: Address, lane: Lane | None = None, reuse_port: bool = False
 ) -> None:
     await runner.setup()
-    site = HopSite(
-        runner, lane, address.host, address.port, backlog=1024, reuse_port=reuse_port or None
-    )
+    site: web.TCPSite
+    if lane is None:
+        site = web.TCPSite(runner, address.host, address.port, backlog=1024)
+    else:
+        site = HopSite(
+            runner, lane, address.host, address.port, backlog=1024, reuse_port=reuse_port or None
+        )
     try:
         await site.start()
     except OSError as exc:
@@ -110,7 +114,7 @@ async def serve(
     admin = None
     if worker is None:
         admin = admin_runner(
-            create_admin_app(config, registry, explainer, proxy_app[PROXY].draining, recorder)
+            create_admin_app(config, registry, explainer, proxy_app[POLICY].draining, recorder)
         )
     stop = stop or asyncio.Event()
     with stopped_by_signals(stop):

@@ -2,9 +2,28 @@
 
 import asyncio
 import contextlib
+import logging
+import ssl
+import time
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
+from multidict import CIMultiDict, MultiMapping
+from yarl import URL
+
+from .config import Config
+from .policy import (
+    HOP_BY_HOP,
+    MAX_HEADER_BYTES,
+    PROBLEM_JSON,
+    REQUEST_ID,
+    Answer,
+    Exchange,
+    Policy,
+)
+from .reasons import UpstreamError
+
+log = logging.getLogger("session_lens.proxy")
 
 Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
@@ -67,3 +86,200 @@ async def bridge(client: Socket, upstream: Socket, stop: asyncio.Event) -> None:
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, stopping, return_exceptions=True)
+
+
+# --- the WebSocket path: upgrades handed over by the lane, relayed by aiohttp ---------
+
+# Headers the WebSocket client library writes itself for the upstream handshake.
+_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
+_NEVER_ADDED = (hdrs.SERVER, hdrs.CONTENT_TYPE)
+
+
+class _Relayed(web.StreamResponse):
+    """A response that adds no `Server` or `Content-Type` the upstream did not send."""
+
+    async def _prepare_headers(self) -> None:
+        absent = [name for name in _NEVER_ADDED if name not in self.headers]
+        await super()._prepare_headers()
+        for name in absent:
+            self.headers.popall(name, None)
+
+
+class _RelayedWebSocket(web.WebSocketResponse):
+    """The client's side of a relayed WebSocket, adding no `Server` header either."""
+
+    async def _prepare_headers(self) -> None:
+        absent = [name for name in _NEVER_ADDED if name not in self.headers]
+        await super()._prepare_headers()
+        for name in absent:
+            self.headers.popall(name, None)
+
+
+def _end_to_end(
+    headers: MultiMapping[str], extra: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """A copy of `headers` without hop-by-hop ones (RFC 9110 §7.6.1), order and repeats kept."""
+    drop = HOP_BY_HOP | extra
+    named = headers.getall(hdrs.CONNECTION, ())
+    if named:
+        drop = drop | {token.strip().lower() for value in named for token in value.split(",")}
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered not in drop and not lowered.startswith("proxy-"):
+            kept.add(name, value)
+    return kept
+
+
+def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
+    """Append `value` to a list-valued header, folding repeats into one line."""
+    previous = headers.popall(name, ())
+    headers[name] = ", ".join((*previous, value))
+
+
+def _response(answer: Answer) -> web.Response:
+    response = web.Response(
+        status=answer.status,
+        body=answer.body,
+        content_type=PROBLEM_JSON,
+        headers=CIMultiDict(answer.headers),
+    )
+    response.force_close()
+    return response
+
+
+class WebSocketRelay:
+    """The handler of aiohttp's server, which the lane gives WebSocket upgrades to."""
+
+    def __init__(self, config: Config, policy: Policy) -> None:
+        self._config = config
+        self._policy = policy
+        self._client: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self._config.upstream_connect_timeout.total_seconds(),
+            sock_read=self._config.upstream_read_timeout.total_seconds(),
+        )
+        ca = self._config.upstream_ca_file
+        tls = ssl.create_default_context(cafile=str(ca)) if ca else True
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=tls),
+            timeout=timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=(
+                hdrs.ACCEPT,
+                hdrs.ACCEPT_ENCODING,
+                hdrs.USER_AGENT,
+                hdrs.CONTENT_TYPE,
+            ),
+            trust_env=False,
+            max_line_size=MAX_HEADER_BYTES,
+            max_field_size=MAX_HEADER_BYTES,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Validate an upgrade to a session route, then relay the WebSocket."""
+        policy = self._policy
+        exchange = policy.exchange(request.raw_path, request.headers.get(REQUEST_ID))
+        policy.begin()
+        try:
+            rejection = policy.lookup(exchange, request.method, request.raw_path.partition("?")[0])
+            if rejection is not None:
+                return _response(rejection)
+            return await self._relay(request, exchange)
+        finally:
+            policy.finish(exchange)
+
+    async def _relay(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        """Relay a WebSocket both ways: text, binary, ping, pong and close codes."""
+        assert self._client is not None
+        headers = _end_to_end(request.headers, _HANDSHAKE | {"expect"})
+        if request.remote:
+            _append(headers, "X-Forwarded-For", request.remote)
+        _append(headers, "X-Forwarded-Proto", request.scheme)
+        host = request.headers.get(hdrs.HOST)
+        if host:
+            _append(headers, "X-Forwarded-Host", host)
+        if exchange.id_generated:
+            headers[REQUEST_ID] = exchange.request_id
+        protocols = [
+            p.strip()
+            for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+            for p in value.split(",")
+            if p.strip()
+        ]
+        sent = time.perf_counter()
+        try:
+            upstream = await self._client.ws_connect(
+                URL(self._config.upstream + exchange.target, encoded=True),
+                headers=headers,
+                protocols=protocols,
+                autoclose=False,
+                autoping=False,
+                max_msg_size=0,
+                compress=0,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            # The upstream answered, but not with 101: its status and headers go back.
+            # (aiohttp does not read the body of a refused upgrade.)
+            exchange.status = exc.status
+            refusal = _Relayed(status=exc.status, headers=_end_to_end(exc.headers or CIMultiDict()))
+            refusal.headers.popall(hdrs.CONTENT_LENGTH, None)
+            refusal.content_length = 0
+            refusal.force_close()  # the connection was the lane's: it ends here
+            if exchange.id_generated:
+                refusal.headers.setdefault(REQUEST_ID, exchange.request_id)
+            return refusal
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if request.transport is None or request.transport.is_closing():
+                log.debug("client went away", extra={"request_id": exchange.request_id})
+                return web.Response(status=499)
+            return _response(policy_failure(self._policy, exchange, exc))
+        client = _RelayedWebSocket(
+            protocols=(upstream.protocol,) if upstream.protocol else (),
+            autoclose=False,
+            autoping=False,
+            max_msg_size=0,
+            compress=False,
+        )
+        # What the upstream said with its 101 (cookies, say) goes to the client too.
+        handshake = getattr(upstream, "_response", None)
+        if handshake is not None:
+            client.headers.extend(_end_to_end(handshake.headers, _HANDSHAKE))
+        try:
+            await client.prepare(request)
+            exchange.status = 101
+            await bridge(client, upstream, self._policy.draining)
+        finally:
+            await upstream.close()
+            await client.close()
+            exchange.upstream_seconds = time.perf_counter() - sent
+        return client
+
+
+def policy_failure(policy: Policy, exchange: Exchange, exc: BaseException) -> Answer:
+    """The 502 or 504 for a handshake the upstream failed, by the client library's error."""
+    if isinstance(exc, asyncio.TimeoutError):  # ServerTimeoutError is one too
+        kind = UpstreamError.TIMEOUT
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        kind = UpstreamError.CONNECT
+    elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        kind = UpstreamError.RESET
+    else:
+        kind = UpstreamError.PROTOCOL
+    return policy.failure(exchange, kind, exc)

@@ -1,0 +1,94 @@
+"""Writing answers to the client: relayed heads, body framing, answers of our own."""
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+from ..policy import HOP_BY_HOP, PROBLEM_JSON, Answer
+
+_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
+BODYLESS = frozenset({204, 304})
+"""Statuses whose answers never have a body (RFC 9110 §6.4.1)."""
+
+
+class Clock:
+    """Today's `Date` header value, formatted once a second."""
+
+    __slots__ = ("_at", "_value")
+
+    def __init__(self) -> None:
+        self._at = 0
+        self._value = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._at:
+            self._at = now
+            self._value = formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+def end_to_end(
+    fields: list[tuple[bytes, bytes]], framed: bool
+) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
+    """A message's fields without hop-by-hop ones, and the names of those kept, lowered.
+
+    `framed` keeps Content-Length (the message's framing, whatever its Connection
+    names); otherwise it goes, saying nothing true of a re-framed body.
+    """
+    drop = set(_HOP_BY_HOP)
+    for name, value in fields:
+        if name.lower() == b"connection":
+            drop.update(token.strip(b" \t") for token in value.lower().split(b","))
+    if framed:
+        drop.discard(b"content-length")
+    else:
+        drop.add(b"content-length")
+    kept: list[tuple[bytes, bytes]] = []
+    named: set[bytes] = set()
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered in drop or lowered.startswith(b"proxy-"):
+            continue
+        kept.append((name, value))
+        named.add(lowered)
+    return kept, named
+
+
+def add_fields(out: list[bytes], fields: list[tuple[bytes, bytes]]) -> None:
+    for name, value in fields:
+        out += (name, b": ", value, b"\r\n")
+
+
+def framed(out: list[bytes], chunks: list[bytes], chunked: bool) -> None:
+    """Append body chunks to `out`, each framed as a chunk when the body goes chunked."""
+    if not chunked:
+        out += chunks
+        return
+    for chunk in chunks:
+        if chunk:
+            out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+
+
+def last_chunk(out: list[bytes], trailers: list[tuple[bytes, bytes]]) -> None:
+    """Append the end of a chunked body, with its trailer fields."""
+    out.append(b"0\r\n")
+    add_fields(out, trailers)
+    out.append(b"\r\n")
+
+
+def render(answer: Answer, date: bytes, close: bool, head_only: bool = False) -> bytes:
+    """An answer of session-lens' own, as bytes on the wire."""
+    out = [
+        b"HTTP/1.1 %d %s\r\n" % (answer.status, HTTPStatus(answer.status).phrase.encode()),
+        b"Content-Type: %s\r\nContent-Length: %d\r\n" % (PROBLEM_JSON.encode(), len(answer.body)),
+        b"Date: " + date + b"\r\n",
+    ]
+    for name, value in answer.headers:
+        out.append(f"{name}: {value}\r\n".encode())
+    if close:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    if not head_only:
+        out.append(answer.body)
+    return b"".join(out)
