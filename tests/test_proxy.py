@@ -339,25 +339,6 @@ async def test_absolute_form_target_is_forwarded_as_a_path(
     assert upstream.seen[0].raw_path == "/abs?q=1"
 
 
-async def test_asterisk_target_is_relayed_as_it_is(raw_upstream, make_proxy: MakeProxy) -> None:
-    # RFC 9112 §3.2.4: `OPTIONS *` asks about the server itself; the upstream answers it.
-    lines: list[bytes] = []
-
-    async def allow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        lines.append((await read_head(reader)).split(b"\r\n")[0])
-        writer.write(b"HTTP/1.1 200 OK\r\nAllow: GET, HEAD\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    proxy = await make_proxy(await raw_upstream(allow))
-    response = await raw_exchange(
-        proxy.port, request_bytes("OPTIONS * HTTP/1.1", "Host: h", "Connection: close")
-    )
-    assert response.status == 200
-    assert response.header("Allow") == ["GET, HEAD"]
-    assert lines == [b"OPTIONS * HTTP/1.1"]
-
-
 async def test_upgrade_header_alone_is_not_a_websocket(
     upstream: Upstream, proxy: ProxyUnderTest
 ) -> None:

@@ -77,6 +77,10 @@ class _Refusal(Exception):
         self.detail = detail
 
 
+class _Stopped(Exception):
+    """Nothing more of what the client sent is parsed."""
+
+
 class Request:
     """One request parsed from the client, and how far its relay has come."""
 
@@ -225,7 +229,9 @@ class ClientConnection(asyncio.Protocol):
             self._upgraded(data[cast(int, upgrade.args[0]) :])
         except httptools.HttpParserError as exc:
             refusal = exc.__context__
-            if isinstance(refusal, _Refusal):
+            if isinstance(refusal, _Stopped):
+                pass
+            elif isinstance(refusal, _Refusal):
                 self._fail(refusal.status, refusal.detail)
             else:
                 self._fail(400, f"the request is malformed: {exc}")
@@ -269,12 +275,16 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         request = self._head()
-        self._reading = request
         self._queue.append(request)
+        if request.refusal is not None:  # answered from its head: nothing after it is read
+            self._ended = True
+            raise _Stopped
+        self._reading = request
 
     def on_body(self, body: bytes) -> None:
         request = self._reading
-        assert request is not None
+        if request is None:
+            raise _Stopped
         request.size += len(body)
         limit = self._lane.policy.max_body
         if limit is not None and request.size > limit:
@@ -294,7 +304,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request = self._reading
-        assert request is not None
+        if request is None:
+            raise _Stopped
         self._reading = None
         request.done = True
         if request.observation is not None:
@@ -325,6 +336,7 @@ class ClientConnection(asyncio.Protocol):
                 raise _Refusal(400, "the request has no Host header")
         except _Refusal as refusal:
             request.refusal = refusal
+        if request.refusal is not None:
             request.close = True
             return request
         request.close = request.close or not parser.should_keep_alive()
@@ -343,6 +355,10 @@ class ClientConnection(asyncio.Protocol):
                 request.host = value
             elif lowered == b"transfer-encoding":
                 request.chunked = True  # llhttp refuses any other final coding
+            elif lowered == b"content-length":  # llhttp has checked it is one number
+                limit = self._lane.policy.max_body
+                if limit is not None and int(value) > limit:
+                    request.refusal = _Refusal(413, "")
             elif lowered == b"connection":
                 named.update(token.strip(b" \t") for token in value.lower().split(b","))
             elif lowered == b"upgrade":
@@ -425,19 +441,21 @@ class ClientConnection(asyncio.Protocol):
         self._ended = True
         reading, self._reading = self._reading, None
         if reading is not None and reading is self._active:
-            self._end_now(reading, answer)  # its body is broken while it is relayed
+            assert reading.exchange is not None  # its body is broken while it is relayed
+            self._end_now(reading, None if reading.exchange.status else answer)
             return
         if reading is not None:
             self._queue.remove(reading)  # its body is broken: it is never relayed
         self._final = answer
 
-    def _end_now(self, request: Request, answer: Answer) -> None:
-        """`request`, being relayed, cannot go on: `answer` unless its answer has begun,
-        and the connection closes; the upstream must not take a cut body for a whole one."""
+    def _end_now(self, request: Request, answer: Answer | None) -> None:
+        """`request`, being relayed, cannot go on: `answer` (None when its answer has
+        begun), and the connection closes; the upstream must not take a cut body for a
+        whole one."""
         transport = self._transport
         exchange = request.exchange
         assert transport is not None and exchange is not None
-        if not exchange.status and not transport.is_closing():
+        if answer is not None and not transport.is_closing():
             exchange.status = answer.status
             transport.write(self._render(answer, True, request))
         if request.upstream is not None:
@@ -453,14 +471,14 @@ class ClientConnection(asyncio.Protocol):
         self._ended = True  # nothing after it is read
         self._reading = None
         if request is self._active:
-            assert request.exchange is not None
-            if request.exchange.status:  # answered here already
-                self._end_now(request, problem_answer(413, ""))
-                return
-            self._end_now(request, self._lane.policy.too_large(request.exchange))
-            return
-        request.refusal = _Refusal(413, "")
-        request.close = True
+            exchange = request.exchange
+            assert exchange is not None
+            begun = bool(exchange.status)
+            self._end_now(request, None if begun else self._lane.policy.too_large(exchange))
+        else:
+            request.refusal = _Refusal(413, "")
+            request.close = True
+        raise _Stopped
 
     def close_if_idle(self, longer_than: float = 0.0) -> None:
         if self._queue or self._in_head or self._transport is None:
@@ -606,6 +624,7 @@ class ClientConnection(asyncio.Protocol):
             last_chunk(out, request.trailers)
         self._ahead -= sum(len(chunk) for chunk in request.body)
         request.body = []
+        self._flow()
         return b"".join(out)
 
     def _send(self, request: Request, upstream: Upstream, data: bytes) -> None:

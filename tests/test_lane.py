@@ -1,4 +1,4 @@
-"""The fast lane: pipelining, the hand-over to aiohttp, slow heads, connection caps, retries."""
+"""The lane: pipelining, chunked and HEAD requests mid-connection, slow heads, caps, retries."""
 
 import asyncio
 
@@ -42,14 +42,14 @@ async def test_pipelined_requests_are_answered_in_order(
     ]
 
 
-async def test_a_connection_is_handed_to_aiohttp_mid_way(
+async def test_chunked_and_head_requests_mid_way_keep_the_connection(
     upstream: Upstream, make_proxy: MakeProxy
 ) -> None:
     proxy = await make_proxy(upstream.url)
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     writer.write(request_bytes("GET /fast HTTP/1.1", "Host: h"))
     [first] = await _read_responses(reader, 1)
-    # Chunked: not the fast lane's; this request and all after it go to aiohttp.
+    # Chunked, then HEAD: the same lane serves them and what comes after.
     writer.write(
         request_bytes("POST /chunked HTTP/1.1", "Host: h", "Transfer-Encoding: chunked")
         + b"5\r\nhello\r\n0\r\n\r\n"

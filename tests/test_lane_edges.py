@@ -1,4 +1,4 @@
-"""The fast lane at its edges: framing tricks, pipelining pressure, retries, timeouts, caps."""
+"""The lane at its edges: framing tricks, pipelining pressure, retries, timeouts, caps."""
 
 import asyncio
 import os
@@ -292,10 +292,10 @@ async def test_workers_start_when_the_supervisor_is_pid_1() -> None:
     assert "worker died" not in stderr, stderr
 
 
-async def test_include_deleted_is_read_from_the_query_as_the_aiohttp_path_reads_it(
+async def test_include_deleted_is_read_from_the_query_alike_for_get_and_head(
     upstream: Upstream, make_proxy: MakeProxy, db: str, conn
 ) -> None:
-    """`include_deleted` is read from the query as aiohttp's lane reads it (blank values too)."""
+    """`include_deleted` is read from the query the same way for GET and HEAD (blank values too)."""
     sid = "exec_20251230_020944_4ad060d9"
     await conn.execute("INSERT INTO sessions (id, state) VALUES ($1, 'STOPPED')", sid)
     await conn.execute("UPDATE sessions SET state = 'DELETED' WHERE id = $1", sid)
@@ -312,14 +312,14 @@ async def test_include_deleted_is_read_from_the_query_as_the_aiohttp_path_reads_
         )
     )
     answer = parse_response(await _read_one(reader))
-    # The same lookup as HEAD: not the lane's, aiohttp's path answers it.
+    # The same lookup as HEAD.
     writer.write(
         request_bytes(
             f"HEAD /api/sessions/{sid}?include_deleted=&include_deleted=true HTTP/1.1", "Host: h"
         )
     )
-    aiohttp_answer = parse_response(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5))
+    head_answer = parse_response(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5))
     writer.close()
-    assert answer.status == aiohttp_answer.status == 404
-    assert aiohttp_answer.header("X-Session-Not-Found-Reason") == ["deleted"]
+    assert answer.status == head_answer.status == 404
+    assert head_answer.header("X-Session-Not-Found-Reason") == ["deleted"]
     assert answer.header("X-Session-Not-Found-Reason") == ["deleted"]
