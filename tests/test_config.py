@@ -136,6 +136,8 @@ def test_every_problem_is_reported_once_with_its_source() -> None:
         ("session_routes", "/api/sessions", "needs exactly one {session_id} placeholder"),
         ("session_routes", ",", "needs at least one path template"),
         ("log_level", "loud", "is not one of debug, info, warning, error"),
+        ("upstream_ca_file", "/nonexistent/ca.pem", "cannot be read as PEM certificates"),
+        ("upstream_ca_file", __file__, "cannot be read as PEM certificates"),
     ],
 )
 def test_bad_values(setting: str, value: str, message: str) -> None:

@@ -182,3 +182,44 @@ async def test_a_client_leaving_takes_a_reused_upstream_request_along(
     writer2.write(request_bytes("GET /after HTTP/1.1", "Host: h", "Connection: close"))
     assert parse_response(await asyncio.wait_for(writer2_reader.read(), 5)).status == 200
     writer2.close()
+
+
+async def test_early_hints_are_relayed_as_they_come_but_not_to_http_1_0(
+    raw_upstream, make_proxy: MakeProxy
+) -> None:
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\n"
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    hinted = asyncio.Event()
+
+    async def hinting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_head(reader)
+            except asyncio.IncompleteReadError:
+                writer.close()
+                return
+            writer.write(hints)
+            await writer.drain()
+            await asyncio.wait_for(hinted.wait(), 5)  # the final answer waits for the client
+            hinted.clear()
+            writer.write(final)
+            await writer.drain()
+
+    proxy = await make_proxy(await raw_upstream(hinting))
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(request_bytes("GET /page HTTP/1.1", "Host: h", "X-Request-ID: r"))
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == hints
+    hinted.set()
+    [answer] = await _read_responses(reader, 1)
+    writer.close()
+    assert parse_response(answer).status == 200
+    # HTTP/1.0 has no interim answers (RFC 9110 §15.2): the client sees only the final one.
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(request_bytes("GET /page HTTP/1.0", "X-Request-ID: r"))
+    await asyncio.sleep(0.2)
+    hinted.set()
+    received = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"103" not in received.split(b"\r\n")[0]
+    assert parse_response(received).body == b"ok"

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -253,6 +254,15 @@ def _path(raw: object) -> Path:
     return Path(text).expanduser()
 
 
+def _ca_file(raw: object) -> Path:
+    path = _path(raw)
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except OSError as exc:  # ssl.SSLError is one too
+        raise _Invalid(f"cannot be read as PEM certificates: {exc.strerror or exc}") from None
+    return path
+
+
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
@@ -400,7 +410,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "id_timezone": _time_zone,
     "upstream_connect_timeout": _positive_duration,
     "upstream_read_timeout": _positive_duration,
-    "upstream_ca_file": _path,
+    "upstream_ca_file": _ca_file,
     "header_read_timeout": _positive_duration,
     "max_connections": _count(1, 1_000_000),
     "workers": _count(1, 64),

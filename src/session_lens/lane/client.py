@@ -648,7 +648,8 @@ class ClientConnection(asyncio.Protocol):
         upstream = request.upstream
         assert upstream is not None and request.exchange is not None
         if upstream.failure is None and not upstream.headed:
-            return  # a head in pieces
+            self._interim(request, upstream)
+            return  # a head in pieces, or an interim answer
         upstream.listener = None
         self._direct = None
         whole = upstream.failure is None and upstream.complete and request.done
@@ -721,7 +722,9 @@ class ClientConnection(asyncio.Protocol):
                     self._send(request, upstream, data)
                 try:
                     while not upstream.headed:
+                        self._interim(request, upstream)
                         await upstream.wait()
+                    self._interim(request, upstream)
                     break
                 except UpstreamFailure as failure:
                     upstream.close()
@@ -826,8 +829,7 @@ class ClientConnection(asyncio.Protocol):
             mode = "close"
         else:
             mode = "chunked"
-        out = [] if request.http10 else list(upstream.interim)
-        out += (b"HTTP/1.1 %d " % status, upstream.reason, b"\r\n")
+        out = [b"HTTP/1.1 %d " % status, upstream.reason, b"\r\n"]
         add_fields(out, fields)
         if b"date" not in named:
             out += (b"Date: ", self._lane.clock.date(), b"\r\n")
@@ -841,6 +843,13 @@ class ClientConnection(asyncio.Protocol):
             out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
         return out, mode
+
+    def _interim(self, request: Request, upstream: Upstream) -> None:
+        """Relay the interim answers come so far (none to HTTP/1.0, RFC 9110 §15.2)."""
+        if upstream.interim:
+            if not request.http10 and self._transport is not None:
+                self._transport.write(b"".join(upstream.interim))
+            upstream.interim.clear()
 
     def _write_rest(self, out: list[bytes], upstream: Upstream, mode: str) -> None:
         """Write `out` with the rest of a whole answer's body."""

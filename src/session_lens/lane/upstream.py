@@ -56,7 +56,7 @@ class Upstream(asyncio.Protocol):
         self.fields: list[tuple[bytes, bytes]] = []
         self.trailers: list[tuple[bytes, bytes]] = []
         self.interim: list[bytes] = []
-        """Interim (1xx) answers before the final one, as they came, heads whole."""
+        """Interim answers (103 Early Hints...) not yet relayed, as they came."""
         self.framing = b""  # b"length", b"chunked" or b"close"
         self.length: int | None = None
         self.chunks: list[bytes] = []
@@ -243,7 +243,7 @@ class Upstream(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if 100 <= status < 200:  # an interim answer (103 Early Hints...): relayed before
+        if 100 <= status < 200:  # an interim answer: relayed as it comes, but 100 and 101
             self._informational = True
             if status not in (100, 101):
                 out = [b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
@@ -251,6 +251,7 @@ class Upstream(asyncio.Protocol):
                     out += (name, b": ", value, b"\r\n")
                 out.append(b"\r\n")
                 self.interim.append(b"".join(out))
+                self._wake()
             return
         self.status = status
         framing = b"close"
