@@ -386,11 +386,14 @@ class Policy:
         """413 for a body over `max_body_bytes`."""
         return self.refuse(exchange, 413, f"the request body is larger than {self.max_body} bytes")
 
-    def failure(self, exchange: Exchange, kind: UpstreamError, exc: BaseException) -> Answer:
-        """The 502 or 504 for an upstream that failed `kind`'s way; counted and logged."""
+    def failure(
+        self, exchange: Exchange, kind: UpstreamError, exc: BaseException, counted: bool = False
+    ) -> Answer:
+        """The 502 or 504 for an upstream that failed `kind`'s way; counted (a lookup's
+        outcome not again if `counted`) and logged."""
         status = 504 if kind is UpstreamError.TIMEOUT else 502
         exchange.status = status
-        if exchange.match is not None:
+        if exchange.match is not None and not counted:
             self._metrics.lookups[exchange.match.route, Outcome.UPSTREAM_ERROR].inc()
         self.log_upstream_error(exchange, kind, exc)
         return problem_answer(

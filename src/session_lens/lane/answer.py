@@ -77,8 +77,10 @@ def last_chunk(out: list[bytes], trailers: list[tuple[bytes, bytes]]) -> None:
     out.append(b"\r\n")
 
 
-def render(answer: Answer, date: bytes, close: bool, head_only: bool = False) -> bytes:
-    """An answer of session-lens' own, as bytes on the wire."""
+def render(
+    answer: Answer, date: bytes, close: bool, head_only: bool = False, http10: bool = False
+) -> bytes:
+    """An answer of session-lens' own, as bytes on the wire (to a HEAD: its head)."""
     out = [
         b"HTTP/1.1 %d %s\r\n" % (answer.status, HTTPStatus(answer.status).phrase.encode()),
         b"Content-Type: %s\r\nContent-Length: %d\r\n" % (PROBLEM_JSON.encode(), len(answer.body)),
@@ -88,6 +90,8 @@ def render(answer: Answer, date: bytes, close: bool, head_only: bool = False) ->
         out.append(f"{name}: {value}\r\n".encode())
     if close:
         out.append(b"Connection: close\r\n")
+    elif http10:  # an HTTP/1.0 connection stays open only when it is said
+        out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
     if not head_only:
         out.append(answer.body)

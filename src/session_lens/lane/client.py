@@ -99,7 +99,9 @@ class Request:
         "method",
         "observation",
         "path",
+        "read_at",
         "refusal",
+        "replied",
         "request_id",
         "sent",
         "size",
@@ -144,6 +146,10 @@ class Request:
         self.observation: Observation | None = None
         self.tap: bytearray | None = None
         """The first bytes of a body kept to find a session ID in."""
+        self.read_at = 0.0
+        """When the last of its body was read."""
+        self.replied = False
+        """Whether any of an answer has gone to the client."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -286,6 +292,7 @@ class ClientConnection(asyncio.Protocol):
         if request is None:
             raise _Stopped
         request.size += len(body)
+        request.read_at = self._loop.time()
         limit = self._lane.policy.max_body
         if limit is not None and request.size > limit:
             self._over_limit(request)
@@ -310,8 +317,8 @@ class ClientConnection(asyncio.Protocol):
         request.done = True
         if request.observation is not None:
             self._inspect(request)
-        if request.sent and request.upstream is not None and request.chunked:
-            request.upstream.write(self._body_so_far(request, []))
+        if request.sent and request.upstream is not None:
+            request.upstream.write(self._body_so_far(request, []), last=True)
 
     def _inspect(self, request: Request) -> None:
         """Show a lifecycle request's whole body to its observation."""
@@ -354,7 +361,12 @@ class ClientConnection(asyncio.Protocol):
                     raise _Refusal(400, "the request has more than one Host header")
                 request.host = value
             elif lowered == b"transfer-encoding":
-                request.chunked = True  # llhttp refuses any other final coding
+                codings = [coding.strip(b" \t") for coding in value.lower().split(b",")]
+                if codings[-1] != b"chunked":  # no telling where the body ends (RFC 9112 §6.3)
+                    raise _Refusal(400, "the Transfer-Encoding does not end in chunked")
+                if len(codings) > 1 or request.chunked:
+                    raise _Refusal(501, "transfer codings other than chunked are not relayed")
+                request.chunked = True
             elif lowered == b"content-length":  # llhttp has checked it is one number
                 limit = self._lane.policy.max_body
                 if limit is not None and int(value) > limit:
@@ -374,7 +386,7 @@ class ClientConnection(asyncio.Protocol):
             request.method == b"GET" and upgrade == b"websocket" and b"upgrade" in named
         )
         drop = _DROPPED | (named - _NEVER_DROPPED)  # framing and routing stay, whatever is named
-        if request.request_id == b"":  # empty: replaced by one of ours, as if absent
+        if request.request_id == b"" or b"x-request-id" in named:  # replaced, as if absent
             request.request_id = None
             drop = drop | {b"x-request-id"}
         for name, value in self._fields:
@@ -423,8 +435,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _websocket_head(self, request: Request) -> bytes:
         """The upgrade request again, as aiohttp's server is to read it."""
-        out = [request.method, b" ", b"".join(self._url), b" HTTP/1.1\r\n"]
-        add_fields(out, self._fields)
+        out = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+        if request.host is not None:  # the absolute form's authority, if it had one
+            out += (b"Host: ", request.host, b"\r\n")
+        add_fields(out, [(n, v) for n, v in self._fields if n.lower() != b"host"])
         out.append(b"\r\n")
         return b"".join(out)
 
@@ -441,8 +455,7 @@ class ClientConnection(asyncio.Protocol):
         self._ended = True
         reading, self._reading = self._reading, None
         if reading is not None and reading is self._active:
-            assert reading.exchange is not None  # its body is broken while it is relayed
-            self._end_now(reading, None if reading.exchange.status else answer)
+            self._end_now(reading, answer)  # its body is broken while it is relayed
             return
         if reading is not None:
             self._queue.remove(reading)  # its body is broken: it is never relayed
@@ -455,7 +468,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self._transport
         exchange = request.exchange
         assert transport is not None and exchange is not None
-        if answer is not None and not transport.is_closing():
+        if answer is not None and not request.replied and not transport.is_closing():
             exchange.status = answer.status
             transport.write(self._render(answer, True, request))
         if request.upstream is not None:
@@ -471,10 +484,9 @@ class ClientConnection(asyncio.Protocol):
         self._ended = True  # nothing after it is read
         self._reading = None
         if request is self._active:
-            exchange = request.exchange
-            assert exchange is not None
-            begun = bool(exchange.status)
-            self._end_now(request, None if begun else self._lane.policy.too_large(exchange))
+            assert request.exchange is not None
+            answer = None if request.replied else self._lane.policy.too_large(request.exchange)
+            self._end_now(request, answer)
         else:
             request.refusal = _Refusal(413, "")
             request.close = True
@@ -494,11 +506,16 @@ class ClientConnection(asyncio.Protocol):
         """Close a connection idle too long, or answer 408 to a head too slow to arrive."""
         if self._transport is None or self._upgrade is not None:
             return
+        reading = self._reading
         if self._in_head and not self._paused_reading:
             if now - self._head_started > self._lane.header_timeout:
                 log.info("request head timed out", extra={"peer": self._peer.decode()})
                 self._fail(408, "the request head did not arrive in time")
                 self._advance()
+        elif reading is not None and reading.sent and not self._paused_reading:
+            if now - max(reading.read_at, self._head_started) > self._lane.body_timeout:
+                log.info("request body timed out", extra={"peer": self._peer.decode()})
+                self._fail(408, "the request body did not arrive in time")
         elif not self._queue and now - self._since > IDLE_CLIENT:
             self._transport.close()
 
@@ -593,7 +610,7 @@ class ClientConnection(asyncio.Protocol):
                 answer = policy.lookup(exchange, method, request.path)
         if answer is not None:
             assert self._transport is not None
-            request.discard = True
+            self._drop_body(request)
             self._transport.write(self._render(answer, self._closes(request), request))
             self._after(request, self._closes(request))
             return
@@ -628,18 +645,29 @@ class ClientConnection(asyncio.Protocol):
         return b"".join(out)
 
     def _send(self, request: Request, upstream: Upstream, data: bytes) -> None:
+        """Send the request's head and what there is of its body; the rest follows."""
         request.upstream = upstream
         request.sent = True
         upstream.on_flow = self._flow
-        upstream.send(data, head_only=request.method == b"HEAD")
         if request.body or (request.done and request.chunked and not request.terminated):
-            upstream.write(self._body_so_far(request, []))  # read while it was being connected
+            data += self._body_so_far(request, [])  # read while it was being connected
+        upstream.send(data, request.method == b"HEAD", request.done)
+
+    def _drop_body(self, request: Request) -> None:
+        """`request` is answered here: what was read of its body, and what comes, goes."""
+        request.discard = True
+        self._ahead -= sum(len(chunk) for chunk in request.body)
+        request.body = []
 
     def _closes(self, request: Request) -> bool:
-        return request.close or self._lane.draining
+        """Whether the connection closes after `request`'s answer: asked for, draining, or
+        answered before its body was all read (what follows it is not sure)."""
+        return request.close or self._lane.draining or not request.done
 
     def _render(self, answer: Answer, close: bool, request: Request) -> bytes:
-        return render(answer, self._lane.clock.date(), close, request.method == b"HEAD")
+        request.replied = True
+        head_only = request.method == b"HEAD"
+        return render(answer, self._lane.clock.date(), close, head_only, request.http10)
 
     def _heard(self) -> None:
         """The upstream read something for the request sent without a task."""
@@ -692,7 +720,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self._transport
         if not request.done and self._reading is request:
             close = True  # answered before its body was all read: nothing after it is sure
-        if close or self._lane.draining or transport is None:
+        if close or transport is None:  # draining, it said so; or it is closed when idle
             self._ended = True
             self._queue.clear()
             if transport is not None:
@@ -737,6 +765,7 @@ class ClientConnection(asyncio.Protocol):
                         and request.method in _IDEMPOTENT
                         and request.done
                         and not request.size
+                        and not request.chunked
                     )
                     if attempt == 2 or not retry:
                         raise
@@ -752,7 +781,7 @@ class ClientConnection(asyncio.Protocol):
                 upstream.close()
             raise
         assert upstream is not None
-        reusable = True
+        reusable = False  # not if cut short: the upstream may still be owed body bytes
         try:
             close = await self._answer(request, upstream, sent)
             reusable = request.done
@@ -773,12 +802,31 @@ class ClientConnection(asyncio.Protocol):
             if observation.answer(upstream.status, location.decode("latin-1")):
                 tap = bytearray()
         out, mode = self._head_of(request, upstream, fields, named, close)
-        close = await self._stream(out, request, upstream, mode, sent, tap) or close
+        try:
+            close = await self._stream(out, request, upstream, mode, sent, tap) or close
+        except asyncio.CancelledError:
+            if observation is not None and tap is not None:
+                # The client left; what the upstream confirmed is still to be recorded.
+                await self._read_for(observation, upstream, tap)
+            raise
         if observation is not None and tap is not None:
-            observation.answer_body(
-                bytes(tap), upstream.complete and len(tap) <= MAX_INSPECTED_BODY
-            )
+            whole = upstream.complete and len(tap) <= MAX_INSPECTED_BODY
+            observation.answer_body(bytes(tap), whole)
         return close
+
+    async def _read_for(self, observation: Observation, upstream: Upstream, tap: bytearray) -> None:
+        """Read the rest of an answer's body for the ID in it, within the read timeout."""
+        whole = False
+        try:
+            async with asyncio.timeout(self._lane.body_timeout):
+                while not upstream.complete and len(tap) <= MAX_INSPECTED_BODY:
+                    _tap(tap, upstream.take())
+                    await upstream.wait()
+                _tap(tap, upstream.take())
+                whole = upstream.complete and len(tap) <= MAX_INSPECTED_BODY
+        except (TimeoutError, UpstreamFailure):
+            pass
+        observation.answer_body(bytes(tap), whole)
 
     def _answer_whole(self, request: Request, upstream: Upstream, sent: float) -> bool:
         """`_answer` for an answer all here, not a miss: written back at once."""
@@ -835,7 +883,9 @@ class ClientConnection(asyncio.Protocol):
             out += (b"Date: ", self._lane.clock.date(), b"\r\n")
         if exchange.id_generated and b"x-request-id" not in named:
             out += (b"X-Request-ID: ", exchange.request_id.encode(), b"\r\n")
-        if mode == "chunked" or (mode == "none" and upstream.framing == b"chunked"):
+        said_chunked = mode == "none" and upstream.framing == b"chunked" and not request.http10
+        request.replied = True
+        if mode == "chunked" or said_chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
         if close or mode == "close":
             out.append(b"Connection: close\r\n")
@@ -933,15 +983,17 @@ class ClientConnection(asyncio.Protocol):
             try:
                 raw = await _whole(upstream, MAX_MERGED_BODY if plan is MissPlan.MERGE else 0)
             except UpstreamFailure as failure:
-                answer = policy.failure(exchange, failure.kind, failure)
+                answer = policy.failure(exchange, failure.kind, failure, counted=True)
                 assert self._transport is not None
                 self._transport.write(self._render(answer, close, request))
                 return close
             rewritten, content_type = policy.miss_body(
                 plan, upstream.status, exchange, explanation, raw
             )
-            if content_type is not None:
+            if content_type is not None:  # a document of our own: none of the upstream's
                 headers["Content-Type"] = content_type
+                for name in ("Content-Encoding", "ETag", "Content-MD5"):
+                    headers.popall(name, None)
             headers.popall("Content-Length", None)
             headers["Content-Length"] = str(len(rewritten))
         fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]

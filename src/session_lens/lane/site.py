@@ -48,6 +48,8 @@ class Lane:
         self._sweeper: asyncio.Task[None] | None = None
         self.draining = False
         self.header_timeout = config.header_read_timeout.total_seconds()
+        self.body_timeout = config.upstream_read_timeout.total_seconds()
+        """The longest silence within a request body on its way upstream."""
         self.max_connections = config.max_connections
         self._refusal_logged = 0.0
 

@@ -48,6 +48,8 @@ class Upstream(asyncio.Protocol):
         self.on_flow: Callable[[], None] | None = None
         """Told when the upstream stops or starts taking what is written to it."""
         self.write_paused = False
+        self.sending = False
+        """The request's body is still on its way: the upstream may wait for it."""
         self._reset(False)
 
     def _reset(self, head_only: bool) -> None:
@@ -77,21 +79,26 @@ class Upstream(asyncio.Protocol):
 
     # Requests
 
-    def send(self, data: bytes, head_only: bool = False) -> None:
-        """Write a request (or its head and the body so far); its answer is read into this."""
+    def send(self, data: bytes, head_only: bool = False, whole: bool = True) -> None:
+        """Write a request (or, unless `whole`, its head and the body so far); its answer
+        is read into this. The read timeout runs from the end of the request."""
         assert self.transport is not None
         self._reset(head_only)
         self.busy = True
+        self.sending = not whole
         self._last_read = self._loop.time()
         self._timer = self._loop.call_at(
             self._last_read + self._pool.read_timeout, self._check_timeout
         )
         self.transport.write(data)
 
-    def write(self, data: bytes) -> None:
-        """More of the request's body."""
+    def write(self, data: bytes, last: bool = False) -> None:
+        """More of the request's body; `last` when it ends the request."""
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+        if last:
+            self.sending = False
+            self._last_read = self._loop.time()
 
     async def wait(self) -> None:
         """Until something happens: the head, more body, the end or a failure."""
@@ -157,7 +164,7 @@ class Upstream(asyncio.Protocol):
             return
         now = self._loop.time()
         deadline = self._last_read + self._pool.read_timeout
-        if self._paused or now < deadline:  # a paused socket is the client's slowness
+        if self._paused or self.sending or now < deadline:  # then the client is the slow one
             self._timer = self._loop.call_at(max(deadline, now + 0.1), self._check_timeout)
             return
         self._fail(UpstreamFailure(UpstreamError.TIMEOUT, "no answer in time", self.received))
@@ -173,7 +180,8 @@ class Upstream(asyncio.Protocol):
         self._pool.forget(self)
         if self.write_paused:
             self.resume_writing()
-        if self.headed and self.framing == b"close" and not self.complete:
+        clean = exc is None and self.failure is None
+        if self.headed and self.framing == b"close" and not self.complete and clean:
             self.complete = True  # a close-delimited body ends with the connection
             self._wake()
             self._tell()
@@ -316,7 +324,8 @@ class Pool:
         """A kept-alive connection ready at once, if there is one."""
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed:
+            transport = connection.transport
+            if not connection.closed and transport is not None and not transport.is_closing():
                 return connection
         return None
 
