@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -46,7 +47,7 @@ async def service(request: web.Request) -> web.StreamResponse:
         return web.Response(body=bytes(i % 251 for i in range(size)))
     if path.startswith("/api/sessions/"):
         session_id = path.split("/")[3]
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):
             found = int(hashlib.sha256(session_id.encode()).hexdigest(), 16) % 2 == 0
             if found:
                 return web.json_response({"id": session_id, "state": "ACTIVE"})
@@ -55,17 +56,27 @@ async def service(request: web.Request) -> web.StreamResponse:
     return web.json_response({"path": path, "query": dict(request.query)})
 
 
-def plan(n: int) -> tuple[str, str, bytes | None]:
+async def chunked(n: int) -> AsyncIterator[bytes]:
+    """One to five chunks of 1 B to 180 kB; aiohttp sends an async generator chunked."""
+    for i in range(n // 20 % 5 + 1):
+        yield bytes([(n + i) % 256]) * ((n // 20 + i) % 7 * 30_000 + 1)
+
+
+def plan(n: int) -> tuple[str, str, bytes | AsyncIterator[bytes] | None]:
     kind = n % 10
     sid = f"exec_20251230_020944_{n:08x}"
-    if kind in (0, 1, 2):
+    if kind in (0, 1):
         return "GET", f"/api/sessions/{sid}", None  # hits and misses
+    if kind == 2:
+        return "HEAD", f"/api/sessions/{sid}", None  # hits and misses, without a body
     if kind == 3:
         return "GET", f"/api/sessions/exec_{n}", None  # invalid IDs
     if kind == 4:
         return "POST", f"/api/sessions/{sid}/pause", b""
     if kind == 5:
         return "DELETE", f"/api/sessions/{sid}", None
+    if kind == 6 and n // 10 % 2:
+        return "POST", "/upload/chunked", chunked(n)
     if kind == 6:
         return "POST", "/upload", bytes(n % 256 for _ in range(256 * 1024))
     if kind == 7:
