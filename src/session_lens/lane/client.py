@@ -82,74 +82,50 @@ class _Stopped(Exception):
 
 
 class Request:
-    """One request parsed from the client, and how far its relay has come."""
+    """One request parsed from the client, and how far its relay has come.
 
-    __slots__ = (
-        "body",
-        "chunked",
-        "close",
-        "discard",
-        "done",
-        "exchange",
-        "expect",
-        "fields",
-        "forwarded",
-        "host",
-        "http10",
-        "method",
-        "observation",
-        "path",
-        "read_at",
-        "refusal",
-        "replied",
-        "request_id",
-        "sent",
-        "size",
-        "tap",
-        "target",
-        "terminated",
-        "trailers",
-        "upstream",
-        "websocket",
-    )
+    What most requests never change is a class default: a request costs only
+    what it sets.
+    """
+
+    target = b""
+    """As the upstream gets it: origin form, or `*`."""
+    path = ""
+    host: bytes | None = None
+    request_id: bytes | None = None
+    chunked = False
+    expect = False
+    close = False
+    websocket = False
+    refusal: _Refusal | None = None
+    """An answer of our own, decided from the head: the connection closes after it."""
+    discard = False
+    """Answered here: the rest of the body is read and dropped."""
+    size = 0
+    done = False
+    sent = False
+    """Whether the upstream has the head (then body bytes go straight to it)."""
+    terminated = False
+    """Whether the chunked body's end has been written for the upstream."""
+    exchange: Exchange | None = None
+    upstream: Upstream | None = None
+    observation: Observation | None = None
+    tap: bytearray | None = None
+    """The first bytes of a body kept to find a session ID in."""
+    read_at = 0.0
+    """When the last of its body was read."""
+    replied = False
+    """Whether any of an answer has gone to the client."""
 
     def __init__(self, method: bytes, http10: bool) -> None:
         self.method = method
         self.http10 = http10
-        self.target = b""
-        """As the upstream gets it: origin form, or `*`."""
-        self.path = ""
         self.fields: list[tuple[bytes, bytes]] = []
         """End-to-end fields, in order, as sent."""
-        self.host: bytes | None = None
         self.forwarded: dict[bytes, list[bytes]] = {}
-        self.request_id: bytes | None = None
-        self.chunked = False
-        self.expect = False
-        self.close = False
-        self.websocket = False
-        self.refusal: _Refusal | None = None
-        """An answer of our own, decided from the head: the connection closes after it."""
-        self.discard = False
-        """Answered here: the rest of the body is read and dropped."""
         self.body: list[bytes] = []
         """Body bytes read and not yet sent upstream."""
-        self.size = 0
-        self.done = False
-        self.sent = False
-        """Whether the upstream has the head (then body bytes go straight to it)."""
         self.trailers: list[tuple[bytes, bytes]] = []
-        self.terminated = False
-        """Whether the chunked body's end has been written for the upstream."""
-        self.exchange: Exchange | None = None
-        self.upstream: Upstream | None = None
-        self.observation: Observation | None = None
-        self.tap: bytearray | None = None
-        """The first bytes of a body kept to find a session ID in."""
-        self.read_at = 0.0
-        """When the last of its body was read."""
-        self.replied = False
-        """Whether any of an answer has gone to the client."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -246,7 +222,8 @@ class ClientConnection(asyncio.Protocol):
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD:
                     self._fail(400, f"the request head is larger than {MAX_HEAD} bytes")
-        self._advance()
+        if self._active is None or self._ahead > AHEAD or len(self._queue) > MAX_QUEUED:
+            self._advance()
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
@@ -354,8 +331,8 @@ class ClientConnection(asyncio.Protocol):
     def _read_fields(self, request: Request) -> None:
         named: set[bytes] = set()
         upgrade = b""
-        for name, value in self._fields:
-            lowered = name.lower()
+        lowered_fields = [(name.lower(), name, value) for name, value in self._fields]
+        for lowered, _name, value in lowered_fields:
             if lowered == b"host":
                 if request.host is not None:
                     raise _Refusal(400, "the request has more than one Host header")
@@ -389,14 +366,14 @@ class ClientConnection(asyncio.Protocol):
         if request.request_id == b"" or b"x-request-id" in named:  # replaced, as if absent
             request.request_id = None
             drop = drop | {b"x-request-id"}
-        for name, value in self._fields:
-            lowered = name.lower()
+        fields = request.fields
+        for lowered, name, value in lowered_fields:
             if lowered in drop or lowered.startswith(b"proxy-"):
                 continue
             if lowered in _FORWARDED:
                 request.forwarded.setdefault(lowered, []).append(value)
                 continue
-            request.fields.append((name, value))
+            fields.append((name, value))
 
     def _read_target(self, request: Request, target: bytes) -> None:
         if target.startswith(b"/"):
@@ -530,8 +507,9 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or self._gone or transport.get_protocol() is not self:
             return
         active = self._active
+        writable = self._writable
         pause = (
-            self._blocked()
+            (writable is not None and not writable.done())
             or self._ahead > AHEAD
             or len(self._queue) > MAX_QUEUED
             or self._upgrade is not None
@@ -552,7 +530,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._advancing = True
         try:
-            while self._active is None and self._queue and not self._gone and not self._blocked():
+            while self._active is None and self._queue and not self._gone:
+                if self._writable is not None and not self._writable.done():
+                    break  # the client does not read: the next answer waits
                 request = self._queue[0]
                 if request.websocket and self._upgrade is not None and request is self._queue[-1]:
                     self._hand_over()
@@ -601,7 +581,10 @@ class ClientConnection(asyncio.Protocol):
                 answer = policy.refuse(exchange, refusal.status, refusal.detail)
         else:
             method = request.method.decode()
-            observation = request.observation = policy.observe(exchange, method, request.path)
+            observation = None
+            if policy.observes:
+                observation = policy.observe(exchange, method, request.path)
+                request.observation = observation
             if observation is None or not observation.reads_request:
                 request.tap = None
             elif request.done:
@@ -635,6 +618,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _body_so_far(self, request: Request, out: list[bytes]) -> bytes:
         """`out` with the body read and not yet sent (and its end, if it ended)."""
+        if not request.body and not request.chunked:
+            return b"".join(out)
         framed(out, request.body, request.chunked)
         if request.done and request.chunked and not request.terminated:
             request.terminated = True
@@ -727,7 +712,8 @@ class ClientConnection(asyncio.Protocol):
                 transport.close()
             return
         self._since = self._loop.time()
-        self._advance()
+        if self._queue or self._final is not None or self._paused_reading:
+            self._advance()
 
     async def _forward(self, request: Request, data: bytes, sent: float) -> bool:
         """Relay one request and its answer; True when the connection must close after.
@@ -847,7 +833,8 @@ class ClientConnection(asyncio.Protocol):
         exchange.status = upstream.status
         outcome = self._lane.policy.count_lookup(exchange, upstream.status)
         fields, named = end_to_end(upstream.fields, upstream.framing == b"length")
-        return outcome, fields, named, self._closes(request)
+        close = request.close or self._lane.draining or not request.done  # as _closes
+        return outcome, fields, named, close
 
     def _head_of(
         self,
@@ -878,7 +865,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             mode = "chunked"
         out = [b"HTTP/1.1 %d " % status, upstream.reason, b"\r\n"]
-        add_fields(out, fields)
+        for name, value in fields:
+            out += (name, b": ", value, b"\r\n")
         if b"date" not in named:
             out += (b"Date: ", self._lane.clock.date(), b"\r\n")
         if exchange.id_generated and b"x-request-id" not in named:

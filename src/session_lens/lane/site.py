@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..policy import Policy, problem_answer
-from .answer import Clock, add_fields, render
+from .answer import Clock, render
 from .client import DRAIN_IDLE, ClientConnection
 from .upstream import Pool
 
@@ -75,14 +75,23 @@ class Lane:
         out = [request.method, b" ", target, b" HTTP/1.1\r\n"]
         if request.host is None:  # HTTP/1.0 may leave it out; 1.1 may not
             out += (b"Host: ", self._authority, b"\r\n")
-        add_fields(out, request.fields)
+        for name, value in request.fields:
+            out += (name, b": ", value, b"\r\n")
         forwarded = request.forwarded
-        if peer:
-            out += (b"X-Forwarded-For: ", _folded(forwarded.get(b"x-forwarded-for"), peer))
-        out += (b"X-Forwarded-Proto: ", _folded(forwarded.get(b"x-forwarded-proto"), b"http"))
-        if request.host is not None:
-            host = _folded(forwarded.get(b"x-forwarded-host"), request.host)
-            out += (b"X-Forwarded-Host: ", host)
+        if not forwarded:  # as most requests come: nothing to append to
+            if peer:
+                out += (b"X-Forwarded-For: ", peer, b"\r\n")
+            out.append(b"X-Forwarded-Proto: http\r\n")
+            if request.host is not None:
+                out += (b"X-Forwarded-Host: ", request.host, b"\r\n")
+        else:
+            if peer:
+                out += (b"X-Forwarded-For: ", _folded(forwarded.get(b"x-forwarded-for"), peer))
+            proto = _folded(forwarded.get(b"x-forwarded-proto"), b"http")
+            out += (b"X-Forwarded-Proto: ", proto)
+            if request.host is not None:
+                host = _folded(forwarded.get(b"x-forwarded-host"), request.host)
+                out += (b"X-Forwarded-Host: ", host)
         if request.request_id is None:
             out += (b"X-Request-ID: ", request_id, b"\r\n")
         if request.chunked:

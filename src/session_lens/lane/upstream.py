@@ -232,7 +232,8 @@ class Upstream(asyncio.Protocol):
                 self._fail(UpstreamFailure(UpstreamError.PROTOCOL, f"malformed response: {exc}"))
                 self.close()
                 return
-        self._tell()
+        if self.listener is not None:
+            self.listener()
 
     # httptools callbacks
 
