@@ -1,9 +1,10 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
-    python -m tests.benchmarks [--seconds 5] [--only PART,...]   (hop, streaming, misses,
-        recording, import, prune, fleet)
+    python -m tests.benchmarks [--seconds 5] [--only PART,...] [--before DIR]
+        (parts: hop, streaming, misses, recording, import, prune, fleet; --before: a
+        checkout of an earlier commit the hop part measures beside the current one)
 
-Needs nginx, wrk and curl (Debian: nginx-light, wrk, curl). Each part runs in a
+Needs nginx, wrk, ab and curl (Debian: nginx-light, wrk, apache2-utils, curl). Each part runs in a
 process of its own, one after the other, and prints markdown; this collects
 them under the machine's description and the command, and writes the file
 (`--output -` prints it instead). With `--only`, the parts run replace their own
@@ -28,7 +29,7 @@ from tests.benchmarks.tools import require
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = {
-    "hop": "The hop beside nginx: hits, passthrough, invalid IDs, workers",
+    "hop": "The hop beside nginx: hits, passthrough, HEAD, uploads, invalid IDs, workers",
     "streaming": "Streaming 1 GiB each way",
     "misses": "Misses at 1 000 a second against 10 M sessions and 50 M audit rows",
     "recording": "Recording observed lifecycle events",
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="each wrk run")
     parser.add_argument("--only", help="comma-separated parts (default: all)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--before", help="the hop part: an earlier checkout to compare with")
     args = parser.parse_args()
     parts = [part.strip() for part in (args.only or ",".join(PARTS)).split(",") if part.strip()]
     unknown = [part for part in parts if part not in PARTS]
@@ -89,7 +91,8 @@ def main() -> None:
     sections = {}
     for part in parts:
         extra = {
-            "hop": ["--seconds", str(args.seconds)],
+            "hop": ["--seconds", str(args.seconds)]
+            + (["--before", args.before] if args.before else []),
             "recording": ["--seconds", str(args.seconds * 2)],
             "fleet": ["--seconds", str(args.seconds)],
         }.get(part, [])
