@@ -113,14 +113,8 @@ class _Relayed(web.StreamResponse):
             self.headers.popall(name, None)
 
 
-class _RelayedWebSocket(web.WebSocketResponse):
+class _RelayedWebSocket(_Relayed, web.WebSocketResponse):
     """The client's side of a relayed WebSocket, adding no `Server` header either."""
-
-    async def _prepare_headers(self) -> None:
-        absent = [name for name in _NEVER_ADDED if name not in self.headers]
-        await super()._prepare_headers()
-        for name in absent:
-            self.headers.popall(name, None)
 
 
 def _end_to_end(

@@ -7,6 +7,8 @@ from http import HTTPStatus
 from ..policy import HOP_BY_HOP, PROBLEM_JSON, Answer
 
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
+_LENGTH = frozenset({b"content-length"})
+_HOP_OR_LENGTH = _HOP_BY_HOP | _LENGTH
 BODYLESS = frozenset({204, 304})
 """Statuses whose answers never have a body (RFC 9110 §6.4.1)."""
 
@@ -29,30 +31,22 @@ class Clock:
 
 
 def end_to_end(
-    fields: list[tuple[bytes, bytes]], framed: bool
+    fields: list[tuple[bytes, bytes]], names: list[bytes], named: set[bytes], framed: bool
 ) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
     """A message's fields without hop-by-hop ones, and the names of those kept, lowered.
 
+    `names` are the fields' names lowered, `named` what their Connection header lists.
     `framed` keeps Content-Length (the message's framing, whatever its Connection
     names); otherwise it goes, saying nothing true of a re-framed body.
     """
-    drop = set(_HOP_BY_HOP)
-    for name, value in fields:
-        if name.lower() == b"connection":
-            drop.update(token.strip(b" \t") for token in value.lower().split(b","))
-    if framed:
-        drop.discard(b"content-length")
-    else:
-        drop.add(b"content-length")
+    drop = _HOP_BY_HOP if framed else _HOP_OR_LENGTH
+    if named:
+        drop = drop | (named - _LENGTH if framed else named)
     kept: list[tuple[bytes, bytes]] = []
-    named: set[bytes] = set()
-    for name, value in fields:
-        lowered = name.lower()
-        if lowered in drop or lowered.startswith(b"proxy-"):
-            continue
-        kept.append((name, value))
-        named.add(lowered)
-    return kept, named
+    for field, lowered in zip(fields, names, strict=True):
+        if lowered not in drop and not lowered.startswith(b"proxy-"):
+            kept.append(field)
+    return kept, {lowered for lowered in names if lowered not in drop}
 
 
 def add_fields(out: list[bytes], fields: list[tuple[bytes, bytes]]) -> None:

@@ -832,7 +832,8 @@ class ClientConnection(asyncio.Protocol):
         assert exchange is not None
         exchange.status = upstream.status
         outcome = self._lane.policy.count_lookup(exchange, upstream.status)
-        fields, named = end_to_end(upstream.fields, upstream.framing == b"length")
+        framed = upstream.framing == b"length"
+        fields, named = end_to_end(upstream.fields, upstream.names, upstream.named, framed)
         close = request.close or self._lane.draining or not request.done  # as _closes
         return outcome, fields, named, close
 

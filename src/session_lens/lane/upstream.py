@@ -56,6 +56,10 @@ class Upstream(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.fields: list[tuple[bytes, bytes]] = []
+        self.names: list[bytes] = []
+        """The final answer's field names, lowered, in order."""
+        self.named: set[bytes] = set()
+        """The names its Connection header lists, lowered."""
         self.trailers: list[tuple[bytes, bytes]] = []
         self.interim: list[bytes] = []
         """Interim answers (103 Early Hints...) not yet relayed, as they came."""
@@ -264,14 +268,18 @@ class Upstream(asyncio.Protocol):
             return
         self.status = status
         framing = b"close"
+        names = self.names
         for name, value in self.fields:
             lowered = name.lower()
+            names.append(lowered)
             if lowered == b"transfer-encoding":
                 codings = value.lower().rsplit(b",", 1)
                 framing = b"chunked" if codings[-1].strip() == b"chunked" else b"close"
             elif lowered == b"content-length" and framing != b"chunked":
                 framing = b"length"
                 self.length = int(value)
+            elif lowered == b"connection":
+                self.named.update(token.strip(b" \t") for token in value.lower().split(b","))
         if status in BODYLESS:
             framing = b"length"
         self.framing = framing
