@@ -521,6 +521,7 @@ class ClientConnection(asyncio.Protocol):
                 transport.pause_reading()
             else:
                 transport.resume_reading()
+                self._head_started = self._loop.time()  # a head's time runs while it is read
 
     # Answering, in order
 
