@@ -1,8 +1,11 @@
 """The HTTP lane: every client connection's requests, parsed by llhttp and relayed.
 
-`client` reads and answers one client connection, `upstream` keeps the pool of
-upstream connections and parses their answers, `answer` writes what goes back,
-and `site` holds what the connections share and the listener they come from.
+`client` reads one client connection and answers its requests in order, under
+the client rules; `request` reads a request head; `relay` sends a request
+upstream and its answer back; `upstream` keeps the pool of upstream connections
+and parses their answers; `answer` writes what goes back; `site` holds what the
+connections share and the listener they come from. What is decided about a
+request and its answer is `session_lens.policy`'s.
 """
 
 from .site import HopSite, Lane

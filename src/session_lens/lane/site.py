@@ -19,7 +19,7 @@ from .client import DRAIN_IDLE, ClientConnection
 from .upstream import Pool
 
 if TYPE_CHECKING:
-    from .client import Request
+    from .request import Request
 
 log = logging.getLogger("session_lens.proxy")
 

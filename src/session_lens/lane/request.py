@@ -1,0 +1,170 @@
+"""Request heads as the lane reads them: what is relayed, what is refused, and how.
+
+llhttp has parsed the head (strictly: it refuses bare LF, folded lines and a
+Content-Length beside Transfer-Encoding); this reads what the lane needs of it, and
+keeps the end-to-end fields, in order and as sent, for the upstream.
+"""
+
+from urllib.parse import urlsplit
+
+import httptools
+
+from ..policy import Exchange, Observation, Policy
+from .upstream import Upstream
+
+_NEVER_DROPPED = frozenset({b"content-length", b"host"})
+_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+_DROPPED = frozenset(
+    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"expect"}
+)
+"""Request fields that go no further: hop-by-hop ones, and Expect, answered here."""
+
+
+class Refusal(Exception):
+    """A request this hop answers itself and then closes the connection."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class Request:
+    """One request parsed from the client, and how far its relay has come.
+
+    What most requests never change is a class default: a request costs only
+    what it sets.
+    """
+
+    target = b""
+    """As the upstream gets it: origin form, or `*`."""
+    path = ""
+    host: bytes | None = None
+    request_id: bytes | None = None
+    chunked = False
+    expect = False
+    close = False
+    websocket = False
+    refusal: Refusal | None = None
+    """An answer of our own, decided from the head: the connection closes after it."""
+    discard = False
+    """Answered here: the rest of the body is read and dropped."""
+    size = 0
+    done = False
+    sent = False
+    """Whether the upstream has the head (then body bytes go straight to it)."""
+    terminated = False
+    """Whether the chunked body's end has been written for the upstream."""
+    exchange: Exchange | None = None
+    upstream: Upstream | None = None
+    observation: Observation | None = None
+    tap: bytearray | None = None
+    """The first bytes of a body kept to find a session ID in."""
+    read_at = 0.0
+    """When the last of its body was read."""
+    replied = False
+    """Whether any of an answer has gone to the client."""
+
+    def __init__(self, method: bytes, http10: bool) -> None:
+        self.method = method
+        self.http10 = http10
+        self.fields: list[tuple[bytes, bytes]] = []
+        """End-to-end fields, in order, as sent."""
+        self.forwarded: dict[bytes, list[bytes]] = {}
+        self.body: list[bytes] = []
+        """Body bytes read and not yet sent upstream."""
+        self.trailers: list[tuple[bytes, bytes]] = []
+
+
+def read_head(
+    parser: httptools.HttpRequestParser,
+    url: bytes,
+    fields: list[tuple[bytes, bytes]],
+    policy: Policy,
+) -> Request:
+    """The request whose head `parser` has just read (its target `url` and its `fields`),
+    with what the lane needs of it; a refusal in it when it is not to be relayed."""
+    version = parser.get_http_version()
+    request = Request(parser.get_method(), version == "1.0")
+    try:
+        _read_fields(request, fields, policy.max_body)
+        _read_target(request, url)
+        if version not in ("1.0", "1.1"):
+            raise Refusal(505, f"HTTP/{version} is not served; HTTP/1.1 is")
+        if not request.http10 and request.host is None:
+            raise Refusal(400, "the request has no Host header")
+    except Refusal as refusal:
+        request.refusal = refusal
+    if request.refusal is not None:
+        request.close = True
+        return request
+    request.close = request.close or not parser.should_keep_alive()
+    if policy.observes and request.method in (b"POST", b"PUT", b"PATCH"):
+        request.tap = bytearray()  # kept in case it is a lifecycle request
+    return request
+
+
+def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: int | None) -> None:
+    named: set[bytes] = set()
+    upgrade = b""
+    lowered_fields = [(name.lower(), name, value) for name, value in fields]
+    for lowered, _name, value in lowered_fields:
+        if lowered == b"host":
+            if request.host is not None:
+                raise Refusal(400, "the request has more than one Host header")
+            request.host = value
+        elif lowered == b"transfer-encoding":
+            codings = [coding.strip(b" \t") for coding in value.lower().split(b",")]
+            if codings[-1] != b"chunked":  # no telling where the body ends (RFC 9112 §6.3)
+                raise Refusal(400, "the Transfer-Encoding does not end in chunked")
+            if len(codings) > 1 or request.chunked:
+                raise Refusal(501, "transfer codings other than chunked are not relayed")
+            request.chunked = True
+        elif lowered == b"content-length":  # llhttp has checked it is one number
+            if max_body is not None and int(value) > max_body:
+                request.refusal = Refusal(413, "")
+        elif lowered == b"connection":
+            named.update(token.strip(b" \t") for token in value.lower().split(b","))
+        elif lowered == b"upgrade":
+            upgrade = value.lower()
+        elif lowered == b"expect":
+            if value.lower() != b"100-continue":
+                raise Refusal(417, "the only expectation met is 100-continue")
+            request.expect = True
+        elif lowered == b"x-request-id" and request.request_id is None:
+            request.request_id = value
+    request.close = b"close" in named
+    request.websocket = request.method == b"GET" and upgrade == b"websocket" and b"upgrade" in named
+    drop = _DROPPED | (named - _NEVER_DROPPED)  # framing and routing stay, whatever is named
+    if request.request_id == b"" or b"x-request-id" in named:  # replaced, as if absent
+        request.request_id = None
+        drop = drop | {b"x-request-id"}
+    kept = request.fields
+    for lowered, name, value in lowered_fields:
+        if lowered in drop or lowered.startswith(b"proxy-"):
+            continue
+        if lowered in _FORWARDED:
+            request.forwarded.setdefault(lowered, []).append(value)
+            continue
+        kept.append((name, value))
+
+
+def _read_target(request: Request, target: bytes) -> None:
+    if target.startswith(b"/"):
+        request.target = target
+    elif target == b"*" and request.method == b"OPTIONS":
+        request.target = target
+        return
+    elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        # Absolute form (RFC 9112 §3.2.2): its authority is the host, the rest the path.
+        parts = urlsplit(target.decode("ascii", "replace"))
+        request.target = (parts.path or "/").encode() + (
+            b"?" + parts.query.encode() if parts.query else b""
+        )
+        host = parts.netloc.rpartition("@")[2].encode()
+        request.fields = [(n, v) for n, v in request.fields if n.lower() != b"host"]
+        request.fields.insert(0, (b"Host", host))
+        request.host = host
+    else:
+        raise Refusal(400, "the request target must be a path")
+    request.path = request.target.partition(b"?")[0].decode("latin-1")
