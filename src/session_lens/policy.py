@@ -192,11 +192,6 @@ class Policy:
         if exchange.upstream_seconds is not None:
             self._metrics.upstream_duration[kind].observe(exchange.upstream_seconds)
 
-    @property
-    def idle(self) -> bool:
-        """Whether no request is in flight."""
-        return not self._inflight
-
     async def drain(self, grace: float) -> None:
         """Close open WebSockets and wait up to `grace` seconds for requests in flight."""
         self.draining.set()
@@ -371,7 +366,7 @@ class Policy:
     def _id_header(self, exchange: Exchange) -> list[tuple[str, str]]:
         return [(REQUEST_ID, exchange.request_id)] if exchange.id_generated else []
 
-    def refuse(self, exchange: Exchange, status: int, detail: str, **members: Any) -> Answer:
+    def refuse(self, exchange: Exchange, status: int, detail: str) -> Answer:
         """An answer of our own to a request we will not forward (400, 413, 505...)."""
         exchange.status = status
         log.info(
@@ -379,12 +374,8 @@ class Policy:
             extra={"request_id": exchange.request_id, "status": status, "detail": detail},
         )
         return problem_answer(
-            status, detail, self._id_header(exchange), request_id=exchange.request_id, **members
+            status, detail, self._id_header(exchange), request_id=exchange.request_id
         )
-
-    def too_large(self, exchange: Exchange) -> Answer:
-        """413 for a body over `max_body_bytes`."""
-        return self.refuse(exchange, 413, f"the request body is larger than {self.max_body} bytes")
 
     def failure(
         self, exchange: Exchange, kind: UpstreamError, exc: BaseException, counted: bool = False

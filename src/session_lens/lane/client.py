@@ -27,7 +27,7 @@ from ..policy import (
 )
 from .answer import add_fields, framed, render
 from .relay import Relay
-from .request import Refusal, Request, read_head
+from .request import Refusal, Request, read_head, too_large
 
 if TYPE_CHECKING:
     from .site import Lane
@@ -300,12 +300,16 @@ class ClientConnection(Relay, asyncio.Protocol):
         """A body went past `max_body_bytes`: 413 if nothing was answered yet, and the end."""
         self._ended = True  # nothing after it is read
         self._reading = None
+        refusal = too_large(self._lane.policy.max_body)
         if request is self._active:
             assert request.exchange is not None
-            answer = None if request.replied else self._lane.policy.too_large(request.exchange)
-            self._end_now(request, answer)
+            if request.replied:
+                self._end_now(request, None)
+            else:
+                status, detail = refusal.status, refusal.detail
+                self._end_now(request, self._lane.policy.refuse(request.exchange, status, detail))
         else:
-            request.refusal = Refusal(413, "")
+            request.refusal = refusal
             request.close = True
         raise _Stopped
 
@@ -411,11 +415,7 @@ class ClientConnection(Relay, asyncio.Protocol):
         policy.begin()
         answer: Answer | None = None
         if request.refusal is not None:
-            refusal = request.refusal
-            if refusal.status == 413:
-                answer = policy.too_large(exchange)
-            else:
-                answer = policy.refuse(exchange, refusal.status, refusal.detail)
+            answer = policy.refuse(exchange, request.refusal.status, request.refusal.detail)
         else:
             method = request.method.decode()
             observation = None
@@ -481,8 +481,6 @@ class ClientConnection(Relay, asyncio.Protocol):
         self._after(request, close)
 
     async def _relay(self, request: Request, data: bytes, sent: float = 0.0) -> None:
-        exchange = request.exchange
-        assert exchange is not None
         try:
             close = await self._forward(request, data, sent)
         except asyncio.CancelledError:
@@ -508,8 +506,6 @@ class ClientConnection(Relay, asyncio.Protocol):
         if self._queue and self._queue[0] is request:
             self._queue.popleft()
         transport = self._transport
-        if not request.done and self._reading is request:
-            close = True  # answered before its body was all read: nothing after it is sure
         if close or transport is None:  # draining, it said so; or it is closed when idle
             self._ended = True
             self._queue.clear()

@@ -22,14 +22,14 @@ from ..policy import (
     include_deleted_asked,
 )
 from ..reasons import Outcome, UpstreamError
-from .answer import BODYLESS, end_to_end, framed, last_chunk, render
+from .answer import BODYLESS, add_fields, end_to_end, framed, last_chunk, render
 from .request import Request
 from .upstream import Upstream, UpstreamFailure
 
 if TYPE_CHECKING:
     from .site import Lane
 
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS"})
 
 
 class Relay:
@@ -85,7 +85,9 @@ class Relay:
     async def _forward(self, request: Request, data: bytes, sent: float) -> bool:
         """Relay one request and its answer; True when the connection must close after.
 
-        Without `data`, the request went out on a kept-alive connection already.
+        `data` is the request's head and the body read by then; with `request.upstream`
+        set, it went out on a kept-alive connection already (and is sent again only if
+        that connection turns out closed).
         """
         lane = self._lane
         policy = lane.policy
@@ -201,8 +203,7 @@ class Relay:
         outcome = self._lane.policy.count_lookup(exchange, upstream.status)
         framed = upstream.framing == b"length"
         fields, named = end_to_end(upstream.fields, upstream.names, upstream.named, framed)
-        close = request.close or self._lane.draining or not request.done  # as _closes
-        return outcome, fields, named, close
+        return outcome, fields, named, self._closes(request)
 
     def _head_of(
         self,
@@ -233,8 +234,7 @@ class Relay:
         else:
             mode = "chunked"
         out = [b"HTTP/1.1 %d " % status, upstream.reason, b"\r\n"]
-        for name, value in fields:
-            out += (name, b": ", value, b"\r\n")
+        add_fields(out, fields)
         if b"date" not in named:
             out += (b"Date: ", self._lane.clock.date(), b"\r\n")
         if exchange.id_generated and b"x-request-id" not in named:

@@ -29,6 +29,11 @@ class Refusal(Exception):
         self.detail = detail
 
 
+def too_large(limit: int | None) -> Refusal:
+    """The refusal of a body larger than `max_body_bytes`."""
+    return Refusal(413, f"the request body is larger than {limit} bytes")
+
+
 class Request:
     """One request parsed from the client, and how far its relay has come.
 
@@ -122,7 +127,7 @@ def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: 
             request.chunked = True
         elif lowered == b"content-length":  # llhttp has checked it is one number
             if max_body is not None and int(value) > max_body:
-                request.refusal = Refusal(413, "")
+                request.refusal = too_large(max_body)
         elif lowered == b"connection":
             named.update(token.strip(b" \t") for token in value.lower().split(b","))
         elif lowered == b"upgrade":

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..policy import Policy, problem_answer
-from .answer import Clock, render
+from .answer import Clock, add_fields, render
 from .client import DRAIN_IDLE, ClientConnection
 from .upstream import Pool
 
@@ -75,8 +75,7 @@ class Lane:
         out = [request.method, b" ", target, b" HTTP/1.1\r\n"]
         if request.host is None:  # HTTP/1.0 may leave it out; 1.1 may not
             out += (b"Host: ", self._authority, b"\r\n")
-        for name, value in request.fields:
-            out += (name, b": ", value, b"\r\n")
+        add_fields(out, request.fields)
         forwarded = request.forwarded
         if not forwarded:  # as most requests come: nothing to append to
             if peer:

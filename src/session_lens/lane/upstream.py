@@ -9,7 +9,7 @@ from typing import cast
 import httptools
 
 from ..reasons import UpstreamError
-from .answer import BODYLESS
+from .answer import BODYLESS, add_fields
 
 MAX_RESPONSE_HEAD = 1 << 20
 HIGH_WATER = 1 << 18
@@ -260,8 +260,7 @@ class Upstream(asyncio.Protocol):
             self._informational = True
             if status not in (100, 101):
                 out = [b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
-                for name, value in self.fields:
-                    out += (name, b": ", value, b"\r\n")
+                add_fields(out, self.fields)
                 out.append(b"\r\n")
                 self.interim.append(b"".join(out))
                 self._wake()
