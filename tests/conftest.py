@@ -5,9 +5,10 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -314,3 +315,99 @@ def parents() -> dict[int, int]:
                 continue
             found[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
     return found
+
+
+# --- other servers as upstreams: nginx and gunicorn, each logging what it receives ---
+
+
+@dataclass
+class Origin:
+    """A real HTTP server of another make, logging one line per request it received."""
+
+    name: str
+    url: str
+    log: Path
+
+    def requests(self) -> list[dict[str, Any]]:
+        """What it logged: method, path and, by how much of it the server saw, the body."""
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+
+_NGINX_ORIGIN = """\
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    log_format seen escape=json '{{"method": "$request_method", "path": "$request_uri",'
+        ' "length": "$content_length", "request_length": $request_length}}';
+    server {{
+        listen 127.0.0.1:{port};
+        access_log {dir}/seen.log seen;
+        client_body_timeout 5s;
+        client_max_body_size 0;
+        location / {{ return 200 "nginx saw $request_method $request_uri\\n"; }}
+    }}
+}}
+"""
+
+_GUNICORN_APP = """\
+import json
+import os
+
+
+def app(environ, start_response):
+    body = environ["wsgi.input"].read()
+    seen = {"method": environ["REQUEST_METHOD"], "path": environ["PATH_INFO"],
+            "body": body.decode("latin-1")}
+    with open(os.environ["ORIGIN_LOG"], "a") as log:
+        log.write(json.dumps(seen) + "\\n")
+    answer = ("gunicorn saw %s %s\\n" % (seen["method"], seen["path"])).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(answer)))])
+    return [answer]
+"""
+
+
+def _wait_for_port(port: int, process: "subprocess.Popen[bytes]") -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert process.poll() is None, f"{process.args[0]} exited"
+            assert time.monotonic() < deadline, f"{process.args[0]} did not start"
+            time.sleep(0.05)
+
+
+@pytest.fixture(params=["nginx", "gunicorn"])
+def origin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Origin]:
+    """nginx, or gunicorn's pre-forking sync worker (timeout 5 s), each logging requests."""
+    port = free_port()
+    work = tmp_path / request.param
+    work.mkdir()
+    log = work / "seen.log"
+    if request.param == "nginx":
+        (work / "nginx.conf").write_text(_NGINX_ORIGIN.format(dir=work, port=port))
+        command = ["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"]
+        environ = dict(os.environ)
+    else:
+        (work / "origin_app.py").write_text(_GUNICORN_APP)
+        command = [sys.executable, "-m", "gunicorn", "--chdir", str(work), "--workers", "1"]
+        command += ["--timeout", "5", "--bind", f"127.0.0.1:{port}", "origin_app:app"]
+        environ = {**os.environ, "ORIGIN_LOG": str(log)}
+    process = subprocess.Popen(command, env=environ, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, process)
+        yield Origin(request.param, f"http://127.0.0.1:{port}", log)
+    finally:
+        process.terminate()
+        process.wait(10)

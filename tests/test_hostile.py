@@ -21,7 +21,7 @@ from session_lens.lane import HopSite
 from session_lens.metrics import Metrics
 from session_lens.reasons import Rule
 
-from .conftest import MakeProxy, Upstream, raw_exchange
+from .conftest import MakeProxy, Origin, Upstream, raw_exchange
 
 PROBES = {
     "content-length and transfer-encoding": (
@@ -75,6 +75,145 @@ async def test_pipelined_requests_stay_what_they_are(
         ("POST", "/one", b"hello"),
         ("GET", "/two", b""),
     ]
+
+
+# --- upgrades: only a WebSocket's leaves HTTP/1.1; any other is one request, body and all ---
+
+SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+H2C = (
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+)
+CHUNKED_SMUGGLED = b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+
+
+def _post(fields: bytes, version: bytes = b"1.1", chunked: bool = False) -> bytes:
+    framing = (
+        b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n" % len(SMUGGLED)
+    )
+    body = CHUNKED_SMUGGLED if chunked else SMUGGLED
+    return b"POST /a HTTP/" + version + b"\r\nHost: h\r\n" + fields + framing + b"\r\n" + body
+
+
+UPGRADE_PROBES = {
+    "h2c, as curl --http2 sends it": _post(H2C),
+    "upgrade tokens in capitals": _post(b"Connection: UPGRADE\r\nUpgrade: H2C\r\n"),
+    "an unknown protocol": _post(b"Connection: upgrade\r\nUpgrade: foo/2, bar\r\n"),
+    "TLS/1.0": _post(b"Connection: Upgrade\r\nUpgrade: TLS/1.0\r\n"),
+    "websocket named on a POST": _post(b"Connection: Upgrade\r\nUpgrade: websocket\r\n"),
+    "Connection lists upgrade, no Upgrade": _post(b"Connection: upgrade\r\n"),
+    "Upgrade not in Connection": _post(b"Upgrade: h2c\r\n"),
+    "on HTTP/1.0": _post(H2C, version=b"1.0"),
+    "with a chunked body": _post(H2C, chunked=True),
+}
+
+
+def _answers(data: bytes) -> list[tuple[int, bytes]]:
+    """The status and body of each whole answer in `data` (all framed by Content-Length)."""
+    found = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        found.append((int(head.split(b" ", 2)[1]), rest[:length]))
+        data = rest[length:]
+    return found
+
+
+async def _send_and_listen(port: int, data: bytes, quiet: float = 1.0) -> bytes:
+    """Send `data`, then read whatever comes until the connection closes or is quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = b""
+    try:
+        writer.write(data)
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), quiet)
+            except TimeoutError:
+                return received
+            if not chunk:
+                return received
+            received += chunk
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("probe", list(UPGRADE_PROBES))
+async def test_an_upgrade_is_one_request_with_its_body(
+    origin: Origin, make_proxy: MakeProxy, probe: str
+) -> None:
+    proxy = await make_proxy(origin.url)
+    received = await _send_and_listen(proxy.port, UPGRADE_PROBES[probe])
+    answers = _answers(received)
+    assert [status for status, _ in answers] == [200], received
+    assert answers[0][1] == f"{origin.name} saw POST /a\n".encode()
+    for _ in range(40):  # nginx logs a request once its answer is sent
+        if origin.requests():
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # and a second request, if one came, would be logged by now
+    seen = origin.requests()
+    assert [(r["method"], r["path"]) for r in seen] == [("POST", "/a")]
+    if origin.name == "gunicorn":
+        assert seen[0]["body"] == SMUGGLED.decode()
+    else:  # nginx does not log the body: its length, and the bytes it read in all
+        assert int(seen[0]["request_length"]) > len(SMUGGLED)
+
+
+async def test_a_websocket_upgrade_with_a_body_is_refused(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """A WebSocket handshake has no body (RFC 6455 §4.1): one that has is not relayed."""
+    proxy = await make_proxy(origin.url)
+    for framing, body in ((b"Content-Length: %d" % len(SMUGGLED), SMUGGLED),
+                          (b"Transfer-Encoding: chunked", CHUNKED_SMUGGLED)):  # fmt: skip
+        probe = (
+            b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            + framing
+            + b"\r\n\r\n"
+            + body
+        )
+        received = await _send_and_listen(proxy.port, probe)
+        assert [status for status, _ in _answers(received)] == [400], received
+    await asyncio.sleep(0.3)
+    assert origin.requests() == []
+
+
+async def test_pipelined_after_an_upgrade_request(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    proxy = await make_proxy(upstream.url)
+    received = await _send_and_listen(
+        proxy.port,
+        _post(H2C)
+        + b"GET /next HTTP/1.1\r\nHost: h\r\n" + H2C + b"\r\n"
+        + _post(H2C, chunked=True)
+        + b"GET /last HTTP/1.1\r\nHost: h\r\n\r\n",
+    )  # fmt: skip
+    assert [status for status, _ in _answers(received)] == [200, 200, 200, 200]
+    assert [(s.method, s.raw_path, s.body) for s in upstream.seen] == [
+        ("POST", "/a", SMUGGLED),
+        ("GET", "/next", b""),
+        ("POST", "/a", SMUGGLED),
+        ("GET", "/last", b""),
+    ]
+    for seen in upstream.seen:  # the upgrade went no further
+        assert seen.header("Upgrade") == [] and seen.header("HTTP2-Settings") == []
+        assert "upgrade" not in ",".join(seen.header("Connection")).lower()
+
+
+async def test_connect_is_refused(upstream: Upstream, make_proxy: MakeProxy) -> None:
+    proxy = await make_proxy(upstream.url)
+    for target in (b"example.com:443", b"/a"):
+        response = await raw_exchange(
+            proxy.port, b"CONNECT " + target + b" HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+        )
+        assert response.status == 400
+    assert upstream.seen == []
 
 
 # --- fuzzing: a real proxy and upstream in a thread of their own, raw sockets in front ---

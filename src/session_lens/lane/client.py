@@ -53,6 +53,18 @@ and is answered with `Connection: close`."""
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+def _body_head(request: Request) -> bytes:
+    """A head that has llhttp read `request`'s body next, and expect what it expected
+    after it."""
+    framing = (
+        b"Transfer-Encoding: chunked"
+        if request.chunked
+        else b"Content-Length: %d" % (request.length)
+    )
+    close = b"Connection: close\r\n" if request.close else b""
+    return b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + close + b"\r\n"
+
+
 class _Stopped(Exception):
     """Nothing more of what the client sent is parsed."""
 
@@ -77,6 +89,8 @@ class ClientConnection(Relay, asyncio.Protocol):
         self._fields: list[tuple[bytes, bytes]] = []
         self._reading: Request | None = None
         """The request whose body is being parsed."""
+        self._resuming: Request | None = None
+        """An upgrade's request whose body a new parser is set to read."""
         # Answering
         self._queue: deque[Request] = deque()
         """Requests parsed and not yet answered, in order; the first is being relayed."""
@@ -167,15 +181,20 @@ class ClientConnection(Relay, asyncio.Protocol):
     # llhttp callbacks
 
     def on_message_begin(self) -> None:
+        if self._resuming is not None:
+            return  # the head that sets llhttp to read an upgrade's body: not a request
         self._in_head = True
         self._head_started = self._loop.time()
         self._url = []
         self._fields = []
 
     def on_url(self, url: bytes) -> None:
-        self._url.append(url)
+        if self._resuming is None:
+            self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._resuming is not None:
+            return
         if len(name) + len(value) > MAX_HEADER_BYTES:
             raise Refusal(400, f"a header field is larger than {MAX_HEADER_BYTES} bytes")
         value = value.rstrip(b" \t")
@@ -185,6 +204,10 @@ class ClientConnection(Relay, asyncio.Protocol):
             self._reading.trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._resuming is not None:
+            self._reading, self._resuming = self._resuming, None
+            self._reading.upgrade_body = False  # its body follows, and ends it
+            return
         self._in_head = False
         request = read_head(self._parser, b"".join(self._url), self._fields, self._lane.policy)
         self._queue.append(request)
@@ -219,6 +242,8 @@ class ClientConnection(Relay, asyncio.Protocol):
         request = self._reading
         if request is None:
             raise _Stopped
+        if request.upgrade_body:
+            return  # llhttp skipped its body: `_upgraded` has it read
         self._reading = None
         request.done = True
         if request.observation is not None:
@@ -236,17 +261,20 @@ class ClientConnection(Relay, asyncio.Protocol):
     # Upgrades and failures
 
     def _upgraded(self, rest: bytes) -> None:
-        """llhttp stopped at an upgrade: a WebSocket goes to aiohttp, CONNECT is refused,
-        and any other upgrade is a plain request whose Upgrade header goes no further."""
+        """llhttp stopped at an upgrade's head: a WebSocket goes to aiohttp; any other
+        upgrade is a plain HTTP/1.1 request, its body read as its body and what follows as
+        the next request (its Upgrade header goes no further)."""
         request = self._queue[-1] if self._queue else None
-        if request is not None and request.websocket and request.refusal is None:
+        if request is not None and request.websocket:
             self._upgrade = self._websocket_head(request) + rest
             self._flow()
             return
-        if request is None or request.method == b"CONNECT":
-            self._fail(400, "the request target must be a path")
-            return
         self._parser = httptools.HttpRequestParser(self)
+        if request is not None and request.upgrade_body and request is self._reading:
+            # llhttp reads no body after an upgrade's head: a head of the same framing
+            # puts the new parser where the old one stopped, in the body.
+            self._resuming = request
+            self._parser.feed_data(_body_head(request))
         if rest:
             self.data_received(rest)
 

@@ -47,9 +47,14 @@ class Request:
     host: bytes | None = None
     request_id: bytes | None = None
     chunked = False
+    length = 0
+    """Its body's Content-Length, if it has one."""
     expect = False
     close = False
     websocket = False
+    upgrade_body = False
+    """An upgrade but a WebSocket's, with a body: llhttp skipped the body, which is
+    read as this request's all the same (the upgrade goes no further)."""
     refusal: Refusal | None = None
     """An answer of our own, decided from the head: the connection closes after it."""
     discard = False
@@ -92,6 +97,8 @@ def read_head(
     version = parser.get_http_version()
     request = Request(parser.get_method(), version == "1.0")
     try:
+        if request.method == b"CONNECT":
+            raise Refusal(400, "CONNECT is not served: this is not a forward proxy")
         _read_fields(request, fields, policy.max_body)
         _read_target(request, url)
         if version not in ("1.0", "1.1"):
@@ -100,10 +107,14 @@ def read_head(
             raise Refusal(400, "the request has no Host header")
     except Refusal as refusal:
         request.refusal = refusal
+    if request.websocket and (request.chunked or request.length):
+        request.refusal = Refusal(400, "a WebSocket handshake has no body")
     if request.refusal is not None:
         request.close = True
         return request
     request.close = request.close or not parser.should_keep_alive()
+    if parser.should_upgrade() and not request.websocket:
+        request.upgrade_body = request.chunked or request.length > 0
     if policy.observes and request.method in (b"POST", b"PUT", b"PATCH"):
         request.tap = bytearray()  # kept in case it is a lifecycle request
     return request
@@ -126,7 +137,8 @@ def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: 
                 raise Refusal(501, "transfer codings other than chunked are not relayed")
             request.chunked = True
         elif lowered == b"content-length":  # llhttp has checked it is one number
-            if max_body is not None and int(value) > max_body:
+            request.length = int(value)
+            if max_body is not None and request.length > max_body:
                 request.refusal = too_large(max_body)
         elif lowered == b"connection":
             named.update(token.strip(b" \t") for token in value.lower().split(b","))

@@ -1,0 +1,52 @@
+"""Requests that ask to upgrade, from the clients users have: only a WebSocket's leaves
+HTTP/1.1; any other is relayed as the plain request it is, body and all."""
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import MakeProxy, Origin
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+async def curl(*args: str) -> tuple[int, bytes]:
+    """Run the real curl binary; its exit code and what it wrote."""
+    process = await asyncio.create_subprocess_exec(
+        "curl", "-s", "-m", "10", *args, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-d", "hello=world"],
+        [],
+        ["-H", "Transfer-Encoding: chunked", "--data-binary", "a chunked body"],
+        ["-X", "PUT", "--data-binary", "@{big}"],
+    ],
+    ids=["POST", "GET", "chunked POST", "large PUT"],
+)
+async def test_curl_http2_through_the_hop_as_direct(
+    origin: Origin, make_proxy: MakeProxy, args: list[str], tmp_path: Path
+) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 3_000_000)
+    args = [arg.format(big=big) for arg in args]
+    proxy = await make_proxy(origin.url)
+    direct = await curl("--http2", "-w", "%{http_code}", *args, f"{origin.url}/anything")
+    hop = await curl("--http2", "-w", "%{http_code}", *args, f"{proxy.url}/anything")
+    assert direct[0] == 0 and direct[1].endswith(b"200")
+    assert hop == direct
+    await asyncio.sleep(0.2)  # nginx logs once its answer is out
+    seen = origin.requests()
+    assert len(seen) == 2
+    if origin.name == "gunicorn":  # the body, as it arrived
+        assert seen[0] == seen[1]
+    else:
+        assert seen[0]["length"] == seen[1]["length"]
