@@ -6,10 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from .conftest import MakeProxy, Origin
-
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+from .conftest import MakeProxy, Origin, Upstream, raw_exchange
 
 
 async def curl(*args: str) -> tuple[int, bytes]:
@@ -22,6 +21,7 @@ async def curl(*args: str) -> tuple[int, bytes]:
     return process.returncode, out
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 @pytest.mark.parametrize(
     "args",
     [
@@ -50,3 +50,32 @@ async def test_curl_http2_through_the_hop_as_direct(
         assert seen[0] == seen[1]
     else:
         assert seen[0]["length"] == seen[1]["length"]
+
+
+WEBSOCKET_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_refused_websocket_upgrade_is_relayed_whole(
+    upstream: Upstream, make_proxy: MakeProxy, chunked: bool
+) -> None:
+    async def refuses(request: web.Request) -> web.StreamResponse:
+        if not chunked:
+            return web.Response(status=403, text="not for you", headers={"X-Why": "tenant"})
+        response = web.StreamResponse(status=403, headers={"X-Why": "tenant"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in (b"not ", b"for ", b"you"):
+            await response.write(part)
+        return response
+
+    upstream.respond = refuses
+    proxy = await make_proxy(upstream.url)
+    response = await raw_exchange(proxy.port, WEBSOCKET_UPGRADE)
+    assert response.status == 403
+    assert response.header("X-Why") == ["tenant"]
+    assert response.content == b"not for you"
+    assert response.header("Content-Length") == ["11"]

@@ -75,6 +75,10 @@ class Config:
     upstream_ca_file: Path | None = None
     """A PEM bundle trusted for an https upstream; None: the system's."""
     header_read_timeout: timedelta = timedelta(seconds=30)
+    send_timeout: timedelta = timedelta(seconds=60)
+    """How long a client may take nothing of an answer before its connection is closed."""
+    lingering_timeout: timedelta = timedelta(seconds=5)
+    """How long a connection closed before its request was all read goes on reading."""
     max_connections: int = 10000
     workers: int = 1
     shutdown_grace: timedelta = timedelta(seconds=10)
@@ -412,6 +416,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_read_timeout": _positive_duration,
     "upstream_ca_file": _ca_file,
     "header_read_timeout": _positive_duration,
+    "send_timeout": _positive_duration,
+    "lingering_timeout": _positive_duration,
     "max_connections": _count(1, 1_000_000),
     "workers": _count(1, 64),
     "shutdown_grace": parse_duration,
@@ -451,6 +457,8 @@ HELP = {
     "upstream_read_timeout": "longest silence from the upstream while reading (default 60s)",
     "upstream_ca_file": "PEM file of CAs trusted for an https upstream (default: the system's)",
     "header_read_timeout": "time a client gets to send a request head (default 30s), else 408",
+    "send_timeout": "time a client may take nothing of an answer before it is cut (default 60s)",
+    "lingering_timeout": "time an early answer's connection reads and drops what comes (5s)",
     "max_connections": "client connections held open at once, per worker (default 10000)",
     "workers": "processes serving the proxy port, SO_REUSEPORT (default 1)",
     "shutdown_grace": "time in-flight requests get to finish on shutdown (default 10s)",

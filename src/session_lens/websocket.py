@@ -5,6 +5,7 @@ import contextlib
 import logging
 import ssl
 import time
+from contextvars import ContextVar
 
 import aiohttp
 from aiohttp import WSMsgType, hdrs, web
@@ -15,6 +16,7 @@ from .config import Config
 from .policy import (
     HOP_BY_HOP,
     MAX_HEADER_BYTES,
+    MAX_MERGED_BODY,
     PROBLEM_JSON,
     REQUEST_ID,
     Answer,
@@ -139,6 +141,29 @@ def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     headers[name] = ", ".join((*previous, value))
 
 
+_REFUSAL: ContextVar[list[bytes] | None] = ContextVar("refusal", default=None)
+"""Where the body of an upgrade the upstream refused is put, for the task relaying it."""
+
+
+async def _read_refusal(
+    session: aiohttp.ClientSession, context: object, params: aiohttp.TraceRequestEndParams
+) -> None:
+    """Read the body of an answer to an upgrade that is not a 101, before aiohttp's
+    WebSocket client drops it (it raises on the status, the body unread)."""
+    kept = _REFUSAL.get()
+    response = params.response
+    if kept is None or response.status == 101:
+        return
+    body = bytearray()
+    while len(body) <= MAX_MERGED_BODY:
+        chunk = await response.content.read(MAX_MERGED_BODY + 1 - len(body))
+        if not chunk:
+            kept.append(bytes(body))
+            return
+        body += chunk
+    log.info("a refused upgrade's body is over 1 MiB: relayed without it")
+
+
 def _response(answer: Answer) -> web.Response:
     response = web.Response(
         status=answer.status,
@@ -166,8 +191,11 @@ class WebSocketRelay:
         )
         ca = self._config.upstream_ca_file
         tls = ssl.create_default_context(cafile=str(ca)) if ca else True
+        refusals = aiohttp.TraceConfig()
+        refusals.on_request_end.append(_read_refusal)
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ssl=tls),
+            trace_configs=[refusals],
             timeout=timeout,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -218,6 +246,8 @@ class WebSocketRelay:
             if p.strip()
         ]
         sent = time.perf_counter()
+        refused: list[bytes] = []
+        _REFUSAL.set(refused)
         try:
             upstream = await self._client.ws_connect(
                 URL(self._config.upstream + exchange.target, encoded=True),
@@ -229,15 +259,18 @@ class WebSocketRelay:
                 compress=0,
             )
         except aiohttp.WSServerHandshakeError as exc:
-            # The upstream answered, but not with 101: its status and headers go back.
-            # (aiohttp does not read the body of a refused upgrade.)
+            # The upstream answered, but not with 101: its answer goes back whole.
             exchange.status = exc.status
+            body = refused[0] if refused else b""
             refusal = _Relayed(status=exc.status, headers=_end_to_end(exc.headers or CIMultiDict()))
             refusal.headers.popall(hdrs.CONTENT_LENGTH, None)
-            refusal.content_length = 0
+            refusal.content_length = len(body)
             refusal.force_close()  # the connection was the lane's: it ends here
             if exchange.id_generated:
                 refusal.headers.setdefault(REQUEST_ID, exchange.request_id)
+            await refusal.prepare(request)
+            await refusal.write(body)
+            await refusal.write_eof()
             return refusal
         except (TimeoutError, aiohttp.ClientError) as exc:
             if request.transport is None or request.transport.is_closing():

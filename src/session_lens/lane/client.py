@@ -7,8 +7,12 @@ gets a 400 and the connection closes. Only a WebSocket upgrade leaves the lane:
 its connection goes to aiohttp's server, which relays frames.
 
 The same client rules hold for every request on the connection: a head must
-arrive within `header_read_timeout`, a body may not pass `max_body_bytes`, and
-an idle connection closes after `IDLE_CLIENT` seconds.
+arrive within `header_read_timeout`, a body may not pass `max_body_bytes`, an
+answer must be taken within `send_timeout`, and an idle connection closes after
+`IDLE_CLIENT` seconds. A connection closed before all of its request was read
+lingers: the answer is written, the write side shut, and what the client still
+sends is read and dropped for up to `lingering_timeout`, so that it reads the
+answer rather than a reset.
 """
 
 import asyncio
@@ -43,6 +47,8 @@ MAX_QUEUED = 32
 """Pipelined requests parsed ahead of their turn before reading pauses."""
 IDLE_CLIENT = 75.0
 """Idle client connections are closed after this long, as aiohttp does."""
+LINGER_BYTES = 1 << 26
+"""The most a client may still send once its connection is closing, read and dropped."""
 DRAIN_IDLE = 0.5
 """Draining, how long a kept-alive connection may stay idle before it is closed.
 
@@ -109,6 +115,14 @@ class ClientConnection(Relay, asyncio.Protocol):
         """Bytes after a WebSocket upgrade's head, held for aiohttp."""
         self._since = 0.0
         """When the connection last went idle."""
+        self._lingering: asyncio.TimerHandle | None = None
+        """Closing: what the client still sends is read and dropped until this fires."""
+        self._lingered = 0
+        self._written = 0
+        """Bytes written to the client, its transport's buffer included."""
+        self._taken = 0
+        """Bytes the client had taken when it last took any."""
+        self._taking_since = 0.0
         lane.connections.add(self)  # counted from accept on: a burst cannot pass the cap
 
     # Protocol
@@ -122,6 +136,8 @@ class ClientConnection(Relay, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
+        if self._lingering is not None:
+            self._lingering.cancel()
         self._lane.connections.discard(self)
         self._abandon()
         if self._writable is not None and not self._writable.done():
@@ -144,8 +160,11 @@ class ClientConnection(Relay, asyncio.Protocol):
         if self._upgrade is not None:  # a WebSocket's first frames, for aiohttp
             self._upgrade += data
             return
-        if self._ended:
-            return  # the connection ends; nothing more is read
+        if self._ended:  # the connection ends: what comes is dropped
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES and self._transport is not None:
+                self._transport.close()
+            return
         if not self._in_head:
             self._head_bytes = 0
         try:
@@ -315,11 +334,11 @@ class ClientConnection(Relay, asyncio.Protocol):
         assert transport is not None and exchange is not None
         if answer is not None and not request.replied and not transport.is_closing():
             exchange.status = answer.status
-            transport.write(self._render(answer, True, request))
+            self._write(self._render(answer, True, request))
         if request.upstream is not None:
             request.upstream.close()
         self._queue.clear()
-        transport.close()
+        self._close(linger=True)
         self._abandon()
 
     # Client rules
@@ -352,8 +371,9 @@ class ClientConnection(Relay, asyncio.Protocol):
             self._transport.abort()
 
     def check(self, now: float) -> None:
-        """Close a connection idle too long, or answer 408 to a head too slow to arrive."""
-        if self._transport is None or self._upgrade is not None:
+        """Close a connection idle too long or whose client stopped taking its answers, or
+        answer 408 to a head or a body too slow to arrive."""
+        if self._transport is None or self._upgrade is not None or self._stalled(now):
             return
         reading = self._reading
         if self._in_head and not self._paused_reading:
@@ -368,12 +388,52 @@ class ClientConnection(Relay, asyncio.Protocol):
         elif not self._queue and now - self._since > IDLE_CLIENT:
             self._transport.close()
 
+    def _stalled(self, now: float) -> bool:
+        """Abort the connection if its client has taken nothing for `send_timeout`: its
+        requests and their upstream connections go with it."""
+        transport = self._transport
+        assert transport is not None
+        pending = transport.get_write_buffer_size()
+        taken = self._written - pending
+        if not pending or taken != self._taken:
+            self._taken = taken
+            self._taking_since = now
+            return False
+        if now - self._taking_since < self._lane.send_timeout:
+            return False
+        log.info(
+            "client took nothing in time",
+            extra={"peer": self._peer.decode(), "unsent_bytes": pending},
+        )
+        transport.abort()
+        return True
+
+    def _close(self, linger: bool) -> None:
+        """Close once what was written is out. With `linger`, when the client may still be
+        sending, the write side is shut first and what comes is read and dropped for up
+        to `lingering_timeout` (closed at once, the client could get a reset for its
+        answer)."""
+        transport = self._transport
+        assert transport is not None
+        self._ended = True
+        if not linger or self._gone or transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self._lingering is None:
+            self._lingering = self._loop.call_later(self._lane.lingering_timeout, transport.close)
+        if self._paused_reading:
+            self._paused_reading = False
+            transport.resume_reading()
+
     def _flow(self) -> None:
         """Read from the client unless it does not read its answers, the upstream does not
         take the body, or plenty has been read ahead."""
         transport = self._transport
         if transport is None or self._gone or transport.get_protocol() is not self:
             return
+        if self._lingering is not None:
+            return  # closing: everything is read, and dropped
         active = self._active
         writable = self._writable
         pause = (
@@ -410,8 +470,8 @@ class ClientConnection(Relay, asyncio.Protocol):
                 self._start(request)
             idle = self._active is None and not self._queue and not self._gone
             if idle and self._final is not None and self._transport is not None:
-                self._transport.write(render(self._final, self._lane.clock.date(), True))
-                self._transport.close()
+                self._write(render(self._final, self._lane.clock.date(), True))
+                self._close(linger=True)
                 return
         finally:
             self._advancing = False
@@ -459,13 +519,12 @@ class ClientConnection(Relay, asyncio.Protocol):
         if answer is not None:
             assert self._transport is not None
             self._drop_body(request)
-            self._transport.write(self._render(answer, self._closes(request), request))
+            self._write(self._render(answer, self._closes(request), request))
             self._after(request, self._closes(request))
             return
         data = self._upstream_request(request)
         if request.expect and not request.done and not request.size and not request.http10:
-            assert self._transport is not None
-            self._transport.write(_CONTINUE)
+            self._write(_CONTINUE)
         upstream = lane.pool.idle()
         if upstream is None or request.observation is not None:
             self._task = self._loop.create_task(self._relay(request, data))
@@ -535,10 +594,9 @@ class ClientConnection(Relay, asyncio.Protocol):
             self._queue.popleft()
         transport = self._transport
         if close or transport is None:  # draining, it said so; or it is closed when idle
-            self._ended = True
+            unread = not request.done or bool(self._queue) or self._in_head
             self._queue.clear()
-            if transport is not None:
-                transport.close()
+            self._close(linger=unread)
             return
         self._since = self._loop.time()
         if self._queue or self._final is not None or self._paused_reading:

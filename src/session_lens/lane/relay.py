@@ -41,10 +41,17 @@ class Relay:
     _gone: bool
     _ahead: int
     """Body bytes read and not yet sent upstream."""
+    _written: int
 
     def _flow(self) -> None:
         """The connection's: reading from the client follows what can be taken."""
         raise NotImplementedError
+
+    def _write(self, data: bytes) -> None:
+        """Write to the client; what it has taken of it tells the send timeout."""
+        assert self._transport is not None
+        self._written += len(data)
+        self._transport.write(data)
 
     def _blocked(self) -> bool:
         """Whether the client is not reading what it was sent."""
@@ -129,7 +136,7 @@ class Relay:
             if request.observation is not None:
                 request.observation.unanswered("the upstream did not answer")
             answer = policy.failure(exchange, failure.kind, failure)
-            transport.write(self._render(answer, self._closes(request), request))
+            self._write(self._render(answer, self._closes(request), request))
             return self._closes(request)
         except BaseException:  # the client went away: so does the upstream request
             if upstream is not None:
@@ -254,18 +261,17 @@ class Relay:
         """Relay the interim answers come so far (none to HTTP/1.0, RFC 9110 §15.2)."""
         if upstream.interim:
             if not request.http10 and self._transport is not None:
-                self._transport.write(b"".join(upstream.interim))
+                self._write(b"".join(upstream.interim))
             upstream.interim.clear()
 
     def _write_rest(self, out: list[bytes], upstream: Upstream, mode: str) -> None:
         """Write `out` with the rest of a whole answer's body."""
-        assert self._transport is not None
         chunks = upstream.take()
         if mode != "none":
             framed(out, chunks, mode == "chunked")
         if mode == "chunked":
             last_chunk(out, upstream.trailers)
-        self._transport.write(b"".join(out))
+        self._write(b"".join(out))
 
     async def _stream(
         self,
@@ -294,7 +300,7 @@ class Relay:
                 if mode != "none":
                     framed(out, chunks, mode == "chunked")
                 if out:
-                    transport.write(b"".join(out))
+                    self._write(b"".join(out))
                     out = []
                 if self._blocked():
                     assert self._writable is not None
@@ -306,7 +312,7 @@ class Relay:
             # The head may be out: the only honest answer left is a cut connection.
             self._lane.policy.log_upstream_error(exchange, failure.kind, failure, partial=True)
             if out:
-                transport.write(b"".join(out))
+                self._write(b"".join(out))
             transport.close()
             return True
 
@@ -340,8 +346,7 @@ class Relay:
                 raw = await _whole(upstream, MAX_MERGED_BODY if plan is MissPlan.MERGE else 0)
             except UpstreamFailure as failure:
                 answer = policy.failure(exchange, failure.kind, failure, counted=True)
-                assert self._transport is not None
-                self._transport.write(self._render(answer, close, request))
+                self._write(self._render(answer, close, request))
                 return close
             rewritten, content_type = policy.miss_body(
                 plan, upstream.status, exchange, explanation, raw
@@ -357,8 +362,7 @@ class Relay:
         has_length = True if rewritten is not None else None
         out, mode = self._head_of(request, upstream, fields, named, close, has_length)
         if rewritten is not None:
-            assert self._transport is not None
-            self._transport.write(b"".join(out) + rewritten)
+            self._write(b"".join(out) + rewritten)
             exchange.upstream_seconds = time.perf_counter() - sent
             return close
         return await self._stream(out, request, upstream, mode, sent) or close

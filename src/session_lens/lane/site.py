@@ -50,6 +50,8 @@ class Lane:
         self.header_timeout = config.header_read_timeout.total_seconds()
         self.body_timeout = config.upstream_read_timeout.total_seconds()
         """The longest silence within a request body on its way upstream."""
+        self.send_timeout = config.send_timeout.total_seconds()
+        self.lingering_timeout = config.lingering_timeout.total_seconds()
         self.max_connections = config.max_connections
         self._refusal_logged = 0.0
 
