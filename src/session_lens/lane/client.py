@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import httptools
 
@@ -32,9 +32,7 @@ from ..policy import (
 from .answer import add_fields, framed, render
 from .relay import Relay
 from .request import Refusal, Request, read_head, too_large
-
-if TYPE_CHECKING:
-    from .site import Lane
+from .shared import Shared
 
 log = logging.getLogger("session_lens.proxy")
 
@@ -78,7 +76,7 @@ class _Stopped(Exception):
 class ClientConnection(Relay, asyncio.Protocol):
     """One client connection: requests parsed as they come, answered in order."""
 
-    def __init__(self, lane: "Lane") -> None:
+    def __init__(self, lane: Shared) -> None:
         self._lane = lane
         self._loop = lane.loop
         self._parser = httptools.HttpRequestParser(self)

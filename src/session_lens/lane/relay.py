@@ -7,7 +7,6 @@ what happens between the upstream and the client reads on its own.
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict
@@ -24,10 +23,8 @@ from ..policy import (
 from ..reasons import Outcome, UpstreamError
 from .answer import BODYLESS, add_fields, end_to_end, framed, last_chunk, render
 from .request import Request
+from .shared import Shared
 from .upstream import Upstream, UpstreamFailure
-
-if TYPE_CHECKING:
-    from .site import Lane
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS"})
 
@@ -35,7 +32,7 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS"})
 class Relay:
     """The upstream side of a client connection's requests, one at a time."""
 
-    _lane: "Lane"
+    _lane: Shared
     _transport: asyncio.Transport | None
     _writable: asyncio.Future[None] | None
     _gone: bool

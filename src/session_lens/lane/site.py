@@ -1,104 +1,33 @@
-"""The lane's shared state, and the listener whose connections start in it."""
+"""The listener whose connections start in the lane, and their lives: accepted, swept,
+drained, closed."""
 
 import asyncio
 import logging
 import os
 import socket
-import ssl
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from typing import Any, cast
 
 from aiohttp import web
 
 from ..config import Config
 from ..policy import Policy, problem_answer
-from .answer import Clock, add_fields, render
+from .answer import render
 from .client import DRAIN_IDLE, ClientConnection
-from .upstream import Pool
-
-if TYPE_CHECKING:
-    from .request import Request
+from .shared import Shared
 
 log = logging.getLogger("session_lens.proxy")
 
 SWEEP_EVERY = 0.5
 
 
-class Lane:
-    """What the lane's connections share: the policy, the upstream pool, the clock."""
+class Lane(Shared):
+    """The lane's shared state, with the connections' lives: accepted, swept, drained."""
 
     def __init__(self, policy: Policy, config: Config) -> None:
-        parts = urlsplit(config.upstream)
-        self.policy = policy
-        self.clock = Clock()
-        self._host = parts.hostname or ""
-        self._tls = parts.scheme == "https"
-        self._port = parts.port or (443 if self._tls else 80)
-        self._authority = parts.netloc.rpartition("@")[2].encode()
-        self._prefix = parts.path.rstrip("/").encode()
-        self._config = config
-        self._pool: Pool | None = None
-        self.loop = asyncio.get_event_loop()
-        self.connections: set[ClientConnection] = set()
-        self.fallback: Callable[[], asyncio.Protocol] = _no_fallback
-        """aiohttp's server, for WebSocket upgrades."""
-        self.fallback_connections: Callable[[], int] = lambda: 0
+        super().__init__(policy, config)
         self._sweeper: asyncio.Task[None] | None = None
-        self.draining = False
-        self.header_timeout = config.header_read_timeout.total_seconds()
-        self.body_timeout = config.upstream_read_timeout.total_seconds()
-        """The longest silence within a request body on its way upstream."""
-        self.send_timeout = config.send_timeout.total_seconds()
-        self.lingering_timeout = config.lingering_timeout.total_seconds()
-        self.max_connections = config.max_connections
         self._refusal_logged = 0.0
-
-    @property
-    def pool(self) -> Pool:
-        if self._pool is None:
-            tls = None
-            if self._tls:
-                ca = self._config.upstream_ca_file
-                tls = ssl.create_default_context(cafile=str(ca) if ca else None)
-            self._pool = Pool(
-                self._host,
-                self._port,
-                self._config.upstream_connect_timeout.total_seconds(),
-                self._config.upstream_read_timeout.total_seconds(),
-                tls,
-            )
-        return self._pool
-
-    def request_head(self, request: "Request", peer: bytes, request_id: bytes) -> list[bytes]:
-        """The request head as the upstream gets it: hop-by-hop fields out, X-Forwarded-* in."""
-        target = request.target if request.target == b"*" else self._prefix + request.target
-        out = [request.method, b" ", target, b" HTTP/1.1\r\n"]
-        if request.host is None:  # HTTP/1.0 may leave it out; 1.1 may not
-            out += (b"Host: ", self._authority, b"\r\n")
-        add_fields(out, request.fields)
-        forwarded = request.forwarded
-        if not forwarded:  # as most requests come: nothing to append to
-            if peer:
-                out += (b"X-Forwarded-For: ", peer, b"\r\n")
-            out.append(b"X-Forwarded-Proto: http\r\n")
-            if request.host is not None:
-                out += (b"X-Forwarded-Host: ", request.host, b"\r\n")
-        else:
-            if peer:
-                out += (b"X-Forwarded-For: ", _folded(forwarded.get(b"x-forwarded-for"), peer))
-            proto = _folded(forwarded.get(b"x-forwarded-proto"), b"http")
-            out += (b"X-Forwarded-Proto: ", proto)
-            if request.host is not None:
-                host = _folded(forwarded.get(b"x-forwarded-host"), request.host)
-                out += (b"X-Forwarded-Host: ", host)
-        if request.request_id is None:
-            out += (b"X-Request-ID: ", request_id, b"\r\n")
-        if request.chunked:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        out.append(b"\r\n")
-        return out
 
     def accept(self) -> asyncio.Protocol:
         """A new client connection: the lane's, or refused over `max_connections`."""
@@ -144,16 +73,6 @@ class Lane:
                 self._pool.sweep(now)
             for connection in list(self.connections):
                 connection.check(now)
-
-
-def _folded(previous: list[bytes] | None, value: bytes) -> bytes:
-    if previous:
-        return b", ".join((*previous, value)) + b"\r\n"
-    return value + b"\r\n"
-
-
-def _no_fallback() -> asyncio.Protocol:
-    raise RuntimeError("the lane has no server for WebSocket upgrades")
 
 
 _TOO_MANY = problem_answer(503, "too many connections are open; try again", [("Retry-After", "1")])
