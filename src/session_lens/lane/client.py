@@ -60,13 +60,15 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 def _body_head(request: Request) -> bytes:
     """A head that has llhttp read `request`'s body next, and expect what it expected
     after it."""
-    framing = (
-        b"Transfer-Encoding: chunked"
-        if request.chunked
-        else b"Content-Length: %d" % (request.length)
-    )
-    close = b"Connection: close\r\n" if request.close else b""
-    return b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + close + b"\r\n"
+    out = [b"POST / HTTP/1.1\r\n"]
+    if request.chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        out.append(b"Content-Length: %d\r\n" % request.length)
+    if request.close:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
 
 
 class _Stopped(Exception):
@@ -198,20 +200,15 @@ class ClientConnection(Relay, asyncio.Protocol):
     # llhttp callbacks
 
     def on_message_begin(self) -> None:
-        if self._resuming is not None:
-            return  # the head that sets llhttp to read an upgrade's body: not a request
         self._in_head = True
         self._head_started = self._loop.time()
         self._url = []
         self._fields = []
 
     def on_url(self, url: bytes) -> None:
-        if self._resuming is None:
-            self._url.append(url)
+        self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._resuming is not None:
-            return
         if len(name) + len(value) > MAX_HEADER_BYTES:
             raise Refusal(400, f"a header field is larger than {MAX_HEADER_BYTES} bytes")
         value = value.rstrip(b" \t")
@@ -221,11 +218,11 @@ class ClientConnection(Relay, asyncio.Protocol):
             self._reading.trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self._resuming is not None:
+        self._in_head = False
+        if self._resuming is not None:  # the head made up to read an upgrade's body
             self._reading, self._resuming = self._resuming, None
             self._reading.upgrade_body = False  # its body follows, and ends it
             return
-        self._in_head = False
         request = read_head(self._parser, b"".join(self._url), self._fields, self._lane.policy)
         self._queue.append(request)
         if request.refusal is not None:  # answered from its head: nothing after it is read
