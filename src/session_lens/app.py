@@ -6,7 +6,6 @@ import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
@@ -14,12 +13,13 @@ from prometheus_client.exposition import choose_encoder
 
 from .config import Config
 from .explain import Explainer, report_json
+from .hop import MAX_HEADER_BYTES, Target
 from .ids import IdValidator
 from .lane import Lane
 from .logs import quiet_malformed_requests
 from .metrics import Metrics
 from .page import HTML, SECURITY_POLICY, prefers_html, problem_page, report_page
-from .policy import MAX_HEADER_BYTES, Policy
+from .policy import Policy
 from .recorder import Recorder
 from .store import StoreError
 from .websocket import WebSocketRelay
@@ -27,6 +27,7 @@ from .websocket import WebSocketRelay
 POLICY = web.AppKey("policy", Policy)
 LANE = web.AppKey("lane", Lane)
 CONFIG = web.AppKey("config", Config)
+TARGET = web.AppKey("target", Target)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 DRAINING = web.AppKey("draining", asyncio.Event)
 EXPLAINER = web.AppKey("explainer", Explainer)
@@ -64,7 +65,8 @@ def create_proxy_app(
     if recorder is None and config.lifecycle_source == "observed":
         recorder = Recorder(config, metrics, config.database_url)
     policy = Policy(config, metrics, explainer, recorder)
-    relay = WebSocketRelay(config, policy)
+    target = Target.of(config.upstream, config.upstream_ca_file)
+    relay = WebSocketRelay(config, policy, target)
 
     # A middleware rather than a catch-all route: it skips the router's work.
     @web.middleware
@@ -76,7 +78,7 @@ def create_proxy_app(
         handler_args={"max_field_size": MAX_HEADER_BYTES, "max_line_size": MAX_HEADER_BYTES},
     )
     app[POLICY] = policy
-    lane = app[LANE] = Lane(policy, config)
+    lane = app[LANE] = Lane(policy, config, target)
     app[CONFIG] = config
     app[EXPLAINER] = explainer
 
@@ -117,6 +119,7 @@ def create_admin_app(
     """
     app = web.Application(middlewares=[_bearer(config.admin_token)] if config.admin_token else [])
     app[CONFIG] = config
+    app[TARGET] = Target.of(config.upstream, config.upstream_ca_file)
     app[REGISTRY] = registry
     app[EXPLAINER] = explainer
     app[DRAINING] = draining or asyncio.Event()
@@ -194,7 +197,8 @@ async def _readyz(request: web.Request) -> web.Response:
     if request.app[DRAINING].is_set():
         return web.json_response({"status": "draining", "checks": {}}, status=503)
     upstream, database = await asyncio.gather(
-        upstream_reachable(config), request.app[EXPLAINER].health()
+        upstream_reachable(request.app[TARGET], config.upstream_connect_timeout.total_seconds()),
+        request.app[EXPLAINER].health(),
     )
     checks = {
         "upstream": "ok" if upstream is None else f"down: {upstream}",
@@ -281,12 +285,9 @@ def _page(text: str, status: int) -> web.Response:
     )
 
 
-async def upstream_reachable(config: Config) -> str | None:
+async def upstream_reachable(target: Target, timeout: float) -> str | None:
     """None when a TCP connection to the upstream opens in time, else why not."""
-    parts = urlsplit(config.upstream)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    timeout = config.upstream_connect_timeout.total_seconds()
+    host, port = target.host, target.port
     try:
         async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(host, port)

@@ -11,11 +11,9 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from http import HTTPStatus
-from typing import Any
 
 from yarl import URL
 
@@ -23,6 +21,7 @@ from .config import Config
 from .explain import Explainer, Explanation
 from .ids import MAX_ID_LENGTH, IdValidator
 from .metrics import Metrics
+from .problems import PROBLEM_JSON, Answer, phrase, problem_answer
 from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
 from .recorder import Event, Recorder
 from .routes import (
@@ -39,18 +38,12 @@ log = logging.getLogger("session_lens.proxy")
 
 REQUEST_ID = "X-Request-ID"
 REASON_HEADER = "X-Session-Not-Found-Reason"
-PROBLEM_JSON = "application/problem+json"
 LOOKUP_METHODS = frozenset({"GET", "HEAD"})
 MAX_MERGED_BODY = 1 << 20
 """Larger miss bodies are relayed as they are, the reason in the header alone."""
 MAX_INSPECTED_BODY = 1 << 20
 """Lifecycle bodies larger than this are relayed without looking for an ID in them."""
 MAX_OBSERVED_ID = 128
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
-)
-MAX_HEADER_BYTES = 65536
-"""The largest header field, either way: gateways pass large cookies and tokens."""
 
 _RULE_DETAIL = {
     Rule.MISSING: "the path holds no session ID",
@@ -86,23 +79,6 @@ _UPSTREAM_DETAIL = {
 def short_id(session_id: str) -> str:
     """A session ID cut to a length fit to echo back or log."""
     return session_id if len(session_id) <= MAX_ID_LENGTH else session_id[:MAX_ID_LENGTH] + "…"
-
-
-@dataclass(slots=True, frozen=True)
-class Answer:
-    """An answer of session-lens' own: an RFC 9457 problem document."""
-
-    status: int
-    body: bytes
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def problem_answer(
-    status: int, detail: str, headers: Iterable[tuple[str, str]] = (), **members: Any
-) -> Answer:
-    """An RFC 9457 problem document."""
-    body = {"title": _phrase(status), "status": status, "detail": detail, **members}
-    return Answer(status, json.dumps(body).encode(), tuple(headers))
 
 
 class MissPlan(Enum):
@@ -342,7 +318,7 @@ class Policy:
         }
         if plan is MissPlan.PROBLEM:
             document = {
-                "title": _phrase(status),
+                "title": phrase(status),
                 "status": status,
                 "detail": _REASON_DETAIL[explanation.reason],
                 **members,
@@ -541,13 +517,6 @@ def _usable_id(text: str) -> str | None:
     """The ID if it is one a lifecycle table can hold, else None."""
     usable = 0 < len(text) <= MAX_OBSERVED_ID and text.isprintable() and text.isascii()
     return text if usable else None
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Not Found"
 
 
 def _is_json(content_type: str) -> bool:

@@ -3,7 +3,6 @@
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from contextvars import ContextVar
 
@@ -13,16 +12,9 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from .config import Config
-from .policy import (
-    HOP_BY_HOP,
-    MAX_HEADER_BYTES,
-    MAX_MERGED_BODY,
-    PROBLEM_JSON,
-    REQUEST_ID,
-    Answer,
-    Exchange,
-    Policy,
-)
+from .hop import MAX_HEADER_BYTES, Target, appended, end_to_end_text
+from .policy import MAX_MERGED_BODY, REQUEST_ID, Exchange, Policy
+from .problems import PROBLEM_JSON, Answer
 from .reasons import UpstreamError
 
 log = logging.getLogger("session_lens.proxy")
@@ -95,11 +87,11 @@ async def bridge(client: Socket, upstream: Socket, stop: asyncio.Event) -> None:
 # Headers the WebSocket client library writes itself for the upstream handshake.
 _HANDSHAKE = frozenset(
     {
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-        "sec-websocket-accept",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"sec-websocket-accept",
     }
 )
 _NEVER_ADDED = (hdrs.SERVER, hdrs.CONTENT_TYPE)
@@ -120,25 +112,16 @@ class _RelayedWebSocket(_Relayed, web.WebSocketResponse):
 
 
 def _end_to_end(
-    headers: MultiMapping[str], extra: frozenset[str] = frozenset()
+    headers: MultiMapping[str], extra: frozenset[bytes] = frozenset()
 ) -> CIMultiDict[str]:
     """A copy of `headers` without hop-by-hop ones (RFC 9110 §7.6.1), order and repeats kept."""
-    drop = HOP_BY_HOP | extra
-    named = headers.getall(hdrs.CONNECTION, ())
-    if named:
-        drop = drop | {token.strip().lower() for value in named for token in value.split(",")}
-    kept: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered not in drop and not lowered.startswith("proxy-"):
-            kept.add(name, value)
-    return kept
+    return CIMultiDict(end_to_end_text(headers.items(), extra))
 
 
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     """Append `value` to a list-valued header, folding repeats into one line."""
-    previous = headers.popall(name, ())
-    headers[name] = ", ".join((*previous, value))
+    previous = [given.encode("latin-1") for given in headers.popall(name, ())]
+    headers[name] = appended(previous, value.encode("latin-1")).decode("latin-1")
 
 
 _REFUSAL: ContextVar[list[bytes] | None] = ContextVar("refusal", default=None)
@@ -178,9 +161,10 @@ def _response(answer: Answer) -> web.Response:
 class WebSocketRelay:
     """The handler of aiohttp's server, which the lane gives WebSocket upgrades to."""
 
-    def __init__(self, config: Config, policy: Policy) -> None:
+    def __init__(self, config: Config, policy: Policy, target: Target) -> None:
         self._config = config
         self._policy = policy
+        self._target = target
         self._client: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -189,12 +173,10 @@ class WebSocketRelay:
             sock_connect=self._config.upstream_connect_timeout.total_seconds(),
             sock_read=self._config.upstream_read_timeout.total_seconds(),
         )
-        ca = self._config.upstream_ca_file
-        tls = ssl.create_default_context(cafile=str(ca)) if ca else True
         refusals = aiohttp.TraceConfig()
         refusals.on_request_end.append(_read_refusal)
         self._client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ssl=tls),
+            connector=aiohttp.TCPConnector(limit=0, ssl=self._target.tls or True),
             trace_configs=[refusals],
             timeout=timeout,
             auto_decompress=False,
@@ -230,7 +212,7 @@ class WebSocketRelay:
     async def _relay(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """Relay a WebSocket both ways: text, binary, ping, pong and close codes."""
         assert self._client is not None
-        headers = _end_to_end(request.headers, _HANDSHAKE | {"expect"})
+        headers = _end_to_end(request.headers, _HANDSHAKE | {b"expect"})
         if request.remote:
             _append(headers, "X-Forwarded-For", request.remote)
         _append(headers, "X-Forwarded-Proto", request.scheme)
@@ -250,7 +232,7 @@ class WebSocketRelay:
         _REFUSAL.set(refused)
         try:
             upstream = await self._client.ws_connect(
-                URL(self._config.upstream + exchange.target, encoded=True),
+                URL(self._target.base + exchange.target, encoded=True),
                 headers=headers,
                 protocols=protocols,
                 autoclose=False,

@@ -4,11 +4,8 @@ import time
 from email.utils import formatdate
 from http import HTTPStatus
 
-from ..policy import HOP_BY_HOP, PROBLEM_JSON, Answer
+from ..problems import PROBLEM_JSON, Answer
 
-_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
-_LENGTH = frozenset({b"content-length"})
-_HOP_OR_LENGTH = _HOP_BY_HOP | _LENGTH
 BODYLESS = frozenset({204, 304})
 """Statuses whose answers never have a body (RFC 9110 §6.4.1)."""
 
@@ -28,25 +25,6 @@ class Clock:
             self._at = now
             self._value = formatdate(now, usegmt=True).encode()
         return self._value
-
-
-def end_to_end(
-    fields: list[tuple[bytes, bytes]], names: list[bytes], named: set[bytes], framed: bool
-) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
-    """A message's fields without hop-by-hop ones, and the names of those kept, lowered.
-
-    `names` are the fields' names lowered, `named` what their Connection header lists.
-    `framed` keeps Content-Length (the message's framing, whatever its Connection
-    names); otherwise it goes, saying nothing true of a re-framed body.
-    """
-    drop = _HOP_BY_HOP if framed else _HOP_OR_LENGTH
-    if named:
-        drop = drop | (named - _LENGTH if framed else named)
-    kept: list[tuple[bytes, bytes]] = []
-    for field, lowered in zip(fields, names, strict=True):
-        if lowered not in drop and not lowered.startswith(b"proxy-"):
-            kept.append(field)
-    return kept, {lowered for lowered in names if lowered not in drop}
 
 
 def add_fields(out: list[bytes], fields: list[tuple[bytes, bytes]]) -> None:

@@ -23,12 +23,9 @@ from typing import cast
 
 import httptools
 
-from ..policy import (
-    MAX_HEADER_BYTES,
-    MAX_INSPECTED_BODY,
-    Answer,
-    problem_answer,
-)
+from ..hop import MAX_HEADER_BYTES
+from ..policy import MAX_INSPECTED_BODY
+from ..problems import Answer, problem_answer
 from .answer import add_fields, framed, render
 from .relay import Relay
 from .request import Refusal, Request, read_head, too_large

@@ -11,17 +11,18 @@ from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict
 
+from ..hop import end_to_end
 from ..policy import (
     MAX_INSPECTED_BODY,
     MAX_MERGED_BODY,
     REASON_HEADER,
-    Answer,
     MissPlan,
     Observation,
     include_deleted_asked,
 )
+from ..problems import Answer
 from ..reasons import Outcome, UpstreamError
-from .answer import BODYLESS, add_fields, end_to_end, framed, last_chunk, render
+from .answer import BODYLESS, add_fields, framed, last_chunk, render
 from .request import Request
 from .shared import Shared
 from .upstream import Upstream, UpstreamFailure

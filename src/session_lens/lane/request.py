@@ -9,15 +9,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from ..hop import FORWARDED, NEVER_DROPPED, REQUEST_DROPPED, connection_tokens, dropped, passes
 from ..policy import Exchange, Observation, Policy
 from .upstream import Upstream
-
-_NEVER_DROPPED = frozenset({b"content-length", b"host"})
-_FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
-_DROPPED = frozenset(
-    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"expect"}
-)
-"""Request fields that go no further: hop-by-hop ones, and Expect, answered here."""
 
 
 class Refusal(Exception):
@@ -141,7 +135,7 @@ def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: 
             if max_body is not None and request.length > max_body:
                 request.refusal = too_large(max_body)
         elif lowered == b"connection":
-            named.update(token.strip(b" \t") for token in value.lower().split(b","))
+            named |= connection_tokens(value)
         elif lowered == b"upgrade":
             upgrade = value.lower()
         elif lowered == b"expect":
@@ -152,15 +146,15 @@ def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: 
             request.request_id = value
     request.close = b"close" in named
     request.websocket = request.method == b"GET" and upgrade == b"websocket" and b"upgrade" in named
-    drop = _DROPPED | (named - _NEVER_DROPPED)  # framing and routing stay, whatever is named
+    drop = dropped(named, REQUEST_DROPPED, NEVER_DROPPED)
     if request.request_id == b"" or b"x-request-id" in named:  # replaced, as if absent
         request.request_id = None
         drop = drop | {b"x-request-id"}
     kept = request.fields
     for lowered, name, value in lowered_fields:
-        if lowered in drop or lowered.startswith(b"proxy-"):
+        if not passes(lowered, drop):
             continue
-        if lowered in _FORWARDED:
+        if lowered in FORWARDED:
             request.forwarded.setdefault(lowered, []).append(value)
             continue
         kept.append((name, value))

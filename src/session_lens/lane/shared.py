@@ -3,12 +3,11 @@ policy, the upstream pool, the clock, the client rules, and how a request's head
 written for the upstream."""
 
 import asyncio
-import ssl
 from collections.abc import Callable
 from typing import Protocol
-from urllib.parse import urlsplit
 
 from ..config import Config
+from ..hop import Target, appended
 from ..policy import Policy
 from .answer import Clock, add_fields
 from .request import Request
@@ -26,15 +25,10 @@ class Connection(Protocol):
 class Shared:
     """What the lane's connections share: the policy, the upstream pool, the clock."""
 
-    def __init__(self, policy: Policy, config: Config) -> None:
-        parts = urlsplit(config.upstream)
+    def __init__(self, policy: Policy, config: Config, target: Target) -> None:
         self.policy = policy
         self.clock = Clock()
-        self._host = parts.hostname or ""
-        self._tls = parts.scheme == "https"
-        self._port = parts.port or (443 if self._tls else 80)
-        self._authority = parts.netloc.rpartition("@")[2].encode()
-        self._prefix = parts.path.rstrip("/").encode()
+        self._target = target
         self._config = config
         self._pool: Pool | None = None
         self.loop = asyncio.get_event_loop()
@@ -53,25 +47,20 @@ class Shared:
     @property
     def pool(self) -> Pool:
         if self._pool is None:
-            tls = None
-            if self._tls:
-                ca = self._config.upstream_ca_file
-                tls = ssl.create_default_context(cafile=str(ca) if ca else None)
             self._pool = Pool(
-                self._host,
-                self._port,
+                self._target,
                 self._config.upstream_connect_timeout.total_seconds(),
                 self._config.upstream_read_timeout.total_seconds(),
-                tls,
             )
         return self._pool
 
     def request_head(self, request: Request, peer: bytes, request_id: bytes) -> list[bytes]:
         """The request head as the upstream gets it: hop-by-hop fields out, X-Forwarded-* in."""
-        target = request.target if request.target == b"*" else self._prefix + request.target
+        upstream = self._target
+        target = request.target if request.target == b"*" else upstream.prefix + request.target
         out = [request.method, b" ", target, b" HTTP/1.1\r\n"]
         if request.host is None:  # HTTP/1.0 may leave it out; 1.1 may not
-            out += (b"Host: ", self._authority, b"\r\n")
+            out += (b"Host: ", upstream.authority, b"\r\n")
         add_fields(out, request.fields)
         forwarded = request.forwarded
         if not forwarded:  # as most requests come: nothing to append to
@@ -82,24 +71,19 @@ class Shared:
                 out += (b"X-Forwarded-Host: ", request.host, b"\r\n")
         else:
             if peer:
-                out += (b"X-Forwarded-For: ", _folded(forwarded.get(b"x-forwarded-for"), peer))
-            proto = _folded(forwarded.get(b"x-forwarded-proto"), b"http")
-            out += (b"X-Forwarded-Proto: ", proto)
+                out += (b"X-Forwarded-For: ", appended(forwarded.get(b"x-forwarded-for", ()), peer))
+                out.append(b"\r\n")
+            proto = appended(forwarded.get(b"x-forwarded-proto", ()), b"http")
+            out += (b"X-Forwarded-Proto: ", proto, b"\r\n")
             if request.host is not None:
-                host = _folded(forwarded.get(b"x-forwarded-host"), request.host)
-                out += (b"X-Forwarded-Host: ", host)
+                host = appended(forwarded.get(b"x-forwarded-host", ()), request.host)
+                out += (b"X-Forwarded-Host: ", host, b"\r\n")
         if request.request_id is None:
             out += (b"X-Request-ID: ", request_id, b"\r\n")
         if request.chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
         out.append(b"\r\n")
         return out
-
-
-def _folded(previous: list[bytes] | None, value: bytes) -> bytes:
-    if previous:
-        return b", ".join((*previous, value)) + b"\r\n"
-    return value + b"\r\n"
 
 
 def _no_fallback() -> asyncio.Protocol:

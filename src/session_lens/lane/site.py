@@ -11,7 +11,9 @@ from typing import Any, cast
 from aiohttp import web
 
 from ..config import Config
-from ..policy import Policy, problem_answer
+from ..hop import Target
+from ..policy import Policy
+from ..problems import problem_answer
 from .answer import render
 from .client import DRAIN_IDLE, ClientConnection
 from .shared import Shared
@@ -24,8 +26,8 @@ SWEEP_EVERY = 0.5
 class Lane(Shared):
     """The lane's shared state, with the connections' lives: accepted, swept, drained."""
 
-    def __init__(self, policy: Policy, config: Config) -> None:
-        super().__init__(policy, config)
+    def __init__(self, policy: Policy, config: Config, target: Target) -> None:
+        super().__init__(policy, config, target)
         self._sweeper: asyncio.Task[None] | None = None
         self._refusal_logged = 0.0
 

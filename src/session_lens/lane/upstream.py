@@ -2,12 +2,12 @@
 llhttp parses, one request at a time each."""
 
 import asyncio
-import ssl
 from collections.abc import Callable
 from typing import cast
 
 import httptools
 
+from ..hop import Target, connection_tokens
 from ..reasons import UpstreamError
 from .answer import BODYLESS, add_fields
 
@@ -278,7 +278,7 @@ class Upstream(asyncio.Protocol):
                 framing = b"length"
                 self.length = int(value)
             elif lowered == b"connection":
-                self.named.update(token.strip(b" \t") for token in value.lower().split(b","))
+                self.named |= connection_tokens(value)
         if status in BODYLESS:
             framing = b"length"
         self.framing = framing
@@ -311,20 +311,11 @@ class Upstream(asyncio.Protocol):
 class Pool:
     """Keep-alive connections to the upstream, newest idle first."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        connect_timeout: float,
-        read_timeout: float,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
+    def __init__(self, target: Target, connect_timeout: float, read_timeout: float) -> None:
         self.loop = asyncio.get_running_loop()
-        self._host = host
-        self._port = port
+        self._target = target
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._tls = tls
         self._idle: list[Upstream] = []
         self._all: set[Upstream] = set()
 
@@ -342,14 +333,15 @@ class Pool:
         reused = self.idle()
         if reused is not None:
             return reused, True
+        target = self._target
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await self.loop.create_connection(
                     lambda: Upstream(self),
-                    self._host,
-                    self._port,
-                    ssl=self._tls,
-                    server_hostname=self._host if self._tls is not None else None,
+                    target.host,
+                    target.port,
+                    ssl=target.tls,
+                    server_hostname=target.host if target.tls is not None else None,
                 )
         except TimeoutError:
             raise UpstreamFailure(UpstreamError.TIMEOUT, "connect timed out", False) from None

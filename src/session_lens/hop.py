@@ -1,0 +1,113 @@
+"""The HTTP rules of a hop (RFC 9110 §7.6, RFC 9112): which fields go no further, what
+X-Forwarded-* become, and where the upstream is.
+
+It imports nothing from the package: the HTTP lane and the WebSocket relay both follow it.
+"""
+
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+MAX_HEADER_BYTES = 65536
+"""The largest header field, either way: gateways pass large cookies and tokens."""
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+"""Fields about one connection only, lowered: never relayed (RFC 9110 §7.6.1)."""
+LENGTH = frozenset({b"content-length"})
+REQUEST_DROPPED = HOP_BY_HOP | {b"expect"}
+"""A request's fields that go no further: hop-by-hop ones, and Expect, met by the hop."""
+NEVER_DROPPED = frozenset({b"content-length", b"host"})
+"""A request's framing and routing, which stay whatever its Connection header names."""
+FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+"""The fields a hop appends to, lowered."""
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """The names a Connection header's value lists, lowered."""
+    return {token.strip(b" \t") for token in value.lower().split(b",")}
+
+
+def dropped(named: set[bytes], base: frozenset[bytes], kept: frozenset[bytes]) -> frozenset[bytes]:
+    """The fields a message loses on its way: `base`, and what its Connection header
+    names (`named`, lowered) except `kept`."""
+    return base | (named - kept) if named else base
+
+
+def passes(lowered: bytes, drop: frozenset[bytes]) -> bool:
+    """Whether a field (its name lowered) goes on, given what is `dropped`."""
+    return lowered not in drop and not lowered.startswith(b"proxy-")
+
+
+def end_to_end(
+    fields: list[tuple[bytes, bytes]], names: list[bytes], named: set[bytes], framed: bool
+) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
+    """An answer's fields without hop-by-hop ones, and the names of those kept, lowered.
+
+    `names` are the fields' names lowered, `named` what their Connection header lists.
+    `framed` keeps Content-Length (the message's framing, whatever its Connection
+    names); otherwise it goes, saying nothing true of a re-framed body.
+    """
+    if framed:
+        drop = dropped(named, HOP_BY_HOP, LENGTH)
+    else:
+        drop = dropped(named, HOP_BY_HOP | LENGTH, frozenset())
+    kept: list[tuple[bytes, bytes]] = []
+    for field, lowered in zip(fields, names, strict=True):
+        if passes(lowered, drop):
+            kept.append(field)
+    return kept, {lowered for lowered in names if lowered not in drop}
+
+
+def end_to_end_text(
+    headers: Iterable[tuple[str, str]], extra: frozenset[bytes] = frozenset()
+) -> list[tuple[str, str]]:
+    """`headers` (as a client library gives them) without hop-by-hop ones and `extra`,
+    order and repeats kept."""
+    pairs = [(name, value, name.lower().encode("latin-1")) for name, value in headers]
+    named: set[bytes] = set()
+    for _, value, lowered in pairs:
+        if lowered == b"connection":
+            named |= connection_tokens(value.encode("latin-1"))
+    drop = dropped(named, HOP_BY_HOP | extra, frozenset())
+    return [(name, value) for name, value, lowered in pairs if passes(lowered, drop)]
+
+
+def appended(previous: Iterable[bytes], value: bytes) -> bytes:
+    """A list-valued field (X-Forwarded-*) with `value` appended, repeats folded in one."""
+    return b", ".join((*previous, value))
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The upstream as every connection to it needs it, built once."""
+
+    base: str
+    """The configured URL without a trailing slash: a request's target is appended."""
+    host: str
+    port: int
+    authority: bytes
+    """Its `host[:port]`, for a request that names none (HTTP/1.0)."""
+    prefix: bytes
+    """Its path, put before every request's."""
+    tls: ssl.SSLContext | None
+
+    @classmethod
+    def of(cls, url: str, ca_file: Path | None = None) -> "Target":
+        """The target of an `http(s)://host[:port][/prefix]` URL; an https one verified
+        against `ca_file`, or the system's CAs."""
+        parts = urlsplit(url)
+        secure = parts.scheme == "https"
+        tls = (
+            ssl.create_default_context(cafile=str(ca_file) if ca_file else None) if secure else None
+        )
+        return cls(
+            base=url.rstrip("/"),
+            host=parts.hostname or "",
+            port=parts.port or (443 if secure else 80),
+            authority=parts.netloc.rpartition("@")[2].encode(),
+            prefix=parts.path.rstrip("/").encode(),
+            tls=tls,
+        )
