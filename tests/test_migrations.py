@@ -1,14 +1,32 @@
 """The migration on empty and legacy tables, and what the database enforces afterwards."""
 
 import asyncio
+import dataclasses
+import re
 import subprocess
 import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
-from session_lens.migrations import MIGRATIONS, MigrationError, migrate, plan
+from session_lens.migrations import (
+    EARLIER,
+    MIGRATIONS,
+    RELEASED,
+    Migration,
+    MigrationChanged,
+    MigrationError,
+    checksum,
+    migrate,
+    plan,
+)
 from session_lens.schema import TRANSITIONS, SessionState, Tables
+
+from .conftest import with_database
 
 SID = "exec_20251230_020944_4ad060d9"
 
@@ -284,3 +302,253 @@ def test_database_errors_are_clear_lines(empty_db: str) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("session-lens: cannot migrate nosuch.sessions: ")
     assert "Traceback" not in result.stderr
+
+
+# Checksums: a released text never changes; databases migrated from earlier texts
+# are brought forward by a new version.
+
+EARLIER_TEXTS = Path(__file__).parent / "migrations_earlier"
+"""Texts 001-005 had before their released ones, as the history holds them."""
+
+
+def _earlier(name: str) -> Migration:
+    """An earlier text, by file name without `.sql`: `004_event_time.6b96a35`."""
+    match = re.fullmatch(r"(\d{3})_(\w+)\.[0-9a-f]+", name)
+    assert match, name
+    text = (EARLIER_TEXTS / f"{name}.sql").read_text(encoding="utf-8")
+    return Migration(int(match[1]), match[2], text)
+
+
+CURRENT = {migration.version: migration for migration in MIGRATIONS}
+HISTORIES = {
+    "first texts": [
+        "001_lifecycle.9efebd1",
+        "002_observed.86ed12f",
+        "003_horizon.2685a80",
+        "004_event_time.6b96a35",
+    ],
+    "004 of 661999d": [1, 2, "003_horizon.2685a80", "004_event_time.661999d"],
+    "004 of 136ec9b": [1, 2, "003_horizon.2685a80", "004_event_time.136ec9b"],
+    "005 since folded into 004": [
+        1,
+        2,
+        "003_horizon.2685a80",
+        "004_event_time.6b96a35",
+        "005_recording.65acfde",
+    ],
+}
+
+
+async def _migrate_before_checksums(conn: asyncpg.Connection, history: list[Any]) -> None:
+    """What the runner did before checksums: each version in one transaction, numbered, named."""
+    tables = Tables("public.sessions")
+    for step in history:
+        migration = CURRENT[step] if isinstance(step, int) else _earlier(step)
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS public.session_lens_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            before, after = migration.render(tables)
+            await conn.execute(before)
+            if after:  # no rows yet: nothing to backfill between
+                await conn.execute(after)
+            await conn.execute(
+                "INSERT INTO public.session_lens_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+
+
+async def _schema(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    """What the migrations define: functions, columns, indexes, triggers, constraints."""
+    queries = {
+        "functions": "SELECT p.proname, pg_get_functiondef(p.oid) FROM pg_proc AS p"
+        " WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1, 2",
+        "columns": "SELECT table_name, column_name, data_type, is_nullable, column_default"
+        " FROM information_schema.columns WHERE table_schema = 'public'"
+        " ORDER BY table_name, ordinal_position",
+        "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+        " ORDER BY 1",
+        "triggers": "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger"
+        " WHERE NOT tgisinternal ORDER BY 1",
+        "constraints": "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)"
+        " FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2",
+    }
+    return {what: [tuple(row) for row in await conn.fetch(sql)] for what, sql in queries.items()}
+
+
+async def _checksums(conn: asyncpg.Connection) -> dict[int, str | None]:
+    rows = await conn.fetch("SELECT version, checksum FROM session_lens_migrations")
+    return {row["version"]: row["checksum"] for row in rows}
+
+
+@pytest.fixture
+async def fresh_db(postgres_url: str) -> AsyncIterator[str]:
+    """A second database, migrated from scratch by this release, to compare with."""
+    name = "sl_test_" + uuid.uuid4().hex[:16]
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = with_database(postgres_url, name)
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate(conn, Tables())
+        finally:
+            await conn.close()
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def test_released_migrations_keep_their_text() -> None:
+    for migration in MIGRATIONS:
+        assert migration.version in RELEASED, (
+            f"{migration.file} is not in RELEASED: add its checksum {migration.checksum}"
+        )
+        assert migration.checksum == RELEASED[migration.version], (
+            f"{migration.file} changed after its release: restore its text and put the change"
+            " in a new version"
+        )
+    assert set(RELEASED) == set(CURRENT)
+
+
+def test_earlier_texts_are_the_ones_known() -> None:
+    found: dict[int, set[str]] = {}
+    for path in EARLIER_TEXTS.glob("*.sql"):
+        migration = _earlier(path.stem)
+        found.setdefault(migration.version, set()).add(migration.checksum)
+    found.pop(5)  # a version no longer used: nothing of 005 is checked
+    assert found == EARLIER
+    assert not set().union(*EARLIER.values()) & set(RELEASED.values())
+
+
+async def test_a_fresh_database_records_checksums(empty_db: str) -> None:
+    conn = await asyncpg.connect(empty_db)
+    try:
+        assert await migrate(conn, Tables()) == ALL
+        assert await _checksums(conn) == RELEASED
+        before = await conn.fetch("SELECT * FROM session_lens_migrations ORDER BY version")
+        assert await migrate(conn, Tables()) == []
+        assert await conn.fetch("SELECT * FROM session_lens_migrations ORDER BY version") == before
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+async def test_earlier_texts_are_brought_forward(
+    empty_db: str, fresh_db: str, history: str
+) -> None:
+    conn, fresh = await asyncpg.connect(empty_db), await asyncpg.connect(fresh_db)
+    try:
+        await _migrate_before_checksums(conn, HISTORIES[history])
+        # The first event of a session is its deletion: some earlier texts left no deleted_at.
+        await conn.execute(
+            "SELECT session_lens_record($1, $2, 'delete', 'DELETED', true, now(), NULL)",
+            uuid.uuid4(),
+            SID,
+        )
+        functions = (await _schema(conn))["functions"]
+        # The merge's 004 differs from the released one in a comment only.
+        assert (functions != (await _schema(fresh))["functions"]) == (history != "004 of 136ec9b")
+        assert await migrate(conn, Tables()) == [6]
+        assert await _schema(conn) == await _schema(fresh)
+        recorded = await _checksums(conn)
+        assert {v: c for v, c in recorded.items() if v != 5} == RELEASED
+        assert recorded.get(5, "absent") in (None, "absent")  # kept, never checked
+        row = await conn.fetchrow("SELECT state, deleted_at, updated_at FROM sessions")
+        assert row["state"] == "DELETED" and row["deleted_at"] == row["updated_at"]
+        assert await migrate(conn, Tables()) == []
+        assert await _checksums(conn) == recorded
+    finally:
+        await conn.close()
+        await fresh.close()
+
+
+def _session_lens(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "session_lens", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_dry_run_before_checksums_says_what_it_records(empty_db: str) -> None:
+    async def before_checksums() -> None:
+        conn = await asyncpg.connect(empty_db)
+        await _migrate_before_checksums(conn, HISTORIES["first texts"])
+        await conn.close()
+
+    asyncio.run(before_checksums())
+    result = _session_lens("migrate", "--dry-run", "--database-url", empty_db)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "-- 001, 002, 003, 004 applied before checksums were kept:"
+        " their released checksums will be recorded"
+    ) in result.stdout
+    assert "-- migration 006 recording" in result.stdout
+    assert "-- backfill" not in result.stdout  # 006 has none
+
+    result = _session_lens("migrate", "--database-url", empty_db)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "checksums recorded for 001, 002, 003, 004\napplied 006; 0 rows backfilled\n"
+    )
+
+
+async def test_a_changed_released_migration_is_refused(empty_db: str) -> None:
+    changed = [
+        dataclasses.replace(m, template=m.template + "\n-- and one more thing\n")
+        if m.version == 3
+        else m
+        for m in MIGRATIONS
+    ]
+    conn = await asyncpg.connect(empty_db)
+    try:
+        assert await migrate(conn, Tables(), migrations=MIGRATIONS[:2]) == [1, 2]
+        message = (
+            r"^migration 003 \(003_horizon\.sql\) is not the released text \(sha256 \w{12},"
+            r" released \w{12}\): restore the released text and put the change in a new"
+            r" version; nothing was applied$"
+        )
+        with pytest.raises(MigrationChanged, match=message):
+            await migrate(conn, Tables(), migrations=changed)
+        assert (await plan(conn, Tables(), migrations=changed)).refused is not None
+        assert list(await _checksums(conn)) == [1, 2]
+        assert await conn.fetchval("SELECT to_regclass('session_lens_tracking')") is None
+    finally:
+        await conn.close()
+
+
+def test_a_database_that_applied_another_text_is_refused(db: str) -> None:
+    async def tamper() -> None:
+        conn = await asyncpg.connect(db)
+        await conn.execute(
+            "UPDATE session_lens_migrations SET checksum = $1 WHERE version = 4",
+            checksum("-- not 004\n"),
+        )
+        await conn.execute("DELETE FROM session_lens_migrations WHERE version = 6")
+        await conn.close()
+
+    asyncio.run(tamper())
+    for dry in ([], ["--dry-run"]):
+        result = _session_lens("migrate", "--database-url", db, *dry)
+        assert result.returncode == 1
+        assert re.fullmatch(
+            r"session-lens: migration 004 \(004_event_time\.sql\) was applied to this database"
+            r" from another text \(sha256 \w{12}\) than the released one \(\w{12}\): a version"
+            r" never runs again; bring its objects to the released text by hand and record its"
+            r" checksum, or migrate a new database; nothing was applied\n",
+            result.stderr,
+        ), result.stderr
+
+    async def untouched() -> list[int]:
+        conn = await asyncpg.connect(db)
+        versions = list(await _checksums(conn))
+        await conn.close()
+        return sorted(versions)
+
+    assert asyncio.run(untouched()) == [1, 2, 3, 4]

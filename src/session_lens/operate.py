@@ -3,7 +3,7 @@
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TextIO
@@ -18,6 +18,7 @@ from .ids import IdValidator
 from .metrics import Metrics
 from .migrations import (
     MIGRATIONS,
+    MigrationChanged,
     MigrationError,
     Plan,
     Progress,
@@ -71,10 +72,12 @@ async def _run_migrations(config: Config, dry_run: bool, quiet: bool, out: TextI
     async with _connect(config) as conn:
         tables = await qualified(conn, tables)
         found = await plan(conn, tables)
+        if found.refused is not None:
+            raise DatabaseError(str(found.refused)) from found.refused
         if dry_run:
             _print_plan(found, tables, config.backfill_state, out)
             return 0
-        if not found.pending:
+        if not found.pending and not found.unrecorded:
             if not quiet:
                 print(f"up to date: version {max(found.applied):03d}", file=out)
             return 0
@@ -90,12 +93,17 @@ async def _run_migrations(config: Config, dry_run: bool, quiet: bool, out: TextI
             applied = await migrate(conn, tables, config.backfill_state, on_backfill=progress)
         except MigrationError as exc:
             raise DatabaseError(f"{exc}; nothing was changed") from exc
+        except MigrationChanged as exc:
+            raise DatabaseError(str(exc)) from exc
         finally:
             for bar in bars:
                 bar.close()
-        if not quiet:
-            versions = ", ".join(f"{v:03d}" for v in applied)
-            print(f"applied {versions}; {found.rows_to_backfill} rows backfilled", file=out)
+        if not quiet and found.unrecorded:
+            print(f"checksums recorded for {_versions(found.unrecorded)}", file=out)
+        if not quiet and applied:
+            print(
+                f"applied {_versions(applied)}; {found.rows_to_backfill} rows backfilled", file=out
+            )
     return 0
 
 
@@ -105,6 +113,12 @@ def _print_plan(found: Plan, tables: Tables, state_expression: str, out: TextIO)
         print(f"-- {table} does not exist: it will be created", file=out)
     else:
         print(f"-- {table}: {found.rows} rows, {found.rows_to_backfill} to backfill", file=out)
+    if found.unrecorded:
+        print(
+            f"-- {_versions(found.unrecorded)} applied before checksums were kept:"
+            " their released checksums will be recorded",
+            file=out,
+        )
     if not found.pending:
         print(f"-- up to date: version {max(found.applied):03d}; nothing to do", file=out)
         return
@@ -115,10 +129,16 @@ def _print_plan(found: Plan, tables: Tables, state_expression: str, out: TextIO)
         before, after = migration.render(tables)
         print(f"-- migration {migration.version:03d} {migration.name}", file=out)
         print(before.strip(), file=out)
-        print("\n-- backfill, batch after batch ($1 rows each; $2 the last key done):", file=out)
-        print(first + ";", file=out)
-        print(rest + ";\n", file=out)
-        print(after.strip(), file=out)
+        if after:
+            batches = "-- backfill, batch after batch ($1 rows each; $2 the last key done):"
+            print(f"\n{batches}", file=out)
+            print(first + ";", file=out)
+            print(rest + ";\n", file=out)
+            print(after.strip(), file=out)
+
+
+def _versions(versions: Iterable[int]) -> str:
+    return ", ".join(f"{v:03d}" for v in versions)
 
 
 async def run_explain(config: Config, session_id: str, out: TextIO = sys.stdout) -> int:

@@ -5,10 +5,22 @@ template of quoted identifiers (see `Tables.names`); a line `-- @backfill`
 splits it where existing rows get their state, in batches, each with an audit
 entry of trigger `migration`. One advisory lock keeps two runners apart; each
 version commits whole or not at all.
+
+A released version's text never changes: `RELEASED` holds its sha256, the
+versions table the checksum of the text each database applied, and a run where
+either differs is refused before anything is applied. A change is a new version.
+Versions applied before checksums were kept are taken as their released texts:
+the texts 001-004 had before (`EARLIER`) differ from those only in what 006
+defines again. Version 005 is not used: it named a recording change that was
+folded into 004.
+
+    MigrationError     a version failed; nothing of it was kept
+    MigrationChanged   a text is not the released one, or not the one applied
 """
 
+import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -20,6 +32,34 @@ LOCK_KEY = 0x5E551_0E15  # "session lens": one advisory lock for every runner
 BACKFILL_MARK = "-- @backfill"
 BATCH_SIZE = 10_000
 
+RELEASED: dict[int, str] = {
+    1: "0012c49558a727d8181f3fa1b47bfba68a86d88f10236ade95d8c8f3973c9440",
+    2: "e1649fe211b6cd9ccc093aefa23187302f474d0110de7435d056a7dca00cd57d",
+    3: "4e98d385244ce3208e7e5799525bd4cdbdcbb6fec4841fd688f186a544d14dc3",
+    4: "e181bb243f1a26b19fc8c063905c9bec5963e6a7b5827d7e8fb056e7d91a6284",
+    6: "ad3819581fc4c097ea74d8c7111ecd526cb14b90fd6a7450775cbbb52196ca4a",
+}
+"""The sha256 of each released version's text; a version joins when it is released."""
+
+EARLIER: dict[int, frozenset[str]] = {
+    1: frozenset({"2d79d922319c88e46c06e4cece900fc2d2a8989951956abbf7b9a438734f2cde"}),
+    2: frozenset({"ad73b58527988bc91c27de39ed2d6d442e3026eff29a85bf7941bde71a3e4094"}),
+    3: frozenset({"c5c01db7970abd6e1904c57e5309770b2b345eb74f9f1b50734ecdea5ab42a9e"}),
+    4: frozenset(
+        {
+            "6a2edf4e4a8e0078865a352d747b33f368faad53ac26ab924e2913be725fe056",
+            "8ebcb1080a58aee1d83da3e6048dd5f12abf8737c3b991d0f136bf1f6d76b75c",
+            "a999ebb29067a43d73e5a9c7ade2613169977dfac24e7183cf140dcffc2112fc",
+        }
+    ),
+}
+"""Texts a version had before its released one; 006 brings a database migrated by them forward."""
+
+
+def checksum(text: str) -> str:
+    """The sha256 of a migration's text, as recorded."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
 
 class MigrationError(Exception):
     """A migration could not be applied; nothing of it was kept."""
@@ -30,6 +70,33 @@ class MigrationError(Exception):
         self.detail = detail
 
 
+class MigrationChanged(Exception):
+    """A version's text is not the released one, or not the one the database applied."""
+
+    def __init__(self, version: int, file: str, expected: str, found: str, applied: bool) -> None:
+        super().__init__(version, file, expected, found, applied)
+        self.version = version
+        self.file = file
+        self.expected = expected
+        self.found = found
+        self.applied = applied
+
+    def __str__(self) -> str:
+        found, expected = self.found[:12], self.expected[:12]
+        if self.applied:
+            return (
+                f"migration {self.version:03d} ({self.file}) was applied to this database from"
+                f" another text (sha256 {found}) than the released one ({expected}): a version"
+                " never runs again; bring its objects to the released text by hand and record"
+                " its checksum, or migrate a new database; nothing was applied"
+            )
+        return (
+            f"migration {self.version:03d} ({self.file}) is not the released text"
+            f" (sha256 {found}, released {expected}): restore the released text and put"
+            " the change in a new version; nothing was applied"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     """One schema version."""
@@ -37,6 +104,16 @@ class Migration:
     version: int
     name: str
     template: str = field(repr=False)
+
+    @property
+    def file(self) -> str:
+        """The file it comes from."""
+        return f"{self.version:03d}_{self.name}.sql"
+
+    @property
+    def checksum(self) -> str:
+        """The sha256 of its text."""
+        return checksum(self.template)
 
     def render(self, tables: Tables) -> tuple[str, str]:
         """The SQL before and after the backfill, identifiers filled in."""
@@ -104,17 +181,31 @@ class Plan:
     table_exists: bool
     rows: int
     rows_to_backfill: int
+    unrecorded: tuple[int, ...] = ()
+    """Versions applied before checksums were kept: the run records their released ones."""
+    refused: MigrationChanged | None = None
+    """Why the run would be refused, applying nothing."""
 
 
-async def plan(conn: asyncpg.Connection, tables: Tables) -> Plan:
+async def plan(
+    conn: asyncpg.Connection, tables: Tables, *, migrations: Sequence[Migration] = MIGRATIONS
+) -> Plan:
     """Look, change nothing: which versions are pending and how many rows they touch."""
     tables = await qualified(conn, tables)
     names = tables.names
-    applied: tuple[int, ...] = ()
-    if await conn.fetchval("SELECT to_regclass($1)", names["versions"]) is not None:
-        rows = await conn.fetch(f"SELECT version FROM {names['versions']} ORDER BY version")
-        applied = tuple(row["version"] for row in rows)
-    pending = tuple(m for m in MIGRATIONS if m.version not in applied)
+    recorded = await _recorded(conn, names["versions"])
+    applied = tuple(sorted(recorded))
+    pending = tuple(m for m in migrations if m.version not in recorded)
+    unrecorded = tuple(
+        m.version
+        for m in migrations
+        if m.version in recorded and recorded[m.version] is None and m.version in RELEASED
+    )
+    try:
+        _check(migrations, _adopted(recorded, migrations))
+        refused = None
+    except MigrationChanged as exc:
+        refused = exc
     exists = await conn.fetchval("SELECT to_regclass($1)", names["table"]) is not None
     total = to_fill = 0
     if exists:
@@ -129,7 +220,49 @@ async def plan(conn: asyncpg.Connection, tables: Tables) -> Plan:
             if has_all
             else total
         )
-    return Plan(applied, pending, exists, total, to_fill)
+    return Plan(applied, pending, exists, total, to_fill, unrecorded, refused)
+
+
+async def _recorded(conn: asyncpg.Connection, versions: str) -> dict[int, str | None]:
+    """Each applied version's checksum; None where it was applied before checksums were kept."""
+    if await conn.fetchval("SELECT to_regclass($1)", versions) is None:
+        return {}
+    has_checksum = await conn.fetchval(
+        "SELECT count(*) = 1 FROM pg_attribute WHERE attrelid = to_regclass($1)"
+        " AND attname = 'checksum' AND NOT attisdropped",
+        versions,
+    )
+    column = "checksum" if has_checksum else "NULL::text"
+    rows = await conn.fetch(f"SELECT version, {column} AS checksum FROM {versions}")
+    return {row["version"]: row["checksum"] for row in rows}
+
+
+def _adopted(
+    recorded: dict[int, str | None], migrations: Sequence[Migration]
+) -> dict[int, str | None]:
+    """The checksums once those applied before checksums were kept take their released ones."""
+    released = {m.version: RELEASED.get(m.version) for m in migrations}
+    return {
+        version: found if found is not None else released.get(version)
+        for version, found in recorded.items()
+    }
+
+
+def _check(migrations: Sequence[Migration], recorded: dict[int, str | None]) -> None:
+    """Refuse a released text that was changed, or one the database applied otherwise."""
+    for migration in migrations:
+        released = RELEASED.get(migration.version)
+        if released is not None and migration.checksum != released:
+            raise MigrationChanged(
+                migration.version, migration.file, released, migration.checksum, applied=False
+            )
+    for migration in migrations:
+        found = recorded.get(migration.version)
+        known = {migration.checksum} | EARLIER.get(migration.version, frozenset())
+        if found is not None and found not in known:
+            raise MigrationChanged(
+                migration.version, migration.file, migration.checksum, found, applied=True
+            )
 
 
 Progress = Callable[[int], None]
@@ -150,6 +283,7 @@ async def migrate(
     *,
     batch_size: int = BATCH_SIZE,
     on_backfill: Callable[[int], Progress] | None = None,
+    migrations: Sequence[Migration] = MIGRATIONS,
 ) -> list[int]:
     """Apply every pending version; returns those applied. Safe to run again, and at once."""
     applied = []
@@ -157,12 +291,38 @@ async def migrate(
     # One lock for the whole run, so two runners cannot interleave versions.
     await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
-        for migration in MIGRATIONS:
+        await _bookkeeping(conn, tables, migrations)
+        for migration in migrations:
             if await _apply(conn, tables, migration, state_expression, batch_size, on_backfill):
                 applied.append(migration.version)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
     return applied
+
+
+async def _bookkeeping(
+    conn: asyncpg.Connection, tables: Tables, migrations: Sequence[Migration]
+) -> None:
+    """Bring the versions table forward and check every text, or refuse and change nothing."""
+    versions = tables.names["versions"]
+    async with conn.transaction():
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {versions} ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now(), checksum text)"
+        )
+        # Nullable: NULL is a version applied before checksums were kept.
+        await conn.execute(f"ALTER TABLE {versions} ADD COLUMN IF NOT EXISTS checksum text")
+        adopted = _adopted(await _recorded(conn, versions), migrations)
+        _check(migrations, adopted)
+        unrecorded = {v: found for v, found in adopted.items() if found is not None}
+        await conn.execute(
+            f"UPDATE {versions} AS v SET checksum = r.checksum"
+            " FROM unnest($1::integer[], $2::text[]) AS r (version, checksum)"
+            " WHERE v.version = r.version AND v.checksum IS NULL",
+            list(unrecorded),
+            list(unrecorded.values()),
+        )
 
 
 async def _apply(
@@ -175,11 +335,6 @@ async def _apply(
 ) -> bool:
     names = tables.names
     async with conn.transaction():
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {names['versions']} ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
         done = await conn.fetchval(
             f"SELECT 1 FROM {names['versions']} WHERE version = $1", migration.version
         )
@@ -194,9 +349,10 @@ async def _apply(
         except (asyncpg.PostgresError, _BackfillIncomplete) as exc:
             raise MigrationError(migration.version, str(exc)) from exc
         await conn.execute(
-            f"INSERT INTO {names['versions']} (version, name) VALUES ($1, $2)",
+            f"INSERT INTO {names['versions']} (version, name, checksum) VALUES ($1, $2, $3)",
             migration.version,
             migration.name,
+            migration.checksum,
         )
     return True
 
