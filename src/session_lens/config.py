@@ -284,7 +284,8 @@ def _column(raw: object) -> str:
     return text
 
 
-def _sql_expression(raw: object) -> str:
+def sql_expression(raw: object) -> str:
+    """One SQL expression, trimmed; raises ValueError for none or more than one."""
     text = str(raw).strip()
     if not text or ";" in text:
         raise _Invalid(f"{raw!r} must be one SQL expression, without ';'")
@@ -425,7 +426,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "data_dir": _path,
     "sessions_table": _table,
     "sessions_id_column": _column,
-    "backfill_state": _sql_expression,
+    "backfill_state": sql_expression,
     "miss_statuses": _statuses,
     "not_found_body": _choice("merge", "problem", "passthrough"),
     "visibility_window": parse_duration,
