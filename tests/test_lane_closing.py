@@ -3,6 +3,7 @@ before the whole request lingers until the client has read it, and a client that
 nothing of its answers is cut after `send_timeout`."""
 
 import asyncio
+import logging
 import shutil
 import socket
 import time
@@ -14,7 +15,7 @@ from aiohttp import web
 from session_lens.app import LANE
 from session_lens.lane import Lane
 
-from .conftest import MakeProxy, ProxyUnderTest, Upstream, parse_response
+from .conftest import MakeProxy, ProxyUnderTest, Upstream, parse_response, raw_exchange
 
 MIB = 1 << 20
 
@@ -203,3 +204,89 @@ async def test_a_slow_reader_that_keeps_reading_is_not_cut(
     assert time.monotonic() - started > 2
     head = received - size
     assert 0 < head < 1000, "the answer was cut"
+
+
+async def test_a_reader_slower_than_the_kernel_buffers_is_not_cut(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    """Progress is what the client acknowledges, not only what leaves the hop's own
+    buffer: the kernel takes more only in bursts, seconds apart for a slow reader."""
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 256 * MIB
+        await response.prepare(request)
+        chunk = b"h" * (256 * 1024)
+        for _ in range(1024):
+            await response.write(chunk)
+        return response
+
+    upstream.respond = huge
+    proxy = await make_proxy(upstream.url, send_timeout="3s")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /huge HTTP/1.1\r\nHost: h\r\n\r\n")
+    received = 0
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 9:  # about 160 KB/s, for three send timeouts
+            chunk = await reader.read(16 * 1024)
+            assert chunk, f"cut after {received} bytes"
+            received += len(chunk)
+            await asyncio.sleep(0.1)
+        assert _lane(proxy).connections
+    finally:
+        writer.close()
+
+
+# --- what the attacks on the lane found ------------------------------------------------
+
+
+async def test_request_trailers_never_reach_another_clients_request(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    """aiohttp's server takes a request's trailers for fields of the next request on
+    its connection: the upstream connection is not pooled after trailers."""
+    proxy = await make_proxy(upstream.url)
+    attacker = await raw_exchange(
+        proxy.port,
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nCookie: session=ATTACKER\r\n\r\n",
+    )
+    victim = await raw_exchange(
+        proxy.port,
+        b"GET /victim HTTP/1.1\r\nHost: x\r\nCookie: session=VICTIM\r\nConnection: close\r\n\r\n",
+    )
+    assert (attacker.status, victim.status) == (200, 200)
+    seen = upstream.seen[-1]
+    assert seen.raw_path == "/victim"
+    assert seen.header("Cookie") == ["session=VICTIM"]
+
+
+async def test_a_thousand_pipelined_upgrade_requests_in_one_read_are_all_answered(
+    upstream: Upstream, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await make_proxy(upstream.url)
+    burst = b"GET /u HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n" * 1000
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(burst + b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    received = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 1001
+    assert len(upstream.seen) == 1001
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_malformed_body_after_an_upgrade_head_gets_one_400_and_lingers(
+    upstream: Upstream, make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await make_proxy(upstream.url, lingering_timeout="1s")
+    response, clean = await _send_while_reading(
+        proxy.port,
+        b"POST /u HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        b"ZZZ\r\n",
+    )
+    assert response.count(b"HTTP/1.1 ") == 1
+    assert parse_response(response).status == 400
+    assert clean
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -79,3 +79,13 @@ async def test_a_refused_websocket_upgrade_is_relayed_whole(
     assert response.header("X-Why") == ["tenant"]
     assert response.content == b"not for you"
     assert response.header("Content-Length") == ["11"]
+
+
+async def test_http2_with_prior_knowledge_is_told_http2_is_not_served(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    proxy = await make_proxy(upstream.url)
+    response = await raw_exchange(proxy.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert response.status == 505
+    assert response.json()["detail"].startswith("HTTP/2 is not served")
+    assert upstream.seen == []

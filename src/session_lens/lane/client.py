@@ -16,7 +16,10 @@ answer rather than a reset.
 """
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 import time
 from collections import deque
 from typing import cast
@@ -52,6 +55,10 @@ Closed at once, a client sending its next request at that moment would lose it
 and is answered with `Connection: close`."""
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PRIOR_KNOWLEDGE = "Pause on PRI/Upgrade"
+"""What llhttp says of `PRI * HTTP/2.0`, an HTTP/2 client's first line."""
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+"""The ioctl that reads a socket's unacknowledged bytes (SIOCOUTQ, the same number)."""
 
 
 def _body_head(request: Request) -> bytes:
@@ -66,6 +73,20 @@ def _body_head(request: Request) -> bytes:
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")
     return b"".join(out)
+
+
+def _unsent_in_kernel(transport: asyncio.Transport) -> int:
+    """The bytes of a TCP socket's send queue its peer has not acknowledged (Linux's
+    SIOCOUTQ); 0 where that cannot be read."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or _OUTQ is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    unsent: int = struct.unpack("i", raw)[0]
+    return unsent
 
 
 class _Stopped(Exception):
@@ -115,6 +136,7 @@ class ClientConnection(Relay, asyncio.Protocol):
         self._lingering: asyncio.TimerHandle | None = None
         """Closing: what the client still sends is read and dropped until this fires."""
         self._lingered = 0
+        self._shut = False
         self._written = 0
         """Bytes written to the client, its transport's buffer included."""
         self._taken = 0
@@ -162,27 +184,34 @@ class ClientConnection(Relay, asyncio.Protocol):
             if self._lingered > LINGER_BYTES and self._transport is not None:
                 self._transport.close()
             return
-        if not self._in_head:
-            self._head_bytes = 0
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded(data[cast(int, upgrade.args[0]) :])
-        except httptools.HttpParserError as exc:
-            refusal = exc.__context__
-            if isinstance(refusal, _Stopped):
-                pass
-            elif isinstance(refusal, Refusal):
-                self._fail(refusal.status, refusal.detail)
-            else:
-                self._fail(400, f"the request is malformed: {exc}")
-        else:
+        self._parse(data)
+        if self._active is None or self._ahead > AHEAD or len(self._queue) > MAX_QUEUED:
+            self._advance()
+
+    def _parse(self, data: bytes) -> None:
+        """Parse what the client sent, past every upgrade's head but a WebSocket's."""
+        while data:
+            if not self._in_head:
+                self._head_bytes = 0
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                data = self._upgraded(data[cast(int, upgrade.args[0]) :])
+                continue
+            except httptools.HttpParserError as exc:
+                refusal = exc.__context__
+                if isinstance(refusal, Refusal):
+                    self._fail(refusal.status, refusal.detail)
+                elif str(exc) == _PRIOR_KNOWLEDGE:  # HTTP/2's connection preface
+                    self._fail(505, "HTTP/2 is not served; HTTP/1.1 is (h2c upgrades included)")
+                elif not isinstance(refusal, _Stopped):
+                    self._fail(400, f"the request is malformed: {exc}")
+                return
             if self._in_head:
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD:
                     self._fail(400, f"the request head is larger than {MAX_HEAD} bytes")
-        if self._active is None or self._ahead > AHEAD or len(self._queue) > MAX_QUEUED:
-            self._advance()
+            return
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
@@ -271,23 +300,23 @@ class ClientConnection(Relay, asyncio.Protocol):
 
     # Upgrades and failures
 
-    def _upgraded(self, rest: bytes) -> None:
-        """llhttp stopped at an upgrade's head: a WebSocket goes to aiohttp; any other
-        upgrade is a plain HTTP/1.1 request, its body read as its body and what follows as
-        the next request (its Upgrade header goes no further)."""
+    def _upgraded(self, rest: bytes) -> bytes:
+        """llhttp stopped at an upgrade's head: a WebSocket goes to aiohttp with `rest`;
+        any other upgrade is a plain HTTP/1.1 request, its body read as its body and what
+        follows as the next request (its Upgrade header goes no further). What is left
+        to parse."""
         request = self._queue[-1] if self._queue else None
         if request is not None and request.websocket:
             self._upgrade = self._websocket_head(request) + rest
             self._flow()
-            return
+            return b""
         self._parser = httptools.HttpRequestParser(self)
         if request is not None and request.upgrade_body and request is self._reading:
             # llhttp reads no body after an upgrade's head: a head of the same framing
             # puts the new parser where the old one stopped, in the body.
             self._resuming = request
             self._parser.feed_data(_body_head(request))
-        if rest:
-            self.data_received(rest)
+        return rest
 
     def _websocket_head(self, request: Request) -> bytes:
         """The upgrade request again, as aiohttp's server is to read it."""
@@ -386,6 +415,8 @@ class ClientConnection(Relay, asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         pending = transport.get_write_buffer_size()
+        if pending:  # what waits in the kernel is not taken either
+            pending += _unsent_in_kernel(transport)
         taken = self._written - pending
         if not pending or taken != self._taken:
             self._taken = taken
@@ -408,6 +439,9 @@ class ClientConnection(Relay, asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         self._ended = True
+        if self._shut:
+            return
+        self._shut = True
         if not linger or self._gone or transport.is_closing() or not transport.can_write_eof():
             transport.close()
             return
@@ -462,7 +496,8 @@ class ClientConnection(Relay, asyncio.Protocol):
                 self._start(request)
             idle = self._active is None and not self._queue and not self._gone
             if idle and self._final is not None and self._transport is not None:
-                self._write(render(self._final, self._lane.clock.date(), True))
+                final, self._final = self._final, None
+                self._write(render(final, self._lane.clock.date(), True))
                 self._close(linger=True)
                 return
         finally:
@@ -556,7 +591,7 @@ class ClientConnection(Relay, asyncio.Protocol):
         try:
             close = self._answer_whole(request, upstream, sent)
         finally:
-            upstream.done()
+            upstream.done(reusable=not request.trailers)
         self._after(request, close)
 
     async def _relay(self, request: Request, data: bytes, sent: float = 0.0) -> None:

@@ -40,6 +40,8 @@ class Relay:
     _ahead: int
     """Body bytes read and not yet sent upstream."""
     _written: int
+    _shut: bool
+    """Whether the write side is shut: nothing more is written."""
 
     def _flow(self) -> None:
         """The connection's: reading from the client follows what can be taken."""
@@ -48,8 +50,9 @@ class Relay:
     def _write(self, data: bytes) -> None:
         """Write to the client; what it has taken of it tells the send timeout."""
         assert self._transport is not None
-        self._written += len(data)
-        self._transport.write(data)
+        if not self._shut:
+            self._written += len(data)
+            self._transport.write(data)
 
     def _blocked(self) -> bool:
         """Whether the client is not reading what it was sent."""
@@ -144,7 +147,7 @@ class Relay:
         reusable = False  # not if cut short: the upstream may still be owed body bytes
         try:
             close = await self._answer(request, upstream, sent)
-            reusable = request.done
+            reusable = _reusable_after(request)
             return close
         finally:
             upstream.done(reusable)
@@ -364,6 +367,16 @@ class Relay:
             exchange.upstream_seconds = time.perf_counter() - sent
             return close
         return await self._stream(out, request, upstream, mode, sent) or close
+
+
+def _reusable_after(request: Request) -> bool:
+    """Whether the upstream connection `request` went on may carry another client's.
+
+    Not if its body was cut short (the upstream may still be owed bytes), nor after
+    trailer fields: some servers (aiohttp's among them) take a request's trailers for
+    fields of the next request on the connection.
+    """
+    return request.done and not request.trailers
 
 
 def _tap(tap: bytearray, chunks: list[bytes]) -> None:
