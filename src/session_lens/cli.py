@@ -12,7 +12,6 @@ from typing import Any
 
 from . import __version__
 from .config import (
-    HELP,
     SETTINGS,
     Config,
     ConfigError,
@@ -48,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     for setting in SETTINGS:
         common.add_argument(
-            "--" + setting.replace("_", "-"),
-            dest=setting,
+            setting.flag,
+            dest=setting.name,
             metavar="VALUE",
-            help=f"{HELP[setting]}; env {env_name(setting)}",
+            help=f"{setting.help_line}; env {setting.env}",
         )
     parser = argparse.ArgumentParser(
         prog="session-lens",
@@ -147,7 +146,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
         Path(environ[env_name("config")]) if environ.get(env_name("config")) else None
     )
     file: dict[str, Any] = read_file(path) if path else {}
-    flags = {setting: getattr(args, setting) for setting in SETTINGS}
+    flags = {setting.name: getattr(args, setting.name) for setting in SETTINGS}
     return load_config(
         file=file,
         file_name=f"file {path}",
