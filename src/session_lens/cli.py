@@ -4,7 +4,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +15,7 @@ from .config import (
     SETTINGS,
     Config,
     ConfigError,
+    LogLevel,
     describe,
     env_name,
     load_config,
@@ -156,15 +157,17 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     )
 
 
+Command = Callable[[Config], int]
+"""A command as it runs, given the configuration with its database in place."""
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
     environ = os.environ if environ is None else environ
     try:
         config = resolve_config(args, environ)
-        service = parse_address(args.service_listen) if args.command == "demo" else None
-        importing = options_from(args, config) if args.command == "import" else None
-        older_than = _period(args.older_than) if args.command == "prune" else None
+        command = _command(args, config)
     except ImportUsage as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -172,7 +175,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         for problem in exc.problems:
             print(f"session-lens: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    except ValueError as exc:
+    except ValueError as exc:  # in a flag of the command's own
         if args.command == "prune":
             print(f"session-lens: --older-than: {exc}", file=sys.stderr)
         else:
@@ -185,38 +188,53 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(describe(config))
         return 0
     quiet_demo = args.command == "demo" and config.sources.get("log_level") == "default"
-    setup_logging("warning" if quiet_demo else config.log_level)
+    setup_logging(LogLevel.WARNING if quiet_demo else config.log_level)
     try:
-        if args.command == "demo":
-            config = replace(config, data_dir=config.data_dir / "demo", database_url=None)
-        if config.database_url is None:
-            embedded = start_embedded(config.data_dir)
-            config = replace(config, database_url=embedded.url)
-            if args.command != "migrate":  # zero setup: the embedded database is always migrated
-                asyncio.run(run_migrations(config, quiet=True))
-        if args.command == "migrate":
-            return asyncio.run(run_migrations(config, dry_run=args.dry_run))
-        if args.command == "explain":
-            return asyncio.run(run_explain(config, args.session_id))
-        if importing is not None:
-            return run_import(config, importing)
-        if older_than is not None:
-            prune = run_prune(config, older_than, batch_size=args.batch_size, dry_run=args.dry_run)
-            return asyncio.run(prune)
-        if service is not None:
-            options = DemoOptions(args.duration, args.rate, service, args.seed)
-            return asyncio.run(run_demo(config, options))
-        if config.workers > 1:
-            run_fast(supervise(config))
-        else:
-            run_fast(serve(config))
+        return command(_with_database(args.command, config))
     except (ListenError, EmbeddedError, DatabaseError, WorkersFailed) as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
-        if args.command == "prune":  # it has said how far it got
-            return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED if args.command == "prune" else 0  # prune said how far it got
+
+
+def _command(args: argparse.Namespace, config: Config) -> Command:
+    """The command to run, its own flags checked; raises ValueError or ImportUsage."""
+    match args.command:
+        case "migrate":
+            return lambda ready: asyncio.run(run_migrations(ready, dry_run=args.dry_run))
+        case "explain":
+            return lambda ready: asyncio.run(run_explain(ready, args.session_id))
+        case "import":
+            importing = options_from(args, config)
+            return lambda ready: run_import(ready, importing)
+        case "prune":
+            older_than = _period(args.older_than)
+            return lambda ready: asyncio.run(
+                run_prune(ready, older_than, batch_size=args.batch_size, dry_run=args.dry_run)
+            )
+        case "demo":
+            service = parse_address(args.service_listen)
+            options = DemoOptions(args.duration, args.rate, service, args.seed)
+            return lambda ready: asyncio.run(run_demo(ready, options))
+    return _serve
+
+
+def _serve(config: Config) -> int:
+    run_fast(supervise(config) if config.workers > 1 else serve(config))
     return 0
+
+
+def _with_database(command: str, config: Config) -> Config:
+    """The configuration with a database: without `database_url`, the embedded one."""
+    if command == "demo":
+        config = replace(config, data_dir=config.data_dir / "demo", database_url=None)
+    if config.database_url is None:
+        embedded = start_embedded(config.data_dir)
+        config = replace(config, database_url=embedded.url)
+        if command != "migrate":  # zero setup: the embedded database is always migrated
+            asyncio.run(run_migrations(config, quiet=True))
+    return config
 
 
 if __name__ == "__main__":
