@@ -19,7 +19,7 @@ from typing import Any
 
 from yarl import URL
 
-from .config import Config
+from .config import Config, NotFoundBody, Validation
 from .explain import Explainer, Explanation
 from .ids import MAX_ID_LENGTH, IdValidator
 from .metrics import Metrics
@@ -157,7 +157,7 @@ class Policy:
         self._miss_statuses = frozenset(config.miss_statuses)
         self._miss_body_mode = config.not_found_body
         self._validator = IdValidator(config.max_future_skew, config.id_timezone)
-        self._enforce = config.validation == "enforce"
+        self._enforce = config.validation == Validation.ENFORCE
         self.routes = RouteTable(config.session_routes)
         """The session routes lookups are matched against."""
         self.max_body = config.max_body_bytes
@@ -311,9 +311,9 @@ class Policy:
 
         `headers` are the answer's, looked up case-insensitively.
         """
-        if self._miss_body_mode == "passthrough" or method == "HEAD":
+        if self._miss_body_mode == NotFoundBody.PASSTHROUGH or method == "HEAD":
             return None
-        if self._miss_body_mode == "problem":
+        if self._miss_body_mode == NotFoundBody.PROBLEM:
             return MissPlan.PROBLEM
         mergeable = (
             length is not None
