@@ -14,7 +14,6 @@ from prometheus_client.exposition import choose_encoder
 
 from .config import Config
 from .explain import Explainer, report_json
-from .ids import IdValidator
 from .lane import Lane
 from .logs import quiet_malformed_requests
 from .metrics import Metrics
@@ -236,7 +235,7 @@ async def _explain(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     config = request.app[CONFIG]
     html = prefers_html(request.headers.get("Accept", ""))
-    rule = IdValidator(config.max_future_skew, config.id_timezone).check(session_id)
+    rule = config.id_validator.check(session_id)
     if rule is not None:
         if html:
             page = problem_page(

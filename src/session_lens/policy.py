@@ -21,7 +21,7 @@ from yarl import URL
 
 from .config import Config, NotFoundBody, Validation
 from .explain import Explainer, Explanation
-from .ids import MAX_ID_LENGTH, IdValidator
+from .ids import MAX_ID_LENGTH
 from .metrics import Metrics
 from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
 from .recorder import Event, Recorder
@@ -156,7 +156,7 @@ class Policy:
         """Whether lifecycle events are observed in traffic."""
         self._miss_statuses = frozenset(config.miss_statuses)
         self._miss_body_mode = config.not_found_body
-        self._validator = IdValidator(config.max_future_skew, config.id_timezone)
+        self._validator = config.id_validator
         self._enforce = config.validation == Validation.ENFORCE
         self.routes = RouteTable(config.session_routes)
         """The session routes lookups are matched against."""

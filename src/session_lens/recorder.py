@@ -27,7 +27,7 @@ import asyncpg
 from .config import Config
 from .metrics import Metrics
 from .routes import TARGET_STATE, Action
-from .schema import TRANSITIONS, SessionState, Tables
+from .schema import TRANSITIONS, SessionState
 from .store import UNREACHABLE, refused_for_itself, remedy
 
 log = logging.getLogger("session_lens.recorder")
@@ -210,7 +210,7 @@ class Recorder:
         self._metrics = metrics
         self._dsn = dsn
         self._spool = Spool(config.spool_path, config.spool_max_bytes)
-        names = Tables(config.sessions_table, config.sessions_id_column).names
+        names = config.tables.names
         self._record_sql = "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)".format(**names)
         # Tracking begins with the first recorder to start; the earliest start counts.
         self._observing_sql = (
