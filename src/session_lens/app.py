@@ -19,7 +19,7 @@ from .logs import quiet_malformed_requests
 from .metrics import Metrics
 from .page import HTML, SECURITY_POLICY, prefers_html, problem_page, report_page
 from .policy import MAX_HEADER_BYTES, Policy
-from .recorder import Recorder
+from .recorder import Recorder, recorder_for
 from .store import StoreError
 from .websocket import WebSocketRelay
 
@@ -56,12 +56,13 @@ def create_proxy_app(
     aiohttp's server only the WebSocket upgrades the lane gives it.
 
     It opens and closes the explainer's pool; without an explainer, misses are
-    explained from `config.database_url` (none: every miss is `unknown`).
+    explained from `config.database_url` (none: every miss is `unknown`). Without
+    a recorder, it has the one `recorder_for` gives (none in database mode).
     """
     quiet_malformed_requests()
     explainer = explainer or Explainer(config, metrics, config.database_url)
-    if recorder is None and config.lifecycle_source == "observed":
-        recorder = Recorder(config, metrics, config.database_url)
+    if recorder is None:
+        recorder = recorder_for(config, metrics)
     policy = Policy(config, metrics, explainer, recorder)
     relay = WebSocketRelay(config, policy)
 

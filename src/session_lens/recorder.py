@@ -457,6 +457,11 @@ class Recorder:
         return None
 
 
+def recorder_for(config: Config, metrics: Metrics) -> Recorder | None:
+    """The recorder a process needs: one in observed mode, into `database_url`; else None."""
+    return Recorder(config, metrics, config.database_url) if config.observes else None
+
+
 def _result(event: Event, before: Any) -> str:
     """How an event went in: recorded, duplicate, creation_failed, unexpected_transition."""
     if before in ("duplicate", "before_horizon", "future"):
