@@ -38,7 +38,8 @@ EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def _settings() -> argparse.ArgumentParser:
+    """The flags every command takes: --config and one per setting."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
             metavar="VALUE",
             help=f"{setting.help_line}; env {setting.env}",
         )
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _settings()
     parser = argparse.ArgumentParser(
         prog="session-lens",
         description="A sidecar HTTP proxy that explains why a session was not found.",
@@ -77,11 +83,29 @@ def _parser() -> argparse.ArgumentParser:
             help="observed mode: seed the lifecycle store with the sessions the service has",
         )
     )
-    prune = commands.add_parser(
-        "prune",
-        parents=[common],
-        help="remove audit entries older than a period, the tracking horizon moved first",
+    _add_prune(
+        commands.add_parser(
+            "prune",
+            parents=[common],
+            help="remove audit entries older than a period, the tracking horizon moved first",
+        )
     )
+    _add_demo(
+        commands.add_parser(
+            "demo",
+            parents=[common],
+            help="see it work: a faulty session service, session-lens in front, live reasons",
+        )
+    )
+    commands.add_parser(
+        "check-config",
+        parents=[common],
+        help="print the effective configuration, or what is wrong with it",
+    )
+    return parser
+
+
+def _add_prune(prune: argparse.ArgumentParser) -> None:
     prune.add_argument(
         "--older-than", required=True, metavar="PERIOD",
         help="what to remove: older than 30m, 36h, 90d, 12w, 6M, 1y (M months, m minutes)",
@@ -93,11 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--dry-run", action="store_true", help="print the cut-off and the counts, change nothing"
     )
-    demo = commands.add_parser(
-        "demo",
-        parents=[common],
-        help="see it work: a faulty session service, session-lens in front, live reasons",
-    )
+
+
+def _add_demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
     demo.add_argument("--rate", type=float, default=50.0, metavar="N", help="requests per second")
     demo.add_argument(
@@ -105,12 +127,6 @@ def _parser() -> argparse.ArgumentParser:
         help="where the reference session service listens (default 127.0.0.1:8000)",
     )  # fmt: skip
     demo.add_argument("--seed", type=int, help="seed of the traffic generator")
-    commands.add_parser(
-        "check-config",
-        parents=[common],
-        help="print the effective configuration, or what is wrong with it",
-    )
-    return parser
 
 
 def _positive(text: str) -> int:
