@@ -29,7 +29,7 @@ from session_lens.explain import Breaker, Explainer
 from session_lens.lane import HopSite
 from session_lens.metrics import Metrics
 from session_lens.migrations import migrate
-from session_lens.recorder import Recorder
+from session_lens.recorder import Recorder, recorder_for
 from session_lens.schema import Tables
 
 VALID_ID = "exec_20251230_020944_4ad060d9"
@@ -129,9 +129,7 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
         registry = CollectorRegistry()
         metrics = Metrics(registry, config.session_routes, config.exemplars)
         explainer = Explainer(config, metrics, config.database_url, breaker)
-        recorder = None
-        if config.lifecycle_source == "observed":
-            recorder = Recorder(config, metrics, config.database_url)
+        recorder = recorder_for(config, metrics)
         app = create_proxy_app(config, metrics, explainer, recorder)
         runner = web.AppRunner(
             app, access_log=None, handler_cancellation=True, shutdown_timeout=0.25

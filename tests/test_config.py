@@ -1,9 +1,11 @@
+import re
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from session_lens.config import (
+    SETTINGS,
     Address,
     ConfigError,
     describe,
@@ -197,3 +199,23 @@ def test_admin_off_loopback_needs_a_token() -> None:
     assert "a-secret" not in repr(config)
     [short] = problems(flags={**UP, "admin_token": "hunter2"})
     assert "hunter2" not in short and short.startswith("admin_token: is not a usable token")
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_readme_table_lists_every_setting_as_declared() -> None:
+    section = README.read_text().split("\n## Configuration\n")[1].split("\n## ")[0]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| `")
+    ]
+    assert [row[0] for row in rows] == [f"`{setting.name}`" for setting in SETTINGS]
+    for (_, flag, env, default), setting in zip(rows, SETTINGS, strict=True):
+        assert (flag, env) == (f"`{setting.flag}`", f"`{setting.env}`")
+        shown = default.replace("`", "")
+        # The default comes first, then perhaps a word on it: "`5s`, then 408".
+        assert re.match(re.escape(setting.default_text) + r"($|[ ;,])", shown), (
+            f"{setting.name}: the README says {default!r}, the default is {setting.default_text!r}"
+        )

@@ -14,13 +14,12 @@ from prometheus_client.exposition import choose_encoder
 from .config import Config
 from .explain import Explainer, report_json
 from .hop import MAX_HEADER_BYTES, Target
-from .ids import IdValidator
 from .lane import Lane
 from .logs import quiet_malformed_requests
 from .metrics import Metrics
 from .page import HTML, SECURITY_POLICY, prefers_html, problem_page, report_page
 from .policy import Policy
-from .recorder import Recorder
+from .recorder import Recorder, recorder_for
 from .store import StoreError
 from .websocket import WebSocketRelay
 
@@ -58,12 +57,13 @@ def create_proxy_app(
     aiohttp's server only the WebSocket upgrades the lane gives it.
 
     It opens and closes the explainer's pool; without an explainer, misses are
-    explained from `config.database_url` (none: every miss is `unknown`).
+    explained from `config.database_url` (none: every miss is `unknown`). Without
+    a recorder, it has the one `recorder_for` gives (none in database mode).
     """
     quiet_malformed_requests()
     explainer = explainer or Explainer(config, metrics, config.database_url)
-    if recorder is None and config.lifecycle_source == "observed":
-        recorder = Recorder(config, metrics, config.database_url)
+    if recorder is None:
+        recorder = recorder_for(config, metrics)
     policy = Policy(config, metrics, explainer, recorder)
     target = Target.of(config.upstream, config.upstream_ca_file)
     relay = WebSocketRelay(config, policy, target)
@@ -240,7 +240,7 @@ async def _explain(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     config = request.app[CONFIG]
     html = prefers_html(request.headers.get("Accept", ""))
-    rule = IdValidator(config.max_future_skew, config.id_timezone).check(session_id)
+    rule = config.id_validator.check(session_id)
     if rule is not None:
         if html:
             page = problem_page(

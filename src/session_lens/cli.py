@@ -4,7 +4,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,10 +12,10 @@ from typing import Any
 
 from . import __version__
 from .config import (
-    HELP,
     SETTINGS,
     Config,
     ConfigError,
+    LogLevel,
     describe,
     env_name,
     load_config,
@@ -38,7 +38,8 @@ EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def _settings() -> argparse.ArgumentParser:
+    """The flags every command takes: --config and one per setting."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
@@ -48,11 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     for setting in SETTINGS:
         common.add_argument(
-            "--" + setting.replace("_", "-"),
-            dest=setting,
+            setting.flag,
+            dest=setting.name,
             metavar="VALUE",
-            help=f"{HELP[setting]}; env {env_name(setting)}",
+            help=f"{setting.help_line}; env {setting.env}",
         )
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _settings()
     parser = argparse.ArgumentParser(
         prog="session-lens",
         description="A sidecar HTTP proxy that explains why a session was not found.",
@@ -77,11 +83,29 @@ def _parser() -> argparse.ArgumentParser:
             help="observed mode: seed the lifecycle store with the sessions the service has",
         )
     )
-    prune = commands.add_parser(
-        "prune",
-        parents=[common],
-        help="remove audit entries older than a period, the tracking horizon moved first",
+    _add_prune(
+        commands.add_parser(
+            "prune",
+            parents=[common],
+            help="remove audit entries older than a period, the tracking horizon moved first",
+        )
     )
+    _add_demo(
+        commands.add_parser(
+            "demo",
+            parents=[common],
+            help="see it work: a faulty session service, session-lens in front, live reasons",
+        )
+    )
+    commands.add_parser(
+        "check-config",
+        parents=[common],
+        help="print the effective configuration, or what is wrong with it",
+    )
+    return parser
+
+
+def _add_prune(prune: argparse.ArgumentParser) -> None:
     prune.add_argument(
         "--older-than", required=True, metavar="PERIOD",
         help="what to remove: older than 30m, 36h, 90d, 12w, 6M, 1y (M months, m minutes)",
@@ -93,11 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--dry-run", action="store_true", help="print the cut-off and the counts, change nothing"
     )
-    demo = commands.add_parser(
-        "demo",
-        parents=[common],
-        help="see it work: a faulty session service, session-lens in front, live reasons",
-    )
+
+
+def _add_demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
     demo.add_argument("--rate", type=float, default=50.0, metavar="N", help="requests per second")
     demo.add_argument(
@@ -105,12 +127,6 @@ def _parser() -> argparse.ArgumentParser:
         help="where the reference session service listens (default 127.0.0.1:8000)",
     )  # fmt: skip
     demo.add_argument("--seed", type=int, help="seed of the traffic generator")
-    commands.add_parser(
-        "check-config",
-        parents=[common],
-        help="print the effective configuration, or what is wrong with it",
-    )
-    return parser
 
 
 def _positive(text: str) -> int:
@@ -147,7 +163,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
         Path(environ[env_name("config")]) if environ.get(env_name("config")) else None
     )
     file: dict[str, Any] = read_file(path) if path else {}
-    flags = {setting: getattr(args, setting) for setting in SETTINGS}
+    flags = {setting.name: getattr(args, setting.name) for setting in SETTINGS}
     return load_config(
         file=file,
         file_name=f"file {path}",
@@ -157,15 +173,17 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     )
 
 
+Command = Callable[[Config], int]
+"""A command as it runs, given the configuration with its database in place."""
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
     environ = os.environ if environ is None else environ
     try:
         config = resolve_config(args, environ)
-        service = parse_address(args.service_listen) if args.command == "demo" else None
-        importing = options_from(args, config) if args.command == "import" else None
-        older_than = _period(args.older_than) if args.command == "prune" else None
+        command = _command(args, config)
     except ImportUsage as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -173,7 +191,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         for problem in exc.problems:
             print(f"session-lens: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    except ValueError as exc:
+    except ValueError as exc:  # in a flag of the command's own
         if args.command == "prune":
             print(f"session-lens: --older-than: {exc}", file=sys.stderr)
         else:
@@ -186,38 +204,53 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(describe(config))
         return 0
     quiet_demo = args.command == "demo" and config.sources.get("log_level") == "default"
-    setup_logging("warning" if quiet_demo else config.log_level)
+    setup_logging(LogLevel.WARNING if quiet_demo else config.log_level)
     try:
-        if args.command == "demo":
-            config = replace(config, data_dir=config.data_dir / "demo", database_url=None)
-        if config.database_url is None:
-            embedded = start_embedded(config.data_dir)
-            config = replace(config, database_url=embedded.url)
-            if args.command != "migrate":  # zero setup: the embedded database is always migrated
-                asyncio.run(run_migrations(config, quiet=True))
-        if args.command == "migrate":
-            return asyncio.run(run_migrations(config, dry_run=args.dry_run))
-        if args.command == "explain":
-            return asyncio.run(run_explain(config, args.session_id))
-        if importing is not None:
-            return run_import(config, importing)
-        if older_than is not None:
-            prune = run_prune(config, older_than, batch_size=args.batch_size, dry_run=args.dry_run)
-            return asyncio.run(prune)
-        if service is not None:
-            options = DemoOptions(args.duration, args.rate, service, args.seed)
-            return asyncio.run(run_demo(config, options))
-        if config.workers > 1:
-            run_fast(supervise(config))
-        else:
-            run_fast(serve(config))
+        return command(_with_database(args.command, config))
     except (ListenError, EmbeddedError, DatabaseError, WorkersFailed) as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
-        if args.command == "prune":  # it has said how far it got
-            return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED if args.command == "prune" else 0  # prune said how far it got
+
+
+def _command(args: argparse.Namespace, config: Config) -> Command:
+    """The command to run, its own flags checked; raises ValueError or ImportUsage."""
+    match args.command:
+        case "migrate":
+            return lambda ready: asyncio.run(run_migrations(ready, dry_run=args.dry_run))
+        case "explain":
+            return lambda ready: asyncio.run(run_explain(ready, args.session_id))
+        case "import":
+            importing = options_from(args, config)
+            return lambda ready: run_import(ready, importing)
+        case "prune":
+            older_than = _period(args.older_than)
+            return lambda ready: asyncio.run(
+                run_prune(ready, older_than, batch_size=args.batch_size, dry_run=args.dry_run)
+            )
+        case "demo":
+            service = parse_address(args.service_listen)
+            options = DemoOptions(args.duration, args.rate, service, args.seed)
+            return lambda ready: asyncio.run(run_demo(ready, options))
+    return _serve
+
+
+def _serve(config: Config) -> int:
+    run_fast(supervise(config) if config.workers > 1 else serve(config))
     return 0
+
+
+def _with_database(command: str, config: Config) -> Config:
+    """The configuration with a database: without `database_url`, the embedded one."""
+    if command == "demo":
+        config = replace(config, data_dir=config.data_dir / "demo", database_url=None)
+    if config.database_url is None:
+        embedded = start_embedded(config.data_dir)
+        config = replace(config, database_url=embedded.url)
+        if command != "migrate":  # zero setup: the embedded database is always migrated
+            asyncio.run(run_migrations(config, quiet=True))
+    return config
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Configuration: a TOML file, overridden by `SESSION_LENS_*` variables, overridden by flags.
 
+Each setting is declared once, as a field of `Config`: its type, its default, and
+(in the field's metadata) its parser and help. The flags, the variables, the help
+text, `check-config`'s output and the README's table all follow from `SETTINGS`.
+
 `load_config` takes every source as a plain mapping, so callers (and tests) pass
 what they have instead of patching the process. Every problem is collected and
 raised at once as a `ConfigError`, each naming the setting and where its value
@@ -13,13 +17,15 @@ import re
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, timedelta, tzinfo
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .ids import IdValidator
 from .retention import Period, StoreRetention, Unit
 from .routes import (
     DEFAULT_LIFECYCLE_ROUTES,
@@ -28,8 +34,10 @@ from .routes import (
     compile_template,
     parse_lifecycle_route,
 )
+from .schema import Tables
 
 ENV_PREFIX = "SESSION_LENS_"
+_UTC: tzinfo = UTC  # typed as `id_timezone` is, so `_setting` infers tzinfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,74 +61,45 @@ class Address:
             return False
 
 
-DEFAULT_ADMIN_LISTEN = Address("127.0.0.1", 9464)
+class Validation(StrEnum):
+    """What happens to a request whose session ID is malformed."""
+
+    ENFORCE = "enforce"
+    """Answered here, never forwarded."""
+    OBSERVE = "observe"
+    """Forwarded, and counted."""
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The effective configuration of one session-lens process."""
+class NotFoundBody(StrEnum):
+    """What a miss's body becomes."""
 
-    upstream: str = ""
-    listen: Address = Address("127.0.0.1", 8080)
-    admin_listen: Address = DEFAULT_ADMIN_LISTEN
-    database_url: str | None = None
-    validation: str = "enforce"
-    invalid_status: int = 404
-    session_routes: tuple[str, ...] = ("/api/sessions/{session_id}", "/sessions/{session_id}")
-    max_future_skew: timedelta = timedelta(hours=24)
-    id_timezone: tzinfo = UTC
-    """The zone the IDs' timestamps are written in."""
-    upstream_connect_timeout: timedelta = timedelta(seconds=5)
-    upstream_read_timeout: timedelta = timedelta(seconds=60)
-    upstream_ca_file: Path | None = None
-    """A PEM bundle trusted for an https upstream; None: the system's."""
-    header_read_timeout: timedelta = timedelta(seconds=30)
-    send_timeout: timedelta = timedelta(seconds=60)
-    """How long a client may take nothing of an answer before its connection is closed."""
-    lingering_timeout: timedelta = timedelta(seconds=5)
-    """How long a connection closed before its request was all read goes on reading."""
-    max_connections: int = 10000
-    workers: int = 1
-    shutdown_grace: timedelta = timedelta(seconds=10)
-    log_level: str = "info"
-    data_dir: Path = field(default_factory=lambda: default_data_dir())
-    sessions_table: str = "sessions"
-    sessions_id_column: str = "id"
-    backfill_state: str = "'ACTIVE'"
-    miss_statuses: tuple[int, ...] = (404,)
-    not_found_body: str = "merge"
-    visibility_window: timedelta = timedelta(seconds=5)
-    creation_timeout: timedelta = timedelta(seconds=30)
-    classification_budget: timedelta = timedelta(milliseconds=50)
-    upstream_retention: Period | None = None
-    """The service's store's own TTL; None: it keeps everything."""
-    upstream_partition: Unit = Unit.DAY
-    lifecycle_source: str = "database"
-    lifecycle_routes: tuple[LifecycleRoute, ...] = DEFAULT_LIFECYCLE_ROUTES
-    spool_dir: Path | None = None
-    """Where observed events wait for the database; None: `data_dir`/spool."""
-    spool_max_bytes: int = 256 << 20
-    max_body_bytes: int | None = None
-    """Request bodies larger than this are refused with 413; None: no limit."""
-    exemplars: bool = True
-    """Whether metrics carry the session and request IDs of misses as exemplars."""
-    admin_token: str | None = field(default=None, repr=False)
-    """Bearer token the admin listener asks for; required off loopback."""
+    MERGE = "merge"
+    """The upstream's JSON with the reason merged in."""
+    PROBLEM = "problem"
+    """An RFC 9457 problem document."""
+    PASSTHROUGH = "passthrough"
+    """The upstream's, as it sent it."""
 
-    @property
-    def store_retention(self) -> StoreRetention | None:
-        """The store's retention in effect, if it has one."""
-        if self.upstream_retention is None:
-            return None
-        return StoreRetention(self.upstream_retention, self.upstream_partition)
 
-    @property
-    def spool_path(self) -> Path:
-        """The spool directory in effect."""
-        return self.spool_dir or self.data_dir / "spool"
+class LifecycleSource(StrEnum):
+    """Where the lifecycle tables learn of changes."""
 
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
-    """For each setting, where its value came from (`default`, a file, a variable, a flag)."""
+    DATABASE = "database"
+    """The service's own table, through triggers."""
+    OBSERVED = "observed"
+    """The traffic: confirmed lifecycle requests, recorded by session-lens."""
+
+
+class LogLevel(StrEnum):
+    """The least severe log records written."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+Choice = TypeVar("Choice", bound=StrEnum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +120,12 @@ class ConfigError(Exception):
     def __init__(self, problems: Sequence[Problem]) -> None:
         super().__init__("\n".join(map(str, problems)))
         self.problems = tuple(problems)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by `***`, even in a URL that does not parse."""
+    masked = re.sub(r"(://[^/:@]*:).*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
 
 
 class _Invalid(ValueError):
@@ -225,12 +210,12 @@ def parse_database_url(raw: object) -> str:
     return str(raw).strip()
 
 
-def _choice(*allowed: str) -> Callable[[object], str]:
-    def parse(raw: object) -> str:
-        text = str(raw).strip().lower()
-        if text not in allowed:
-            raise _Invalid(f"{raw!r} is not one of {', '.join(allowed)}")
-        return text
+def _choice(kind: type[Choice]) -> Callable[[object], Choice]:
+    def parse(raw: object) -> Choice:
+        try:
+            return kind(str(raw).strip().lower())
+        except ValueError:
+            raise _Invalid(f"{raw!r} is not one of {', '.join(kind)}") from None
 
     return parse
 
@@ -403,87 +388,288 @@ def _routes(raw: object) -> tuple[str, ...]:
     return tuple(items)
 
 
-_PARSERS: dict[str, Callable[[Any], Any]] = {
-    "upstream": parse_upstream,
-    "listen": parse_address,
-    "admin_listen": parse_address,
-    "database_url": parse_database_url,
-    "validation": _choice("enforce", "observe"),
-    "invalid_status": _invalid_status,
-    "session_routes": _routes,
-    "max_future_skew": parse_duration,
-    "id_timezone": _time_zone,
-    "upstream_connect_timeout": _positive_duration,
-    "upstream_read_timeout": _positive_duration,
-    "upstream_ca_file": _ca_file,
-    "header_read_timeout": _positive_duration,
-    "send_timeout": _positive_duration,
-    "lingering_timeout": _positive_duration,
-    "max_connections": _count(1, 1_000_000),
-    "workers": _count(1, 64),
-    "shutdown_grace": parse_duration,
-    "log_level": _choice("debug", "info", "warning", "error"),
-    "data_dir": _path,
-    "sessions_table": _table,
-    "sessions_id_column": _column,
-    "backfill_state": sql_expression,
-    "miss_statuses": _statuses,
-    "not_found_body": _choice("merge", "problem", "passthrough"),
-    "visibility_window": parse_duration,
-    "creation_timeout": _positive_duration,
-    "classification_budget": _positive_duration,
-    "upstream_retention": _period,
-    "upstream_partition": lambda raw: Unit(_choice(*Unit)(raw)),
-    "lifecycle_source": _choice("database", "observed"),
-    "lifecycle_routes": _lifecycle_routes,
-    "spool_dir": _path,
-    "spool_max_bytes": _size,
-    "admin_token": _token,
-    "max_body_bytes": _size,
-    "exemplars": _bool,
-}
-SETTINGS = tuple(_PARSERS)
+T = TypeVar("T")
 
-HELP = {
-    "upstream": "base URL of the session service (required)",
-    "listen": "proxy listener, host:port (default 127.0.0.1:8080)",
-    "admin_listen": "admin listener for /metrics, /healthz, /readyz (default 127.0.0.1:9464)",
-    "database_url": "PostgreSQL URL of the lifecycle tables",
-    "validation": "enforce: answer malformed IDs here; observe: forward and count them",
-    "invalid_status": "status for a malformed ID: 404 (default), 400 or 422",
-    "session_routes": "comma-separated path templates with {session_id}",
-    "max_future_skew": "how far in the future an ID's timestamp may lie (default 24h)",
-    "id_timezone": "IANA time zone the IDs' timestamps are written in (default UTC)",
-    "upstream_connect_timeout": "time to open an upstream connection (default 5s)",
-    "upstream_read_timeout": "longest silence from the upstream while reading (default 60s)",
-    "upstream_ca_file": "PEM file of CAs trusted for an https upstream (default: the system's)",
-    "header_read_timeout": "time a client gets to send a request head (default 30s), else 408",
-    "send_timeout": "time a client may take nothing of an answer before it is cut (default 60s)",
-    "lingering_timeout": "time an early answer's connection reads and drops what comes (5s)",
-    "max_connections": "client connections held open at once, per worker (default 10000)",
-    "workers": "processes serving the proxy port, SO_REUSEPORT (default 1)",
-    "shutdown_grace": "time in-flight requests get to finish on shutdown (default 10s)",
-    "log_level": "debug, info, warning or error (default info)",
-    "data_dir": "directory of the embedded PostgreSQL, used without database_url",
-    "sessions_table": "the sessions table, [schema.]name (default sessions)",
-    "sessions_id_column": "its ID column (default id)",
-    "backfill_state": "SQL expression giving existing rows their state (default 'ACTIVE')",
-    "miss_statuses": "upstream statuses that mean not found (default 404)",
-    "not_found_body": "merge (default), problem or passthrough",
-    "visibility_window": "how long a change may take to show upstream (default 5s)",
-    "creation_timeout": "how long a creation may take before it counts as failed (default 30s)",
-    "classification_budget": "time a miss may spend being explained (default 50ms)",
-    "upstream_retention": "the service's store's own TTL (e.g. 30d, 6M); default: none",
-    "upstream_partition": "its partition size: hour, day (default), week, month or year",
-    "lifecycle_source": "database (the service's table, trigger-fed) or observed (from traffic)",
-    "lifecycle_routes": "observed mode: JSON array of {method, path, action, id_from} tables",
-    "spool_dir": "observed mode: where events wait for the database (default data_dir/spool)",
-    "spool_max_bytes": "observed mode: the spool's cap (default 256MiB)",
-    "admin_token": "bearer token for /metrics and /sessions/*/explain; required off loopback",
-    "max_body_bytes": "refuse request bodies larger than this with 413 (default: no limit)",
-    "exemplars": "true (default) or false: session and request IDs of misses in exemplars",
-}
-"""One line of help per setting, for flags and docs."""
+
+def _setting(
+    default: T,
+    parse: Callable[[Any], T],
+    help: str,
+    *,
+    note: str | None = None,
+    show: Callable[[T], str] | None = None,
+    mask: Callable[[str], str] | None = None,
+    secret: bool = False,
+    required: bool = False,
+) -> T:
+    """A `Config` field declaring a setting; its type is the field's, checked against `parse`.
+
+    `note` says what an unset (None) default means; `show` renders the default for
+    people, `mask` for `check-config`; a `secret` is never shown nor echoed back.
+    """
+    metadata = {"parse": parse, "help": help, "note": note, "show": show, "mask": mask}
+    return field(default=default, repr=not secret, metadata={**metadata, "required": required})
+
+
+def _computed_setting(
+    factory: Callable[[], T], parse: Callable[[Any], T], help: str, *, note: str
+) -> T:
+    """A `Config` field declaring a setting whose default is computed at load; `note` says how."""
+    return field(default_factory=factory, metadata={"parse": parse, "help": help, "note": note})
+
+
+def _size_text(size: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if size % _SIZE_UNITS[unit.lower()] == 0:
+            return f"{size // _SIZE_UNITS[unit.lower()]}{unit}"
+    return f"{size}B"
+
+
+def _actions(routes: tuple[LifecycleRoute, ...]) -> str:
+    return "the REST routes for " + ", ".join(route.action for route in routes)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The effective configuration of one session-lens process."""
+
+    upstream: str = _setting(
+        "", parse_upstream, "base URL of the session service", mask=mask_url, required=True
+    )
+    listen: Address = _setting(
+        Address("127.0.0.1", 8080), parse_address, "proxy listener, host:port"
+    )
+    admin_listen: Address = _setting(
+        Address("127.0.0.1", 9464), parse_address, "admin listener for /metrics, /healthz, /readyz"
+    )
+    database_url: str | None = _setting(
+        None,
+        parse_database_url,
+        "PostgreSQL URL of the lifecycle tables",
+        note="the embedded PostgreSQL",
+        mask=mask_url,
+    )
+    validation: Validation = _setting(
+        Validation.ENFORCE,
+        _choice(Validation),
+        "malformed IDs: enforce answers them here, observe forwards and counts them",
+    )
+    invalid_status: int = _setting(404, _invalid_status, "status for a malformed ID: 400, 404, 422")
+    session_routes: tuple[str, ...] = _setting(
+        ("/api/sessions/{session_id}", "/sessions/{session_id}"),
+        _routes,
+        "comma-separated path templates with {session_id}",
+    )
+    max_future_skew: timedelta = _setting(
+        timedelta(hours=24), parse_duration, "how far in the future an ID's timestamp may lie"
+    )
+    id_timezone: tzinfo = _setting(
+        _UTC, _time_zone, "IANA time zone the IDs' timestamps are written in"
+    )
+    """The zone the IDs' timestamps are written in."""
+    upstream_connect_timeout: timedelta = _setting(
+        timedelta(seconds=5), _positive_duration, "time to open an upstream connection"
+    )
+    upstream_read_timeout: timedelta = _setting(
+        timedelta(seconds=60), _positive_duration, "longest silence from the upstream while reading"
+    )
+    upstream_ca_file: Path | None = _setting(
+        None,
+        _ca_file,
+        "PEM file of CAs trusted for an https upstream",
+        note="the system's CAs",
+    )
+    """A PEM bundle trusted for an https upstream; None: the system's."""
+    header_read_timeout: timedelta = _setting(
+        timedelta(seconds=30),
+        _positive_duration,
+        "time a client gets to send a request head, else 408",
+    )
+    send_timeout: timedelta = _setting(
+        timedelta(seconds=60),
+        _positive_duration,
+        "time a client may take nothing of an answer before it is cut",
+    )
+    """How long a client may take nothing of an answer before its connection is closed."""
+    lingering_timeout: timedelta = _setting(
+        timedelta(seconds=5),
+        _positive_duration,
+        "time an early answer's connection reads and drops what comes",
+    )
+    """How long a connection closed before its request was all read goes on reading."""
+    max_connections: int = _setting(
+        10000, _count(1, 1_000_000), "client connections held open at once, per worker"
+    )
+    workers: int = _setting(1, _count(1, 64), "processes serving the proxy port, SO_REUSEPORT")
+    shutdown_grace: timedelta = _setting(
+        timedelta(seconds=10), parse_duration, "time in-flight requests get to finish on shutdown"
+    )
+    log_level: LogLevel = _setting(
+        LogLevel.INFO, _choice(LogLevel), "the least severe log records written"
+    )
+    data_dir: Path = _computed_setting(
+        default_data_dir,
+        _path,
+        "directory of the embedded PostgreSQL, used without database_url",
+        note="$XDG_DATA_HOME/session-lens",
+    )
+    sessions_table: str = _setting("sessions", _table, "the sessions table, [schema.]name")
+    sessions_id_column: str = _setting("id", _column, "its ID column")
+    backfill_state: str = _setting(
+        "'ACTIVE'", sql_expression, "SQL expression giving existing rows their state"
+    )
+    miss_statuses: tuple[int, ...] = _setting(
+        (404,), _statuses, "upstream statuses that mean not found"
+    )
+    not_found_body: NotFoundBody = _setting(
+        NotFoundBody.MERGE,
+        _choice(NotFoundBody),
+        "a miss's body: the reason merged into its JSON, a problem document, or as sent",
+    )
+    visibility_window: timedelta = _setting(
+        timedelta(seconds=5), parse_duration, "how long a change may take to show upstream"
+    )
+    creation_timeout: timedelta = _setting(
+        timedelta(seconds=30),
+        _positive_duration,
+        "how long a creation may take before it counts as failed",
+    )
+    classification_budget: timedelta = _setting(
+        timedelta(milliseconds=50), _positive_duration, "time a miss may spend being explained"
+    )
+    upstream_retention: Period | None = _setting(
+        None,
+        _period,
+        "the service's store's own TTL (e.g. 30d, 6M)",
+        note="the store keeps everything",
+    )
+    """The service's store's own TTL; None: it keeps everything."""
+    upstream_partition: Unit = _setting(Unit.DAY, _choice(Unit), "the store's partition size")
+    lifecycle_source: LifecycleSource = _setting(
+        LifecycleSource.DATABASE,
+        _choice(LifecycleSource),
+        "where lifecycle events come from: the service's table (trigger-fed) or traffic",
+    )
+    lifecycle_routes: tuple[LifecycleRoute, ...] = _setting(
+        DEFAULT_LIFECYCLE_ROUTES,
+        _lifecycle_routes,
+        "observed mode: JSON array of {method, path, action, id_from} tables",
+        show=_actions,
+    )
+    spool_dir: Path | None = _setting(
+        None,
+        _path,
+        "observed mode: where events wait for the database",
+        note="data_dir/spool",
+    )
+    """Where observed events wait for the database; None: `data_dir`/spool."""
+    spool_max_bytes: int = _setting(
+        256 << 20, _size, "observed mode: the spool's cap", show=_size_text
+    )
+    max_body_bytes: int | None = _setting(
+        None, _size, "refuse request bodies larger than this with 413", note="no limit"
+    )
+    """Request bodies larger than this are refused with 413; None: no limit."""
+    exemplars: bool = _setting(
+        True, _bool, "whether the session and request IDs of misses go into exemplars"
+    )
+    """Whether metrics carry the session and request IDs of misses as exemplars."""
+    admin_token: str | None = _setting(
+        None,
+        _token,
+        "bearer token for /metrics and /sessions/*/explain; required off loopback",
+        secret=True,
+    )
+    """Bearer token the admin listener asks for; required off loopback."""
+
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """For each setting, where its value came from (`default`, a file, a variable, a flag)."""
+    id_validator: IdValidator = field(init=False, repr=False, compare=False)
+    """The session-ID rules as configured, built once."""
+    tables: Tables = field(init=False, repr=False, compare=False)
+    """The lifecycle tables' names as configured, built once."""
+
+    def __post_init__(self) -> None:
+        # Built here, not in load_config, so that `replace` builds them anew.
+        object.__setattr__(
+            self, "id_validator", IdValidator(self.max_future_skew, self.id_timezone)
+        )
+        object.__setattr__(self, "tables", Tables(self.sessions_table, self.sessions_id_column))
+
+    @property
+    def observes(self) -> bool:
+        """Whether lifecycle events are observed in traffic (and so recorded)."""
+        return self.lifecycle_source == LifecycleSource.OBSERVED
+
+    @property
+    def store_retention(self) -> StoreRetention | None:
+        """The store's retention in effect, if it has one."""
+        if self.upstream_retention is None:
+            return None
+        return StoreRetention(self.upstream_retention, self.upstream_partition)
+
+    @property
+    def spool_path(self) -> Path:
+        """The spool directory in effect."""
+        return self.spool_dir or self.data_dir / "spool"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting, as its field on `Config` declares it."""
+
+    name: str
+    type: Any
+    default: Any
+    """The value when nothing sets it; `MISSING` when computed at load."""
+    parse: Callable[[Any], Any]
+    help: str
+    note: str | None = None
+    show: Callable[[Any], str] | None = None
+    mask: Callable[[Any], str] | None = None
+    required: bool = False
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        """Its environment variable."""
+        return env_name(self.name)
+
+    @property
+    def flag(self) -> str:
+        """Its command-line flag."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def default_text(self) -> str:
+        """The default as a person reads it: `required`, `unset, ...`, or the value."""
+        if self.required:
+            return "required"
+        if self.default is None:
+            return "unset" + (f", {self.note}" if self.note else "")
+        if self.default is MISSING:
+            return str(self.note)
+        return (self.show or _plain)(self.default)
+
+    @property
+    def help_line(self) -> str:
+        """What the setting is, its choices and its default, for `--help`."""
+        choices = ", ".join(self.type) + "; " if _is_choice(self.type) else ""
+        default = "" if self.required else "default: "
+        return f"{self.help} ({choices}{default}{self.default_text})"
+
+
+def _is_choice(kind: object) -> bool:
+    return isinstance(kind, type) and issubclass(kind, StrEnum)
+
+
+SETTINGS = tuple(
+    Setting(item.name, item.type, item.default, secret=not item.repr, **item.metadata)
+    for item in fields(Config)
+    if item.metadata
+)
+"""Every setting, in the order `check-config` and the README list them."""
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
 def env_name(setting: str) -> str:
@@ -512,36 +698,63 @@ def load_config(
     need_upstream: bool = True,
 ) -> Config:
     """Merge the sources (flag over variable over file over default) and validate."""
-    raw: dict[str, tuple[object, str]] = {}
-    problems: list[Problem] = []
-    for key, value in (file or {}).items():
-        if key in _PARSERS:
-            raw[key] = (value, f"{file_name}")
-        else:
-            problems.append(Problem(key, file_name, "unknown setting"))
+    file = file or {}
+    problems = [Problem(key, file_name, "unknown setting") for key in file if key not in _BY_NAME]
+    raw = {
+        **{key: (value, file_name) for key, value in file.items() if key in _BY_NAME},
+        **_from_environ(environ or {}),
+        **_from_flags(flags or {}),
+    }
+    values, sources = _parse(raw, problems)
+    problems += _conflicts(values, raw)
+    if need_upstream:
+        problems += _missing(raw)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values, sources={**dict.fromkeys(_BY_NAME, "default"), **sources})
+
+
+Raw = dict[str, tuple[object, str]]
+"""For each setting set somewhere, its raw value and where it came from."""
+
+
+def _from_environ(environ: Mapping[str, str]) -> Raw:
     # Unknown SESSION_LENS_* variables are left alone: orchestrators inject
     # variables of that shape themselves (Kubernetes service links, for one).
-    for key in _PARSERS:
-        name = env_name(key)
-        if environ is not None and name in environ:
-            raw[key] = (environ[name], f"env {name}")
-    for key, value in (flags or {}).items():
-        if key not in _PARSERS:
-            raise TypeError(f"no setting named {key!r}")
-        if value is not None:
-            raw[key] = (value, f"flag --{key.replace('_', '-')}")
+    return {s.name: (environ[s.env], f"env {s.env}") for s in SETTINGS if s.env in environ}
 
+
+def _from_flags(flags: Mapping[str, Any]) -> Raw:
+    unknown = flags.keys() - _BY_NAME.keys()
+    if unknown:
+        raise TypeError(f"no setting named {min(unknown)!r}")
+    return {
+        key: (value, f"flag {_BY_NAME[key].flag}")
+        for key, value in flags.items()
+        if value is not None
+    }
+
+
+def _parse(raw: Raw, problems: list[Problem]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values that parse, and their sources; a problem for each that does not."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key, (value, source) in raw.items():
+        setting = _BY_NAME[key]
         try:
-            values[key] = _PARSERS[key](value)
+            values[key] = setting.parse(value)
             sources[key] = source
         except _Invalid as exc:
             # Never echo a secret back, not even a malformed one.
-            message = "is not a usable token: " + str(exc) if key == "admin_token" else str(exc)
+            message = f"is not a usable token: {exc}" if setting.secret else str(exc)
             problems.append(Problem(key, source, message))
-    admin = values.get("admin_listen", DEFAULT_ADMIN_LISTEN)
+    return values, sources
+
+
+def _conflicts(values: Mapping[str, Any], raw: Raw) -> list[Problem]:
+    """Settings each fine alone that do not go together."""
+    problems = []
+    admin = values.get("admin_listen", _BY_NAME["admin_listen"].default)
     if not admin.is_loopback and "admin_token" not in raw:
         problems.append(
             Problem(
@@ -551,40 +764,50 @@ def load_config(
                 f" set {env_name('admin_token')}",
             )
         )
-    retention, partition = values.get("upstream_retention"), values.get("upstream_partition")
-    if retention is not None and not retention.fits(partition or Unit.DAY):
+    retention = values.get("upstream_retention")
+    partition = values.get("upstream_partition", _BY_NAME["upstream_partition"].default)
+    if retention is not None and not retention.fits(partition):
         problems.append(
             Problem(
                 "upstream_retention",
                 raw["upstream_retention"][1],
-                f"{retention} is not a whole number of {partition or Unit.DAY} partitions,"
+                f"{retention} is not a whole number of {partition} partitions,"
                 " as the store requires of a TTL",
             )
         )
-    if need_upstream and "upstream" not in raw:
-        problems.append(
-            Problem("upstream", "nowhere", f"is required: --upstream or {env_name('upstream')}")
-        )
-    if problems:
-        raise ConfigError(problems)
-    for key in _PARSERS:
-        sources.setdefault(key, "default")
-    return Config(**values, sources=sources)
+    return problems
 
 
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by `***`, even in a URL that does not parse."""
-    masked = re.sub(r"(://[^/:@]*:).*@", r"\1***@", url)
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
+def _missing(raw: Raw) -> list[Problem]:
+    return [
+        Problem(s.name, "nowhere", f"is required: {s.flag} or {s.env}")
+        for s in SETTINGS
+        if s.required and s.name not in raw
+    ]
+
+
+def _duration_text(value: timedelta) -> str:
+    seconds = value.total_seconds()
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+def _plain(value: object) -> str:
+    """A default as help text shows it."""
+    if isinstance(value, timedelta):
+        return _duration_text(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ", ".join(map(_plain, value))
+    return str(value)
 
 
 def _show(value: object) -> str:
     if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-        for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
-            if seconds >= size and seconds % size == 0:
-                return f'"{seconds / size:g}{unit}"'
-        return f'"{seconds * 1000:g}ms"'
+        return f'"{_duration_text(value)}"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
@@ -605,15 +828,15 @@ def _show(value: object) -> str:
 def describe(config: Config) -> str:
     """The effective configuration as TOML, secrets masked, each line saying its source."""
     lines = []
-    for item in fields(config):
-        if item.name == "sources":
-            continue
-        value = getattr(config, item.name)
-        if item.name in ("upstream", "database_url") and value is not None:
-            value = mask_url(value)
-        if item.name == "admin_token" and value is not None:
+    for setting in SETTINGS:
+        value = getattr(config, setting.name)
+        if value is not None and setting.secret:
             value = "***"
-        source = config.sources.get(item.name, "default")
-        line = f"# {item.name} is not set" if value is None else f"{item.name} = {_show(value)}"
+        elif value is not None and setting.mask:
+            value = setting.mask(value)
+        source = config.sources.get(setting.name, "default")
+        line = (
+            f"# {setting.name} is not set" if value is None else f"{setting.name} = {_show(value)}"
+        )
         lines.append(line.ljust(60) + f"  # {source}")
     return "\n".join(lines)

@@ -17,11 +17,9 @@ import asyncpg
 
 from .classify import classify
 from .config import Config
-from .ids import IdValidator
 from .metrics import Metrics
 from .reasons import Reason
 from .retention import Fate, StoreRetention
-from .schema import Tables
 from .store import (
     AuditEntry,
     Evidence,
@@ -173,10 +171,10 @@ class Explainer:
         self._config = config
         self._metrics = metrics
         self._dsn = dsn
-        self._queries = Queries(Tables(config.sessions_table, config.sessions_id_column))
+        self._queries = Queries(config.tables)
         self._budget = config.classification_budget.total_seconds()
         self._breaker = breaker or Breaker()
-        self._ids = IdValidator(config.max_future_skew, config.id_timezone)
+        self._ids = config.id_validator
         self._retention = config.store_retention
         self._pool: asyncpg.Pool | None = None
         self._pending: dict[tuple[str, bool], asyncio.Task[Explanation]] = {}

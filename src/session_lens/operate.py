@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from .config import Config, mask_url
 from .explain import Explainer, Report
-from .ids import IdValidator
 from .metrics import Metrics
 from .migrations import (
     MIGRATIONS,
@@ -53,10 +52,6 @@ async def _connect(config: Config) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-def _tables(config: Config) -> Tables:
-    return Tables(config.sessions_table, config.sessions_id_column)
-
-
 async def run_migrations(
     config: Config, *, dry_run: bool = False, quiet: bool = False, out: TextIO = sys.stdout
 ) -> int:
@@ -68,7 +63,7 @@ async def run_migrations(
 
 
 async def _run_migrations(config: Config, dry_run: bool, quiet: bool, out: TextIO) -> int:
-    tables = _tables(config)
+    tables = config.tables
     async with _connect(config) as conn:
         tables = await qualified(conn, tables)
         found = await plan(conn, tables)
@@ -143,7 +138,7 @@ def _versions(versions: Iterable[int]) -> str:
 
 async def run_explain(config: Config, session_id: str, out: TextIO = sys.stdout) -> int:
     """Print what the lifecycle tables say of one ID; returns the exit code."""
-    rule = IdValidator(config.max_future_skew, config.id_timezone).check(session_id)
+    rule = config.id_validator.check(session_id)
     if rule is not None:
         print(f"{session_id[:64]!r} is not a valid session ID ({rule}): invalid_format", file=out)
         return 2
@@ -211,7 +206,7 @@ async def run_prune(
     """Remove audit entries and observed events older than a period (or, dry, count them)."""
     try:
         async with _connect(config) as conn:
-            tables = await qualified(conn, _tables(config))
+            tables = await qualified(conn, config.tables)
             now = await conn.fetchval("SELECT statement_timestamp()")
             if isinstance(older_than, timedelta):
                 cutoff, label = now - older_than, f"{older_than.total_seconds():g} s"

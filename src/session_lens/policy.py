@@ -17,9 +17,9 @@ from enum import Enum
 
 from yarl import URL
 
-from .config import Config
+from .config import Config, NotFoundBody, Validation
 from .explain import Explainer, Explanation
-from .ids import MAX_ID_LENGTH, IdValidator
+from .ids import MAX_ID_LENGTH
 from .metrics import Metrics
 from .problems import PROBLEM_JSON, Answer, phrase, problem_answer
 from .reasons import Kind, Outcome, Reason, Rule, StatusClass, UpstreamError
@@ -132,8 +132,8 @@ class Policy:
         """Whether lifecycle events are observed in traffic."""
         self._miss_statuses = frozenset(config.miss_statuses)
         self._miss_body_mode = config.not_found_body
-        self._validator = IdValidator(config.max_future_skew, config.id_timezone)
-        self._enforce = config.validation == "enforce"
+        self._validator = config.id_validator
+        self._enforce = config.validation == Validation.ENFORCE
         self.routes = RouteTable(config.session_routes)
         """The session routes lookups are matched against."""
         self.max_body = config.max_body_bytes
@@ -287,9 +287,9 @@ class Policy:
 
         `headers` are the answer's, looked up case-insensitively.
         """
-        if self._miss_body_mode == "passthrough" or method == "HEAD":
+        if self._miss_body_mode == NotFoundBody.PASSTHROUGH or method == "HEAD":
             return None
-        if self._miss_body_mode == "problem":
+        if self._miss_body_mode == NotFoundBody.PROBLEM:
             return MissPlan.PROBLEM
         mergeable = (
             length is not None

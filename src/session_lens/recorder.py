@@ -27,7 +27,7 @@ import asyncpg
 from .config import Config
 from .metrics import Metrics
 from .routes import TARGET_STATE, Action
-from .schema import TRANSITIONS, SessionState, Tables
+from .schema import TRANSITIONS, SessionState
 from .store import UNREACHABLE, refused_for_itself, remedy
 
 log = logging.getLogger("session_lens.recorder")
@@ -210,7 +210,7 @@ class Recorder:
         self._metrics = metrics
         self._dsn = dsn
         self._spool = Spool(config.spool_path, config.spool_max_bytes)
-        names = Tables(config.sessions_table, config.sessions_id_column).names
+        names = config.tables.names
         self._record_sql = "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)".format(**names)
         # Tracking begins with the first recorder to start; the earliest start counts.
         self._observing_sql = (
@@ -455,6 +455,11 @@ class Recorder:
         if self._outage_since is not None:
             return f"spooling {self._pending} events: {self.last_error}"
         return None
+
+
+def recorder_for(config: Config, metrics: Metrics) -> Recorder | None:
+    """The recorder a process needs: one in observed mode, into `database_url`; else None."""
+    return Recorder(config, metrics, config.database_url) if config.observes else None
 
 
 def _result(event: Event, before: Any) -> str:

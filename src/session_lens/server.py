@@ -17,7 +17,7 @@ from .config import Address, Config, mask_url
 from .explain import Explainer
 from .lane import HopSite, Lane
 from .metrics import Metrics
-from .recorder import Recorder
+from .recorder import recorder_for
 
 log = logging.getLogger("session_lens.server")
 
@@ -95,11 +95,7 @@ async def serve(
     metrics = Metrics(registry, config.session_routes, config.exemplars)
     grace = config.shutdown_grace.total_seconds()
     explainer = Explainer(config, metrics, config.database_url)
-    recorder = (
-        Recorder(config, metrics, config.database_url)
-        if config.lifecycle_source == "observed"
-        else None
-    )
+    recorder = recorder_for(config, metrics)
     proxy_app = create_proxy_app(config, metrics, explainer, recorder)
     # The proxy app drains itself within the grace period (on_shutdown); what is
     # still running after that gets this long to react to being cancelled.

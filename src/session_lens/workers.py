@@ -105,7 +105,7 @@ class Supervisor:
 
     def start(self, index: int) -> None:
         config = self._config
-        if config.lifecycle_source == "observed":  # one spool each: appends never interleave
+        if config.observes:  # one spool each: appends never interleave
             config = replace(config, spool_dir=config.spool_path / f"worker-{index}")
         listening = self._context.Event()
         process = self._context.Process(

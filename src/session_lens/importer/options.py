@@ -59,7 +59,7 @@ class Options:
 
 def options_from(args: argparse.Namespace, config: Config) -> Options:
     """Check the flags against each other and the configuration; raises ImportUsage."""
-    if config.lifecycle_source != "observed":
+    if not config.observes:
         raise ImportUsage(
             "import is for observed mode (lifecycle_source = observed, from"
             f" {config.sources.get('lifecycle_source', 'default')}): in database mode the"

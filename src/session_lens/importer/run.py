@@ -15,7 +15,6 @@ import asyncpg
 from ..config import Config, mask_url
 from ..ids import IdValidator
 from ..migrations import Progress, plan, qualified
-from ..schema import Tables
 from .errors import ImportFailed
 from .options import Options
 from .sources import (
@@ -53,11 +52,6 @@ class Summary:
         self.refusals.extend((where, why) for _, where, why in rows[:room])
 
 
-def id_validator(config: Config) -> IdValidator:
-    """The session-ID validator the import checks every row with."""
-    return IdValidator(config.max_future_skew, config.id_timezone)
-
-
 async def run(
     config: Config,
     options: Options,
@@ -66,7 +60,7 @@ async def run(
 ) -> Summary:
     """Import every page of the source into the lifecycle store; fills `summary` as it goes."""
     assert config.database_url is not None
-    validator = id_validator(config)
+    validator = config.id_validator
     store_conn = await connect(config.database_url)
     try:
         store = await _store(store_conn, config, options)
@@ -91,8 +85,7 @@ async def run(
 async def _store(conn: asyncpg.Connection, config: Config, options: Options) -> Store:
     """The lifecycle store to write, once it is known to be migrated."""
     assert config.database_url is not None
-    configured = Tables(config.sessions_table, config.sessions_id_column)
-    tables = await qualified(conn, configured)
+    tables = await qualified(conn, config.tables)
     found = await plan(conn, tables)
     if found.pending:
         raise ImportFailed(
