@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .config import Config
+from .drain import Drain
 from .explain import Explainer, report_json
 from .hop import MAX_HEADER_BYTES, Target
 from .lane import Lane
@@ -28,7 +29,7 @@ LANE = web.AppKey("lane", Lane)
 CONFIG = web.AppKey("config", Config)
 TARGET = web.AppKey("target", Target)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
-DRAINING = web.AppKey("draining", asyncio.Event)
+DRAIN = web.AppKey("drain", Drain)
 EXPLAINER = web.AppKey("explainer", Explainer)
 RECORDER_HEALTH: web.AppKey[Callable[[], str | None]] = web.AppKey("recorder_health")
 
@@ -95,9 +96,10 @@ def create_proxy_app(
         await explainer.close()
 
     async def drain(app: web.Application) -> None:
-        lane.drain()
+        policy.drain.start()
+        lane.close_idle()
         grace = config.shutdown_grace.total_seconds()
-        await asyncio.gather(policy.drain(grace), lane.drained(grace))
+        await asyncio.gather(policy.drain.settled(grace), lane.drained(grace))
 
     app.cleanup_ctx.append(upstream_client)
     app.on_shutdown.append(drain)
@@ -108,7 +110,7 @@ def create_admin_app(
     config: Config,
     registry: CollectorRegistry,
     explainer: Explainer,
-    draining: asyncio.Event | None = None,
+    drain: Drain | None = None,
     recorder: Recorder | None = None,
     workers: Callable[[], Listening] | None = None,
 ) -> web.Application:
@@ -122,7 +124,7 @@ def create_admin_app(
     app[TARGET] = Target.of(config.upstream, config.upstream_ca_file)
     app[REGISTRY] = registry
     app[EXPLAINER] = explainer
-    app[DRAINING] = draining or asyncio.Event()
+    app[DRAIN] = drain or Drain()
     app[RECORDER_HEALTH] = recorder.health if recorder else _no_recorder
     app[WORKERS] = workers
     app.router.add_get("/sessions/{session_id}/explain", _explain)
@@ -194,7 +196,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
-    if request.app[DRAINING].is_set():
+    if request.app[DRAIN].draining:
         return web.json_response({"status": "draining", "checks": {}}, status=503)
     upstream, database = await asyncio.gather(
         upstream_reachable(request.app[TARGET], config.upstream_connect_timeout.total_seconds()),

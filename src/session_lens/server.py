@@ -110,7 +110,7 @@ async def serve(
     admin = None
     if worker is None:
         admin = admin_runner(
-            create_admin_app(config, registry, explainer, proxy_app[POLICY].draining, recorder)
+            create_admin_app(config, registry, explainer, proxy_app[POLICY].drain, recorder)
         )
     stop = stop or asyncio.Event()
     with stopped_by_signals(stop):

@@ -12,8 +12,10 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from .config import Config
+from .exchange import REQUEST_ID, Exchange
 from .hop import MAX_HEADER_BYTES, Target, appended, end_to_end_text
-from .policy import MAX_MERGED_BODY, REQUEST_ID, Exchange, Policy
+from .lookups import MAX_MERGED_BODY
+from .policy import Policy
 from .problems import PROBLEM_JSON, Answer
 from .reasons import UpstreamError
 
@@ -202,7 +204,9 @@ class WebSocketRelay:
         exchange = policy.exchange(request.raw_path, request.headers.get(REQUEST_ID))
         policy.begin()
         try:
-            rejection = policy.lookup(exchange, request.method, request.raw_path.partition("?")[0])
+            rejection = policy.lookups.lookup(
+                exchange, request.method, request.raw_path.partition("?")[0]
+            )
             if rejection is not None:
                 return _response(rejection)
             return await self._relay(request, exchange)
@@ -273,7 +277,7 @@ class WebSocketRelay:
         try:
             await client.prepare(request)
             exchange.status = 101
-            await bridge(client, upstream, self._policy.draining)
+            await bridge(client, upstream, self._policy.drain.started)
         finally:
             await upstream.close()
             await client.close()

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from .app import Listening, create_admin_app
 from .config import Address, Config, mask_url
+from .drain import Drain
 from .explain import Explainer
 from .logs import setup_logging
 from .metrics import Metrics
@@ -177,11 +178,11 @@ async def supervise(config: Config, stop: asyncio.Event | None = None) -> None:
     explainer = Explainer(
         config, Metrics(CollectorRegistry(), config.session_routes), config.database_url
     )
-    draining = asyncio.Event()
+    drain = Drain()
     stop = stop or asyncio.Event()
     supervisor = Supervisor(config, metrics_dir)
     admin = admin_runner(
-        create_admin_app(config, registry, explainer, draining, workers=supervisor.listening)
+        create_admin_app(config, registry, explainer, drain, workers=supervisor.listening)
     )
     with stopped_by_signals(stop):
         try:
@@ -210,7 +211,7 @@ async def supervise(config: Config, stop: asyncio.Event | None = None) -> None:
                     await asyncio.wait_for(stop.wait(), POLL)
             grace = config.shutdown_grace.total_seconds()
             log.info("shutting down", extra={"grace_seconds": grace, "workers": config.workers})
-            draining.set()
+            drain.start()
         finally:
             await supervisor.stop(config.shutdown_grace.total_seconds())
             await admin.cleanup()

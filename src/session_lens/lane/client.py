@@ -27,7 +27,7 @@ from typing import cast
 import httptools
 
 from ..hop import MAX_HEADER_BYTES
-from ..policy import MAX_INSPECTED_BODY
+from ..observation import MAX_INSPECTED_BODY
 from ..problems import Answer, problem_answer
 from .answer import add_fields, framed, render
 from .relay import Relay
@@ -534,15 +534,15 @@ class ClientConnection(Relay, asyncio.Protocol):
         else:
             method = request.method.decode()
             observation = None
-            if policy.observes:
-                observation = policy.observe(exchange, method, request.path)
+            if policy.observer is not None:
+                observation = policy.observer.observe(exchange, method, request.path)
                 request.observation = observation
             if observation is None or not observation.reads_request:
                 request.tap = None
             elif request.done:
                 self._inspect(request)
             if observation is None:
-                answer = policy.lookup(exchange, method, request.path)
+                answer = policy.lookups.lookup(exchange, method, request.path)
         if answer is not None:
             assert self._transport is not None
             self._drop_body(request)
@@ -585,7 +585,7 @@ class ClientConnection(Relay, asyncio.Protocol):
         upstream.listener = None
         self._direct = None
         whole = upstream.failure is None and upstream.complete and request.done
-        if not whole or self._lane.policy.is_miss(request.exchange, upstream.status):
+        if not whole or self._lane.policy.lookups.is_miss(request.exchange, upstream.status):
             self._task = self._loop.create_task(self._relay(request, data, sent))
             return
         try:

@@ -12,14 +12,8 @@ from urllib.parse import parse_qsl
 from multidict import CIMultiDict
 
 from ..hop import end_to_end
-from ..policy import (
-    MAX_INSPECTED_BODY,
-    MAX_MERGED_BODY,
-    REASON_HEADER,
-    MissPlan,
-    Observation,
-    include_deleted_asked,
-)
+from ..lookups import MAX_MERGED_BODY, REASON_HEADER, MissPlan, include_deleted_asked
+from ..observation import MAX_INSPECTED_BODY, Observation
 from ..problems import Answer
 from ..reasons import Outcome, UpstreamError
 from .answer import BODYLESS, add_fields, framed, last_chunk, render
@@ -83,7 +77,7 @@ class Relay:
     def _closes(self, request: Request) -> bool:
         """Whether the connection closes after `request`'s answer: asked for, draining, or
         answered before its body was all read (what follows it is not sure)."""
-        return request.close or self._lane.draining or not request.done
+        return request.close or self._lane.drain.draining or not request.done
 
     def _render(self, answer: Answer, close: bool, request: Request) -> bytes:
         request.replied = True
@@ -208,7 +202,7 @@ class Relay:
         exchange = request.exchange
         assert exchange is not None
         exchange.status = upstream.status
-        outcome = self._lane.policy.count_lookup(exchange, upstream.status)
+        outcome = self._lane.policy.lookups.count(exchange, upstream.status)
         framed = upstream.framing == b"length"
         fields, named = end_to_end(upstream.fields, upstream.names, upstream.named, framed)
         return outcome, fields, named, self._closes(request)
@@ -334,13 +328,14 @@ class Relay:
         include_deleted = include_deleted_asked(
             next((value for key, value in pairs if key == "include_deleted"), "")
         )
-        explanation = await policy.explain_miss(exchange, include_deleted, upstream.status, sent)
+        lookups = policy.lookups
+        explanation = await lookups.explain_miss(exchange, include_deleted, upstream.status, sent)
         headers: CIMultiDict[str] = CIMultiDict(
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in fields
         )
         headers[REASON_HEADER] = explanation.reason.value
         length = upstream.length if upstream.framing == b"length" else None
-        plan = policy.miss_plan(request.method.decode(), headers, length)
+        plan = lookups.miss_plan(request.method.decode(), headers, length)
         rewritten: bytes | None = None
         if plan is not None:
             try:
@@ -349,7 +344,7 @@ class Relay:
                 answer = policy.failure(exchange, failure.kind, failure, counted=True)
                 self._write(self._render(answer, close, request))
                 return close
-            rewritten, content_type = policy.miss_body(
+            rewritten, content_type = lookups.miss_body(
                 plan, upstream.status, exchange, explanation, raw
             )
             if content_type is not None:  # a document of our own: none of the upstream's

@@ -9,8 +9,10 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from ..exchange import Exchange
 from ..hop import FORWARDED, NEVER_DROPPED, REQUEST_DROPPED, connection_tokens, dropped, passes
-from ..policy import Exchange, Observation, Policy
+from ..observation import Observation
+from ..policy import Policy
 from .upstream import Upstream
 
 
@@ -109,7 +111,7 @@ def read_head(
     request.close = request.close or not parser.should_keep_alive()
     if parser.should_upgrade() and not request.websocket:
         request.upgrade_body = request.chunked or request.length > 0
-    if policy.observes and request.method in (b"POST", b"PUT", b"PATCH"):
+    if policy.observer is not None and request.method in (b"POST", b"PUT", b"PATCH"):
         request.tap = bytearray()  # kept in case it is a lifecycle request
     return request
 

@@ -36,7 +36,8 @@ class Shared:
         self.fallback: Callable[[], asyncio.Protocol] = _no_fallback
         """aiohttp's server, for WebSocket upgrades."""
         self.fallback_connections: Callable[[], int] = lambda: 0
-        self.draining = False
+        self.drain = policy.drain
+        """The process's drain: once it has begun, no connection is kept alive."""
         self.header_timeout = config.header_read_timeout.total_seconds()
         self.body_timeout = config.upstream_read_timeout.total_seconds()
         """The longest silence within a request body on its way upstream."""

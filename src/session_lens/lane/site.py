@@ -43,9 +43,9 @@ class Lane(Shared):
             log.warning("connection limit reached", extra={"max_connections": self.max_connections})
         return _Refused(self.clock.date())
 
-    def drain(self) -> None:
-        """Stop keeping connections alive: each closes after its next answer, or idle."""
-        self.draining = True
+    def close_idle(self) -> None:
+        """Draining, close the connections idle now: each other closes after its next
+        answer, or once idle."""
         for connection in list(self.connections):
             connection.close_if_idle(DRAIN_IDLE)
 
@@ -59,7 +59,7 @@ class Lane(Shared):
 
     def close(self) -> None:
         """Close every connection, client and upstream."""
-        self.draining = True
+        self.drain.start()
         for connection in list(self.connections):
             connection.abort()
         if self._sweeper is not None:

@@ -1,0 +1,48 @@
+"""The process's one drain: whether shutdown has begun, and the requests still in flight.
+
+The proxy's connections, the WebSocket relay, the admin app's /readyz and a supervisor
+of workers all read the same one.
+"""
+
+import asyncio
+import logging
+
+log = logging.getLogger("session_lens.proxy")
+
+
+class Drain:
+    """Shutdown begun or not, and the requests in flight until it ends."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        """Whether shutdown has begun: connections are kept alive no more."""
+        self.started = asyncio.Event()
+        """The same, to wait for: open WebSockets are closed when it is set."""
+        self._inflight = 0
+        self._idle = asyncio.Event()
+
+    def begin(self) -> None:
+        """A request is in flight."""
+        self._inflight += 1
+
+    def finish(self) -> None:
+        """A request is answered."""
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
+
+    def start(self) -> None:
+        """Shutdown begins."""
+        self.draining = True
+        self.started.set()
+
+    async def settled(self, grace: float) -> None:
+        """Wait up to `grace` seconds for the requests in flight; say how many were cut."""
+        self.start()
+        if self._inflight:
+            self._idle.clear()
+            try:
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("grace period over", extra={"cut_requests": self._inflight})

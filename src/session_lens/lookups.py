@@ -1,0 +1,236 @@
+"""Session lookups: the ID validated, the outcome of the upstream's answer counted, and
+a miss explained and its body rewritten. Nothing here touches a socket."""
+
+import json
+import logging
+from collections.abc import Mapping
+from enum import Enum
+
+from .config import Config, NotFoundBody, Validation
+from .exchange import Exchange, id_header, ms_since, short_id
+from .explain import Explainer, Explanation
+from .ids import MAX_ID_LENGTH
+from .metrics import Metrics
+from .problems import PROBLEM_JSON, Answer, phrase, problem_answer
+from .reasons import Kind, Outcome, Reason, Rule
+from .routes import RouteTable
+
+log = logging.getLogger("session_lens.proxy")
+
+REASON_HEADER = "X-Session-Not-Found-Reason"
+LOOKUP_METHODS = frozenset({"GET", "HEAD"})
+MAX_MERGED_BODY = 1 << 20
+"""Larger miss bodies are relayed as they are, the reason in the header alone."""
+
+_RULE_DETAIL = {
+    Rule.MISSING: "the path holds no session ID",
+    Rule.TOO_LONG: f"the session ID is longer than {MAX_ID_LENGTH} characters",
+    Rule.PATTERN: "the session ID does not match exec_YYYYMMDD_HHMMSS_xxxxxxxx",
+    Rule.CALENDAR: "the session ID carries a date or time that does not exist",
+    Rule.FUTURE: "the session ID is dated later than now plus the allowed clock skew",
+}
+_REASON_DETAIL = {
+    Reason.INVALID_FORMAT: "the session ID is malformed",
+    Reason.NEVER_EXISTED: "the session was never created",
+    Reason.CREATING: "the session is being created; the lookup raced its creation",
+    Reason.CREATION_FAILED: "the session's creation did not complete",
+    Reason.DELETED: "the session was deleted",
+    Reason.DELETED_NOT_SERVED: "the session was deleted, and the upstream ignored include_deleted",
+    Reason.PURGED: "the session was hard-deleted",
+    Reason.ARCHIVED: "the session was archived",
+    Reason.NOT_YET_VISIBLE: "the session changed moments ago and is not visible upstream yet",
+    Reason.UPSTREAM_INCONSISTENT: "the session is live, but the upstream did not find it",
+    Reason.EXPIRED: "the store's own retention has dropped the partition the session was in",
+    Reason.PREDATES_TRACKING: "the session is older than session-lens' records:"
+    " no evidence either way",
+    Reason.UNKNOWN: "no lifecycle evidence could be read in time",
+}
+
+
+class MissPlan(Enum):
+    """How the body of a miss is rewritten."""
+
+    PROBLEM = "problem"
+    MERGE = "merge"
+
+
+def include_deleted_asked(value: str) -> bool:
+    """Whether an `include_deleted` query value asks for deleted sessions."""
+    return value.lower() in ("true", "1")
+
+
+class Lookups:
+    """The rules of lookups: one instance per process, shared by every connection."""
+
+    def __init__(self, config: Config, metrics: Metrics, explainer: Explainer) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._explainer = explainer
+        self._miss_statuses = frozenset(config.miss_statuses)
+        self._miss_body_mode = config.not_found_body
+        self._validator = config.id_validator
+        self._enforce = config.validation == Validation.ENFORCE
+        self.routes = RouteTable(config.session_routes)
+        """The session routes lookups are matched against."""
+
+    def lookup(self, exchange: Exchange, method: str, path: str) -> Answer | None:
+        """Make `exchange` a lookup if it falls on a session route; the answer to a
+        malformed ID in enforce mode, or None to forward the request."""
+        if method not in LOOKUP_METHODS:
+            return None
+        match = self.routes.match(path)
+        if match is None:
+            return None
+        exchange.kind = Kind.LOOKUP
+        exchange.match = match
+        return self.reject(exchange)
+
+    def reject(self, exchange: Exchange) -> Answer | None:
+        """The answer to a malformed ID in enforce mode; None to forward the request."""
+        match, request_id = exchange.match, exchange.request_id
+        assert match is not None
+        rule = self._validator.check(match.session_id)
+        if rule is None:
+            return None
+        exemplar = self._metrics.exemplar(match.session_id, request_id)
+        self._metrics.invalid_ids[match.route, rule].inc(exemplar=exemplar)
+        self._metrics.lookups[match.route, Outcome.INVALID].inc()
+        self._metrics.not_found[match.route, Reason.INVALID_FORMAT].inc(exemplar=exemplar)
+        log.info(
+            "invalid session id",
+            extra={
+                "request_id": request_id,
+                "route": match.route,
+                "outcome": Outcome.INVALID.value,
+                "reason": Reason.INVALID_FORMAT.value,
+                "rule": rule.value,
+                "session_id": short_id(match.session_id),
+                "enforced": self._enforce,
+                "duration_ms": ms_since(exchange.started),
+            },
+        )
+        if not self._enforce:
+            return None
+        exchange.status = self._config.invalid_status
+        return problem_answer(
+            self._config.invalid_status,
+            _RULE_DETAIL[rule],
+            [(REASON_HEADER, Reason.INVALID_FORMAT.value), *id_header(exchange)],
+            reason=Reason.INVALID_FORMAT.value,
+            rule=rule.value,
+            session_id=short_id(match.session_id),
+            request_id=request_id,
+        )
+
+    def is_miss(self, exchange: Exchange, status: int) -> bool:
+        """Whether `status` answers a lookup with "not found" (a miss_statuses status, all
+        of them 4xx or 5xx), so the miss is explained."""
+        return exchange.match is not None and status in self._miss_statuses
+
+    def count(self, exchange: Exchange, status: int) -> Outcome | None:
+        """Count the outcome of a lookup's answer; None when it is no lookup."""
+        match = exchange.match
+        if match is None:
+            return None
+        if self.is_miss(exchange, status):
+            outcome = Outcome.NOT_FOUND
+        elif 200 <= status < 300:
+            outcome = Outcome.FOUND
+        elif status >= 500:
+            outcome = Outcome.UPSTREAM_ERROR
+        else:
+            outcome = Outcome.OTHER
+        self._metrics.lookups[match.route, outcome].inc()
+        return outcome
+
+    async def explain_miss(
+        self, exchange: Exchange, include_deleted: bool, status: int, sent: float
+    ) -> Explanation:
+        """Classify a miss, count it and log it with the evidence behind the reason."""
+        match = exchange.match
+        assert match is not None
+        exemplar = self._metrics.exemplar(match.session_id, exchange.request_id)
+        explanation = await self._explainer.explain_miss(
+            match.session_id, include_deleted, exemplar
+        )
+        self._metrics.not_found[match.route, explanation.reason].inc(exemplar=exemplar)
+        log.info(
+            "session not found",
+            extra={
+                "request_id": exchange.request_id,
+                "route": match.route,
+                "outcome": Outcome.NOT_FOUND.value,
+                "reason": explanation.reason.value,
+                "session_id": match.session_id,
+                "include_deleted": include_deleted,
+                "status": status,
+                "lifecycle": explanation.lifecycle(),
+                "classifier_error": explanation.error,
+                "note": explanation.note,
+                "upstream_ms": ms_since(sent),
+                "duration_ms": ms_since(exchange.started),
+            },
+        )
+        return explanation
+
+    def miss_plan(
+        self, method: str, headers: Mapping[str, str], length: int | None
+    ) -> "MissPlan | None":
+        """How a miss's body is rewritten, by `not_found_body`; None relays the upstream's.
+
+        `headers` are the answer's, looked up case-insensitively.
+        """
+        if self._miss_body_mode == NotFoundBody.PASSTHROUGH or method == "HEAD":
+            return None
+        if self._miss_body_mode == NotFoundBody.PROBLEM:
+            return MissPlan.PROBLEM
+        mergeable = (
+            length is not None
+            and length <= MAX_MERGED_BODY
+            and _is_json(headers.get("Content-Type", ""))
+            and headers.get("Content-Encoding", "identity").lower() == "identity"
+        )
+        return MissPlan.MERGE if mergeable else None
+
+    def miss_body(
+        self,
+        plan: "MissPlan",
+        status: int,
+        exchange: Exchange,
+        explanation: Explanation,
+        raw: bytes,
+    ) -> tuple[bytes, str | None]:
+        """The body a miss goes out with, and its new Content-Type if it changes;
+        `raw` is the upstream's whole body when merging."""
+        match = exchange.match
+        assert match is not None
+        members = {
+            "reason": explanation.reason.value,
+            "session_id": match.session_id,
+            "lifecycle": explanation.lifecycle(),
+        }
+        if plan is MissPlan.PROBLEM:
+            document = {
+                "title": phrase(status),
+                "status": status,
+                "detail": _REASON_DETAIL[explanation.reason],
+                **members,
+                "request_id": exchange.request_id,
+            }
+            return json.dumps(document).encode(), PROBLEM_JSON
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            return raw, None
+        if not isinstance(document, dict):
+            return raw, None
+        if members.keys() & document.keys():
+            document["session_lens"] = members  # never overwrite what the upstream said
+        else:
+            document.update(members)
+        return json.dumps(document).encode(), None
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
