@@ -7,6 +7,7 @@ It imports nothing from the package: the HTTP lane and the WebSocket relay both 
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,6 +24,17 @@ NEVER_DROPPED = frozenset({b"content-length", b"host"})
 """A request's framing and routing, which stay whatever its Connection header names."""
 FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 """The fields a hop appends to, lowered."""
+
+
+class Framing(Enum):
+    """How a message's body is delimited (RFC 9112 §6)."""
+
+    NONE = "none"
+    """It has none: an answer to HEAD, a 204 or a 304."""
+    LENGTH = "length"
+    CHUNKED = "chunked"
+    CLOSE = "close"
+    """It ends with the connection."""
 
 
 def connection_tokens(value: bytes) -> set[bytes]:

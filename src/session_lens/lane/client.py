@@ -31,7 +31,7 @@ from ..observation import MAX_INSPECTED_BODY
 from ..problems import Answer, problem_answer
 from .answer import add_fields, framed, render
 from .relay import Relay
-from .request import Refusal, Request, read_head, too_large
+from .request import Refusal, Request, Stage, read_head, too_large
 from .shared import Shared
 
 log = logging.getLogger("session_lens.proxy")
@@ -268,9 +268,9 @@ class ClientConnection(Relay, asyncio.Protocol):
             return
         if request.tap is not None and len(request.tap) <= MAX_INSPECTED_BODY:
             request.tap += body
-        if request.discard:
+        if request.stage is Stage.HERE:
             return  # answered here: the body is read and dropped
-        if request.sent and request.upstream is not None:
+        if request.upstream is not None:
             out: list[bytes] = []
             framed(out, [body], request.chunked)
             request.upstream.write(b"".join(out))
@@ -288,7 +288,7 @@ class ClientConnection(Relay, asyncio.Protocol):
         request.done = True
         if request.observation is not None:
             self._inspect(request)
-        if request.sent and request.upstream is not None:
+        if request.upstream is not None:
             request.upstream.write(self._body_so_far(request, []), last=True)
 
     def _inspect(self, request: Request) -> None:
@@ -402,7 +402,7 @@ class ClientConnection(Relay, asyncio.Protocol):
                 log.info("request head timed out", extra={"peer": self._peer.decode()})
                 self._fail(408, "the request head did not arrive in time")
                 self._advance()
-        elif reading is not None and reading.sent and not self._paused_reading:
+        elif reading is not None and reading.upstream is not None and not self._paused_reading:
             if now - max(reading.read_at, self._head_started) > self._lane.body_timeout:
                 log.info("request body timed out", extra={"peer": self._peer.decode()})
                 self._fail(408, "the request body did not arrive in time")
@@ -569,7 +569,7 @@ class ClientConnection(Relay, asyncio.Protocol):
 
     def _drop_body(self, request: Request) -> None:
         """`request` is answered here: what was read of its body, and what comes, goes."""
-        request.discard = True
+        request.stage = Stage.HERE
         self._ahead -= sum(len(chunk) for chunk in request.body)
         request.body = []
 

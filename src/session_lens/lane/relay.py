@@ -11,13 +11,13 @@ from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict
 
-from ..hop import end_to_end
+from ..hop import Framing, end_to_end
 from ..lookups import MAX_MERGED_BODY, REASON_HEADER, MissPlan, include_deleted_asked
 from ..observation import MAX_INSPECTED_BODY, Observation
 from ..problems import Answer
 from ..reasons import Outcome, UpstreamError
 from .answer import BODYLESS, add_fields, framed, last_chunk, render
-from .request import Request
+from .request import Request, Stage
 from .shared import Shared
 from .upstream import Upstream, UpstreamFailure
 
@@ -55,7 +55,7 @@ class Relay:
     def _send(self, request: Request, upstream: Upstream, data: bytes) -> None:
         """Send the request's head and what there is of its body; the rest follows."""
         request.upstream = upstream
-        request.sent = True
+        request.stage = Stage.SENT
         upstream.on_flow = self._flow
         if request.body or (request.done and request.chunked and not request.terminated):
             data += self._body_so_far(request, [])  # read while it was being connected
@@ -80,7 +80,8 @@ class Relay:
         return request.close or self._lane.drain.draining or not request.done
 
     def _render(self, answer: Answer, close: bool, request: Request) -> bytes:
-        request.replied = True
+        if request.stage is not Stage.HERE:
+            request.stage = Stage.REPLYING
         head_only = request.method == b"HEAD"
         return render(answer, self._lane.clock.date(), close, head_only, request.http10)
 
@@ -192,7 +193,7 @@ class Relay:
         self._write_rest(out, upstream, mode)
         assert request.exchange is not None
         request.exchange.upstream_seconds = time.perf_counter() - sent
-        return close or mode == "close"
+        return close or mode is Framing.CLOSE
 
     def _opened(
         self, request: Request, upstream: Upstream
@@ -203,7 +204,7 @@ class Relay:
         assert exchange is not None
         exchange.status = upstream.status
         outcome = self._lane.policy.lookups.count(exchange, upstream.status)
-        framed = upstream.framing == b"length"
+        framed = upstream.framing is Framing.LENGTH
         fields, named = end_to_end(upstream.fields, upstream.names, upstream.named, framed)
         return outcome, fields, named, self._closes(request)
 
@@ -215,7 +216,7 @@ class Relay:
         named: set[bytes],
         close: bool,
         length: bool | None = None,
-    ) -> tuple[list[bytes], str]:
+    ) -> tuple[list[bytes], Framing]:
         """The answer's status line and fields for the client, and how its body goes:
         `none`, `length`, `chunked` or `close` (delimited by the end of the connection).
 
@@ -226,26 +227,28 @@ class Relay:
         assert exchange is not None
         status = upstream.status
         if length is None:
-            length = upstream.framing == b"length"
+            length = upstream.framing is Framing.LENGTH
         if request.method == b"HEAD" or status in BODYLESS:
-            mode = "none"
+            mode = Framing.NONE
         elif length:
-            mode = "length"
+            mode = Framing.LENGTH
         elif request.http10:
-            mode = "close"
+            mode = Framing.CLOSE
         else:
-            mode = "chunked"
+            mode = Framing.CHUNKED
         out = [b"HTTP/1.1 %d " % status, upstream.reason, b"\r\n"]
         add_fields(out, fields)
         if b"date" not in named:
             out += (b"Date: ", self._lane.clock.date(), b"\r\n")
         if exchange.id_generated and b"x-request-id" not in named:
             out += (b"X-Request-ID: ", exchange.request_id.encode(), b"\r\n")
-        said_chunked = mode == "none" and upstream.framing == b"chunked" and not request.http10
-        request.replied = True
-        if mode == "chunked" or said_chunked:
+        said_chunked = (
+            mode is Framing.NONE and upstream.framing is Framing.CHUNKED and not request.http10
+        )
+        request.stage = Stage.REPLYING
+        if mode is Framing.CHUNKED or said_chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
-        if close or mode == "close":
+        if close or mode is Framing.CLOSE:
             out.append(b"Connection: close\r\n")
         elif request.http10:
             out.append(b"Connection: keep-alive\r\n")
@@ -259,12 +262,12 @@ class Relay:
                 self._write(b"".join(upstream.interim))
             upstream.interim.clear()
 
-    def _write_rest(self, out: list[bytes], upstream: Upstream, mode: str) -> None:
+    def _write_rest(self, out: list[bytes], upstream: Upstream, mode: Framing) -> None:
         """Write `out` with the rest of a whole answer's body."""
         chunks = upstream.take()
-        if mode != "none":
-            framed(out, chunks, mode == "chunked")
-        if mode == "chunked":
+        if mode is not Framing.NONE:
+            framed(out, chunks, mode is Framing.CHUNKED)
+        if mode is Framing.CHUNKED:
             last_chunk(out, upstream.trailers)
         self._write(b"".join(out))
 
@@ -273,7 +276,7 @@ class Relay:
         out: list[bytes],
         request: Request,
         upstream: Upstream,
-        mode: str,
+        mode: Framing,
         sent: float,
         tap: bytearray | None = None,
     ) -> bool:
@@ -288,12 +291,12 @@ class Relay:
                         _tap(tap, upstream.chunks)
                     self._write_rest(out, upstream, mode)
                     exchange.upstream_seconds = time.perf_counter() - sent
-                    return mode == "close"
+                    return mode is Framing.CLOSE
                 chunks = upstream.take()
                 if tap is not None:
                     _tap(tap, chunks)
-                if mode != "none":
-                    framed(out, chunks, mode == "chunked")
+                if mode is not Framing.NONE:
+                    framed(out, chunks, mode is Framing.CHUNKED)
                 if out:
                     self._write(b"".join(out))
                     out = []
@@ -334,7 +337,7 @@ class Relay:
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in fields
         )
         headers[REASON_HEADER] = explanation.reason.value
-        length = upstream.length if upstream.framing == b"length" else None
+        length = upstream.length if upstream.framing is Framing.LENGTH else None
         plan = lookups.miss_plan(request.method.decode(), headers, length)
         rewritten: bytes | None = None
         if plan is not None:

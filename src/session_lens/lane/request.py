@@ -5,6 +5,7 @@ Content-Length beside Transfer-Encoding); this reads what the lane needs of it, 
 keeps the end-to-end fields, in order and as sent, for the upstream.
 """
 
+from enum import Enum
 from urllib.parse import urlsplit
 
 import httptools
@@ -30,56 +31,94 @@ def too_large(limit: int | None) -> Refusal:
     return Refusal(413, f"the request body is larger than {limit} bytes")
 
 
+class Stage(Enum):
+    """How far a request has come, from the hop's side."""
+
+    QUEUED = "queued"
+    """Parsed, not started: its body is kept as it comes."""
+    HERE = "here"
+    """Answered by the hop itself: the rest of its body is read and dropped."""
+    SENT = "sent"
+    """Its head is upstream (`upstream` says where): body bytes go straight on."""
+    REPLYING = "replying"
+    """Some of its answer has gone to the client."""
+
+
 class Request:
-    """One request parsed from the client, and how far its relay has come.
+    """One request parsed from the client, and how far its relay has come."""
 
-    What most requests never change is a class default: a request costs only
-    what it sets.
-    """
-
-    target = b""
-    """As the upstream gets it: origin form, or `*`."""
-    path = ""
-    host: bytes | None = None
-    request_id: bytes | None = None
-    chunked = False
-    length = 0
-    """Its body's Content-Length, if it has one."""
-    expect = False
-    close = False
-    websocket = False
-    upgrade_body = False
-    """An upgrade but a WebSocket's, with a body: llhttp skipped the body, which is
-    read as this request's all the same (the upgrade goes no further)."""
-    refusal: Refusal | None = None
-    """An answer of our own, decided from the head: the connection closes after it."""
-    discard = False
-    """Answered here: the rest of the body is read and dropped."""
-    size = 0
-    done = False
-    sent = False
-    """Whether the upstream has the head (then body bytes go straight to it)."""
-    terminated = False
-    """Whether the chunked body's end has been written for the upstream."""
-    exchange: Exchange | None = None
-    upstream: Upstream | None = None
-    observation: Observation | None = None
-    tap: bytearray | None = None
-    """The first bytes of a body kept to find a session ID in."""
-    read_at = 0.0
-    """When the last of its body was read."""
-    replied = False
-    """Whether any of an answer has gone to the client."""
+    __slots__ = (
+        "body",
+        "chunked",
+        "close",
+        "done",
+        "exchange",
+        "expect",
+        "fields",
+        "forwarded",
+        "host",
+        "http10",
+        "length",
+        "method",
+        "observation",
+        "path",
+        "read_at",
+        "refusal",
+        "request_id",
+        "size",
+        "stage",
+        "tap",
+        "target",
+        "terminated",
+        "trailers",
+        "upgrade_body",
+        "upstream",
+        "websocket",
+    )
 
     def __init__(self, method: bytes, http10: bool) -> None:
         self.method = method
         self.http10 = http10
+        self.target = b""
+        """As the upstream gets it: origin form, or `*`."""
+        self.path = ""
+        self.host: bytes | None = None
+        self.request_id: bytes | None = None
         self.fields: list[tuple[bytes, bytes]] = []
         """End-to-end fields, in order, as sent."""
         self.forwarded: dict[bytes, list[bytes]] = {}
+        self.chunked = False
+        self.length = 0
+        """Its body's Content-Length, if it has one."""
+        self.expect = False
+        self.close = False
+        self.websocket = False
+        self.upgrade_body = False
+        """An upgrade but a WebSocket's, with a body: llhttp skipped the body, which is
+        read as this request's all the same (the upgrade goes no further)."""
+        self.refusal: Refusal | None = None
+        """An answer of our own, decided from the head: the connection closes after it."""
+        self.stage = Stage.QUEUED
         self.body: list[bytes] = []
         """Body bytes read and not yet sent upstream."""
+        self.size = 0
+        self.done = False
+        """Whether its body has been read to its end."""
+        self.read_at = 0.0
+        """When the last of its body was read."""
         self.trailers: list[tuple[bytes, bytes]] = []
+        self.terminated = False
+        """Whether the chunked body's end has been written for the upstream."""
+        self.tap: bytearray | None = None
+        """The first bytes of a body kept to find a session ID in."""
+        self.exchange: Exchange | None = None
+        self.upstream: Upstream | None = None
+        self.observation: Observation | None = None
+
+    @property
+    def replied(self) -> bool:
+        """Whether any of an answer has gone to the client."""
+        return self.stage is Stage.REPLYING or self.stage is Stage.HERE
 
 
 def read_head(

@@ -7,7 +7,7 @@ from typing import cast
 
 import httptools
 
-from ..hop import Target, connection_tokens
+from ..hop import Framing, Target, connection_tokens
 from ..reasons import UpstreamError
 from .answer import BODYLESS, add_fields
 
@@ -63,7 +63,7 @@ class Upstream(asyncio.Protocol):
         self.trailers: list[tuple[bytes, bytes]] = []
         self.interim: list[bytes] = []
         """Interim answers (103 Early Hints...) not yet relayed, as they came."""
-        self.framing = b""  # b"length", b"chunked" or b"close"
+        self.framing = Framing.NONE
         self.length: int | None = None
         self.chunks: list[bytes] = []
         self.buffered = 0
@@ -185,7 +185,7 @@ class Upstream(asyncio.Protocol):
         if self.write_paused:
             self.resume_writing()
         clean = exc is None and self.failure is None
-        if self.headed and self.framing == b"close" and not self.complete and clean:
+        if self.headed and self.framing is Framing.CLOSE and not self.complete and clean:
             self.complete = True  # a close-delimited body ends with the connection
             self._wake()
             self._tell()
@@ -266,21 +266,22 @@ class Upstream(asyncio.Protocol):
                 self._wake()
             return
         self.status = status
-        framing = b"close"
+        framing = Framing.CLOSE
         names = self.names
         for name, value in self.fields:
             lowered = name.lower()
             names.append(lowered)
             if lowered == b"transfer-encoding":
                 codings = value.lower().rsplit(b",", 1)
-                framing = b"chunked" if codings[-1].strip() == b"chunked" else b"close"
-            elif lowered == b"content-length" and framing != b"chunked":
-                framing = b"length"
+                last = codings[-1].strip()
+                framing = Framing.CHUNKED if last == b"chunked" else Framing.CLOSE
+            elif lowered == b"content-length" and framing is not Framing.CHUNKED:
+                framing = Framing.LENGTH
                 self.length = int(value)
             elif lowered == b"connection":
                 self.named |= connection_tokens(value)
         if status in BODYLESS:
-            framing = b"length"
+            framing = Framing.LENGTH
         self.framing = framing
         self.headed = True
         if self.head_only:
