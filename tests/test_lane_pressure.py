@@ -120,14 +120,14 @@ async def test_a_client_leaving_mid_answer_does_not_pool_an_upstream_owed_body_b
         conns = list(lane.connections)
         active = conns[0]._active if conns else None
         held = active is not None and active.upstream is not None
-        if held and active.upstream.complete and conns[0]._blocked():
+        if held and active.upstream.complete and conns[0].out.blocked:
             break
     else:
         c = conns[0] if conns else None
         u = c._active.upstream if c and c._active else None
         writer.transport.abort()
         pytest.fail(
-            f"state not reached: {c and c._blocked()} {u and (u.complete, u.buffered)}"
+            f"state not reached: {c and c.out.blocked} {u and (u.complete, u.buffered)}"
             f" {c and c._transport.get_write_buffer_size()}"
         )
     writer.transport.abort()  # the client goes away

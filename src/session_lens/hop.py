@@ -37,6 +37,10 @@ class Framing(Enum):
     """It ends with the connection."""
 
 
+BODYLESS = frozenset({204, 304})
+"""Statuses whose answers never have a body (RFC 9110 §6.4.1)."""
+
+
 def connection_tokens(value: bytes) -> set[bytes]:
     """The names a Connection header's value lists, lowered."""
     return {token.strip(b" \t") for token in value.lower().split(b",")}
@@ -51,6 +55,29 @@ def dropped(named: set[bytes], base: frozenset[bytes], kept: frozenset[bytes]) -
 def passes(lowered: bytes, drop: frozenset[bytes]) -> bool:
     """Whether a field (its name lowered) goes on, given what is `dropped`."""
     return lowered not in drop and not lowered.startswith(b"proxy-")
+
+
+def answer_framing(
+    status: int, fields: list[tuple[bytes, bytes]]
+) -> tuple[Framing, int | None, list[bytes], set[bytes]]:
+    """How an answer's body is delimited (RFC 9112 §6.3) and its length if it has one,
+    its fields' names lowered, and the names its Connection header lists."""
+    framing, length = Framing.CLOSE, None
+    names: list[bytes] = []
+    named: set[bytes] = set()
+    for name, value in fields:
+        lowered = name.lower()
+        names.append(lowered)
+        if lowered == b"transfer-encoding":
+            last = value.lower().rsplit(b",", 1)[-1].strip()
+            framing = Framing.CHUNKED if last == b"chunked" else Framing.CLOSE
+        elif lowered == b"content-length" and framing is not Framing.CHUNKED:
+            framing, length = Framing.LENGTH, int(value)
+        elif lowered == b"connection":
+            named |= connection_tokens(value)
+    if status in BODYLESS:
+        framing = Framing.LENGTH
+    return framing, length, names, named
 
 
 def end_to_end(

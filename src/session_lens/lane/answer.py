@@ -6,9 +6,6 @@ from http import HTTPStatus
 
 from ..problems import PROBLEM_JSON, Answer
 
-BODYLESS = frozenset({204, 304})
-"""Statuses whose answers never have a body (RFC 9110 §6.4.1)."""
-
 
 class Clock:
     """Today's `Date` header value, formatted once a second."""
@@ -40,6 +37,14 @@ def framed(out: list[bytes], chunks: list[bytes], chunked: bool) -> None:
     for chunk in chunks:
         if chunk:
             out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+
+
+def interim_head(status: int, reason: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+    """An interim answer (103 Early Hints...) as it is relayed."""
+    out = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    add_fields(out, fields)
+    out.append(b"\r\n")
+    return b"".join(out)
 
 
 def last_chunk(out: list[bytes], trailers: list[tuple[bytes, bytes]]) -> None:

@@ -5,6 +5,7 @@ Content-Length beside Transfer-Encoding); this reads what the lane needs of it, 
 keeps the end-to-end fields, in order and as sent, for the upstream.
 """
 
+from collections.abc import Callable
 from enum import Enum
 from urllib.parse import urlsplit
 
@@ -160,31 +161,14 @@ def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: 
     upgrade = b""
     lowered_fields = [(name.lower(), name, value) for name, value in fields]
     for lowered, _name, value in lowered_fields:
-        if lowered == b"host":
-            if request.host is not None:
-                raise Refusal(400, "the request has more than one Host header")
-            request.host = value
-        elif lowered == b"transfer-encoding":
-            codings = [coding.strip(b" \t") for coding in value.lower().split(b",")]
-            if codings[-1] != b"chunked":  # no telling where the body ends (RFC 9112 §6.3)
-                raise Refusal(400, "the Transfer-Encoding does not end in chunked")
-            if len(codings) > 1 or request.chunked:
-                raise Refusal(501, "transfer codings other than chunked are not relayed")
-            request.chunked = True
-        elif lowered == b"content-length":  # llhttp has checked it is one number
-            request.length = int(value)
-            if max_body is not None and request.length > max_body:
-                request.refusal = too_large(max_body)
-        elif lowered == b"connection":
+        if lowered == b"connection":
             named |= connection_tokens(value)
         elif lowered == b"upgrade":
             upgrade = value.lower()
-        elif lowered == b"expect":
-            if value.lower() != b"100-continue":
-                raise Refusal(417, "the only expectation met is 100-continue")
-            request.expect = True
-        elif lowered == b"x-request-id" and request.request_id is None:
-            request.request_id = value
+        else:
+            read = _FIELD_READERS.get(lowered)
+            if read is not None:
+                read(request, value, max_body)
     request.close = b"close" in named
     request.websocket = request.method == b"GET" and upgrade == b"websocket" and b"upgrade" in named
     drop = dropped(named, REQUEST_DROPPED, NEVER_DROPPED)
@@ -199,6 +183,48 @@ def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: 
             request.forwarded.setdefault(lowered, []).append(value)
             continue
         kept.append((name, value))
+
+
+def _host(request: Request, value: bytes, max_body: int | None) -> None:
+    if request.host is not None:
+        raise Refusal(400, "the request has more than one Host header")
+    request.host = value
+
+
+def _transfer_encoding(request: Request, value: bytes, max_body: int | None) -> None:
+    codings = [coding.strip(b" \t") for coding in value.lower().split(b",")]
+    if codings[-1] != b"chunked":  # no telling where the body ends (RFC 9112 §6.3)
+        raise Refusal(400, "the Transfer-Encoding does not end in chunked")
+    if len(codings) > 1 or request.chunked:
+        raise Refusal(501, "transfer codings other than chunked are not relayed")
+    request.chunked = True
+
+
+def _content_length(request: Request, value: bytes, max_body: int | None) -> None:
+    request.length = int(value)  # llhttp has checked it is one number
+    if max_body is not None and request.length > max_body:
+        request.refusal = too_large(max_body)
+
+
+def _expect(request: Request, value: bytes, max_body: int | None) -> None:
+    if value.lower() != b"100-continue":
+        raise Refusal(417, "the only expectation met is 100-continue")
+    request.expect = True
+
+
+def _request_id(request: Request, value: bytes, max_body: int | None) -> None:
+    if request.request_id is None:
+        request.request_id = value
+
+
+_FIELD_READERS: dict[bytes, Callable[[Request, bytes, int | None], None]] = {
+    b"host": _host,
+    b"transfer-encoding": _transfer_encoding,
+    b"content-length": _content_length,
+    b"expect": _expect,
+    b"x-request-id": _request_id,
+}
+"""What a request's fields (their names lowered) say of how it is framed and routed."""
 
 
 def _read_target(request: Request, target: bytes) -> None:

@@ -55,6 +55,13 @@ class Shared:
             )
         return self._pool
 
+    def hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Give a client's connection, with what was read of it, to aiohttp's server."""
+        protocol = self.fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(data)
+
     def request_head(self, request: Request, peer: bytes, request_id: bytes) -> list[bytes]:
         """The request head as the upstream gets it: hop-by-hop fields out, X-Forwarded-* in."""
         upstream = self._target

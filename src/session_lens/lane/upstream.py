@@ -7,9 +7,9 @@ from typing import cast
 
 import httptools
 
-from ..hop import Framing, Target, connection_tokens
+from ..hop import Framing, Target, answer_framing
 from ..reasons import UpstreamError
-from .answer import BODYLESS, add_fields
+from .answer import interim_head
 
 MAX_RESPONSE_HEAD = 1 << 20
 HIGH_WATER = 1 << 18
@@ -57,9 +57,7 @@ class Upstream(asyncio.Protocol):
         self.reason = b""
         self.fields: list[tuple[bytes, bytes]] = []
         self.names: list[bytes] = []
-        """The final answer's field names, lowered, in order."""
         self.named: set[bytes] = set()
-        """The names its Connection header lists, lowered."""
         self.trailers: list[tuple[bytes, bytes]] = []
         self.interim: list[bytes] = []
         """Interim answers (103 Early Hints...) not yet relayed, as they came."""
@@ -190,11 +188,7 @@ class Upstream(asyncio.Protocol):
             self._wake()
             self._tell()
             return
-        if self.headed:  # a body shorter than its framing promised
-            self._fail(UpstreamFailure(UpstreamError.PROTOCOL, "the body was cut short"))
-            return
-        detail = f"{type(exc).__name__}: {exc}" if exc else "the connection was closed"
-        self._fail(UpstreamFailure(UpstreamError.RESET, detail, self.received))
+        self._fail(_lost(self.headed, exc, self.received))
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -259,30 +253,11 @@ class Upstream(asyncio.Protocol):
         if 100 <= status < 200:  # an interim answer: relayed as it comes, but 100 and 101
             self._informational = True
             if status not in (100, 101):
-                out = [b"HTTP/1.1 %d " % status, self.reason, b"\r\n"]
-                add_fields(out, self.fields)
-                out.append(b"\r\n")
-                self.interim.append(b"".join(out))
+                self.interim.append(interim_head(status, self.reason, self.fields))
                 self._wake()
             return
         self.status = status
-        framing = Framing.CLOSE
-        names = self.names
-        for name, value in self.fields:
-            lowered = name.lower()
-            names.append(lowered)
-            if lowered == b"transfer-encoding":
-                codings = value.lower().rsplit(b",", 1)
-                last = codings[-1].strip()
-                framing = Framing.CHUNKED if last == b"chunked" else Framing.CLOSE
-            elif lowered == b"content-length" and framing is not Framing.CHUNKED:
-                framing = Framing.LENGTH
-                self.length = int(value)
-            elif lowered == b"connection":
-                self.named |= connection_tokens(value)
-        if status in BODYLESS:
-            framing = Framing.LENGTH
-        self.framing = framing
+        self.framing, self.length, self.names, self.named = answer_framing(status, self.fields)
         self.headed = True
         if self.head_only:
             self.keep_alive = self._parser.should_keep_alive()
@@ -307,6 +282,15 @@ class Upstream(asyncio.Protocol):
         self.complete = True
         self.keep_alive = self._parser.should_keep_alive()
         self._wake()
+
+
+def _lost(headed: bool, exc: Exception | None, received: bool) -> UpstreamFailure:
+    """What a connection lost before its answer was whole means: a body shorter than
+    its framing promised once the head came, else a reset."""
+    if headed:
+        return UpstreamFailure(UpstreamError.PROTOCOL, "the body was cut short")
+    detail = f"{type(exc).__name__}: {exc}" if exc else "the connection was closed"
+    return UpstreamFailure(UpstreamError.RESET, detail, received)
 
 
 class Pool:
