@@ -332,11 +332,6 @@ class Recorder:
         """Events in the spool the database does not have yet."""
         return self._pending
 
-    @property
-    def full(self) -> bool:
-        """Whether new events are being dropped."""
-        return self._full
-
     async def start(self) -> None:
         """Open the spool, count what an earlier run left, start the writer."""
         self._spool.open()
