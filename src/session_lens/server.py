@@ -35,7 +35,7 @@ async def start_runner(
     runner: web.AppRunner, address: Address, lane: Lane | None = None, reuse_port: bool = False
 ) -> None:
     await runner.setup()
-    site: web.TCPSite
+    site: web.BaseSite
     if lane is None:
         site = web.TCPSite(runner, address.host, address.port, backlog=1024)
     else:
