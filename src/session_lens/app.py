@@ -22,7 +22,7 @@ from .page import HTML, SECURITY_POLICY, prefers_html, problem_page, report_page
 from .policy import Policy
 from .recorder import Recorder, recorder_for
 from .store import StoreError
-from .websocket import WebSocketRelay
+from .websocket import WebSocketRelay, take_back_added
 
 POLICY = web.AppKey("policy", Policy)
 LANE = web.AppKey("lane", Lane)
@@ -103,6 +103,8 @@ def create_proxy_app(
 
     app.cleanup_ctx.append(upstream_client)
     app.on_shutdown.append(drain)
+    # A relayed answer carries the upstream's headers, not the ones aiohttp adds.
+    app.on_response_prepare.append(take_back_added)
     return app
 
 

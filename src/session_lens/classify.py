@@ -27,26 +27,41 @@ def classify(
         return Reason.EXPIRED
     state = evidence.state
     if state is None:
-        if not evidence.has_audit:
-            # No evidence means "never existed" only where the records are complete.
-            if minted_at is not None and (evidence.horizon is None or minted_at < evidence.horizon):
-                return Reason.PREDATES_TRACKING
-            return Reason.NEVER_EXISTED
-        if evidence.last_old_state == SessionState.CREATING and evidence.last_new_state is None:
-            return Reason.CREATION_FAILED
-        return Reason.PURGED
+        return _without_row(evidence, minted_at)
     if state == SessionState.CREATING:
-        started = evidence.created_at or evidence.last_at or evidence.now
-        if evidence.now - started < creation_timeout:
-            return Reason.CREATING
-        return Reason.CREATION_FAILED
+        return _creating(evidence, creation_timeout)
     if state == SessionState.DELETED:
         return Reason.DELETED_NOT_SERVED if include_deleted else Reason.DELETED
     if state == SessionState.ARCHIVED:
         return Reason.ARCHIVED
     if state in LIVE_STATES:
-        stamps = [t for t in (evidence.updated_at, evidence.last_at) if t is not None]
-        if stamps and evidence.now - max(stamps) < visibility_window:
-            return Reason.NOT_YET_VISIBLE
-        return Reason.UPSTREAM_INCONSISTENT
+        return _live(evidence, visibility_window)
     return Reason.UNKNOWN
+
+
+def _without_row(evidence: Evidence, minted_at: datetime | None) -> Reason:
+    """No row in the sessions table: the audit trail, or its absence, tells."""
+    if evidence.has_audit:
+        if evidence.last_old_state == SessionState.CREATING and evidence.last_new_state is None:
+            return Reason.CREATION_FAILED
+        return Reason.PURGED
+    # No evidence means "never existed" only where the records are complete.
+    if minted_at is not None and (evidence.horizon is None or minted_at < evidence.horizon):
+        return Reason.PREDATES_TRACKING
+    return Reason.NEVER_EXISTED
+
+
+def _creating(evidence: Evidence, creation_timeout: timedelta) -> Reason:
+    """Still being created, or stuck there for longer than a creation takes."""
+    started = evidence.created_at or evidence.last_at or evidence.now
+    if evidence.now - started < creation_timeout:
+        return Reason.CREATING
+    return Reason.CREATION_FAILED
+
+
+def _live(evidence: Evidence, visibility_window: timedelta) -> Reason:
+    """A live row the upstream did not serve: a change too recent to see, or a disagreement."""
+    stamps = [t for t in (evidence.updated_at, evidence.last_at) if t is not None]
+    if stamps and evidence.now - max(stamps) < visibility_window:
+        return Reason.NOT_YET_VISIBLE
+    return Reason.UPSTREAM_INCONSISTENT

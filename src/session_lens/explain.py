@@ -191,7 +191,7 @@ class Explainer:
             self._watch = asyncio.create_task(self._watch_horizon(), name="session-lens horizon")
 
     async def close(self) -> None:
-        """Close the pool, letting queries in flight finish."""
+        """Cancel the explanations still running and the horizon watch, then close the pool."""
         for task in [*self._pending.values(), *([self._watch] if self._watch else [])]:
             task.cancel()
         if self._pool is not None:

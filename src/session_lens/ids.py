@@ -13,7 +13,6 @@ from functools import lru_cache
 
 from .reasons import Rule
 
-ID_LENGTH = 29
 MAX_ID_LENGTH = 64
 """Longer input is rejected as `too_long` before the pattern is tried."""
 

@@ -7,6 +7,7 @@ when it asks for OpenMetrics, and only the latest one per series.
 """
 
 from collections.abc import Iterable
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -53,6 +54,32 @@ LATENCY_BUCKETS = (
 )
 
 
+_LiveMode = Literal["livesum", "livemax"]
+"""How a gauge's values from several processes add up (prometheus_client's modes)."""
+
+
+class _Declare:
+    """Declares metric families on one registry, every name under PREFIX."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(PREFIX + name, documentation, labels, registry=self._registry)
+
+    def gauge(self, name: str, documentation: str, mode: _LiveMode, *labels: str) -> Gauge:
+        return Gauge(
+            PREFIX + name, documentation, labels, multiprocess_mode=mode, registry=self._registry
+        )
+
+    def histogram(
+        self, name: str, documentation: str, buckets: tuple[float, ...], *labels: str
+    ) -> Histogram:
+        return Histogram(
+            PREFIX + name, documentation, labels, buckets=buckets, registry=self._registry
+        )
+
+
 class Metrics:
     """Every metric session-lens exports, registered on the registry given."""
 
@@ -62,110 +89,84 @@ class Metrics:
         routes = tuple(routes)
         self.exemplars = exemplars
         """Whether misses and malformed IDs leave their IDs in exemplars."""
-        lookups = Counter(
-            PREFIX + "lookups_total",
-            "Session lookups by route and outcome.",
-            ["route", "outcome"],
-            registry=registry,
+        declare = _Declare(registry)
+        lookups = declare.counter(
+            "lookups_total", "Session lookups by route and outcome.", "route", "outcome"
         )
-        not_found = Counter(
-            PREFIX + "not_found_total",
+        not_found = declare.counter(
+            "not_found_total",
             "Session lookups that found nothing, by route and reason.",
-            ["route", "reason"],
-            registry=registry,
+            "route",
+            "reason",
         )
-        invalid_ids = Counter(
-            PREFIX + "invalid_ids_total",
+        invalid_ids = declare.counter(
+            "invalid_ids_total",
             "Malformed session IDs, by route and the rule they broke.",
-            ["route", "rule"],
-            registry=registry,
+            "route",
+            "rule",
         )
-        requests = Counter(
-            PREFIX + "requests_total",
-            "Requests answered, by kind and status class.",
-            ["kind", "code"],
-            registry=registry,
+        requests = declare.counter(
+            "requests_total", "Requests answered, by kind and status class.", "kind", "code"
         )
-        request_duration = Histogram(
-            PREFIX + "request_duration_seconds",
+        request_duration = declare.histogram(
+            "request_duration_seconds",
             "Time from a request's arrival to the last byte of its answer.",
-            ["kind"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
+            "kind",
         )
-        upstream_duration = Histogram(
-            PREFIX + "upstream_duration_seconds",
+        upstream_duration = declare.histogram(
+            "upstream_duration_seconds",
             "Time from sending a request upstream to the last byte of its answer.",
-            ["kind"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
+            "kind",
         )
-        upstream_errors = Counter(
-            PREFIX + "upstream_errors_total",
+        upstream_errors = declare.counter(
+            "upstream_errors_total",
             "Requests the upstream failed: connect, reset, timeout, protocol.",
-            ["kind"],
-            registry=registry,
+            "kind",
         )
-        self.inflight = Gauge(
-            PREFIX + "inflight_requests",
-            "Requests being handled now.",
-            multiprocess_mode="livesum",
-            registry=registry,
-        )
-        self.classification_duration = Histogram(
-            PREFIX + "classification_duration_seconds",
+        self.inflight = declare.gauge("inflight_requests", "Requests being handled now.", "livesum")
+        self.classification_duration = declare.histogram(
+            "classification_duration_seconds",
             "Time spent explaining a miss, the budget included.",
-            buckets=CLASSIFICATION_BUCKETS,
-            registry=registry,
+            CLASSIFICATION_BUCKETS,
         )
-        self.classification_queries = Counter(
-            PREFIX + "classification_queries_total",
+        self.classification_queries = declare.counter(
+            "classification_queries_total",
             "Evidence queries sent; concurrent misses for one ID share one.",
-            registry=registry,
         )
-        classifier_errors = Counter(
-            PREFIX + "classifier_errors_total",
+        classifier_errors = declare.counter(
+            "classifier_errors_total",
             "Misses left unexplained: timeout, unavailable, query, breaker_open.",
-            ["kind"],
-            registry=registry,
+            "kind",
         )
-        self.breaker_open = Gauge(
-            PREFIX + "classifier_breaker_open",
+        self.breaker_open = declare.gauge(
+            "classifier_breaker_open",
             "1 while the circuit breaker keeps the classifier off the database.",
-            multiprocess_mode="livemax",
-            registry=registry,
+            "livemax",
         )
-        lifecycle_events = Counter(
-            PREFIX + "lifecycle_events_total",
+        lifecycle_events = declare.counter(
+            "lifecycle_events_total",
             "Observed lifecycle events by action and what became of them.",
-            ["action", "result"],
-            registry=registry,
+            "action",
+            "result",
         )
-        self.spooled_events = Gauge(
-            PREFIX + "spooled_events",
+        self.spooled_events = declare.gauge(
+            "spooled_events",
             "Observed events on disk that the database does not have yet.",
-            multiprocess_mode="livesum",
-            registry=registry,
+            "livesum",
         )
-        self.spool_bytes = Gauge(
-            PREFIX + "spool_bytes",
-            "Size of the spool file of observed events.",
-            multiprocess_mode="livesum",
-            registry=registry,
+        self.spool_bytes = declare.gauge(
+            "spool_bytes", "Size of the spool file of observed events.", "livesum"
         )
-        self.tracking_horizon = Gauge(
-            PREFIX + "tracking_horizon_timestamp_seconds",
+        self.tracking_horizon = declare.gauge(
+            "tracking_horizon_timestamp_seconds",
             "Since when the lifecycle tables hold every change (Unix time): older IDs"
             " without evidence read predates_tracking.",
-            multiprocess_mode="livemax",
-            registry=registry,
+            "livemax",
         )
-        build_info = Gauge(
-            PREFIX + "build_info",
-            "Always 1; the version is in the label.",
-            ["version"],
-            multiprocess_mode="livemax",
-            registry=registry,
+        build_info = declare.gauge(
+            "build_info", "Always 1; the version is in the label.", "livemax", "version"
         )
         build_info.labels(__version__).set(1)
 

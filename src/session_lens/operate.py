@@ -26,7 +26,7 @@ from .migrations import (
     plan,
     qualified,
 )
-from .prune import Preview, PruneError, Pruning, Stage
+from .prune import Horizon, Preview, PruneError, Pruning, Stage
 from .retention import Period
 from .schema import Tables
 from .store import StoreError
@@ -230,15 +230,23 @@ _LABELS = {Stage.HORIZON: "horizon", Stage.INDEXES: "indexes", Stage.AUDIT: "aud
 
 
 def _print_preview(preview: Preview, out: TextIO) -> None:
-    before, after = preview.horizon.horizon, preview.would_be.horizon
-    moves = "would move" if after != before else "would stay"
-    print(f"horizon   {_when(before)} -> {_when(after)} ({moves})", file=out)
+    before, after = preview.horizon, preview.would_be
+    moves = "would move" if after.horizon != before.horizon else "would stay"
+    counts = preview.audit_entries, preview.events
+    _print_outcome(out, before, after, f" ({moves})", "would remove", *counts)
+    print("dry run: nothing changed", file=out)
+
+
+def _print_outcome(
+    out: TextIO, before: Horizon, after: Horizon, note: str, verb: str, audit: int, events: int
+) -> None:
+    """The horizon's move, `note` after it; then what `verb` is done to what is older."""
+    print(f"horizon   {_when(before.horizon)} -> {_when(after.horizon)}{note}", file=out)
     print(
-        f"would remove {preview.audit_entries:,} audit entries and {preview.events:,}"
-        f" observed events older than {_when(preview.would_be.pruned_before)}",
+        f"{verb} {audit:,} audit entries and {events:,}"
+        f" observed events older than {_when(after.pruned_before)}",
         file=out,
     )
-    print("dry run: nothing changed", file=out)
 
 
 async def _prune(pruning: Pruning, out: TextIO, err: TextIO) -> int:
@@ -270,14 +278,10 @@ async def _prune(pruning: Pruning, out: TextIO, err: TextIO) -> int:
         for bar in bars:
             bar.close()
     assert pruning.before is not None and pruning.after is not None
-    before, after = pruning.before.horizon, pruning.after.horizon
-    moved = "" if after != before else " (unchanged)"
-    print(f"horizon   {_when(before)} -> {_when(after)}{moved}", file=out)
-    print(
-        f"removed   {pruning.audit_removed:,} audit entries and {pruning.events_removed:,}"
-        f" observed events older than {_when(pruning.after.pruned_before)}",
-        file=out,
-    )
+    before, after = pruning.before, pruning.after
+    note = "" if after.horizon != before.horizon else " (unchanged)"
+    counts = pruning.audit_removed, pruning.events_removed
+    _print_outcome(out, before, after, note, "removed  ", *counts)
     stages = ", ".join(
         f"{_LABELS[stage]} {seconds:.1f} s" for stage, seconds in pruning.seconds.items()
     )

@@ -10,7 +10,6 @@ from html import escape
 from typing import Any
 
 HTML = "text/html"
-JSON = "application/json"
 SECURITY_POLICY = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'"
 """No script, no fetch, no frame: the page is text and its inline style."""
 

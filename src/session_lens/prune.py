@@ -73,74 +73,87 @@ class Horizon:
     pruned_before: datetime | None
 
 
+_READ = "SELECT horizon, pruned_before FROM {tracking}"
+_WOULD_BE = (
+    "SELECT greatest(migrated_at, observing_since,"
+    " greatest(coalesce(pruned_before, '-infinity'), $1)),"
+    " greatest(coalesce(pruned_before, '-infinity'), $1)"
+    " FROM {tracking}"
+)
+# Never backwards: a later run with a longer period leaves the horizon where it is.
+_MOVE = (
+    "UPDATE {tracking}"
+    " SET pruned_before = greatest(coalesce(pruned_before, '-infinity'), $1)"
+    " RETURNING horizon, pruned_before"
+)
+_COUNT = "SELECT count(*) FROM {table} WHERE occurred_at < $1"
+_CREATE_INDEX = "CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} ({columns})"
+_INDEX_STATE = (
+    "SELECT i.indexrelid::regclass::text AS name, i.indisvalid AS valid"
+    " FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid"
+    " WHERE i.indrelid = to_regclass($1) AND c.relname = $2"
+)
+# $1 the bound, ($2, $3) the last key removed, $4 the batch size. The key walks
+# the index from where the last batch stopped; the guard checks each batch.
+_AUDIT_BATCH = (
+    "WITH batch AS ("
+    " SELECT id, occurred_at FROM {audit}"
+    " WHERE occurred_at < $1 AND (occurred_at, id) > ($2, $3)"
+    " ORDER BY occurred_at, id LIMIT $4"
+    "), gone AS ("
+    " DELETE FROM {audit} AS a USING batch WHERE a.id = batch.id RETURNING a.id"
+    ")"
+    " SELECT (SELECT count(*) FROM gone) AS removed, last.occurred_at, last.id"
+    " FROM (SELECT occurred_at, id FROM batch"
+    "  ORDER BY occurred_at DESC, id DESC LIMIT 1) AS last"
+)
+# The events' index is on time alone: `>=` the last time removed, since events
+# may share a time; the ones already removed are not seen again.
+_EVENTS_BATCH = (
+    "WITH batch AS ("
+    " SELECT event_id, occurred_at FROM {events}"
+    " WHERE occurred_at < $1 AND occurred_at >= $2"
+    " ORDER BY occurred_at LIMIT $3"
+    "), gone AS ("
+    " DELETE FROM {events} AS e USING batch WHERE e.event_id = batch.event_id"
+    " RETURNING e.event_id"
+    ")"
+    " SELECT (SELECT count(*) FROM gone) AS removed, max(occurred_at) AS last FROM batch"
+)
+
+
 class Queries:
     """The SQL of a prune for the configured tables, formatted once."""
 
     def __init__(self, tables: Tables) -> None:
         names = tables.names
+        audit, events = names["audit"], names["events"]
         self.tracking = names["tracking"]
         self.now = "SELECT statement_timestamp()"
-        self.read = "SELECT horizon, pruned_before FROM {tracking}".format(**names)
-        self.would_be = (
-            "SELECT greatest(migrated_at, observing_since,"
-            " greatest(coalesce(pruned_before, '-infinity'), $1)),"
-            " greatest(coalesce(pruned_before, '-infinity'), $1)"
-            " FROM {tracking}"
-        ).format(**names)
-        # Never backwards: a later run with a longer period leaves the horizon where it is.
-        self.move = (
-            "UPDATE {tracking}"
-            " SET pruned_before = greatest(coalesce(pruned_before, '-infinity'), $1)"
-            " RETURNING horizon, pruned_before"
-        ).format(**names)
-        self.count_audit = "SELECT count(*) FROM {audit} WHERE occurred_at < $1".format(**names)
-        self.count_events = "SELECT count(*) FROM {events} WHERE occurred_at < $1".format(**names)
+        self.read = _READ.format(**names)
+        self.would_be = _WOULD_BE.format(**names)
+        self.move = _MOVE.format(**names)
+        self.count_audit = _COUNT.format(table=audit)
+        self.count_events = _COUNT.format(table=events)
         self.indexes = (
             Index(
-                names["audit"],
+                audit,
                 AUDIT_TIME_INDEX,
-                "CREATE INDEX CONCURRENTLY IF NOT EXISTS {audit_time_idx}"
-                " ON {audit} (occurred_at, id)".format(**names),
+                _CREATE_INDEX.format(
+                    index=names["audit_time_idx"], table=audit, columns="occurred_at, id"
+                ),
             ),
             Index(
-                names["events"],
+                events,
                 EVENTS_TIME_INDEX,
-                "CREATE INDEX CONCURRENTLY IF NOT EXISTS {events_time_idx}"
-                " ON {events} (occurred_at)".format(**names),
+                _CREATE_INDEX.format(
+                    index=names["events_time_idx"], table=events, columns="occurred_at"
+                ),
             ),
         )
-        self.index_state = (
-            "SELECT i.indexrelid::regclass::text AS name, i.indisvalid AS valid"
-            " FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid"
-            " WHERE i.indrelid = to_regclass($1) AND c.relname = $2"
-        )
-        # $1 the bound, ($2, $3) the last key removed, $4 the batch size. The key walks
-        # the index from where the last batch stopped; the guard checks each batch.
-        self.audit_batch = (
-            "WITH batch AS ("
-            " SELECT id, occurred_at FROM {audit}"
-            " WHERE occurred_at < $1 AND (occurred_at, id) > ($2, $3)"
-            " ORDER BY occurred_at, id LIMIT $4"
-            "), gone AS ("
-            " DELETE FROM {audit} AS a USING batch WHERE a.id = batch.id RETURNING a.id"
-            ")"
-            " SELECT (SELECT count(*) FROM gone) AS removed, last.occurred_at, last.id"
-            " FROM (SELECT occurred_at, id FROM batch"
-            "  ORDER BY occurred_at DESC, id DESC LIMIT 1) AS last"
-        ).format(**names)
-        # The events' index is on time alone: `>=` the last time removed, since events
-        # may share a time; the ones already removed are not seen again.
-        self.events_batch = (
-            "WITH batch AS ("
-            " SELECT event_id, occurred_at FROM {events}"
-            " WHERE occurred_at < $1 AND occurred_at >= $2"
-            " ORDER BY occurred_at LIMIT $3"
-            "), gone AS ("
-            " DELETE FROM {events} AS e USING batch WHERE e.event_id = batch.event_id"
-            " RETURNING e.event_id"
-            ")"
-            " SELECT (SELECT count(*) FROM gone) AS removed, max(occurred_at) AS last FROM batch"
-        ).format(**names)
+        self.index_state = _INDEX_STATE
+        self.audit_batch = _AUDIT_BATCH.format(**names)
+        self.events_batch = _EVENTS_BATCH.format(**names)
         self.batch_settings = (
             f"SET LOCAL session_lens.pruning = 'on'; SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"
         )

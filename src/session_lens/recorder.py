@@ -27,7 +27,7 @@ import asyncpg
 from .config import Config
 from .metrics import Metrics
 from .routes import TARGET_STATE, Action
-from .schema import TRANSITIONS, SessionState
+from .schema import TRANSITIONS, SessionState, Tables
 from .store import UNREACHABLE, refused_for_itself, remedy
 
 log = logging.getLogger("session_lens.recorder")
@@ -203,6 +203,106 @@ class Spool:
             self._fd = -1
 
 
+class EventWriter:
+    """Writes spooled events into the lifecycle tables, one transaction a batch, and
+    counts what became of each."""
+
+    def __init__(self, tables: Tables, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._record_sql = "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)".format(
+            **tables.names
+        )
+
+    async def write_isolating(self, pool: asyncpg.Pool, batch: list[tuple[int, bytes]]) -> None:
+        """Write a batch; when the database refuses an event's values, skip just that event.
+
+        A refusal about the database itself (no connection, not migrated, a privilege,
+        read-only, disk full) is raised: the events stay spooled until it is fixed. An
+        event the database will never take must not hold up everything behind it.
+        """
+        try:
+            await self._write(pool, batch)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, UNREACHABLE) or not refused_for_itself(exc):
+                raise
+            if len(batch) == 1:
+                self._reject(batch[0][1], exc)
+                return
+            for line in batch:
+                try:
+                    await self._write(pool, [line])
+                except asyncpg.PostgresError as single:
+                    if isinstance(single, UNREACHABLE) or not refused_for_itself(single):
+                        raise
+                    self._reject(line[1], single)
+
+    def _reject(self, line: bytes, exc: BaseException) -> None:
+        try:
+            action = Event.parse(line).action
+        except (ValueError, TypeError):
+            action = Action.CREATE
+        self._metrics.lifecycle_events[action, "rejected"].inc()
+        log.error(
+            "the database refused a lifecycle event; skipped",
+            extra={
+                "error": f"{type(exc).__name__}: {exc}"[:300],
+                "line": line[:200].decode(errors="replace"),
+            },
+        )
+
+    async def _write(self, pool: asyncpg.Pool, batch: list[tuple[int, bytes]]) -> None:
+        events = _parse(batch)
+        # Sessions in one order for every recorder: each locks its sessions as it goes,
+        # and two batches taking the same locks in the same order cannot deadlock.
+        # The sort is stable, so one session's events keep their order.
+        events.sort(key=lambda event: event.session_id)
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('session_lens.actor', 'session-lens', true)")
+            befores = await conn.fetchval(self._record_sql, *_columns(events))
+        for event, before in zip(events, befores, strict=True):
+            result = _result(event, before)
+            self._metrics.lifecycle_events[event.action, result].inc()
+            if result == "future":
+                log.error(
+                    "refused a lifecycle event stamped in the future: is this host's clock right?",
+                    extra={
+                        "session_id": event.session_id,
+                        "action": event.action.value,
+                        "occurred_at": datetime.fromtimestamp(event.at, UTC).isoformat(),
+                    },
+                )
+
+
+def _parse(batch: list[tuple[int, bytes]]) -> list[Event]:
+    """The events of a batch of spool lines, damaged lines logged and left out."""
+    events = []
+    for _, line in batch:
+        try:
+            events.append(Event.parse(line))
+        except (ValueError, TypeError) as exc:
+            log.error("skipping a damaged spool line", extra={"error": str(exc)})
+    return events
+
+
+def _columns(events: list[Event]) -> list[list[Any]]:
+    """The events as the record function's arrays, one a column."""
+    columns: list[list[Any]] = [[], [], [], [], [], [], []]
+    for event in events:
+        target = TARGET_STATE[event.action]
+        row = (
+            uuid.UUID(event.event_id),
+            event.session_id,
+            event.action.value,
+            target.value if target is not None and event.ok else None,
+            event.ok,
+            datetime.fromtimestamp(event.at, UTC),
+            event.detail or f"request {event.request_id}",
+        )
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
+
 class Recorder:
     """Spools observed events and writes them to the lifecycle tables in the background."""
 
@@ -210,8 +310,8 @@ class Recorder:
         self._metrics = metrics
         self._dsn = dsn
         self._spool = Spool(config.spool_path, config.spool_max_bytes)
+        self._writer = EventWriter(config.tables, metrics)
         names = config.tables.names
-        self._record_sql = "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)".format(**names)
         # Tracking begins with the first recorder to start; the earliest start counts.
         self._observing_sql = (
             "UPDATE {tracking} SET observing_since = least(coalesce(observing_since, $1), $1)"
@@ -231,11 +331,6 @@ class Recorder:
     def pending(self) -> int:
         """Events in the spool the database does not have yet."""
         return self._pending
-
-    @property
-    def full(self) -> bool:
-        """Whether new events are being dropped."""
-        return self._full
 
     async def start(self) -> None:
         """Open the spool, count what an earlier run left, start the writer."""
@@ -326,7 +421,8 @@ class Recorder:
 
     async def _drain(self) -> None:
         """Move everything past the checkpoint into the database, batch by batch."""
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             return
         await self._announce(WRITE_TIMEOUT)
         spool = self._spool
@@ -339,7 +435,7 @@ class Recorder:
             for start in range(0, len(lines), BATCH):
                 batch = lines[start : start + BATCH]
                 async with asyncio.timeout(WRITE_TIMEOUT):
-                    await self._write_isolating(batch)
+                    await self._writer.write_isolating(pool, batch)
                 await asyncio.to_thread(spool.commit, batch[-1][0])
                 self._pending = max(self._pending - len(batch), 0)
                 self._publish()
@@ -356,85 +452,6 @@ class Recorder:
         async with asyncio.timeout(timeout):
             await self._pool.execute(self._observing_sql, self._started_at)
         self._announced = True
-
-    async def _write_isolating(self, batch: list[tuple[int, bytes]]) -> None:
-        """Write a batch; when the database refuses an event's values, skip just that event.
-
-        A refusal about the database itself (no connection, not migrated, a privilege,
-        read-only, disk full) is raised: the events stay spooled until it is fixed. An
-        event the database will never take must not hold up everything behind it.
-        """
-        try:
-            await self._write(batch)
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, UNREACHABLE) or not refused_for_itself(exc):
-                raise
-            if len(batch) == 1:
-                self._reject(batch[0][1], exc)
-                return
-            for line in batch:
-                try:
-                    await self._write([line])
-                except asyncpg.PostgresError as single:
-                    if isinstance(single, UNREACHABLE) or not refused_for_itself(single):
-                        raise
-                    self._reject(line[1], single)
-
-    def _reject(self, line: bytes, exc: BaseException) -> None:
-        try:
-            action = Event.parse(line).action
-        except (ValueError, TypeError):
-            action = Action.CREATE
-        self._metrics.lifecycle_events[action, "rejected"].inc()
-        log.error(
-            "the database refused a lifecycle event; skipped",
-            extra={
-                "error": f"{type(exc).__name__}: {exc}"[:300],
-                "line": line[:200].decode(errors="replace"),
-            },
-        )
-
-    async def _write(self, batch: list[tuple[int, bytes]]) -> None:
-        assert self._pool is not None
-        events = []
-        for _, line in batch:
-            try:
-                events.append(Event.parse(line))
-            except (ValueError, TypeError) as exc:
-                log.error("skipping a damaged spool line", extra={"error": str(exc)})
-        # Sessions in one order for every recorder: each locks its sessions as it goes,
-        # and two batches taking the same locks in the same order cannot deadlock.
-        # The sort is stable, so one session's events keep their order.
-        events.sort(key=lambda event: event.session_id)
-        columns: list[list[Any]] = [[], [], [], [], [], [], []]
-        for event in events:
-            target = TARGET_STATE[event.action]
-            row = (
-                uuid.UUID(event.event_id),
-                event.session_id,
-                event.action.value,
-                target.value if target is not None and event.ok else None,
-                event.ok,
-                datetime.fromtimestamp(event.at, UTC),
-                event.detail or f"request {event.request_id}",
-            )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT set_config('session_lens.actor', 'session-lens', true)")
-            befores = await conn.fetchval(self._record_sql, *columns)
-        for event, before in zip(events, befores, strict=True):
-            result = _result(event, before)
-            self._metrics.lifecycle_events[event.action, result].inc()
-            if result == "future":
-                log.error(
-                    "refused a lifecycle event stamped in the future: is this host's clock right?",
-                    extra={
-                        "session_id": event.session_id,
-                        "action": event.action.value,
-                        "occurred_at": datetime.fromtimestamp(event.at, UTC).isoformat(),
-                    },
-                )
 
     async def drained(self) -> None:
         """Wait until the database has every event spooled so far."""

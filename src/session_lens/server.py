@@ -35,7 +35,7 @@ async def start_runner(
     runner: web.AppRunner, address: Address, lane: Lane | None = None, reuse_port: bool = False
 ) -> None:
     await runner.setup()
-    site: web.TCPSite
+    site: web.BaseSite
     if lane is None:
         site = web.TCPSite(runner, address.host, address.port, backlog=1024)
     else:
@@ -48,6 +48,20 @@ async def start_runner(
         await runner.cleanup()
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ListenError(address, reason) from exc
+
+
+def _proxy_runner(app: web.Application) -> web.AppRunner:
+    """The runner of a proxy app."""
+    # The proxy app drains itself within the grace period (on_shutdown); what is
+    # still running after that gets this long to react to being cancelled.
+    # handler_cancellation: a client that leaves takes its upstream request with it.
+    return web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=0.25,
+        handle_signals=False,
+        handler_cancellation=True,
+    )
 
 
 def admin_runner(app: web.Application) -> web.AppRunner:
@@ -97,16 +111,7 @@ async def serve(
     explainer = Explainer(config, metrics, config.database_url)
     recorder = recorder_for(config, metrics)
     proxy_app = create_proxy_app(config, metrics, explainer, recorder)
-    # The proxy app drains itself within the grace period (on_shutdown); what is
-    # still running after that gets this long to react to being cancelled.
-    # handler_cancellation: a client that leaves takes its upstream request with it.
-    proxy = web.AppRunner(
-        proxy_app,
-        access_log=None,
-        shutdown_timeout=0.25,
-        handle_signals=False,
-        handler_cancellation=True,
-    )
+    proxy = _proxy_runner(proxy_app)
     admin = None
     if worker is None:
         admin = admin_runner(
@@ -114,17 +119,7 @@ async def serve(
         )
     stop = stop or asyncio.Event()
     with stopped_by_signals(stop):
-        # The proxy listener first: once /healthz answers, clients can connect.
-        # SO_REUSEPORT always: the next process of a rolling restart binds beside this one.
-        await start_runner(proxy, config.listen, proxy_app[LANE], reuse_port=True)
-        if listening is not None:
-            listening()
-        if admin is not None:
-            try:
-                await start_runner(admin, config.admin_listen)
-            except ListenError:
-                await proxy.cleanup()
-                raise
+        await _listen(config, proxy, proxy_app[LANE], admin, listening)
         log.info(
             "listening",
             extra={
@@ -142,3 +137,24 @@ async def serve(
         if admin is not None:
             await admin.cleanup()
         log.info("stopped", extra={"worker": worker})
+
+
+async def _listen(
+    config: Config,
+    proxy: web.AppRunner,
+    lane: Lane,
+    admin: web.AppRunner | None,
+    listening: Callable[[], None] | None,
+) -> None:
+    """Open the proxy listener, then the admin one; neither is left open if one fails."""
+    # The proxy listener first: once /healthz answers, clients can connect.
+    # SO_REUSEPORT always: the next process of a rolling restart binds beside this one.
+    await start_runner(proxy, config.listen, lane, reuse_port=True)
+    if listening is not None:
+        listening()
+    if admin is not None:
+        try:
+            await start_runner(admin, config.admin_listen)
+        except ListenError:
+            await proxy.cleanup()
+            raise

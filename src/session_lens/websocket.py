@@ -5,6 +5,7 @@ import contextlib
 import logging
 import time
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import WSMsgType, hdrs, web
@@ -100,17 +101,27 @@ _NEVER_ADDED = (hdrs.SERVER, hdrs.CONTENT_TYPE)
 
 
 class _Relayed(web.StreamResponse):
-    """A response that adds no `Server` or `Content-Type` the upstream did not send."""
+    """A response with the upstream's headers, and no `Server` or `Content-Type` of
+    aiohttp's where the upstream sent none (`take_back_added` removes them)."""
 
-    async def _prepare_headers(self) -> None:
-        absent = [name for name in _NEVER_ADDED if name not in self.headers]
-        await super()._prepare_headers()
-        for name in absent:
-            self.headers.popall(name, None)
+    not_sent: tuple[str, ...] = _NEVER_ADDED
+    """Which of the headers aiohttp would add the upstream did not send."""
+
+    def relay_headers(self, headers: MultiMapping[str]) -> None:
+        """Add the upstream's headers; note which of those aiohttp adds it left out."""
+        self.headers.extend(headers)
+        self.not_sent = tuple(name for name in _NEVER_ADDED if name not in self.headers)
 
 
 class _RelayedWebSocket(_Relayed, web.WebSocketResponse):
     """The client's side of a relayed WebSocket, adding no `Server` header either."""
+
+
+async def take_back_added(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: remove from a relayed answer what aiohttp added to it."""
+    if isinstance(response, _Relayed):
+        for name in response.not_sent:
+            response.headers.popall(name, None)
 
 
 def _end_to_end(
@@ -126,27 +137,82 @@ def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     headers[name] = appended(previous, value.encode("latin-1")).decode("latin-1")
 
 
-_REFUSAL: ContextVar[list[bytes] | None] = ContextVar("refusal", default=None)
-"""Where the body of an upgrade the upstream refused is put, for the task relaying it."""
+@dataclass(slots=True)
+class _Answer:
+    """What the upstream answered an upgrade with, as the request's trace saw it."""
+
+    headers: MultiMapping[str] = field(default_factory=CIMultiDict)
+    """The 101's headers."""
+    body: bytes = b""
+    """A refusal's body, when it is not over MAX_MERGED_BODY."""
 
 
-async def _read_refusal(
+_ANSWER: ContextVar[_Answer | None] = ContextVar("answer", default=None)
+"""Where the upstream's answer to an upgrade is put, for the task relaying it."""
+
+
+async def _read_answer(
     session: aiohttp.ClientSession, context: object, params: aiohttp.TraceRequestEndParams
 ) -> None:
-    """Read the body of an answer to an upgrade that is not a 101, before aiohttp's
-    WebSocket client drops it (it raises on the status, the body unread)."""
-    kept = _REFUSAL.get()
+    """Keep the headers of a 101, or read the body of an answer that is not a 101 before
+    aiohttp's WebSocket client drops it (it raises on the status, the body unread)."""
+    kept = _ANSWER.get()
     response = params.response
-    if kept is None or response.status == 101:
+    if kept is None:
+        return
+    if response.status == 101:
+        kept.headers = response.headers
         return
     body = bytearray()
     while len(body) <= MAX_MERGED_BODY:
         chunk = await response.content.read(MAX_MERGED_BODY + 1 - len(body))
         if not chunk:
-            kept.append(bytes(body))
+            kept.body = bytes(body)
             return
         body += chunk
     log.info("a refused upgrade's body is over 1 MiB: relayed without it")
+
+
+def _upstream_headers(request: web.Request, exchange: Exchange) -> CIMultiDict[str]:
+    """The client's upgrade headers as they go upstream, forwarded-for and all."""
+    headers = _end_to_end(request.headers, _HANDSHAKE | {b"expect"})
+    if request.remote:
+        _append(headers, "X-Forwarded-For", request.remote)
+    _append(headers, "X-Forwarded-Proto", request.scheme)
+    host = request.headers.get(hdrs.HOST)
+    if host:
+        _append(headers, "X-Forwarded-Host", host)
+    if exchange.id_generated:
+        headers[REQUEST_ID] = exchange.request_id
+    return headers
+
+
+def _protocols(request: web.Request) -> list[str]:
+    """The subprotocols the client offers, in its order."""
+    return [
+        p.strip()
+        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+        for p in value.split(",")
+        if p.strip()
+    ]
+
+
+async def _relay_refusal(
+    request: web.Request, exchange: Exchange, status: int, headers: MultiMapping[str], body: bytes
+) -> web.StreamResponse:
+    """The upstream's answer to an upgrade that is not a 101, sent back whole."""
+    exchange.status = status
+    refusal = _Relayed(status=status)
+    refusal.relay_headers(_end_to_end(headers))
+    refusal.headers.popall(hdrs.CONTENT_LENGTH, None)
+    refusal.content_length = len(body)
+    refusal.force_close()  # the connection was the lane's: it ends here
+    if exchange.id_generated:
+        refusal.headers.setdefault(REQUEST_ID, exchange.request_id)
+    await refusal.prepare(request)
+    await refusal.write(body)
+    await refusal.write_eof()
+    return refusal
 
 
 def _response(answer: Answer) -> web.Response:
@@ -176,7 +242,7 @@ class WebSocketRelay:
             sock_read=self._config.upstream_read_timeout.total_seconds(),
         )
         refusals = aiohttp.TraceConfig()
-        refusals.on_request_end.append(_read_refusal)
+        refusals.on_request_end.append(_read_answer)
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ssl=self._target.tls or True),
             trace_configs=[refusals],
@@ -216,24 +282,11 @@ class WebSocketRelay:
     async def _relay(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """Relay a WebSocket both ways: text, binary, ping, pong and close codes."""
         assert self._client is not None
-        headers = _end_to_end(request.headers, _HANDSHAKE | {b"expect"})
-        if request.remote:
-            _append(headers, "X-Forwarded-For", request.remote)
-        _append(headers, "X-Forwarded-Proto", request.scheme)
-        host = request.headers.get(hdrs.HOST)
-        if host:
-            _append(headers, "X-Forwarded-Host", host)
-        if exchange.id_generated:
-            headers[REQUEST_ID] = exchange.request_id
-        protocols = [
-            p.strip()
-            for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
-            for p in value.split(",")
-            if p.strip()
-        ]
+        headers = _upstream_headers(request, exchange)
+        protocols = _protocols(request)
         sent = time.perf_counter()
-        refused: list[bytes] = []
-        _REFUSAL.set(refused)
+        answer = _Answer()
+        _ANSWER.set(answer)
         try:
             upstream = await self._client.ws_connect(
                 URL(self._target.base + exchange.target, encoded=True),
@@ -246,18 +299,8 @@ class WebSocketRelay:
             )
         except aiohttp.WSServerHandshakeError as exc:
             # The upstream answered, but not with 101: its answer goes back whole.
-            exchange.status = exc.status
-            body = refused[0] if refused else b""
-            refusal = _Relayed(status=exc.status, headers=_end_to_end(exc.headers or CIMultiDict()))
-            refusal.headers.popall(hdrs.CONTENT_LENGTH, None)
-            refusal.content_length = len(body)
-            refusal.force_close()  # the connection was the lane's: it ends here
-            if exchange.id_generated:
-                refusal.headers.setdefault(REQUEST_ID, exchange.request_id)
-            await refusal.prepare(request)
-            await refusal.write(body)
-            await refusal.write_eof()
-            return refusal
+            given = exc.headers or CIMultiDict()
+            return await _relay_refusal(request, exchange, exc.status, given, answer.body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             if request.transport is None or request.transport.is_closing():
                 log.debug("client went away", extra={"request_id": exchange.request_id})
@@ -271,9 +314,7 @@ class WebSocketRelay:
             compress=False,
         )
         # What the upstream said with its 101 (cookies, say) goes to the client too.
-        handshake = getattr(upstream, "_response", None)
-        if handshake is not None:
-            client.headers.extend(_end_to_end(handshake.headers, _HANDSHAKE))
+        client.relay_headers(_end_to_end(answer.headers, _HANDSHAKE))
         try:
             await client.prepare(request)
             exchange.status = 101

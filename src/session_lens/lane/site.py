@@ -92,7 +92,7 @@ class _Refused(asyncio.Protocol):
         writer.close()
 
 
-class HopSite(web.TCPSite):
+class HopSite(web.BaseSite):
     """A TCP site whose connections start in the lane; aiohttp's server takes the
     WebSocket upgrades.
 
@@ -102,38 +102,62 @@ class HopSite(web.TCPSite):
     until it closes (a rolling restart would lose them).
     """
 
-    __slots__ = ("_lane",)
+    __slots__ = ("_bound", "_lane", "_listener", "_owner", "_server_args")
 
-    def __init__(self, runner: web.BaseRunner, lane: Lane, *args: Any, **kwargs: Any):
-        super().__init__(runner, *args, **kwargs)
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        lane: Lane,
+        host: str | None,
+        port: int,
+        *,
+        backlog: int = 128,
+        reuse_port: bool | None = None,
+    ) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._owner = runner
         self._lane = lane
+        # loop.create_server's arguments, as TCPSite would pass them.
+        self._server_args: dict[str, Any] = {
+            "host": host, "port": port, "backlog": backlog, "reuse_port": reuse_port
+        }  # fmt: skip
+        self._listener: asyncio.Server | None = None
+        self._bound: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on once started (the one asked for before)."""
+        return self._bound if self._bound is not None else int(self._server_args["port"])
+
+    @property
+    def name(self) -> str:
+        """The URL listened at, as aiohttp names its sites."""
+        host = self._server_args["host"] or "0.0.0.0"  # noqa: S104  # a name: aiohttp's for all
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     async def start(self) -> None:
-        await web.BaseSite.start(self)
-        fallback = self._runner.server
+        """Listen, with the lane taking the connections and aiohttp's server the upgrades."""
+        await super().start()
+        fallback = self._owner.server
         assert fallback is not None
         lane = self._lane
         lane.fallback = fallback
         lane.fallback_connections = lambda: len(fallback.connections)
-        self._server = await asyncio.get_running_loop().create_server(
-            lane.accept,
-            self._host,
-            self._port,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
+        self._listener = await asyncio.get_running_loop().create_server(
+            lane.accept, **self._server_args
         )
-        self._bound_port = self._server.sockets[0].getsockname()[1]
+        self._bound = self._listener.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        server = self._server
-        if server is None:
+        """Stop listening; the connections already queued are taken in, not reset."""
+        listener, self._listener = self._listener, None
+        if listener is None:
             await super().stop()
             return
         queued: list[socket.socket] = []
-        for listener in cast(asyncio.Server, server).sockets:
-            queued += _queued(listener.fileno())
-        server.close()  # no await since the queue was read: nothing can slip in between
+        for sock in listener.sockets:
+            queued += _queued(sock.fileno())
+        listener.close()  # no await since the queue was read: nothing can slip in between
         await super().stop()
         loop = asyncio.get_running_loop()
         for sock in queued:
