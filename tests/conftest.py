@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -374,6 +375,16 @@ def app(environ, start_response):
 """
 
 
+def need(tool: str, package: str) -> str:
+    """The path of `tool`; without it the test is skipped, or fails in CI, which installs it."""
+    found = shutil.which(tool)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed; .ci/run installs it")
+        pytest.skip(f"{tool} is not installed (Debian: {package})")
+    return found
+
+
 def _wait_for_port(port: int, process: "subprocess.Popen[bytes]") -> None:
     deadline = time.monotonic() + 15
     while True:
@@ -395,7 +406,13 @@ def origin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Origin]:
     log = work / "seen.log"
     if request.param == "nginx":
         (work / "nginx.conf").write_text(_NGINX_ORIGIN.format(dir=work, port=port))
-        command = ["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"]
+        command = [
+            need("nginx", "nginx-light"),
+            "-c",
+            str(work / "nginx.conf"),
+            "-g",
+            "daemon off;",
+        ]
         environ = dict(os.environ)
     else:
         (work / "origin_app.py").write_text(_GUNICORN_APP)

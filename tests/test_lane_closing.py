@@ -4,7 +4,6 @@ nothing of its answers is cut after `send_timeout`."""
 
 import asyncio
 import logging
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -15,7 +14,14 @@ from aiohttp import web
 from session_lens.app import LANE
 from session_lens.lane import Lane
 
-from .conftest import MakeProxy, ProxyUnderTest, Upstream, parse_response, raw_exchange
+from .conftest import (
+    MakeProxy,
+    ProxyUnderTest,
+    Upstream,
+    need,
+    parse_response,
+    raw_exchange,
+)
 
 MIB = 1 << 20
 
@@ -111,7 +117,6 @@ async def test_a_client_still_sending_after_the_linger_is_cut(
         writer.close()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_curl_uploading_too_much_reads_the_413(
     upstream: Upstream, make_proxy: MakeProxy, tmp_path: Path
 ) -> None:
@@ -120,7 +125,7 @@ async def test_curl_uploading_too_much_reads_the_413(
     big.write_bytes(b"z" * (10 * MIB))
     for expect in ("Expect:", "Expect: 100-continue"):  # at once, and waiting for 100
         process = await asyncio.create_subprocess_exec(
-            "curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+            need("curl", "curl"), "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
             "-H", expect, "-T", str(big), f"{proxy.url}/upload",
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -2,26 +2,24 @@
 HTTP/1.1; any other is relayed as the plain request it is, body and all."""
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from .conftest import MakeProxy, Origin, Upstream, raw_exchange
+from .conftest import MakeProxy, Origin, Upstream, need, raw_exchange
 
 
 async def curl(*args: str) -> tuple[int, bytes]:
     """Run the real curl binary; its exit code and what it wrote."""
     process = await asyncio.create_subprocess_exec(
-        "curl", "-s", "-m", "10", *args, stdout=asyncio.subprocess.PIPE
+        need("curl", "curl"), "-s", "-m", "10", *args, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await process.communicate()
     assert process.returncode is not None
     return process.returncode, out
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 @pytest.mark.parametrize(
     "args",
     [

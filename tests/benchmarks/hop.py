@@ -13,6 +13,9 @@ then a content handler (stub_status) refuses the POST with 405 and `error_page` 
 into a small 200. nginx as a proxy streams the body on as session-lens does
 (`proxy_request_buffering off`). Invalid IDs are compared with a bare aiohttp handler
 returning the same answer; hits through `session-lens serve --workers 2` with one worker's.
+The CPU time the session-lens process spends on a hit, a passthrough and an invalid ID is
+read from /proc with the process on a core of its own, the steadiest figure on a shared
+machine.
 
 With `--before DIR` (a checkout of an earlier commit), a second session-lens runs from
 DIR/src beside the current one, measured the same way in the same run: every table gets
@@ -104,6 +107,8 @@ KINDS: tuple[tuple[str, str, Load], ...] = (
     ("HEAD lookups", HIT, ab_head),
 )
 """Requests measured for rate and latency: label, path, the tool that sends them."""
+CPU_KINDS = (("hits", HIT), ("passthrough", PASS), ("invalid IDs", INVALID))
+"""Requests whose CPU cost to the session-lens process is measured."""
 
 
 class Run(NamedTuple):
@@ -177,6 +182,37 @@ def pinned(pids: list[int]) -> Iterator[None]:
         os.sched_setaffinity(0, everything)
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used, user and system, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_request(
+    servers: Mapping[str, tuple[int, str]], path: str, seconds: int
+) -> dict[str, float]:
+    """CPU microseconds each server process spends on a request, at c=32: the server on
+    CPU 1, the load tool and the upstream on CPU 0; medians of three turns.
+
+    Rates swing with the other processes sharing the cores; the CPU a request costs
+    the server swings far less.
+    """
+    everything = set(range(os.cpu_count() or 1))
+    found: dict[str, list[float]] = {name: [] for name in servers}
+    os.sched_setaffinity(0, {0})
+    try:
+        for _ in range(3):
+            for name, (pid, url) in servers.items():
+                os.sched_setaffinity(pid, {1})
+                before = cpu_seconds(pid)
+                rate, _, _ = wrk(url + path, 32, seconds)
+                found[name].append((cpu_seconds(pid) - before) / (rate * seconds) * 1e6)
+                os.sched_setaffinity(pid, everything)
+    finally:
+        os.sched_setaffinity(0, everything)
+    return {name: statistics.median(figures) for name, figures in found.items()}
+
+
 def descendants(pids: list[int]) -> set[int]:
     """The processes and all their children, from /proc."""
     every = parents()
@@ -235,11 +271,14 @@ def main() -> None:
     ]
     one: dict[str, str] = {}  # each build's session-lens, one process
     two: dict[str, str] = {}  # and with --workers 2
+    single: dict[str, tuple[int, str]] = {}  # the one process's pid, and its URL
     for name, env in builds.items():
         for urls, workers in ((one, 1), (two, 2)):
             port = free_port()
             processes.append(session_lens(origin, port, work / "data", workers, env))
             urls[name] = f"http://127.0.0.1:{port}"
+            if workers == 1:
+                single[name] = (processes[-1].pid, urls[name])
     measured: dict[tuple[str, str], Hop] = {}
     try:
         for port in (origin, bare):
@@ -268,6 +307,7 @@ def main() -> None:
         invalid = in_turns({"bare aiohttp handler": bare_url, **one}, INVALID, 32, args.seconds)
         servers = {(name, n): urls[name] for name in builds for n, urls in ((1, one), (2, two))}
         scaling = {c: in_turns(servers, HIT, c, args.seconds) for c in (32, 64)}
+        cpu = {kind: cpu_per_request(single, path, args.seconds) for kind, path in CPU_KINDS}
     finally:
         for process in processes:
             process.terminate()
@@ -314,8 +354,17 @@ def main() -> None:
                 f"| wrk c={connections}{name.removeprefix(LENS)} | {single:,.0f} |"
                 f" {double:,.0f} | {double / single:.2f}x |"
             )
+    print()
+    print("| CPU per request, at c=32 | " + " | ".join(builds) + " |")
+    print("|---|" + "---:|" * len(builds))
+    for kind, _ in CPU_KINDS:
+        print(f"| {kind} | " + " | ".join(f"{cpu[kind][name]:.0f} µs" for name in builds) + " |")
     changes: list[Change] = []
     if BEFORE in builds:
+        changes += [
+            Change(f"CPU per request, {kind}", " µs", cpu[kind][BEFORE], cpu[kind][LENS], False)
+            for kind, _ in CPU_KINDS
+        ]
         for label, _, _ in KINDS:
             then, now = measured[label, BEFORE], measured[label, LENS]
             changes += [
