@@ -30,7 +30,8 @@ class Framing(Enum):
     """How a message's body is delimited (RFC 9112 §6)."""
 
     NONE = "none"
-    """It has none: an answer to HEAD, a 204 or a 304."""
+    """It has none that is sent (an answer to HEAD, or a 204 or 304 relayed), or none is
+    known yet."""
     LENGTH = "length"
     CHUNKED = "chunked"
     CLOSE = "close"

@@ -15,7 +15,6 @@ from yarl import URL
 from .config import Config
 from .exchange import REQUEST_ID, Exchange
 from .hop import MAX_HEADER_BYTES, Target, appended, end_to_end_text
-from .lookups import MAX_MERGED_BODY
 from .policy import Policy
 from .problems import PROBLEM_JSON, Answer
 from .reasons import UpstreamError
@@ -27,6 +26,8 @@ Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 GOING_AWAY = 1001
 INTERNAL_ERROR = 1011
 CLOSE_WAIT = 2.0
+MAX_REFUSAL_BODY = 1 << 20
+"""The largest body of a refused upgrade relayed; a larger one is left out."""
 # Codes a close frame may not carry (RFC 6455 §7.4.1); 0 is aiohttp's "no code".
 _UNSENDABLE = frozenset({0, 1005, 1006, 1015})
 
@@ -144,7 +145,7 @@ class _Answer:
     headers: MultiMapping[str] = field(default_factory=CIMultiDict)
     """The 101's headers."""
     body: bytes = b""
-    """A refusal's body, when it is not over MAX_MERGED_BODY."""
+    """A refusal's body, when it is not over MAX_REFUSAL_BODY."""
 
 
 _ANSWER: ContextVar[_Answer | None] = ContextVar("answer", default=None)
@@ -164,13 +165,16 @@ async def _read_answer(
         kept.headers = response.headers
         return
     body = bytearray()
-    while len(body) <= MAX_MERGED_BODY:
-        chunk = await response.content.read(MAX_MERGED_BODY + 1 - len(body))
+    while len(body) <= MAX_REFUSAL_BODY:
+        chunk = await response.content.read(MAX_REFUSAL_BODY + 1 - len(body))
         if not chunk:
             kept.body = bytes(body)
             return
         body += chunk
-    log.info("a refused upgrade's body is over 1 MiB: relayed without it")
+    log.info(
+        "a refused upgrade's body is too large to relay: relayed without it",
+        extra={"limit_bytes": MAX_REFUSAL_BODY},
+    )
 
 
 def _upstream_headers(request: web.Request, exchange: Exchange) -> CIMultiDict[str]:

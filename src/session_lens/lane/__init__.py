@@ -1,12 +1,13 @@
 """The HTTP lane: every client connection's requests, parsed by llhttp and relayed.
 
-`client` reads one client connection and answers its requests in order, under
-the client rules; `request` reads a request head; `relay` sends a request
-upstream and its answer back; `upstream` keeps the pool of upstream connections
-and parses their answers; `answer` writes what goes back; `shared` holds what the
-connections share (a connection knows no more of the lane than that); `site` is the
-listener they come from, and keeps them. What is decided about a
-request and its answer is `session_lens.policy`'s.
+`site` is the listener and keeps the connections; `shared` holds what they share.
+Within one connection: `client` owns its socket and answers its requests in order
+under the client rules; `reader` parses them (`request` reads a head); `relay` answers
+each here or sends it upstream (`upstream` keeps the pool and parses answers);
+`respond` brings the answer back; `writer` is what goes to the client, and how the
+connection ends; `answer` writes heads and bodies; `connection` is the connection as
+those parts see it. What is decided about a request and its answer is
+`session_lens.policy`'s.
 """
 
 from .site import HopSite, Lane

@@ -26,7 +26,7 @@ from .answer import render
 from .reader import Reader
 from .relay import Relay
 from .request import Request, too_large
-from .respond import own
+from .respond import own_answer
 from .shared import Shared
 from .writer import Writer
 
@@ -39,12 +39,6 @@ MAX_QUEUED = 32
 """Pipelined requests parsed ahead of their turn before reading pauses."""
 IDLE_CLIENT = 75.0
 """Idle client connections are closed after this long, as aiohttp does."""
-DRAIN_IDLE = 0.5
-"""Draining, how long a kept-alive connection may stay idle before it is closed.
-
-Closed at once, a client sending its next request at that moment would lose it
-(a POST is not sent again); given this long, a busy client's next request comes,
-and is answered with `Connection: close`."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -59,7 +53,8 @@ class ClientConnection(asyncio.Protocol):
         self._relay = Relay(lane, self)
         self._transport: asyncio.Transport | None = None
         self.peer = b""
-        self._gone = False
+        self.gone = False
+        """Whether the client has closed the connection."""
         self._paused_reading = False
         self._queue: deque[Request] = deque()
         """Requests parsed and not yet answered, in order; the first is being relayed."""
@@ -77,10 +72,6 @@ class ClientConnection(asyncio.Protocol):
         """When the connection last went idle."""
         lane.connections.add(self)  # counted from accept on: a burst cannot pass the cap
 
-    @property
-    def gone(self) -> bool:
-        return self._gone
-
     # Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,7 +83,7 @@ class ClientConnection(asyncio.Protocol):
         self._since = self._lane.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._gone = True
+        self.gone = True
         self._lane.connections.discard(self)
         self._abandon()
         self.out.lost()
@@ -170,7 +161,7 @@ class ClientConnection(asyncio.Protocol):
         assert exchange is not None
         if answer is not None and not request.replied and not self.out.transport.is_closing():
             exchange.status = answer.status
-            self.out.write(own(request, answer, True, self._lane))
+            self.out.write(own_answer(request, answer, True, self._lane))
         if request.upstream is not None:
             request.upstream.close()
         self._queue.clear()
@@ -186,9 +177,10 @@ class ClientConnection(asyncio.Protocol):
     # Client rules
 
     def close_if_idle(self, longer_than: float = 0.0) -> None:
-        if self._queue or self._reader.in_head or self._transport is None:
+        if self._transport is None:
             return
-        if self._lane.loop.time() - self._since >= longer_than:
+        idle = self._idle_for(self._lane.loop.time())
+        if idle is not None and idle >= longer_than:
             self._transport.close()
 
     def abort(self) -> None:
@@ -200,20 +192,28 @@ class ClientConnection(asyncio.Protocol):
         answer 408 to a head or a body too slow to arrive."""
         if self._transport is None or self._upgrade is not None:
             return
-        if self.out.stalled(now, self.peer):
+        if self.out.cut_if_stalled(now, self.peer):
             return
         late = None if self._paused_reading else self._reader.late(now)
         if late is not None:
             log.info(f"request {late} timed out", extra={"peer": self.peer.decode()})
             self.fail(408, f"the request {late} did not arrive in time")
             self._advance()
-        elif not self._queue and not self._reader.in_head and now - self._since > IDLE_CLIENT:
+        elif (self._idle_for(now) or 0.0) > IDLE_CLIENT:
             self._transport.close()
+
+    def _idle_for(self, now: float) -> float | None:
+        """How long the connection has been idle; None while it is not: something queued,
+        a head being read, or lingering (a lingering connection closes by itself)."""
+        if self._queue or self._reader.in_head or self.out.lingering is not None:
+            return None
+        return now - self._since
 
     def _close(self, linger: bool) -> None:
         """Close once what was written is out, lingering if `linger` (see `Writer.close`)."""
         self._ended = True
-        if self.out.close(linger, self._gone) and self._paused_reading:
+        self._upgrade = None  # a WebSocket upgrade queued behind goes with the connection
+        if self.out.close(linger, self.gone) and self._paused_reading:
             self._paused_reading = False
             self.out.transport.resume_reading()
 
@@ -221,7 +221,7 @@ class ClientConnection(asyncio.Protocol):
         """Read from the client unless it does not read its answers, the upstream does not
         take the body, or plenty has been read ahead."""
         transport = self._transport
-        if transport is None or self._gone or transport.get_protocol() is not self:
+        if transport is None or self.gone or transport.get_protocol() is not self:
             return
         if self.out.lingering is not None:
             return  # closing: everything is read, and dropped
@@ -251,7 +251,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._advancing = True
         try:
-            while self._active is None and self._queue and not self._gone:
+            while self._active is None and self._queue and not self.gone:
                 if self.out.blocked:
                     break  # the client does not read: the next answer waits
                 request = self._queue[0]
@@ -260,7 +260,7 @@ class ClientConnection(asyncio.Protocol):
                     return
                 self._active = request
                 self._relay.start(request)
-            idle = self._active is None and not self._queue and not self._gone
+            idle = self._active is None and not self._queue and not self.gone
             if idle and self._final is not None and self._transport is not None:
                 final, self._final = self._final, None
                 self.out.write(render(final, self._lane.clock.date(), True))
@@ -272,14 +272,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         """Give the connection, with the upgrade request, to aiohttp's server."""
-        transport = self._transport
-        assert transport is not None and self._upgrade is not None
+        assert self._transport is not None and self._upgrade is not None
         self._queue.clear()
-        self._lane.connections.discard(self)
         data, self._upgrade = self._upgrade, None
-        self._lane.hand_over(transport, data)
-        if self._paused_reading:
-            transport.resume_reading()
+        self._lane.hand_over(self, self._transport, data)
 
     def after(self, request: Request, close: bool) -> None:
         """A request answered: counted, then the connection closes or takes the next one."""

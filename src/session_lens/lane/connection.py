@@ -17,9 +17,8 @@ class Client(Protocol):
     ahead: int
     """Body bytes read and not yet sent upstream."""
 
-    @property
-    def gone(self) -> bool:
-        """Whether the client has closed the connection."""
+    gone: bool
+    """Whether the client has closed the connection."""
 
     def flow(self) -> None:
         """Read from the client, or not, as the upstream and the client allow."""

@@ -12,7 +12,7 @@ from ..reasons import UpstreamError
 from .answer import framed, last_chunk
 from .connection import Client
 from .request import Request, Stage
-from .respond import Responder, closes, own
+from .respond import Responder, closes, own_answer
 from .shared import Shared
 from .upstream import Upstream, UpstreamFailure
 
@@ -63,7 +63,7 @@ class Relay:
         self._client.ahead -= sum(len(chunk) for chunk in request.body)
         request.body = []
         close = closes(request, self._lane)
-        self._client.out.write(own(request, answer, close, self._lane))
+        self._client.out.write(own_answer(request, answer, close, self._lane))
         self._client.after(request, close)
 
     def completed(self, request: Request) -> None:
@@ -142,7 +142,7 @@ class Relay:
         try:
             close = self._responder.answer_whole(request, upstream, sent)
         finally:
-            upstream.done(reusable=not request.trailers)
+            upstream.done(reusable=_reusable_after(request))
         self._client.after(request, close)
 
     async def _relay(self, request: Request, data: bytes, sent: float = 0.0) -> None:
@@ -180,7 +180,7 @@ class Relay:
                 request.observation.unanswered("the upstream did not answer")
             answer = self._lane.policy.failure(exchange, failure.kind, failure)
             close = closes(request, self._lane)
-            self._client.out.write(own(request, answer, close, self._lane))
+            self._client.out.write(own_answer(request, answer, close, self._lane))
             return close
         reusable = False  # not if cut short: the upstream may still be owed body bytes
         try:

@@ -26,8 +26,9 @@ def closes(request: Request, lane: Shared) -> bool:
     return request.close or lane.drain.draining or not request.done
 
 
-def own(request: Request, answer: Answer, close: bool, lane: Shared) -> bytes:
-    """An answer of session-lens' own to `request`, as bytes on the wire."""
+def own_answer(request: Request, answer: Answer, close: bool, lane: Shared) -> bytes:
+    """An answer of session-lens' own to `request`, as bytes on the wire; the request is
+    replying from then on (unless answered here from the start)."""
     if request.stage is not Stage.HERE:
         request.stage = Stage.REPLYING
     head_only = request.method == b"HEAD"
@@ -177,7 +178,7 @@ class Responder:
         tap: bytearray | None = None,
     ) -> bool:
         """Write `out` and then the body as it comes; True when the connection must close."""
-        out_ = self._client.out
+        writer = self._client.out
         exchange = request.exchange
         assert exchange is not None
         try:
@@ -194,10 +195,11 @@ class Responder:
                 if mode is not Framing.NONE:
                     framed(out, chunks, mode is Framing.CHUNKED)
                 if out:
-                    out_.write(b"".join(out))
+                    writer.write(b"".join(out))
                     out = []
-                if out_.writable is not None and not out_.writable.done():
-                    await out_.writable
+                if writer.blocked:
+                    assert writer.writable is not None
+                    await writer.writable
                     if self._client.gone:
                         return True
                 await upstream.wait()
@@ -205,8 +207,8 @@ class Responder:
             # The head may be out: the only honest answer left is a cut connection.
             self._lane.policy.log_upstream_error(exchange, failure.kind, failure, partial=True)
             if out:
-                out_.write(b"".join(out))
-            out_.transport.close()
+                writer.write(b"".join(out))
+            writer.transport.close()
             return True
 
     async def _miss(
@@ -240,7 +242,7 @@ class Responder:
                 raw = await _whole(upstream, MAX_MERGED_BODY if plan is MissPlan.MERGE else 0)
             except UpstreamFailure as failure:
                 answer = policy.failure(exchange, failure.kind, failure, counted=True)
-                self._client.out.write(own(request, answer, close, self._lane))
+                self._client.out.write(own_answer(request, answer, close, self._lane))
                 return close
             rewritten, content_type = lookups.miss_body(
                 plan, upstream.status, exchange, explanation, raw

@@ -14,8 +14,8 @@ from .request import Request
 from .upstream import Pool
 
 
-class Connection(Protocol):
-    """A client connection, as the listener sees it."""
+class Accepted(Protocol):
+    """A client connection, as the listener that accepted it sees it."""
 
     def check(self, now: float) -> None: ...
     def close_if_idle(self, longer_than: float = 0.0) -> None: ...
@@ -32,7 +32,7 @@ class Shared:
         self._config = config
         self._pool: Pool | None = None
         self.loop = asyncio.get_event_loop()
-        self.connections: set[Connection] = set()
+        self.connections: set[Accepted] = set()
         self.fallback: Callable[[], asyncio.Protocol] = _no_fallback
         """aiohttp's server, for WebSocket upgrades."""
         self.fallback_connections: Callable[[], int] = lambda: 0
@@ -55,12 +55,14 @@ class Shared:
             )
         return self._pool
 
-    def hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
+    def hand_over(self, connection: Accepted, transport: asyncio.Transport, data: bytes) -> None:
         """Give a client's connection, with what was read of it, to aiohttp's server."""
+        self.connections.discard(connection)
         protocol = self.fallback()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(data)
+        transport.resume_reading()  # paused while the upgrade waited its turn
 
     def request_head(self, request: Request, peer: bytes, request_id: bytes) -> list[bytes]:
         """The request head as the upstream gets it: hop-by-hop fields out, X-Forwarded-* in."""

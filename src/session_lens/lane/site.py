@@ -15,12 +15,18 @@ from ..hop import Target
 from ..policy import Policy
 from ..problems import problem_answer
 from .answer import render
-from .client import DRAIN_IDLE, ClientConnection
+from .client import ClientConnection
 from .shared import Shared
 
 log = logging.getLogger("session_lens.proxy")
 
 SWEEP_EVERY = 0.5
+DRAIN_IDLE = 0.5
+"""Draining, how long a kept-alive connection may stay idle before it is closed.
+
+Closed at once, a client sending its next request at that moment would lose it
+(a POST is not sent again); given this long, a busy client's next request comes,
+and is answered with `Connection: close`."""
 
 
 class Lane(Shared):

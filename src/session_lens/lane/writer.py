@@ -35,7 +35,7 @@ class Writer:
         """Bytes written, the transport's buffer included."""
         self._taken = 0
         """Bytes the client had taken when it last took any."""
-        self._taking_since = 0.0
+        self._taking_since = lane.loop.time()
 
     def write(self, data: bytes) -> None:
         """Write to the client; what it has taken of it tells the send timeout."""
@@ -88,7 +88,7 @@ class Writer:
         self.lingering = self._lane.loop.call_later(self._lane.lingering_timeout, transport.close)
         return True
 
-    def stalled(self, now: float, peer: bytes) -> bool:
+    def cut_if_stalled(self, now: float, peer: bytes) -> bool:
         """Abort the connection if its client has taken nothing for `send_timeout`: its
         requests and their upstream connections go with it."""
         transport = self.transport
