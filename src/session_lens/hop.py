@@ -24,6 +24,8 @@ NEVER_DROPPED = frozenset({b"content-length", b"host"})
 """A request's framing and routing, which stay whatever its Connection header names."""
 FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 """The fields a hop appends to, lowered."""
+PROXY = b"proxy-"
+"""Fields named so concern the proxy itself (Proxy-Authorization...): never relayed."""
 
 
 class Framing(Enum):
@@ -55,7 +57,24 @@ def dropped(named: set[bytes], base: frozenset[bytes], kept: frozenset[bytes]) -
 
 def passes(lowered: bytes, drop: frozenset[bytes]) -> bool:
     """Whether a field (its name lowered) goes on, given what is `dropped`."""
-    return lowered not in drop and not lowered.startswith(b"proxy-")
+    return lowered not in drop and not lowered.startswith(PROXY)
+
+
+def request_fields(
+    lowered_fields: list[tuple[bytes, bytes, bytes]], drop: frozenset[bytes]
+) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
+    """A request's end-to-end fields (each as lowered name, name, value), in order, and
+    the X-Forwarded-* values it came with, which the hop appends to."""
+    kept: list[tuple[bytes, bytes]] = []
+    forwarded: dict[bytes, list[bytes]] = {}
+    for lowered, name, value in lowered_fields:
+        if lowered in drop or lowered.startswith(PROXY):  # `passes`, inline: once a field
+            continue
+        if lowered in FORWARDED:
+            forwarded.setdefault(lowered, []).append(value)
+        else:
+            kept.append((name, value))
+    return kept, forwarded
 
 
 def answer_framing(
@@ -96,7 +115,7 @@ def end_to_end(
         drop = dropped(named, HOP_BY_HOP | LENGTH, frozenset())
     kept: list[tuple[bytes, bytes]] = []
     for field, lowered in zip(fields, names, strict=True):
-        if passes(lowered, drop):
+        if lowered not in drop and not lowered.startswith(PROXY):  # `passes`, inline
             kept.append(field)
     return kept, {lowered for lowered in names if lowered not in drop}
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from ..exchange import Exchange
-from ..hop import FORWARDED, NEVER_DROPPED, REQUEST_DROPPED, connection_tokens, dropped, passes
+from ..hop import NEVER_DROPPED, REQUEST_DROPPED, connection_tokens, dropped, request_fields
 from ..observation import Observation
 from ..policy import Policy
 from .upstream import Upstream
@@ -175,14 +175,7 @@ def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: 
     if request.request_id == b"" or b"x-request-id" in named:  # replaced, as if absent
         request.request_id = None
         drop = drop | {b"x-request-id"}
-    kept = request.fields
-    for lowered, name, value in lowered_fields:
-        if not passes(lowered, drop):
-            continue
-        if lowered in FORWARDED:
-            request.forwarded.setdefault(lowered, []).append(value)
-            continue
-        kept.append((name, value))
+    request.fields, request.forwarded = request_fields(lowered_fields, drop)
 
 
 def _host(request: Request, value: bytes, max_body: int | None) -> None:
