@@ -40,6 +40,8 @@ class Framing(Enum):
     """It ends with the connection."""
 
 
+# Members bound once: on Python 3.11 looking one up on its class costs a descriptor call.
+_LENGTH, _CHUNKED, _CLOSE = Framing.LENGTH, Framing.CHUNKED, Framing.CLOSE
 BODYLESS = frozenset({204, 304})
 """Statuses whose answers never have a body (RFC 9110 §6.4.1)."""
 
@@ -82,7 +84,7 @@ def answer_framing(
 ) -> tuple[Framing, int | None, list[bytes], set[bytes]]:
     """How an answer's body is delimited (RFC 9112 §6.3) and its length if it has one,
     its fields' names lowered, and the names its Connection header lists."""
-    framing, length = Framing.CLOSE, None
+    framing, length = _CLOSE, None
     names: list[bytes] = []
     named: set[bytes] = set()
     for name, value in fields:
@@ -90,13 +92,13 @@ def answer_framing(
         names.append(lowered)
         if lowered == b"transfer-encoding":
             last = value.lower().rsplit(b",", 1)[-1].strip()
-            framing = Framing.CHUNKED if last == b"chunked" else Framing.CLOSE
-        elif lowered == b"content-length" and framing is not Framing.CHUNKED:
-            framing, length = Framing.LENGTH, int(value)
+            framing = _CHUNKED if last == b"chunked" else _CLOSE
+        elif lowered == b"content-length" and framing is not _CHUNKED:
+            framing, length = _LENGTH, int(value)
         elif lowered == b"connection":
             named |= connection_tokens(value)
     if status in BODYLESS:
-        framing = Framing.LENGTH
+        framing = _LENGTH
     return framing, length, names, named
 
 

@@ -12,6 +12,8 @@ from .shared import Shared
 
 MAX_HEAD = 1 << 18
 """The largest request head, all fields together."""
+_HERE = Stage.HERE
+"""Bound once: on Python 3.11 looking a member up on its class costs a descriptor call."""
 _PRIOR_KNOWLEDGE = "Pause on PRI/Upgrade"
 """What llhttp says of `PRI * HTTP/2.0`, an HTTP/2 client's first line."""
 
@@ -25,6 +27,7 @@ class Reader:
 
     def __init__(self, lane: Shared, client: Client) -> None:
         self._lane = lane
+        self._loop = lane.loop
         self._client = client
         self._parser = httptools.HttpRequestParser(self)
         self.in_head = False
@@ -89,7 +92,7 @@ class Reader:
 
     def on_message_begin(self) -> None:
         self.in_head = True
-        self.head_started = self._lane.loop.time()
+        self.head_started = self._loop.time()
         self._url = []
         self._fields = []
 
@@ -123,7 +126,7 @@ class Reader:
         if request is None:
             raise _Stopped
         request.size += len(body)
-        request.read_at = self._lane.loop.time()
+        request.read_at = self._loop.time()
         limit = self._lane.policy.max_body
         if limit is not None and request.size > limit:
             self.reading = None
@@ -131,7 +134,7 @@ class Reader:
             raise _Stopped
         if request.tap is not None and len(request.tap) <= MAX_INSPECTED_BODY:
             request.tap += body
-        if request.stage is Stage.HERE:
+        if request.stage is _HERE:
             return  # answered here: the body is read and dropped
         if request.upstream is not None:
             out: list[bytes] = []

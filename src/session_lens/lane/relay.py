@@ -21,6 +21,10 @@ log = logging.getLogger("session_lens.proxy")
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+# Members bound once: on Python 3.11 looking one up on its class costs a descriptor call,
+# several of them a request on this path.
+_HERE, _SENT = Stage.HERE, Stage.SENT
+
 
 class Relay:
     """The requests of one client connection, each answered here or relayed upstream."""
@@ -59,7 +63,7 @@ class Relay:
         if answer is None:
             self._send_upstream(request)
             return
-        request.stage = Stage.HERE  # what was read of its body, and what comes, goes
+        request.stage = _HERE  # what was read of its body, and what comes, goes
         self._client.ahead -= sum(len(chunk) for chunk in request.body)
         request.body = []
         close = closes(request, self._lane)
@@ -118,7 +122,7 @@ class Relay:
     def _send(self, request: Request, upstream: Upstream, data: bytes) -> None:
         """Send the request's head and what there is of its body; the rest follows."""
         request.upstream = upstream
-        request.stage = Stage.SENT
+        request.stage = _SENT
         upstream.on_flow = self._client.flow
         if request.body or (request.done and request.chunked and not request.terminated):
             data += self.body_so_far(request, [])  # read while it was being connected

@@ -19,6 +19,11 @@ from .request import Request, Stage
 from .shared import Shared
 from .upstream import Upstream, UpstreamFailure
 
+# Members bound once: on Python 3.11 looking one up on its class costs a descriptor call,
+# several of them a request on this path.
+_NONE, _LENGTH, _CHUNKED, _CLOSE = Framing.NONE, Framing.LENGTH, Framing.CHUNKED, Framing.CLOSE
+_HERE, _REPLYING = Stage.HERE, Stage.REPLYING
+
 
 def closes(request: Request, lane: Shared) -> bool:
     """Whether the connection closes after `request`'s answer: asked for, draining, or
@@ -29,8 +34,8 @@ def closes(request: Request, lane: Shared) -> bool:
 def own_answer(request: Request, answer: Answer, close: bool, lane: Shared) -> bytes:
     """An answer of session-lens' own to `request`, as bytes on the wire; the request is
     replying from then on (unless answered here from the start)."""
-    if request.stage is not Stage.HERE:
-        request.stage = Stage.REPLYING
+    if request.stage is not _HERE:
+        request.stage = _REPLYING
     head_only = request.method == b"HEAD"
     return render(answer, lane.clock.date(), close, head_only, request.http10)
 
@@ -90,7 +95,7 @@ class Responder:
         self._write_rest(out, upstream, mode)
         assert request.exchange is not None
         request.exchange.upstream_seconds = time.perf_counter() - sent
-        return close or mode is Framing.CLOSE
+        return close or mode is _CLOSE
 
     def _opened(
         self, request: Request, upstream: Upstream
@@ -101,7 +106,7 @@ class Responder:
         assert exchange is not None
         exchange.status = upstream.status
         outcome = self._lane.policy.lookups.count(exchange, upstream.status)
-        framed = upstream.framing is Framing.LENGTH
+        framed = upstream.framing is _LENGTH
         fields, named = end_to_end(upstream.fields, upstream.names, upstream.named, framed)
         return outcome, fields, named, closes(request, self._lane)
 
@@ -124,28 +129,26 @@ class Responder:
         assert exchange is not None
         status = upstream.status
         if length is None:
-            length = upstream.framing is Framing.LENGTH
+            length = upstream.framing is _LENGTH
         if request.method == b"HEAD" or status in BODYLESS:
-            mode = Framing.NONE
+            mode = _NONE
         elif length:
-            mode = Framing.LENGTH
+            mode = _LENGTH
         elif request.http10:
-            mode = Framing.CLOSE
+            mode = _CLOSE
         else:
-            mode = Framing.CHUNKED
+            mode = _CHUNKED
         out = [b"HTTP/1.1 %d " % status, upstream.reason, b"\r\n"]
         add_fields(out, fields)
         if b"date" not in named:
             out += (b"Date: ", self._lane.clock.date(), b"\r\n")
         if exchange.id_generated and b"x-request-id" not in named:
             out += (b"X-Request-ID: ", exchange.request_id.encode(), b"\r\n")
-        said_chunked = (
-            mode is Framing.NONE and upstream.framing is Framing.CHUNKED and not request.http10
-        )
-        request.stage = Stage.REPLYING
-        if mode is Framing.CHUNKED or said_chunked:
+        said_chunked = mode is _NONE and upstream.framing is _CHUNKED and not request.http10
+        request.stage = _REPLYING
+        if mode is _CHUNKED or said_chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
-        if close or mode is Framing.CLOSE:
+        if close or mode is _CLOSE:
             out.append(b"Connection: close\r\n")
         elif request.http10:
             out.append(b"Connection: keep-alive\r\n")
@@ -162,9 +165,9 @@ class Responder:
     def _write_rest(self, out: list[bytes], upstream: Upstream, mode: Framing) -> None:
         """Write `out` with the rest of a whole answer's body."""
         chunks = upstream.take()
-        if mode is not Framing.NONE:
-            framed(out, chunks, mode is Framing.CHUNKED)
-        if mode is Framing.CHUNKED:
+        if mode is not _NONE:
+            framed(out, chunks, mode is _CHUNKED)
+        if mode is _CHUNKED:
             last_chunk(out, upstream.trailers)
         self._client.out.write(b"".join(out))
 
@@ -188,12 +191,12 @@ class Responder:
                         _tap(tap, upstream.chunks)
                     self._write_rest(out, upstream, mode)
                     exchange.upstream_seconds = time.perf_counter() - sent
-                    return mode is Framing.CLOSE
+                    return mode is _CLOSE
                 chunks = upstream.take()
                 if tap is not None:
                     _tap(tap, chunks)
-                if mode is not Framing.NONE:
-                    framed(out, chunks, mode is Framing.CHUNKED)
+                if mode is not _NONE:
+                    framed(out, chunks, mode is _CHUNKED)
                 if out:
                     writer.write(b"".join(out))
                     out = []
@@ -234,7 +237,7 @@ class Responder:
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in fields
         )
         headers[REASON_HEADER] = explanation.reason.value
-        length = upstream.length if upstream.framing is Framing.LENGTH else None
+        length = upstream.length if upstream.framing is _LENGTH else None
         plan = lookups.miss_plan(request.method.decode(), headers, length)
         rewritten: bytes | None = None
         if plan is not None:

@@ -16,6 +16,8 @@ HIGH_WATER = 1 << 18
 """Response bytes buffered from the upstream before its socket is paused."""
 IDLE_UPSTREAM = 30.0
 """Idle upstream connections are closed after this long."""
+_NONE, _CLOSE = Framing.NONE, Framing.CLOSE
+"""Bound once: on Python 3.11 looking a member up on its class costs a descriptor call."""
 
 
 class UpstreamFailure(Exception):
@@ -61,7 +63,7 @@ class Upstream(asyncio.Protocol):
         self.trailers: list[tuple[bytes, bytes]] = []
         self.interim: list[bytes] = []
         """Interim answers (103 Early Hints...) not yet relayed, as they came."""
-        self.framing = Framing.NONE
+        self.framing = _NONE
         self.length: int | None = None
         self.chunks: list[bytes] = []
         self.buffered = 0
@@ -183,7 +185,7 @@ class Upstream(asyncio.Protocol):
         if self.write_paused:
             self.resume_writing()
         clean = exc is None and self.failure is None
-        if self.headed and self.framing is Framing.CLOSE and not self.complete and clean:
+        if self.headed and self.framing is _CLOSE and not self.complete and clean:
             self.complete = True  # a close-delimited body ends with the connection
             self._wake()
             self._tell()
