@@ -24,6 +24,8 @@ NEVER_DROPPED = frozenset({b"content-length", b"host"})
 """A request's framing and routing, which stay whatever its Connection header names."""
 FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 """The fields a hop appends to, lowered."""
+_ANSWER_DROPPED = HOP_BY_HOP
+_UNFRAMED_DROPPED = HOP_BY_HOP | LENGTH
 PROXY = b"proxy-"
 """Fields named so concern the proxy itself (Proxy-Authorization...): never relayed."""
 
@@ -63,10 +65,14 @@ def passes(lowered: bytes, drop: frozenset[bytes]) -> bool:
 
 
 def request_fields(
-    lowered_fields: list[tuple[bytes, bytes, bytes]], drop: frozenset[bytes]
+    lowered_fields: list[tuple[bytes, bytes, bytes]], named: set[bytes]
 ) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
     """A request's end-to-end fields (each as lowered name, name, value), in order, and
-    the X-Forwarded-* values it came with, which the hop appends to."""
+    the X-Forwarded-* values it came with, which the hop appends to; `named`, what its
+    Connection header lists, goes too, but for its framing and routing."""
+    drop = REQUEST_DROPPED
+    if named:  # `dropped`, inline: most requests name nothing but keep-alive or close
+        drop = drop | (named - NEVER_DROPPED)
     kept: list[tuple[bytes, bytes]] = []
     forwarded: dict[bytes, list[bytes]] = {}
     for lowered, name, value in lowered_fields:
@@ -111,10 +117,9 @@ def end_to_end(
     `framed` keeps Content-Length (the message's framing, whatever its Connection
     names); otherwise it goes, saying nothing true of a re-framed body.
     """
-    if framed:
-        drop = dropped(named, HOP_BY_HOP, LENGTH)
-    else:
-        drop = dropped(named, HOP_BY_HOP | LENGTH, frozenset())
+    drop = _ANSWER_DROPPED if framed else _UNFRAMED_DROPPED
+    if named:  # `dropped`, inline: most answers name nothing
+        drop = drop | (named - LENGTH if framed else named)
     kept: list[tuple[bytes, bytes]] = []
     for field, lowered in zip(fields, names, strict=True):
         if lowered not in drop and not lowered.startswith(PROXY):  # `passes`, inline

@@ -132,7 +132,7 @@ class Lookups:
         match = exchange.match
         if match is None:
             return None
-        if self.is_miss(exchange, status):
+        if status in self._miss_statuses:  # `is_miss`, the lookup known
             outcome = Outcome.NOT_FOUND
         elif 200 <= status < 300:
             outcome = Outcome.FOUND

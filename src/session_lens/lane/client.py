@@ -49,8 +49,8 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, lane: Shared) -> None:
         self._lane = lane
-        self._reader = Reader(lane, self)
         self._relay = Relay(lane, self)
+        self._reader = Reader(lane, self, self._relay.completed)
         self._transport: asyncio.Transport | None = None
         self.peer = b""
         self.gone = False
@@ -113,9 +113,6 @@ class ClientConnection(asyncio.Protocol):
         self._queue.append(request)
         if request.refusal is not None:  # answered from its head: nothing after it is read
             self._ended = True
-
-    def completed(self, request: Request) -> None:
-        self._relay.completed(request)
 
     def websocket(self, data: bytes) -> None:
         self._upgrade = data

@@ -26,9 +26,6 @@ class Client(Protocol):
     def parsed(self, request: Request) -> None:
         """A request's head has been read: its turn comes in order."""
 
-    def completed(self, request: Request) -> None:
-        """A request's body has been read to its end."""
-
     def over_limit(self, request: Request) -> None:
         """A request's body went past `max_body_bytes`."""
 

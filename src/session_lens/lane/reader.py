@@ -1,6 +1,8 @@
 """Reading a client's requests with llhttp: heads into requests, bodies to where they
 go, upgrades but a WebSocket's read through as plain requests."""
 
+from collections.abc import Callable
+
 import httptools
 
 from ..hop import MAX_HEADER_BYTES
@@ -25,10 +27,12 @@ class _Stopped(Exception):
 class Reader:
     """llhttp's callbacks for one client connection, and what they make of its bytes."""
 
-    def __init__(self, lane: Shared, client: Client) -> None:
+    def __init__(self, lane: Shared, client: Client, completed: Callable[[Request], None]) -> None:
         self._lane = lane
         self._loop = lane.loop
         self._client = client
+        self._completed = completed
+        """Told when a request's body has been read to its end."""
         self._parser = httptools.HttpRequestParser(self)
         self.in_head = False
         """Whether a head is being read."""
@@ -152,7 +156,7 @@ class Reader:
             return  # llhttp skipped its body: `_upgraded` has it read
         self.reading = None
         request.done = True
-        self._client.completed(request)
+        self._completed(request)
 
     # Upgrades
 

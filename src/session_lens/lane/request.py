@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from ..exchange import Exchange
-from ..hop import NEVER_DROPPED, REQUEST_DROPPED, connection_tokens, dropped, request_fields
+from ..hop import connection_tokens, request_fields
 from ..observation import Observation
 from ..policy import Policy
 from .upstream import Upstream
@@ -171,11 +171,10 @@ def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: 
                 read(request, value, max_body)
     request.close = b"close" in named
     request.websocket = request.method == b"GET" and upgrade == b"websocket" and b"upgrade" in named
-    drop = dropped(named, REQUEST_DROPPED, NEVER_DROPPED)
     if request.request_id == b"" or b"x-request-id" in named:  # replaced, as if absent
         request.request_id = None
-        drop = drop | {b"x-request-id"}
-    request.fields, request.forwarded = request_fields(lowered_fields, drop)
+        named = named | {b"x-request-id"}
+    request.fields, request.forwarded = request_fields(lowered_fields, named)
 
 
 def _host(request: Request, value: bytes, max_body: int | None) -> None:

@@ -26,6 +26,8 @@ class Writer:
         self.transport = transport
         self.writable: asyncio.Future[None] | None = None
         """Pending while the client does not take what it was sent."""
+        self.blocked = False
+        """Whether the client is not reading what it was sent (`writable` is pending)."""
         self.shut = False
         """Whether the write side is shut or closing: nothing more is written."""
         self.lingering: asyncio.TimerHandle | None = None
@@ -43,18 +45,15 @@ class Writer:
             self._written += len(data)
             self.transport.write(data)
 
-    @property
-    def blocked(self) -> bool:
-        """Whether the client is not reading what it was sent."""
-        return self.writable is not None and not self.writable.done()
-
     def pause(self) -> None:
         """The transport's buffer is full: writing waits."""
         if not self.blocked:
+            self.blocked = True
             self.writable = self._lane.loop.create_future()
 
     def resume(self) -> None:
         """The client took enough: writing goes on."""
+        self.blocked = False
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
 
