@@ -9,7 +9,7 @@ from session_lens.config import load_config
 from session_lens.explain import Explainer
 from session_lens.metrics import Metrics
 
-from .conftest import Upstream, free_port
+from .conftest import Upstream, free_port, raw_exchange
 
 
 async def admin_client(aiohttp_client: Any, upstream_url: str) -> Any:
@@ -132,3 +132,20 @@ async def test_admin_token_guards_all_but_the_probes(
     assert allowed.status == 200
     for probe in ("/healthz", "/readyz"):
         assert (await client.get(probe)).status in (200, 503)
+
+
+async def test_credentials_that_are_not_utf8_get_401_not_a_traceback(
+    aiohttp_server: Any, upstream: Upstream, caplog: Any
+) -> None:
+    config = load_config(flags={"upstream": upstream.url, "admin_token": "t0ken-for-the-admin"})
+    registry = CollectorRegistry()
+    explainer = Explainer(config, Metrics(registry, config.session_routes), None)
+    server = await aiohttp_server(create_admin_app(config, registry, explainer))
+    for credentials in (b"Bearer \xff\xfe", b"Basic \xff", b"\xc3\x28"):
+        response = await raw_exchange(
+            server.port,
+            b"GET /sessions/exec_20251230_020944_4ad060d9/explain HTTP/1.1\r\nHost: h\r\n"
+            b"Authorization: " + credentials + b"\r\nConnection: close\r\n\r\n",
+        )
+        assert response.status == 401, credentials
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

@@ -154,8 +154,9 @@ def _bearer(token: str) -> Any:
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _OPEN:
             given = request.headers.get("Authorization", "")
+            # aiohttp keeps bytes that are not UTF-8 as surrogates: compared as sent.
             if not (
-                hmac.compare_digest(given.encode(), expected)
+                hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected)
                 or hmac.compare_digest(_basic_password(given), secret)
             ):
                 challenge = 'Bearer realm="session-lens admin"'
