@@ -11,6 +11,7 @@ from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from .admin_site import guard_admin
 from .config import Config
 from .drain import Drain
 from .explain import Explainer, report_json
@@ -122,6 +123,7 @@ def create_admin_app(
     (`workers`) asks its workers whether they listen.
     """
     app = web.Application(middlewares=[_bearer(config.admin_token)] if config.admin_token else [])
+    guard_admin(app)
     app[CONFIG] = config
     app[TARGET] = Target.of(config.upstream, config.upstream_ca_file)
     app[REGISTRY] = registry

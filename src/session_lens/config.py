@@ -500,6 +500,10 @@ class Config:
     max_connections: int = _setting(
         10000, _count(1, 1_000_000), "client connections held open at once, per worker"
     )
+    admin_max_connections: int = _setting(
+        64, _count(1, 10_000), "connections the admin listener holds open at once"
+    )
+    """Connections the admin listener holds at once: few, so it never takes the proxy's."""
     workers: int = _setting(1, _count(1, 64), "processes serving the proxy port, SO_REUSEPORT")
     shutdown_grace: timedelta = _setting(
         timedelta(seconds=10), parse_duration, "time in-flight requests get to finish on shutdown"

@@ -12,10 +12,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from . import __version__
+from .admin_site import AdminSite
 from .app import LANE, POLICY, create_admin_app, create_proxy_app
 from .config import Address, Config, mask_url
 from .explain import Explainer
 from .lane import HopSite, Lane
+from .lane.client import IDLE_CLIENT
 from .metrics import Metrics
 from .recorder import recorder_for
 
@@ -31,19 +33,35 @@ class ListenError(Exception):
         self.reason = reason
 
 
-async def start_runner(
-    runner: web.AppRunner, address: Address, lane: Lane | None = None, reuse_port: bool = False
-) -> None:
+async def start_proxy(runner: web.AppRunner, address: Address, lane: Lane) -> None:
+    """Open a proxy listener: SO_REUSEPORT always, so that the next process of a
+    rolling restart (or a sibling worker) binds beside this one."""
+    await _start(
+        runner,
+        address,
+        lambda: HopSite(runner, lane, address.host, address.port, backlog=1024, reuse_port=True),
+    )
+
+
+async def start_admin(runner: web.AppRunner, config: Config) -> None:
+    """Open the admin listener, with the proxy's head timeout and a connection limit."""
+    address = config.admin_listen
+    await _start(
+        runner,
+        address,
+        lambda: AdminSite(
+            runner,
+            address,
+            header_timeout=config.header_read_timeout.total_seconds(),
+            max_connections=config.admin_max_connections,
+        ),
+    )
+
+
+async def _start(runner: web.AppRunner, address: Address, site: Callable[[], web.BaseSite]) -> None:
     await runner.setup()
-    site: web.BaseSite
-    if lane is None:
-        site = web.TCPSite(runner, address.host, address.port, backlog=1024)
-    else:
-        site = HopSite(
-            runner, lane, address.host, address.port, backlog=1024, reuse_port=reuse_port or None
-        )
     try:
-        await site.start()
+        await site().start()
     except OSError as exc:
         await runner.cleanup()
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -66,7 +84,14 @@ def _proxy_runner(app: web.Application) -> web.AppRunner:
 
 def admin_runner(app: web.Application) -> web.AppRunner:
     """The runner of an admin app, as every process with an admin listener runs it."""
-    return web.AppRunner(app, access_log=None, shutdown_timeout=1.0, handle_signals=False)
+    # Idle connections close after as long as the proxy's do (aiohttp's default is an hour).
+    return web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=1.0,
+        handle_signals=False,
+        keepalive_timeout=IDLE_CLIENT,
+    )
 
 
 @contextmanager
@@ -148,13 +173,12 @@ async def _listen(
 ) -> None:
     """Open the proxy listener, then the admin one; neither is left open if one fails."""
     # The proxy listener first: once /healthz answers, clients can connect.
-    # SO_REUSEPORT always: the next process of a rolling restart binds beside this one.
-    await start_runner(proxy, config.listen, lane, reuse_port=True)
+    await start_proxy(proxy, config.listen, lane)
     if listening is not None:
         listening()
     if admin is not None:
         try:
-            await start_runner(admin, config.admin_listen)
+            await start_admin(admin, config)
         except ListenError:
             await proxy.cleanup()
             raise

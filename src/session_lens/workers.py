@@ -42,7 +42,7 @@ from .server import (
     admin_runner,
     run_fast,
     serve,
-    start_runner,
+    start_admin,
     stopped_by_signals,
 )
 
@@ -187,7 +187,7 @@ async def supervise(config: Config, stop: asyncio.Event | None = None) -> None:
     with stopped_by_signals(stop):
         try:
             await explainer.open()
-            await start_runner(admin, config.admin_listen)
+            await start_admin(admin, config)
             if config.exemplars:
                 log.info(
                     "no exemplars with several workers: prometheus-client's multiprocess"

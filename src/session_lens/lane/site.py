@@ -21,6 +21,8 @@ from .shared import Shared
 log = logging.getLogger("session_lens.proxy")
 
 SWEEP_EVERY = 0.5
+REFUSED_LINGER = 1.0
+REFUSED_LINGERING = 256
 DRAIN_IDLE = 0.5
 """Draining, how long a kept-alive connection may stay idle before it is closed.
 
@@ -47,7 +49,7 @@ class Lane(Shared):
         if now - self._refusal_logged > 10:  # a flood must not flood the log too
             self._refusal_logged = now
             log.warning("connection limit reached", extra={"max_connections": self.max_connections})
-        return _Refused(self.clock.date())
+        return Refused(self.clock.date())
 
     def close_idle(self) -> None:
         """Draining, close the connections idle now: each other closes after its next
@@ -86,16 +88,49 @@ class Lane(Shared):
 _TOO_MANY = problem_answer(503, "too many connections are open; try again", [("Retry-After", "1")])
 
 
-class _Refused(asyncio.Protocol):
-    """A connection over the limit: a 503 and a close, nothing read."""
+class Refused(asyncio.Protocol):
+    """A connection over the limit: a 503, then a short linger and a close.
+
+    Closed at once, a connection whose request has already arrived is reset, and
+    the reset can take the 503 with it; so the answer is written, the write side
+    shut, and what the client sends read and dropped until it closes, for at most
+    `REFUSED_LINGER` seconds and 64 KiB. At most `REFUSED_LINGERING` linger at
+    once: past that, in a flood, they are closed at once, holding no descriptor.
+    """
+
+    lingering = 0
+
+    __slots__ = ("_date", "_dropped", "_timer", "_transport")
 
     def __init__(self, date: bytes) -> None:
         self._date = date
+        self._dropped = 0
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        writer = cast(asyncio.Transport, transport)
+        writer = self._transport = cast(asyncio.Transport, transport)
         writer.write(render(_TOO_MANY, self._date, close=True))
-        writer.close()
+        if Refused.lingering >= REFUSED_LINGERING or not writer.can_write_eof():
+            writer.close()
+            return
+        Refused.lingering += 1
+        writer.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER, writer.close)
+
+    def data_received(self, data: bytes) -> None:
+        self._dropped += len(data)
+        if self._dropped > 1 << 16 and self._transport is not None:
+            self._transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # closes the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            Refused.lingering -= 1
 
 
 class HopSite(web.BaseSite):
