@@ -90,6 +90,24 @@ async def test_observe_mode_forwards_and_counts(
     assert record.enforced is False  # type: ignore[attr-defined]
 
 
+async def test_observe_mode_explains_a_malformed_ids_miss_as_invalid_format_counted_once(
+    missing: Upstream, make_proxy: MakeProxy
+) -> None:
+    proxy = await make_proxy(missing.url, validation="observe")
+    status, headers, body = await get(f"{proxy.url}/sessions/exec_2025")
+    assert status == 404
+    assert headers["X-Session-Not-Found-Reason"] == "invalid_format"
+    assert __import__("json").loads(body)["reason"] == "invalid_format"
+    assert len(missing.seen) == 1
+    for outcome in ("invalid", "not_found", "found", "other", "upstream_error"):
+        expected = 1 if outcome == "invalid" else 0
+        assert proxy.metric("session_lens_lookups_total", route=SHORT, outcome=outcome) == expected
+    for reason in Reason:
+        expected = 1 if reason is Reason.INVALID_FORMAT else 0
+        count = proxy.metric("session_lens_not_found_total", route=SHORT, reason=reason.value)
+        assert count == expected, reason
+
+
 async def test_only_get_and_head_are_lookups(upstream: Upstream, proxy: ProxyUnderTest) -> None:
     for method in ("POST", "PUT", "DELETE", "PATCH"):
         status, _, _ = await get(f"{proxy.url}/api/sessions/not-an-id", method)

@@ -32,6 +32,8 @@ class Exchange:
     id_generated: bool
     started: float
     match: RouteMatch | None = None
+    invalid: bool = False
+    """A lookup of a malformed ID, forwarded in observe mode: counted as `invalid` once."""
     status: int = 0
     upstream_seconds: float | None = None
 

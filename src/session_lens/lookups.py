@@ -47,6 +47,9 @@ _REASON_DETAIL = {
 }
 
 
+_MALFORMED = Explanation(Reason.INVALID_FORMAT)
+
+
 class MissPlan(Enum):
     """How the body of a miss is rewritten."""
 
@@ -110,6 +113,7 @@ class Lookups:
             },
         )
         if not self._enforce:
+            exchange.invalid = True
             return None
         exchange.status = self._config.invalid_status
         return problem_answer(
@@ -128,7 +132,10 @@ class Lookups:
         return exchange.match is not None and status in self._miss_statuses
 
     def count(self, exchange: Exchange, status: int) -> Outcome | None:
-        """Count the outcome of a lookup's answer; None when it is no lookup."""
+        """Count the outcome of a lookup's answer; None when it is no lookup.
+
+        A malformed ID forwarded in observe mode was counted when it was checked:
+        its outcome is said, not counted again."""
         match = exchange.match
         if match is None:
             return None
@@ -140,15 +147,20 @@ class Lookups:
             outcome = Outcome.UPSTREAM_ERROR
         else:
             outcome = Outcome.OTHER
-        self._metrics.lookups[match.route, outcome].inc()
+        if not exchange.invalid:
+            self._metrics.lookups[match.route, outcome].inc()
         return outcome
 
     async def explain_miss(
         self, exchange: Exchange, include_deleted: bool, status: int, sent: float
     ) -> Explanation:
-        """Classify a miss, count it and log it with the evidence behind the reason."""
+        """Classify a miss, count it and log it with the evidence behind the reason.
+
+        A malformed ID's miss is `invalid_format`, counted and logged when it was checked."""
         match = exchange.match
         assert match is not None
+        if exchange.invalid:
+            return _MALFORMED
         exemplar = self._metrics.exemplar(match.session_id, exchange.request_id)
         explanation = await self._explainer.explain_miss(
             match.session_id, include_deleted, exemplar
