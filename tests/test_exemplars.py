@@ -87,16 +87,28 @@ async def test_a_miss_leaves_its_ids_in_openmetrics_exemplars(
     assert SID not in plain and "req-1" not in plain
 
 
+async def answered_id(proxy: ProxyUnderTest, path: str, request_id: str) -> str:
+    """The request ID the answer carries back: a new one where the client's was replaced."""
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{proxy.url}{path}", headers={"X-Request-ID": request_id}) as response,
+    ):
+        await response.read()
+        return response.headers.get("X-Request-ID", request_id)
+
+
 async def test_exemplar_labels_stay_within_128_characters(
     aiohttp_client: Any, upstream: Upstream, make_proxy: MakeProxy, db: str
 ) -> None:
     upstream.respond = not_found
     proxy = await make_proxy(upstream.url, database_url=db)
-    long_request_id = "r" * 500
+    longest_request_id = "r" * 128
     too_long_id = "exec_" + "1" * 200
-    assert await get(proxy, f"/api/sessions/{SID}", long_request_id) == 404
+    assert await get(proxy, f"/api/sessions/{SID}", longest_request_id) == 404
     assert await get(proxy, f"/api/sessions/{too_long_id}", "req-3") == 404
-    assert await get(proxy, "/api/sessions/exec_%C3%A9t%C3%A9", "req-\u00e9") == 404
+    # A request ID that is not plain ASCII is replaced, as a missing one is.
+    replaced = await answered_id(proxy, "/api/sessions/exec_%C3%A9t%C3%A9", "req-\u00e9")
+    assert replaced != "req-\u00e9" and len(replaced) == 32
 
     _, text = await scrape(aiohttp_client, proxy, OPENMETRICS)
     miss = exemplar_of(text, "session_lens_not_found_total", route=ROUTE, reason="never_existed")
@@ -108,12 +120,34 @@ async def test_exemplar_labels_stay_within_128_characters(
     assert exemplar_of(text, "session_lens_invalid_ids_total", route=ROUTE, rule="too_long") == {
         "request_id": "req-3"
     }
-    # The ID as the path carries it (percent-encoded); a request ID that is not
-    # plain ASCII is left out, and the request is answered all the same.
+    # The ID as the path carries it (percent-encoded).
     assert exemplar_of(text, "session_lens_invalid_ids_total", route=ROUTE, rule="pattern") == {
-        "session_id": "exec_%C3%A9t%C3%A9"
+        "session_id": "exec_%C3%A9t%C3%A9",
+        "request_id": replaced,
     }
     assert proxy.metric("session_lens_invalid_ids_total", route=ROUTE, rule="pattern") == 1
+
+
+async def test_a_request_id_outside_the_safe_set_is_replaced_everywhere(
+    aiohttp_client: Any, upstream: Upstream, make_proxy: MakeProxy, db: str
+) -> None:
+    upstream.respond = not_found
+    proxy = await make_proxy(upstream.url, database_url=db)
+    hostile = 'q"} 9 # {evil="y\\'
+    for sent in (hostile, "r" * 129, "two words", "tab\there"):
+        upstream.seen.clear()
+        replaced = await answered_id(proxy, f"/api/sessions/{SID}", sent)
+        assert replaced != sent and len(replaced) == 32, sent
+        [seen] = upstream.seen
+        assert seen.header("X-Request-ID") == [replaced], sent  # sent upstream, as generated
+    kept = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
+    assert await answered_id(proxy, f"/api/sessions/{SID}", kept) == kept
+    assert upstream.seen[-1].header("X-Request-ID") == [kept]
+    _, text = await scrape(aiohttp_client, proxy, OPENMETRICS)
+    assert "evil" not in text
+    # prometheus-client's own OpenMetrics parser reads every exemplar.
+    miss = exemplar_of(text, "session_lens_not_found_total", route=ROUTE, reason="never_existed")
+    assert miss is not None and miss["session_id"] == SID
 
 
 async def test_exemplars_can_be_turned_off(

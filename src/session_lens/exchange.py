@@ -1,6 +1,7 @@
 """What one request has become on its way through the hop, for counting and logging."""
 
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -9,6 +10,13 @@ from .reasons import Kind
 from .routes import RouteMatch
 
 REQUEST_ID = "X-Request-ID"
+MAX_REQUEST_ID = 128
+_REQUEST_ID_FORM = rf"[A-Za-z0-9._~:;/+=@-]{{1,{MAX_REQUEST_ID}}}"
+USABLE_REQUEST_ID = re.compile(_REQUEST_ID_FORM)
+"""A request ID taken as the client sent it: what tracing systems mint (UUIDs, hex,
+base64, `Root=…;Parent=…`), safe in a log line, a header and an exemplar. Any other
+is replaced, as a missing one is."""
+USABLE_REQUEST_ID_BYTES = re.compile(_REQUEST_ID_FORM.encode())
 
 
 def short_id(session_id: str) -> str:

@@ -201,5 +201,9 @@ class Metrics:
         return labels or None
 
 
+_UNSAFE = frozenset('"\\{}# ')
+
+
 def _plain(text: str) -> bool:
-    return text.isascii() and text.isprintable()
+    """Printable ASCII with nothing an exemplar parser could trip on."""
+    return text.isascii() and text.isprintable() and _UNSAFE.isdisjoint(text)

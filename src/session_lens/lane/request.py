@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from ..exchange import Exchange
+from ..exchange import USABLE_REQUEST_ID_BYTES, Exchange
 from ..hop import connection_tokens, request_fields
 from ..observation import Observation
 from ..policy import Policy
@@ -171,7 +171,10 @@ def _read_fields(request: Request, fields: list[tuple[bytes, bytes]], max_body: 
                 read(request, value, max_body)
     request.close = b"close" in named
     request.websocket = request.method == b"GET" and upgrade == b"websocket" and b"upgrade" in named
-    if request.request_id == b"" or b"x-request-id" in named:  # replaced, as if absent
+    given = request.request_id
+    if given is not None and (
+        b"x-request-id" in named or USABLE_REQUEST_ID_BYTES.fullmatch(given) is None
+    ):  # replaced, as if absent
         request.request_id = None
         named = named | {b"x-request-id"}
     request.fields, request.forwarded = request_fields(lowered_fields, named)
