@@ -8,7 +8,7 @@ from aiohttp import web
 
 from session_lens.reasons import Reason
 
-from .conftest import VALID_ID, MakeProxy, ProxyUnderTest, Upstream
+from .conftest import VALID_ID, MakeProxy, ProxyUnderTest, Upstream, raw_exchange
 
 API = "/api/sessions/{session_id}"
 SHORT = "/sessions/{session_id}"
@@ -175,3 +175,58 @@ async def test_no_label_holds_request_data(upstream: Upstream, proxy: ProxyUnder
                 assert VALID_ID not in value
                 assert "bad-id-value" not in value
                 assert "/some/raw/path" not in value
+
+
+async def raw_get(proxy: ProxyUnderTest, target: str) -> tuple[int, dict[str, str], bytes]:
+    """A GET with its target as written: HTTP clients normalise the paths these tests need."""
+    request = f"GET {target} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    response = await raw_exchange(proxy.port, request.encode())
+    return response.status, dict(response.headers), response.content
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "//api/sessions/{id}",
+        "/api//sessions/{id}",
+        "/api/./sessions/{id}",
+        "/api/x/../sessions/{id}",
+        "/api/sessions/x/../{id}",
+        "/api/%73essions/{id}",
+    ],
+)
+async def test_a_lookup_in_another_spelling_is_validated_and_forwarded_as_sent(
+    missing: Upstream, make_proxy: MakeProxy, db: str, spelling: str
+) -> None:
+    proxy = await make_proxy(missing.url, database_url=db)
+    status, headers, _ = await raw_get(proxy, spelling.format(id="exec_2025"))
+    assert status == 404 and headers["X-Session-Not-Found-Reason"] == "invalid_format"
+    assert missing.seen == []
+    sent = spelling.format(id=VALID_ID)
+    status, headers, _ = await raw_get(proxy, sent)
+    assert status == 404 and headers["X-Session-Not-Found-Reason"] == "never_existed"
+    assert [seen.raw_path for seen in missing.seen] == [sent]  # byte for byte
+    assert proxy.metric("session_lens_lookups_total", route=API, outcome="invalid") == 1
+    assert proxy.metric("session_lens_not_found_total", route=API, reason="never_existed") == 1
+
+
+async def test_a_percent_encoded_valid_id_is_valid(
+    missing: Upstream, make_proxy: MakeProxy, db: str
+) -> None:
+    proxy = await make_proxy(missing.url, database_url=db)
+    sent = "/api/sessions/exec%5F20251230%5f020944%5F4ad060d9"
+    status, headers, body = await raw_get(proxy, sent)
+    assert status == 404 and headers["X-Session-Not-Found-Reason"] == "never_existed"
+    assert __import__("json").loads(body)["session_id"] == VALID_ID
+    assert [seen.raw_path for seen in missing.seen] == [sent]
+
+
+async def test_empty_segments_are_kept_when_merge_slashes_is_off(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    proxy = await make_proxy(upstream.url, merge_slashes="false")
+    status, _, _ = await raw_get(proxy, "//api/sessions/exec_2025")
+    assert status == 200  # not a session route: forwarded unvalidated
+    assert [seen.raw_path for seen in upstream.seen] == ["//api/sessions/exec_2025"]
+    status, _, _ = await raw_get(proxy, "/api/./sessions/exec_2025")
+    assert status == 404  # dot segments are removed all the same

@@ -1,6 +1,12 @@
 import pytest
 
-from session_lens.routes import RouteMatch, RouteTable, TemplateError, compile_template
+from session_lens.routes import (
+    RouteMatch,
+    RouteTable,
+    TemplateError,
+    compile_template,
+    normalised,
+)
 
 table = RouteTable(["/api/sessions/{session_id}", "/sessions/{session_id}"])
 
@@ -49,3 +55,25 @@ def test_literal_parts_are_not_regex() -> None:
 def test_bad_templates_are_refused(template: str) -> None:
     with pytest.raises(TemplateError):
         compile_template(template)
+
+
+@pytest.mark.parametrize(
+    ("path", "merged", "kept"),
+    [
+        ("/api/sessions/x", "/api/sessions/x", "/api/sessions/x"),
+        ("//api//sessions/x", "/api/sessions/x", "//api//sessions/x"),
+        ("/api/./sessions/x", "/api/sessions/x", "/api/sessions/x"),
+        ("/api/a/b/../../sessions/x", "/api/sessions/x", "/api/sessions/x"),
+        ("/../api/sessions/x", "/api/sessions/x", "/api/sessions/x"),
+        ("/a/b/.", "/a/b/", "/a/b/"),
+        ("/a/b/..", "/a/", "/a/"),
+        ("/a/%2e%2E/b", "/b", "/b"),  # escaped dots are dots
+        ("/exec%5F2025%5f01%7E", "/exec_2025_01~", "/exec_2025_01~"),
+        ("/a/%c3%a9/%2f/%20", "/a/%C3%A9/%2F/%20", "/a/%C3%A9/%2F/%20"),  # reserved stay escaped
+        ("/a/.hidden/x", "/a/.hidden/x", "/a/.hidden/x"),
+        ("/a//../b", "/b", "/a/b"),
+    ],
+)
+def test_paths_are_normalised_for_matching(path: str, merged: str, kept: str) -> None:
+    assert normalised(path) == merged
+    assert normalised(path, merge_slashes=False) == kept

@@ -460,6 +460,10 @@ class Config:
         _routes,
         "comma-separated path templates with {session_id}",
     )
+    merge_slashes: bool = _setting(
+        True, _bool, "match routes with empty path segments merged (//), as nginx does"
+    )
+    """Whether `//` counts as `/` when routes are matched (what is forwarded never changes)."""
     max_future_skew: timedelta = _setting(
         timedelta(hours=24), parse_duration, "how far in the future an ID's timestamp may lie"
     )

@@ -20,6 +20,7 @@ from .observation import Observer
 from .problems import Answer, problem_answer
 from .reasons import Kind, Outcome, StatusClass, UpstreamError
 from .recorder import Recorder
+from .routes import normalised
 
 log = logging.getLogger("session_lens.proxy")
 
@@ -48,8 +49,13 @@ class Policy:
         self.lookups = Lookups(config, metrics, explainer)
         self.observer = Observer(config, recorder, self.drain) if recorder else None
         """Lifecycle events seen in traffic; None when not observing."""
+        self._merge_slashes = config.merge_slashes
         self.max_body = config.max_body_bytes
         """The largest request body accepted, if there is a limit."""
+
+    def route_path(self, path: str) -> str:
+        """The path (without its query) as routes are matched on it: normalised."""
+        return normalised(path, self._merge_slashes)
 
     # Counting
 

@@ -63,6 +63,46 @@ def compile_template(
     return re.compile("".join(parts) + ("(?:/.*)?" if subpaths else "/?"), re.DOTALL)
 
 
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_SLASHES = re.compile(r"//+")
+
+
+def normalised(path: str, merge_slashes: bool = True) -> str:
+    """`path` as routes are matched on it (RFC 3986 §6.2.2): percent-encoded unreserved
+    characters decoded (the other escapes' hex in upper case), empty segments merged
+    if `merge_slashes` (as nginx does), and dot segments removed.
+
+    Only matching sees it: what is forwarded stays byte-identical.
+    """
+    if "%" in path:
+        path = _PERCENT.sub(_unescaped, path)
+    if merge_slashes and "//" in path:
+        path = _SLASHES.sub("/", path)
+    if "/." in path:
+        path = _without_dot_segments(path)
+    return path
+
+
+def _unescaped(escape: re.Match[str]) -> str:
+    character = chr(int(escape[1], 16))
+    return character if character in _UNRESERVED else escape[0].upper()
+
+
+def _without_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4 on an absolute path: `.` dropped, `..` dropping the one before."""
+    segments = path.split("/")[1:]
+    kept: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    directory = segments[-1] in (".", "..") and kept  # `/a/b/..` is the directory `/a/`
+    return "/" + "/".join(kept) + ("/" if directory else "")
+
+
 class RouteTable:
     """Every configured session route, tried in order."""
 

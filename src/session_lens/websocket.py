@@ -274,9 +274,8 @@ class WebSocketRelay:
         exchange = policy.exchange(request.raw_path, request.headers.get(REQUEST_ID))
         policy.begin()
         try:
-            rejection = policy.lookups.lookup(
-                exchange, request.method, request.raw_path.partition("?")[0]
-            )
+            path = policy.route_path(request.raw_path.partition("?")[0])
+            rejection = policy.lookups.lookup(exchange, request.method, path)
             if rejection is not None:
                 return _response(rejection)
             return await self._relay(request, exchange)

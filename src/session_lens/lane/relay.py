@@ -50,16 +50,17 @@ class Relay:
             answer = policy.refuse(exchange, request.refusal.status, request.refusal.detail)
         else:
             method = request.method.decode()
+            path = policy.route_path(request.path)
             observation = None
             if policy.observer is not None:
-                observation = policy.observer.observe(exchange, method, request.path)
+                observation = policy.observer.observe(exchange, method, path)
                 request.observation = observation
             if observation is None or not observation.reads_request:
                 request.tap = None
             elif request.done:
                 _inspect(request)
             if observation is None:
-                answer = policy.lookups.lookup(exchange, method, request.path)
+                answer = policy.lookups.lookup(exchange, method, path)
         if answer is None:
             self._send_upstream(request)
             return
