@@ -78,7 +78,7 @@ async def test_database_mode_no_evidence_before_the_migration_predates_tracking(
 ) -> None:
     began = await horizon(migrated_now)
     assert abs(datetime.now(UTC) - began) < timedelta(minutes=1)
-    proxy = await make_proxy(missing.url, database_url=migrated_now)
+    proxy = await make_proxy(missing.url, database_url=migrated_now, disclose="lifecycle")
     why, body = await reason(proxy, OLD, "?include_deleted=true")
     assert why == "predates_tracking"
     assert body["reason"] == "predates_tracking"

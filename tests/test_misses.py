@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from session_lens.lifecycle import CreationFailed, Lifecycle
 from session_lens.migrations import migrate
 from session_lens.schema import Tables
 
-from .conftest import MakeProxy, ProxyUnderTest, Upstream, not_found
+from .conftest import MakeProxy, ProxyUnderTest, RawResponse, Upstream, not_found, raw_exchange
 
 SID = "exec_20251230_020944_4ad060d9"
 ROUTE = "/api/sessions/{session_id}"
@@ -116,7 +117,7 @@ async def test_lifecycle_members_describe_the_evidence(
 ) -> None:
     await conn.execute("INSERT INTO sessions (id, state) VALUES ($1, 'STOPPED')", SID)
     await conn.execute("UPDATE sessions SET state = 'DELETED' WHERE id = $1", SID)
-    proxy = await make_proxy(missing.url, database_url=db)
+    proxy = await make_proxy(missing.url, database_url=db, disclose="lifecycle")
     _, _, body = await lookup(proxy)
     lifecycle = body["lifecycle"]
     assert lifecycle["state"] == "DELETED"
@@ -234,7 +235,7 @@ async def test_failed_atomic_creation_explains_itself(
 
     with pytest.raises(CreationFailed):
         await Lifecycle(conn).create_session(SID, verify=boom)
-    proxy = await make_proxy(missing.url, database_url=db)
+    proxy = await make_proxy(missing.url, database_url=db, disclose="lifecycle")
     _, headers, body = await lookup(proxy)
     assert headers["X-Session-Not-Found-Reason"] == "creation_failed"
     assert body["lifecycle"]["last_transition"] == {
@@ -265,7 +266,10 @@ async def test_database_unreachable_means_unknown_on_time(
     missing: Upstream, make_proxy: MakeProxy
 ) -> None:
     proxy = await make_proxy(
-        missing.url, database_url="postgresql://nobody@127.0.0.1:1/none", breaker=Breaker(2, 60)
+        missing.url,
+        database_url="postgresql://nobody@127.0.0.1:1/none",
+        breaker=Breaker(2, 60),
+        disclose="lifecycle",
     )
     for _ in range(4):
         started = time.perf_counter()
@@ -353,3 +357,103 @@ async def test_legacy_timestamps_without_zone(
     status, headers, _ = await lookup(proxy)
     assert status == 404
     assert headers["X-Session-Not-Found-Reason"] == "not_yet_visible"
+
+
+@pytest.mark.parametrize(
+    ("convention", "reason"), [("first", "deleted"), ("last", "deleted_not_served")]
+)
+async def test_a_repeated_include_deleted_is_read_as_the_upstream_reads_it(
+    missing: Upstream,
+    make_proxy: MakeProxy,
+    conn: asyncpg.Connection,
+    db: str,
+    caplog: pytest.LogCaptureFixture,
+    convention: str,
+    reason: str,
+) -> None:
+    await conn.execute("INSERT INTO sessions (id, state) VALUES ($1, 'DELETED')", SID)
+    proxy = await make_proxy(missing.url, database_url=db, repeated_parameter=convention)
+    with caplog.at_level(logging.INFO, logger="session_lens"):
+        _, headers, _ = await lookup(proxy, "?include_deleted=false&include_deleted=true")
+        assert headers["X-Session-Not-Found-Reason"] == reason
+        [record] = [r for r in caplog.records if r.getMessage() == "session not found"]
+        assert "disagree" in record.note and convention in record.note  # type: ignore[attr-defined]
+        caplog.clear()
+        _, headers, _ = await lookup(proxy, "?include_deleted=true&include_deleted=1")
+        assert headers["X-Session-Not-Found-Reason"] == "deleted_not_served"
+        [record] = [r for r in caplog.records if r.getMessage() == "session not found"]
+        assert record.note is None  # type: ignore[attr-defined]  # they agree: nothing to say
+
+
+async def deleted(conn: asyncpg.Connection) -> None:
+    await conn.execute("INSERT INTO sessions (id, state) VALUES ($1, 'STOPPED')", SID)
+    await conn.execute("UPDATE sessions SET state = 'DELETED' WHERE id = $1", SID)
+
+
+async def test_a_client_learns_the_reason_and_only_the_reason_by_default(
+    missing: Upstream, make_proxy: MakeProxy, conn: asyncpg.Connection, db: str
+) -> None:
+    await deleted(conn)
+    for body_mode in ("merge", "problem"):
+        proxy = await make_proxy(missing.url, database_url=db, not_found_body=body_mode)
+        _, headers, body = await lookup(proxy)
+        assert headers["X-Session-Not-Found-Reason"] == "deleted"
+        assert body["reason"] == "deleted" and body["session_id"] == SID
+        assert "lifecycle" not in body and "DELETED" not in json.dumps(body), body
+    told = await make_proxy(missing.url, database_url=db, disclose="lifecycle")
+    _, _, body = await lookup(told)
+    assert body["lifecycle"]["state"] == "DELETED" and body["lifecycle"]["deleted_at"]
+
+
+async def test_disclosing_nothing_leaves_the_upstreams_answer_and_keeps_the_rest(
+    missing: Upstream,
+    make_proxy: MakeProxy,
+    conn: asyncpg.Connection,
+    db: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await deleted(conn)
+    for body_mode in ("merge", "problem", "passthrough"):
+        proxy = await make_proxy(
+            missing.url, database_url=db, disclose="nothing", not_found_body=body_mode
+        )
+        with caplog.at_level(logging.INFO, logger="session_lens"):
+            status, headers, body = await lookup(proxy)
+        assert status == 404 and "X-Session-Not-Found-Reason" not in headers
+        assert body == {"error": "session_not_found"}
+        assert proxy.metric("session_lens_not_found_total", route=ROUTE, reason="deleted") == 1
+        [record] = [r for r in caplog.records if r.getMessage() == "session not found"]
+        assert record.reason == "deleted"  # type: ignore[attr-defined]
+        caplog.clear()
+
+
+def _head_fields(response: RawResponse) -> dict[str, str]:
+    """An answer's fields, but those that differ from one answer to the next."""
+    return {k.lower(): v for k, v in response.headers if k.lower() not in ("date",)}
+
+
+@pytest.mark.parametrize("disclose", ["reason", "lifecycle", "nothing"])
+@pytest.mark.parametrize("body_mode", ["merge", "problem", "passthrough"])
+async def test_head_on_a_miss_has_the_head_get_has(
+    missing: Upstream,
+    make_proxy: MakeProxy,
+    conn: asyncpg.Connection,
+    db: str,
+    disclose: str,
+    body_mode: str,
+) -> None:
+    await deleted(conn)
+    proxy = await make_proxy(
+        missing.url, database_url=db, disclose=disclose, not_found_body=body_mode
+    )
+    answers = {}
+    for method in ("GET", "HEAD"):
+        request = (
+            f"{method} /api/sessions/{SID} HTTP/1.1\r\nHost: h\r\nX-Request-ID: r-1\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        answers[method] = await raw_exchange(proxy.port, request.encode())
+    get, head = answers["GET"], answers["HEAD"]
+    assert head.body == b""
+    assert int(get.header("Content-Length")[0]) == len(get.body)
+    assert _head_fields(head) == _head_fields(get)

@@ -81,6 +81,17 @@ class NotFoundBody(StrEnum):
     """The upstream's, as it sent it."""
 
 
+class Disclose(StrEnum):
+    """What a client learns of a miss."""
+
+    REASON = "reason"
+    """The reason, in a header and the body."""
+    LIFECYCLE = "lifecycle"
+    """The reason, and the session's lifecycle (state, deletion time, last transition)."""
+    NOTHING = "nothing"
+    """Only what the upstream said; metrics, logs and explain keep the rest."""
+
+
 class LifecycleSource(StrEnum):
     """Where the lifecycle tables learn of changes."""
 
@@ -88,6 +99,15 @@ class LifecycleSource(StrEnum):
     """The service's own table, through triggers."""
     OBSERVED = "observed"
     """The traffic: confirmed lifecycle requests, recorded by session-lens."""
+
+
+class Repeated(StrEnum):
+    """Which value of a repeated query parameter the upstream honours."""
+
+    FIRST = "first"
+    """As Flask, aiohttp and Go's net/http read it."""
+    LAST = "last"
+    """As Django, Starlette (FastAPI) and PHP read it."""
 
 
 class LogLevel(StrEnum):
@@ -526,6 +546,12 @@ class Config:
     backfill_state: str = _setting(
         "'ACTIVE'", sql_expression, "SQL expression giving existing rows their state"
     )
+    repeated_parameter: Repeated = _setting(
+        Repeated.FIRST,
+        _choice(Repeated),
+        "which of a repeated include_deleted the upstream honours",
+    )
+    """Which value of a repeated `include_deleted` decides, as the upstream's framework reads it."""
     miss_statuses: tuple[int, ...] = _setting(
         (404,), _statuses, "upstream statuses that mean not found"
     )
@@ -533,6 +559,11 @@ class Config:
         NotFoundBody.MERGE,
         _choice(NotFoundBody),
         "a miss's body: the reason merged into its JSON, a problem document, or as sent",
+    )
+    disclose: Disclose = _setting(
+        Disclose.REASON,
+        _choice(Disclose),
+        "what a client learns of a miss: its reason, the reason and the lifecycle, or nothing",
     )
     visibility_window: timedelta = _setting(
         timedelta(seconds=5), parse_duration, "how long a change may take to show upstream"

@@ -4,9 +4,11 @@ a miss explained and its body rewritten. Nothing here touches a socket."""
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from enum import Enum
+from urllib.parse import parse_qsl
 
-from .config import Config, NotFoundBody, Validation
+from .config import Config, Disclose, NotFoundBody, Repeated, Validation
 from .exchange import Exchange, id_header, ms_since, short_id
 from .explain import Explainer, Explanation
 from .ids import MAX_ID_LENGTH
@@ -62,6 +64,22 @@ def include_deleted_asked(value: str) -> bool:
     return value.lower() in ("true", "1")
 
 
+def include_deleted_in(query: str, last: bool) -> tuple[bool, str | None]:
+    """Whether a query asks for deleted sessions, by its first `include_deleted` (or its
+    `last`, as the upstream reads a repeated one), and a note when its values disagree."""
+    values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "include_deleted"]
+    if not values:
+        return False, None
+    asked = include_deleted_asked(values[-1] if last else values[0])
+    if len({include_deleted_asked(value) for value in values}) == 1:
+        return asked, None
+    which = "last" if last else "first"
+    return asked, (
+        f"include_deleted was given {len(values)} times with values that disagree;"
+        f" read as the {which} one says ({str(asked).lower()}), by repeated_parameter"
+    )
+
+
 class Lookups:
     """The rules of lookups: one instance per process, shared by every connection."""
 
@@ -71,8 +89,10 @@ class Lookups:
         self._explainer = explainer
         self._miss_statuses = frozenset(config.miss_statuses)
         self._miss_body_mode = config.not_found_body
+        self._disclose = config.disclose
         self._validator = config.id_validator
         self._enforce = config.validation == Validation.ENFORCE
+        self._last = config.repeated_parameter == Repeated.LAST
         self.routes = RouteTable(config.session_routes)
         """The session routes lookups are matched against."""
 
@@ -152,19 +172,25 @@ class Lookups:
         return outcome
 
     async def explain_miss(
-        self, exchange: Exchange, include_deleted: bool, status: int, sent: float
+        self, exchange: Exchange, query: str, status: int, sent: float
     ) -> Explanation:
-        """Classify a miss, count it and log it with the evidence behind the reason.
+        """Classify a miss (its `query` saying whether deleted sessions were asked for),
+        count it and log it with the evidence behind the reason.
 
         A malformed ID's miss is `invalid_format`, counted and logged when it was checked."""
         match = exchange.match
         assert match is not None
         if exchange.invalid:
             return _MALFORMED
+        include_deleted, note = include_deleted_in(query, self._last)
         exemplar = self._metrics.exemplar(match.session_id, exchange.request_id)
         explanation = await self._explainer.explain_miss(
             match.session_id, include_deleted, exemplar
         )
+        if note is not None:
+            explanation = replace(
+                explanation, note=f"{explanation.note}; {note}" if explanation.note else note
+            )
         self._metrics.not_found[match.route, explanation.reason].inc(exemplar=exemplar)
         log.info(
             "session not found",
@@ -185,14 +211,17 @@ class Lookups:
         )
         return explanation
 
-    def miss_plan(
-        self, method: str, headers: Mapping[str, str], length: int | None
-    ) -> "MissPlan | None":
-        """How a miss's body is rewritten, by `not_found_body`; None relays the upstream's.
+    def reason_header(self, explanation: Explanation) -> str | None:
+        """The reason a miss's answer says in its header; None when nothing is disclosed."""
+        return None if self._disclose is Disclose.NOTHING else explanation.reason.value
+
+    def miss_plan(self, headers: Mapping[str, str], length: int | None) -> "MissPlan | None":
+        """How a miss's body is rewritten, by `not_found_body` and `disclose`; None relays
+        the upstream's. A HEAD's plan is its GET's, so that its head is GET's too.
 
         `headers` are the answer's, looked up case-insensitively.
         """
-        if self._miss_body_mode == NotFoundBody.PASSTHROUGH or method == "HEAD":
+        if self._miss_body_mode == NotFoundBody.PASSTHROUGH or self._disclose is Disclose.NOTHING:
             return None
         if self._miss_body_mode == NotFoundBody.PROBLEM:
             return MissPlan.PROBLEM
@@ -216,11 +245,14 @@ class Lookups:
         `raw` is the upstream's whole body when merging."""
         match = exchange.match
         assert match is not None
-        members = {
+        members: dict[str, object] = {
             "reason": explanation.reason.value,
             "session_id": match.session_id,
-            "lifecycle": explanation.lifecycle(),
         }
+        if self._disclose is Disclose.LIFECYCLE:
+            members["lifecycle"] = explanation.lifecycle()
+        if explanation.note is not None:
+            members["note"] = explanation.note
         if plan is MissPlan.PROBLEM:
             document = {
                 "title": phrase(status),

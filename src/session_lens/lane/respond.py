@@ -4,12 +4,11 @@ a lifecycle answer shown to its observation."""
 
 import asyncio
 import time
-from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict
 
 from ..hop import BODYLESS, Framing, end_to_end
-from ..lookups import MAX_MERGED_BODY, REASON_HEADER, MissPlan, include_deleted_asked
+from ..lookups import MAX_MERGED_BODY, REASON_HEADER, MissPlan
 from ..observation import MAX_INSPECTED_BODY, Observation
 from ..problems import Answer
 from ..reasons import Outcome
@@ -144,7 +143,9 @@ class Responder:
             out += (b"Date: ", self._lane.clock.date(), b"\r\n")
         if exchange.id_generated and b"x-request-id" not in named:
             out += (b"X-Request-ID: ", exchange.request_id.encode(), b"\r\n")
-        said_chunked = mode is _NONE and upstream.framing is _CHUNKED and not request.http10
+        said_chunked = (
+            mode is _NONE and not length and upstream.framing is _CHUNKED and not request.http10
+        )
         request.stage = _REPLYING
         if mode is _CHUNKED or said_chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
@@ -227,26 +228,26 @@ class Responder:
         exchange = request.exchange
         assert exchange is not None
         query = request.target.partition(b"?")[2].decode("latin-1")
-        pairs = parse_qsl(query, keep_blank_values=True)
-        include_deleted = include_deleted_asked(
-            next((value for key, value in pairs if key == "include_deleted"), "")
-        )
         lookups = policy.lookups
-        explanation = await lookups.explain_miss(exchange, include_deleted, upstream.status, sent)
+        explanation = await lookups.explain_miss(exchange, query, upstream.status, sent)
         headers: CIMultiDict[str] = CIMultiDict(
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in fields
         )
-        headers[REASON_HEADER] = explanation.reason.value
+        reason = lookups.reason_header(explanation)
+        if reason is not None:
+            headers[REASON_HEADER] = reason
         length = upstream.length if upstream.framing is _LENGTH else None
-        plan = lookups.miss_plan(request.method.decode(), headers, length)
+        plan = lookups.miss_plan(headers, length)
+        head_only = request.method == b"HEAD"
         rewritten: bytes | None = None
         if plan is not None:
             try:
-                raw = await _whole(upstream, MAX_MERGED_BODY if plan is MissPlan.MERGE else 0)
+                raw = await self._miss_body(request, upstream, plan)
             except UpstreamFailure as failure:
                 answer = policy.failure(exchange, failure.kind, failure, counted=True)
                 self._client.out.write(own_answer(request, answer, close, self._lane))
                 return close
+        if plan is not None and raw is not None:
             rewritten, content_type = lookups.miss_body(
                 plan, upstream.status, exchange, explanation, raw
             )
@@ -261,10 +262,53 @@ class Responder:
         has_length = True if rewritten is not None else None
         out, mode = self._head_of(request, upstream, fields, named, close, has_length)
         if rewritten is not None:
-            self._client.out.write(b"".join(out) + rewritten)
+            self._client.out.write(b"".join(out) + (b"" if head_only else rewritten))
             exchange.upstream_seconds = time.perf_counter() - sent
             return close
         return await self._stream(out, request, upstream, mode, sent) or close
+
+    async def _miss_body(
+        self, request: Request, upstream: Upstream, plan: MissPlan
+    ) -> bytes | None:
+        """The upstream's body of a miss, as much as `plan` needs of it (the rest read and
+        dropped); None when a HEAD's cannot be had, and its answer is relayed as it is.
+
+        A HEAD answer has no body: to merge the reason into it as into GET's, the upstream
+        is asked for GET's, so that the head (its Content-Length above all) is GET's."""
+        if plan is not MissPlan.MERGE:
+            return b"" if upstream.head_only else await _whole(upstream, 0)
+        if not upstream.head_only:
+            return await _whole(upstream, MAX_MERGED_BODY)
+        return await self._body_as_got(request, upstream.status)
+
+    async def _body_as_got(self, request: Request, status: int) -> bytes | None:
+        """The body the upstream answers a GET of a HEAD's target with, if that answer is
+        the same miss with a length within MAX_MERGED_BODY; None otherwise."""
+        exchange = request.exchange
+        assert exchange is not None
+        if request.chunked or request.length:  # a HEAD with a body: not sent twice
+            return None
+        head = self._lane.request_head(request, self._client.peer, exchange.request_id.encode())
+        head[0] = b"GET"
+        try:
+            got, _ = await self._lane.pool.acquire()
+        except UpstreamFailure:
+            return None
+        whole = False
+        try:
+            got.send(b"".join(head))
+            while not got.headed:
+                await got.wait()
+            fits = got.framing is _LENGTH and (got.length or 0) <= MAX_MERGED_BODY
+            if got.status != status or not fits:
+                return None
+            body = await _whole(got, MAX_MERGED_BODY)
+            whole = True
+            return body
+        except UpstreamFailure:
+            return None
+        finally:
+            got.done(reusable=whole)
 
 
 def _tap(tap: bytearray, chunks: list[bytes]) -> None:
