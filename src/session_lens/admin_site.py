@@ -167,6 +167,14 @@ class AdminSite(web.BaseSite):
         """The URL listened at, as aiohttp names its sites."""
         return f"http://{self._address}"
 
+    @property
+    def port(self) -> int:
+        """The port listened on once started (the one asked for before)."""
+        server = self._server
+        if isinstance(server, asyncio.Server) and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+        return self._address.port
+
     async def start(self) -> None:
         """Listen, each connection guarded, those over the limit refused with a 503."""
         await super().start()
