@@ -520,3 +520,27 @@ async def test_events_without_an_id_are_counted_and_told_once_per_route_and_caus
     # no ID either), one by Location, one by the request's body; one stop.
     assert unidentified == {"create": 9, "stop": 1}
     assert await conn.fetchval("SELECT count(*) FROM session_lens_events") == 1
+
+
+async def test_a_template_naming_the_id_stands_in_for_an_answer_without_one(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, conn: asyncpg.Connection
+) -> None:
+    async def answers(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"created": True}, status=201)
+
+    upstream.respond = answers
+    routes = json.dumps(
+        [{"method": "PUT", "path": "/api/sessions/{session_id}", "action": "create",
+          "id_from": "response:/id"}]
+    )  # fmt: skip
+    proxy = await make_proxy(
+        upstream.url, database_url=db, lifecycle_source="observed", lifecycle_routes=routes
+    )
+    assert await call(proxy, "PUT", f"/api/sessions/{SID}") == 201
+    await settled(proxy)
+    assert await timeline(conn) == [(None, "ACTIVE", "observed")]
+    assert (
+        proxy.metric("session_lens_lifecycle_events_total", action="create", result="unidentified")
+        == 0
+    )

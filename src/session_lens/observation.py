@@ -31,10 +31,12 @@ class NoId:
     missing: str
 
 
-_UNANSWERED = {
+_IN_PATH = "the path's {session_id} segment"
+_UNSEEN = {
     IdFrom.REQUEST: NoId("the request's body did not arrive whole"),
     IdFrom.RESPONSE: NoId("no answer came to take the ID from"),
     IdFrom.LOCATION: NoId("no Location to take the ID from: the creation was not confirmed"),
+    IdFrom.PATH: NoId(f"{_IN_PATH} is missing"),
 }
 """What a route lacks until the part of the exchange holding its ID has been seen."""
 
@@ -99,12 +101,11 @@ class Observation:
         self._observer = observer
         self._exchange = exchange
         self._found = found
-        id_from = found.route.id_from
-        self._session_id = (
-            _usable_id(found.session_id or "", "the path's {session_id} segment")
-            if id_from is IdFrom.PATH
-            else _UNANSWERED[id_from]
-        )
+        in_path = None if found.session_id is None else _usable_id(found.session_id, _IN_PATH)
+        if found.route.id_from is IdFrom.PATH and in_path is not None:
+            self._session_id = in_path
+        else:  # a template may name the ID too: it stands in for one the answer lacks
+            self._session_id = in_path if isinstance(in_path, str) else _UNSEEN[found.route.id_from]
         self.answered = False
         self._ok = False
         self._detail: str | None = None
@@ -119,7 +120,7 @@ class Observation:
         if whole:
             self._session_id = _id_at(body, self._found.route.pointer, "the request's body")
         else:
-            self._session_id = NoId(f"the request's body is larger than {_MIB} to look in")
+            self._take(NoId(f"the request's body is larger than {_MIB} to look in"))
 
     def answer(self, status: int, location: str | None) -> bool:
         """The upstream answered; True when the ID is to be read from the body to come
@@ -141,11 +142,11 @@ class Observation:
     def answer_body(self, body: bytes, whole: bool) -> None:
         """The answer's body (its first bytes, unless `whole`) after `answer` asked for it."""
         if whole:
-            self._session_id = _id_at(body, self._found.route.pointer, "the answer's body")
+            self._take(_id_at(body, self._found.route.pointer, "the answer's body"))
         elif len(body) > MAX_INSPECTED_BODY:
-            self._session_id = NoId(f"the answer's body is larger than {_MIB} to look in")
+            self._take(NoId(f"the answer's body is larger than {_MIB} to look in"))
         else:
-            self._session_id = NoId("the answer's body was cut short")
+            self._take(NoId("the answer's body was cut short"))
         self._settle()
 
     def unanswered(self, why: str | None = None) -> None:
@@ -161,6 +162,11 @@ class Observation:
         self.answered = True
         self._ok, self._detail = False, why
         self._settle()
+
+    def _take(self, found: str | NoId) -> None:
+        """The ID found, or else the path's when its template names one."""
+        if isinstance(found, str) or isinstance(self._session_id, NoId):
+            self._session_id = found
 
     def _settle(self) -> None:
         session_id = self._session_id
