@@ -447,3 +447,100 @@ async def test_awkward_bodies_and_locations(
     assert await call(proxy, "POST", "/chunked", data=chunks()) == 201
     await settled(proxy)
     assert [row[0] for row in await conn.fetch("SELECT session_id FROM session_audit")] == [SID]
+
+
+async def test_events_without_an_id_are_counted_and_told_once_per_route_and_cause(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, conn: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    async def answers(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.path == "/api/sessions":  # a service that moved the ID under /data
+            kind = request.query.get("kind")
+            if kind == "text":
+                return web.Response(text="created", status=201)
+            if kind == "string":
+                return web.json_response(SID, status=201)
+            if kind == "failed":
+                return web.json_response({"error": "disk full"}, status=503)
+            return web.json_response({"data": {"id": SID}}, status=201)
+        return web.json_response({}, status=201)  # no Location, no ID
+
+    upstream.respond = answers
+    routes = json.dumps(
+        [
+            {"method": "POST", "path": "/api/sessions", "action": "create",
+             "id_from": "response:/id"},
+            {"method": "POST", "path": "/v2/sessions", "action": "create", "id_from": "location"},
+            {"method": "POST", "path": "/v3/sessions", "action": "create",
+             "id_from": "request:/session/id"},
+            {"method": "POST", "path": "/api/sessions/{session_id}/stop", "action": "stop"},
+        ]
+    )  # fmt: skip
+    proxy = await make_proxy(
+        upstream.url, database_url=db, lifecycle_source="observed", lifecycle_routes=routes
+    )
+    with caplog.at_level("WARNING", logger="session_lens"):
+        for _ in range(3):
+            assert await call(proxy, "POST", "/api/sessions") == 201
+        assert await call(proxy, "POST", "/api/sessions?kind=text") == 201
+        assert await call(proxy, "POST", "/api/sessions?kind=string") == 201
+        assert await call(proxy, "POST", "/api/sessions?kind=failed") == 503
+        assert await call(proxy, "POST", "/api/sessions") == 201
+        assert await call(proxy, "POST", "/v2/sessions") == 201
+        assert await call(proxy, "POST", "/v3/sessions", json={"session": "exec"}) == 201
+        assert await call(proxy, "POST", "/api/sessions//stop") == 201
+        assert await call(proxy, "POST", f"/api/sessions/{SID}/stop") == 201  # has its ID
+        await settled(proxy)
+
+    told = [
+        (r.__dict__["route"], r.__dict__["id_from"], r.__dict__["missing"])
+        for r in caplog.records
+        if r.getMessage().startswith("lifecycle event not recorded")
+    ]
+    # One line the first time a route lacks its ID in a way, never one per request.
+    assert told == [
+        ("POST /api/sessions", "response:/id", "the answer's body has nothing at /id"),
+        ("POST /api/sessions", "response:/id", "the answer's body is not JSON"),
+        ("POST /api/sessions", "response:/id",
+         "the answer's body holds a string at its top, not an object or an array"),
+        ("POST /v2/sessions", "location", "the answer has no Location header"),
+        ("POST /v3/sessions", "request:/session/id",
+         "the request's body holds a string at /session, not an object or an array"),
+        ("POST /api/sessions/{session_id}/stop", "path",
+         "the path's {session_id} segment is empty"),
+    ]  # fmt: skip
+    unidentified = {
+        action: proxy.metric(
+            "session_lens_lifecycle_events_total", action=action, result="unidentified"
+        )
+        for action in ("create", "stop")
+    }
+    # Each one counted: seven on the first route (the failed creation's answer carries
+    # no ID either), one by Location, one by the request's body; one stop.
+    assert unidentified == {"create": 9, "stop": 1}
+    assert await conn.fetchval("SELECT count(*) FROM session_lens_events") == 1
+
+
+async def test_a_template_naming_the_id_stands_in_for_an_answer_without_one(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, conn: asyncpg.Connection
+) -> None:
+    async def answers(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"created": True}, status=201)
+
+    upstream.respond = answers
+    routes = json.dumps(
+        [{"method": "PUT", "path": "/api/sessions/{session_id}", "action": "create",
+          "id_from": "response:/id"}]
+    )  # fmt: skip
+    proxy = await make_proxy(
+        upstream.url, database_url=db, lifecycle_source="observed", lifecycle_routes=routes
+    )
+    assert await call(proxy, "PUT", f"/api/sessions/{SID}") == 201
+    await settled(proxy)
+    assert await timeline(conn) == [(None, "ACTIVE", "observed")]
+    assert (
+        proxy.metric("session_lens_lifecycle_events_total", action="create", result="unidentified")
+        == 0
+    )

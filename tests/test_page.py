@@ -97,7 +97,13 @@ async def test_json_is_what_it_was_for_every_other_client(
     assert (
         await response.read()
         == json.dumps(
-            {"session_id": "nope", "reason": "invalid_format", "rule": "pattern"}
+            {
+                "session_id": "nope",
+                "reason": "invalid_format",
+                "rule": "pattern",
+                "why": "it does not have the form exec_YYYYMMDD_HHMMSS_xxxxxxxx (x: lowercase hex):"
+                " a malformed ID, which no session has",
+            }
         ).encode()
     )
 

@@ -249,15 +249,19 @@ async def _explain(request: web.Request) -> web.Response:
     html = prefers_html(request.headers.get("Accept", ""))
     rule = config.id_validator.check(session_id)
     if rule is not None:
+        why = config.id_validator.broken(session_id, rule)
         if html:
             page = problem_page(
-                "Not a session ID",
-                f"it breaks the rule {rule.value!r}: no lookup would reach the service",
-                session_id[:64],
+                "Not a session ID", f"{why} (the rule {rule.value!r})", session_id[:64]
             )
             return _page(page, 400)
         response = web.json_response(
-            {"session_id": session_id[:64], "reason": "invalid_format", "rule": rule.value},
+            {
+                "session_id": session_id[:64],
+                "reason": "invalid_format",
+                "rule": rule.value,
+                "why": why,
+            },
             status=400,
         )
     else:

@@ -51,17 +51,27 @@ def _without_row(evidence: Evidence, minted_at: datetime | None) -> Reason:
     return Reason.NEVER_EXISTED
 
 
+def creating_since(evidence: Evidence) -> datetime:
+    """Since when a CREATING row has been creating, as far as the evidence tells."""
+    return evidence.created_at or evidence.last_at or evidence.now
+
+
+def last_change(evidence: Evidence) -> datetime | None:
+    """When a row last changed: its own stamp or its newest audit entry, the later."""
+    stamps = [t for t in (evidence.updated_at, evidence.last_at) if t is not None]
+    return max(stamps) if stamps else None
+
+
 def _creating(evidence: Evidence, creation_timeout: timedelta) -> Reason:
     """Still being created, or stuck there for longer than a creation takes."""
-    started = evidence.created_at or evidence.last_at or evidence.now
-    if evidence.now - started < creation_timeout:
+    if evidence.now - creating_since(evidence) < creation_timeout:
         return Reason.CREATING
     return Reason.CREATION_FAILED
 
 
 def _live(evidence: Evidence, visibility_window: timedelta) -> Reason:
     """A live row the upstream did not serve: a change too recent to see, or a disagreement."""
-    stamps = [t for t in (evidence.updated_at, evidence.last_at) if t is not None]
-    if stamps and evidence.now - max(stamps) < visibility_window:
+    changed = last_change(evidence)
+    if changed is not None and evidence.now - changed < visibility_window:
         return Reason.NOT_YET_VISIBLE
     return Reason.UPSTREAM_INCONSISTENT

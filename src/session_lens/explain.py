@@ -10,16 +10,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from .classify import classify
+from .classify import classify, creating_since, last_change
 from .config import Config
 from .metrics import Metrics
 from .reasons import Reason
 from .retention import Fate, StoreRetention
+from .schema import SessionState
 from .store import (
     AuditEntry,
     Evidence,
@@ -37,6 +38,8 @@ HEALTH_TIMEOUT = 1.0
 EXPLAIN_TIMEOUT = 5.0
 HORIZON_REFRESH = 60.0
 """How often the horizon gauge is read again when nothing else reads it."""
+MAX_AUDIT_REASON = 200
+"""The most of an audit entry's reason a sentence of `explain` quotes."""
 
 
 class Breaker:
@@ -142,24 +145,192 @@ class Report:
     reason: Reason
     reason_with_include_deleted: Reason
     retained: Retained | None
+    visibility_window: timedelta
+    creation_timeout: timedelta
 
     def why(self) -> str:
         """The reason a miss would get now, in a sentence a person can act on."""
-        minted = _when(self.minted_at)
-        horizon = _when(self.evidence.horizon)
-        if self.reason is Reason.EXPIRED and self.retained is not None:
-            return (
-                f"minted {minted}, in the partition from {_when(self.retained.partition_start)},"
-                f" which the store's retention ({self.retained.retention}) has dropped by now"
-            )
-        if self.reason is Reason.PREDATES_TRACKING:
-            return (
-                f"minted {minted}, before tracking began on {horizon}:"
-                " no evidence either way (import the service's store to know more)"
-            )
-        if self.reason is Reason.NEVER_EXISTED:
-            return f"minted {minted}, after tracking began on {horizon}, and never recorded"
-        return f"minted {minted}; tracked since {horizon}"
+        return self.because(self.reason)
+
+    def why_with_include_deleted(self) -> str:
+        """The reason a miss asked with `include_deleted=true` would get, in a sentence."""
+        return self.because(self.reason_with_include_deleted)
+
+    def because(self, reason: Reason) -> str:
+        """What the evidence gathered for this ID shows of `reason`, in one sentence."""
+        return f"minted {_when(self.minted_at)}, {_SHOWS.get(reason, _unknown)(self)}"
+
+
+# What each reason's evidence shows: the sentence after "minted <when>, ".
+
+
+def _expired(report: Report) -> str:
+    retained = report.retained
+    if retained is None:
+        return _unknown(report)
+    return (
+        f"in the partition from {_when(retained.partition_start)}, which the store's"
+        f" retention ({retained.retention}) has dropped by now"
+    )
+
+
+def _predates_tracking(report: Report) -> str:
+    horizon = report.evidence.horizon
+    since = (
+        "and no tracking horizon is recorded"
+        if horizon is None
+        else f"before tracking began on {_when(horizon)}"
+    )
+    return f"{since}: no evidence either way (import the service's store to know more)"
+
+
+def _never_existed(report: Report) -> str:
+    return (
+        f"after tracking began on {_when(report.evidence.horizon)}, and never recorded:"
+        " no row and no audit entry"
+    )
+
+
+def _creating(report: Report) -> str:
+    since = creating_since(report.evidence)
+    return (
+        f"CREATING since {_when(since)}, {_ago(report, since)}, within the creation timeout"
+        f" ({_span(report.creation_timeout)}): the lookup raced the creation"
+    )
+
+
+def _creation_failed(report: Report) -> str:
+    evidence = report.evidence
+    if evidence.has_row:
+        since = creating_since(evidence)
+        return (
+            f"CREATING since {_when(since)}, {_ago(report, since)}, longer than the creation"
+            f" timeout ({_span(report.creation_timeout)}): the creation never completed"
+        )
+    return f"its creation failed at {_when(evidence.last_at)}{_by(_latest(report))}, no row left"
+
+
+def _deleted(report: Report) -> str:
+    return (
+        f"{_deletion(report)}: the upstream hides deleted sessions unless a lookup asks with"
+        " include_deleted=true"
+    )
+
+
+def _deleted_not_served(report: Report) -> str:
+    return (
+        f"{_deletion(report)}: a lookup with include_deleted=true should find it, so a 404"
+        " to one means the upstream ignores include_deleted"
+    )
+
+
+def _purged(report: Report) -> str:
+    evidence = report.evidence
+    first = f"first recorded {_when(report.timeline[0].occurred_at)}, " if report.timeline else ""
+    last = f"{_when(evidence.last_at)}{_by(_latest(report))}"
+    if evidence.last_new_state is not None:  # gone without a word: TRUNCATE, a table swapped
+        return (
+            f"{first}left {evidence.last_new_state} by the last audit entry ({last}) but without"
+            " a row now: removed where the audit trigger did not see it"
+        )
+    return (
+        f"{first}its row removed at {last} while {evidence.last_old_state}: hard-deleted,"
+        " only the audit trail remembers it"
+    )
+
+
+def _archived(report: Report) -> str:
+    entry = _entry_into(report, SessionState.ARCHIVED)
+    when = "" if entry is None else f" at {_when(entry.occurred_at)}{_by(entry)}"
+    return f"archived{when}: moved to cold storage, where the upstream does not look"
+
+
+def _not_yet_visible(report: Report) -> str:
+    changed = last_change(report.evidence)
+    return (
+        f"{report.evidence.state} after a change at {_when(changed)}{_by(_latest(report))},"
+        f" {_ago(report, changed)}, within the visibility window"
+        f" ({_span(report.visibility_window)}): the upstream's store may not show it yet"
+    )
+
+
+def _upstream_inconsistent(report: Report) -> str:
+    changed = last_change(report.evidence)
+    return (
+        f"{report.evidence.state} since {_when(changed)}{_by(_latest(report))},"
+        f" {_ago(report, changed)}, past the visibility window"
+        f" ({_span(report.visibility_window)}): the records say it is live, so a 404 means"
+        " the upstream lost it"
+    )
+
+
+def _unknown(report: Report) -> str:
+    return (
+        f"its row's state {report.evidence.state!r} is none the lifecycle model knows:"
+        " no reason follows from it"
+    )
+
+
+_SHOWS: dict[Reason, Callable[[Report], str]] = {
+    Reason.EXPIRED: _expired,
+    Reason.PREDATES_TRACKING: _predates_tracking,
+    Reason.NEVER_EXISTED: _never_existed,
+    Reason.CREATING: _creating,
+    Reason.CREATION_FAILED: _creation_failed,
+    Reason.DELETED: _deleted,
+    Reason.DELETED_NOT_SERVED: _deleted_not_served,
+    Reason.PURGED: _purged,
+    Reason.ARCHIVED: _archived,
+    Reason.NOT_YET_VISIBLE: _not_yet_visible,
+    Reason.UPSTREAM_INCONSISTENT: _upstream_inconsistent,
+}
+
+
+def _ago(report: Report, moment: datetime | None) -> str:
+    """How long before the evidence was read `moment` was."""
+    return "at an unknown time" if moment is None else f"{_span(report.evidence.now - moment)} ago"
+
+
+def _latest(report: Report) -> AuditEntry | None:
+    """The newest audit entry, when the timeline read holds it (it stops at its limit)."""
+    entry = report.timeline[-1] if report.timeline else None
+    return entry if entry is not None and entry.occurred_at == report.evidence.last_at else None
+
+
+def _entry_into(report: Report, state: SessionState) -> AuditEntry | None:
+    """The newest audit entry that moved the session into `state`."""
+    return next((e for e in reversed(report.timeline) if e.new_state == state), None)
+
+
+def _deletion(report: Report) -> str:
+    """When and by whom a session was deleted, and how long after its creation."""
+    evidence = report.evidence
+    entry = _entry_into(report, SessionState.DELETED)
+    deleted = evidence.deleted_at or (entry.occurred_at if entry else None)
+    said = f"deleted at {_when(deleted)}{_by(entry)}"
+    if deleted is None or evidence.created_at is None or deleted < evidence.created_at:
+        return said
+    return f"{said}, {_span(deleted - evidence.created_at)} after its creation"
+
+
+def _by(entry: AuditEntry | None) -> str:
+    """Who made a change, as its audit entry names them: " by ops (sql: a reason)"."""
+    if entry is None:
+        return ""
+    reason = " ".join((entry.reason or "").split())  # one line, whatever the writer gave
+    if len(reason) > MAX_AUDIT_REASON:
+        reason = reason[:MAX_AUDIT_REASON] + "…"
+    return f" by {entry.actor} ({entry.trigger}{': ' + reason if reason else ''})"
+
+
+def _span(length: timedelta) -> str:
+    """A length of time as a person says it: 0.4 s, 45 s, 10 min, 1 h, 3 days."""
+    seconds = length.total_seconds()
+    for unit, size in (("day", 86_400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size or (seconds >= size and seconds % size == 0):
+            count = round(seconds / size)
+            return f"{count} {unit}s" if unit == "day" and count != 1 else f"{count} {unit}"
+    return f"{round(seconds, 1):g} s" if seconds < 10 else f"{round(seconds)} s"
 
 
 class Explainer:
@@ -315,6 +486,8 @@ class Explainer:
             self._classify(session_id, evidence, False, retained),
             self._classify(session_id, evidence, True, retained),
             retained,
+            self._config.visibility_window,
+            self._config.creation_timeout,
         )
 
     async def health(self) -> str | None:
@@ -357,6 +530,7 @@ def report_json(report: Report) -> dict[str, Any]:
         "reason": report.reason.value,
         "reason_with_include_deleted": report.reason_with_include_deleted.value,
         "why": report.why(),
+        "why_with_include_deleted": report.why_with_include_deleted(),
         "note": retained.note() if retained else None,
         "timeline": [
             {

@@ -43,6 +43,27 @@ class IdValidator:
             return Rule.FUTURE
         return None
 
+    def broken(self, session_id: str, rule: Rule) -> str:
+        """What `session_id` shows that breaks `rule`, in one sentence."""
+        if rule is Rule.MISSING:
+            shows = "the ID is empty"
+        elif rule is Rule.TOO_LONG:
+            shows = f"it is {len(session_id)} characters long, more than {MAX_ID_LENGTH}"
+        elif rule is Rule.CALENDAR:  # it has the form: the digits are where the form puts them
+            day, moment = session_id[5:13], session_id[14:20]
+            shows = (
+                f"it names {day[:4]}-{day[4:6]}-{day[6:]} {moment[:2]}:{moment[2:4]}:{moment[4:]},"
+                " a date or time that does not exist"
+            )
+        elif rule is Rule.FUTURE:
+            shows = (
+                f"it is dated {self.minted_at(session_id):%Y-%m-%d %H:%M:%S} UTC, more than"
+                f" {self._max_future_skew / 3600:g} h ahead of now (the allowed clock skew)"
+            )
+        else:
+            shows = "it does not have the form exec_YYYYMMDD_HHMMSS_xxxxxxxx (x: lowercase hex)"
+        return f"{shows}: a malformed ID, which no session has"
+
     def minted_at(self, session_id: str) -> datetime | None:
         """When a well-formed ID was minted (an aware datetime in UTC), else None."""
         if len(session_id) > MAX_ID_LENGTH:

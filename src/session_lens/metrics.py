@@ -27,6 +27,7 @@ EVENT_RESULTS = (
     "before_horizon",
     "late",
     "future",
+    "unidentified",
 )
 CLASSIFICATION_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,

@@ -3,29 +3,52 @@ its session, recorded once the upstream has confirmed it. Nothing here touches a
 
 import json
 import logging
+from dataclasses import dataclass
 
 from yarl import URL
 
 from .config import Config
 from .drain import Drain
 from .exchange import Exchange
+from .metrics import Metrics
 from .reasons import Kind
 from .recorder import Event, Recorder
-from .routes import Action, IdFrom, LifecycleMatch, LifecycleTable, resolve_pointer
+from .routes import Action, IdFrom, LifecycleMatch, LifecycleTable, PointerMiss, resolve_pointer
 
 log = logging.getLogger("session_lens.proxy")
 
 MAX_INSPECTED_BODY = 1 << 20
 """Lifecycle bodies larger than this are relayed without looking for an ID in them."""
 MAX_OBSERVED_ID = 128
+_MIB = f"{MAX_INSPECTED_BODY >> 20} MiB"
+
+
+@dataclass(frozen=True, slots=True)
+class NoId:
+    """Why an observed event has no session ID: `missing` is made of fixed words and the
+    route's own pointer, never of what a request carried, so its kinds are few."""
+
+    missing: str
+
+
+_IN_PATH = "the path's {session_id} segment"
+_UNSEEN = {
+    IdFrom.REQUEST: NoId("the request's body did not arrive whole"),
+    IdFrom.RESPONSE: NoId("no answer came to take the ID from"),
+    IdFrom.LOCATION: NoId("no Location to take the ID from: the creation was not confirmed"),
+    IdFrom.PATH: NoId(f"{_IN_PATH} is missing"),
+}
+"""What a route lacks until the part of the exchange holding its ID has been seen."""
 
 
 class Observer:
     """Lifecycle routes matched, and their events handed to the recorder."""
 
-    def __init__(self, config: Config, recorder: Recorder, drain: Drain) -> None:
+    def __init__(self, config: Config, recorder: Recorder, metrics: Metrics, drain: Drain) -> None:
         self._recorder = recorder
+        self._metrics = metrics
         self._routes = LifecycleTable(config.lifecycle_routes)
+        self._told: set[tuple[str, str]] = set()
         self.drain = drain
 
     def observe(self, exchange: Exchange, method: str, path: str) -> "Observation | None":
@@ -44,28 +67,45 @@ class Observer:
         ok: bool,
         detail: str | None,
     ) -> None:
-        usable = _usable_id(session_id)
-        if usable is None:
-            log.warning(
-                "lifecycle event without a usable session id",
-                extra={"request_id": exchange.request_id, "route": found.route.name},
-            )
+        """Hand the recorder an event the upstream confirmed (or a creation it failed)."""
+        request_id = exchange.request_id if _usable(exchange.request_id) else "(unprintable)"
+        self._recorder.record(Event.new(session_id, found.route.action, request_id, ok, detail))
+
+    def unidentified(self, exchange: Exchange, found: LifecycleMatch, why: NoId) -> None:
+        """An event the upstream confirmed, without its ID where the route says: counted
+        every time, logged the first time each route lacks it in each way."""
+        route = found.route
+        self._metrics.lifecycle_events[route.action, "unidentified"].inc()
+        if (route.name, why.missing) in self._told:
             return
-        request_id = _usable_id(exchange.request_id) or "(unprintable)"
-        self._recorder.record(Event.new(usable, found.route.action, request_id, ok, detail))
+        self._told.add((route.name, why.missing))
+        log.warning(
+            "lifecycle event not recorded: no session ID where the route takes it from"
+            " (said once per route and cause; each one is counted as unidentified)",
+            extra={
+                "route": route.name,
+                "id_from": route.id_source,
+                "missing": why.missing,
+                "request_id": exchange.request_id,
+            },
+        )
 
 
 class Observation:
     """One lifecycle request on its way: what it says of its session, recorded once the
     upstream has confirmed it (or failed a creation)."""
 
-    __slots__ = ("_detail", "_exchange", "_found", "_observer", "_ok", "answered", "session_id")
+    __slots__ = ("_detail", "_exchange", "_found", "_observer", "_ok", "_session_id", "answered")
 
     def __init__(self, observer: Observer, exchange: Exchange, found: LifecycleMatch) -> None:
         self._observer = observer
         self._exchange = exchange
         self._found = found
-        self.session_id: str | None = found.session_id
+        in_path = None if found.session_id is None else _usable_id(found.session_id, _IN_PATH)
+        if found.route.id_from is IdFrom.PATH and in_path is not None:
+            self._session_id = in_path
+        else:  # a template may name the ID too: it stands in for one the answer lacks
+            self._session_id = in_path if isinstance(in_path, str) else _UNSEEN[found.route.id_from]
         self.answered = False
         self._ok = False
         self._detail: str | None = None
@@ -78,12 +118,9 @@ class Observation:
     def request_body(self, body: bytes, whole: bool) -> None:
         """The request body (its first bytes, unless `whole`), to find the ID in."""
         if whole:
-            self.session_id = _id_at(body, self._found.route.pointer)
-            return
-        log.warning(
-            "lifecycle request body too large to find the ID in",
-            extra={"request_id": self._exchange.request_id, "route": self._found.route.name},
-        )
+            self._session_id = _id_at(body, self._found.route.pointer, "the request's body")
+        else:
+            self._take(NoId(f"the request's body is larger than {_MIB} to look in"))
 
     def answer(self, status: int, location: str | None) -> bool:
         """The upstream answered; True when the ID is to be read from the body to come
@@ -98,14 +135,18 @@ class Observation:
         if route.id_from is IdFrom.RESPONSE:
             return True
         if route.id_from is IdFrom.LOCATION and ok:
-            self.session_id = _id_in_location(location or "")
+            self._session_id = _id_in_location(location or "")
         self._settle()
         return False
 
     def answer_body(self, body: bytes, whole: bool) -> None:
         """The answer's body (its first bytes, unless `whole`) after `answer` asked for it."""
         if whole:
-            self.session_id = _id_at(body, self._found.route.pointer) or self.session_id
+            self._take(_id_at(body, self._found.route.pointer, "the answer's body"))
+        elif len(body) > MAX_INSPECTED_BODY:
+            self._take(NoId(f"the answer's body is larger than {_MIB} to look in"))
+        else:
+            self._take(NoId("the answer's body was cut short"))
         self._settle()
 
     def unanswered(self, why: str | None = None) -> None:
@@ -122,34 +163,72 @@ class Observation:
         self._ok, self._detail = False, why
         self._settle()
 
+    def _take(self, found: str | NoId) -> None:
+        """The ID found, or else the path's when its template names one."""
+        if isinstance(found, str) or isinstance(self._session_id, NoId):
+            self._session_id = found
+
     def _settle(self) -> None:
-        if self.session_id:
-            self._observer.record(
-                self._exchange, self._found, self.session_id, self._ok, self._detail
-            )
+        session_id = self._session_id
+        if isinstance(session_id, NoId):
+            self._observer.unidentified(self._exchange, self._found, session_id)
+        else:
+            self._observer.record(self._exchange, self._found, session_id, self._ok, self._detail)
 
 
-def _id_at(body: bytes, pointer: str) -> str | None:
-    """The session ID at a JSON pointer in a body, if there is a usable one."""
+def _id_at(body: bytes, pointer: str, whose: str) -> str | NoId:
+    """The session ID at a JSON pointer in a body, or what the body lacks."""
     try:
         found = resolve_pointer(json.loads(body), pointer)
     except (ValueError, RecursionError):
-        return None
+        return NoId(f"{whose} is not JSON")
+    except PointerMiss as miss:
+        if isinstance(miss.holder, dict | list):
+            return NoId(f"{whose} has nothing at {miss.reached}/{miss.token}")
+        return NoId(
+            f"{whose} holds {_kind(miss.holder)} at {miss.reached or 'its top'},"
+            " not an object or an array"
+        )
     if isinstance(found, bool) or not isinstance(found, str | int):
-        return None
-    return _usable_id(str(found))
+        return NoId(f"{whose} holds {_kind(found)} at {pointer}, not a string or a number")
+    return _usable_id(str(found), f"{pointer} in {whose}")
 
 
-def _id_in_location(location: str) -> str | None:
-    """The last segment of a Location header's path; none when the path ends in '/'."""
+def _kind(value: object) -> str:
+    """A JSON value's type, as a person names it."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "null" if value is None else "a number"
+
+
+def _id_in_location(location: str) -> str | NoId:
+    """The last segment of a Location header's path, or what the header lacks."""
+    if not location:
+        return NoId("the answer has no Location header")
     try:
         path = URL(location).raw_path
     except ValueError:
-        return None
-    return _usable_id(path.rpartition("/")[2])
+        return NoId("the Location header is not a URL")
+    return _usable_id(path.rpartition("/")[2], "the last segment of the Location header's path")
 
 
-def _usable_id(text: str) -> str | None:
-    """The ID if it is one a lifecycle table can hold, else None."""
-    usable = 0 < len(text) <= MAX_OBSERVED_ID and text.isprintable() and text.isascii()
-    return text if usable else None
+def _usable_id(text: str, where: str) -> str | NoId:
+    """The ID if it is one a lifecycle table can hold, else what is wrong with it."""
+    if _usable(text):
+        return text
+    if not text:
+        return NoId(f"{where} is empty")
+    if len(text) > MAX_OBSERVED_ID:
+        return NoId(f"{where} is longer than {MAX_OBSERVED_ID} characters")
+    return NoId(f"{where} is not printable ASCII")
+
+
+def _usable(text: str) -> bool:
+    """Whether a lifecycle table can hold `text` as an ID."""
+    return 0 < len(text) <= MAX_OBSERVED_ID and text.isprintable() and text.isascii()

@@ -141,6 +141,7 @@ async def run_explain(config: Config, session_id: str, out: TextIO = sys.stdout)
     rule = config.id_validator.check(session_id)
     if rule is not None:
         print(f"{session_id[:64]!r} is not a valid session ID ({rule}): invalid_format", file=out)
+        print(f"  {config.id_validator.broken(session_id, rule)}", file=out)
         return 2
     explainer = Explainer(config, Metrics(CollectorRegistry(), ()), config.database_url)
     await explainer.open()
@@ -180,6 +181,7 @@ def format_report(report: Report) -> str:
         lines.append(f"  note: {note}")
     if report.reason_with_include_deleted != report.reason:
         lines.append(f"  with include_deleted=true: {report.reason_with_include_deleted}")
+        lines.append(f"    {report.why_with_include_deleted()}")
     lines.append("timeline" if report.timeline else "timeline  (empty: never heard of)")
     for entry in report.timeline:
         move = f"{entry.old_state or '(none)'} -> {entry.new_state or '(none)'}"

@@ -97,7 +97,8 @@ def report_page(report: dict[str, Any]) -> str:
     if report["reason_with_include_deleted"] != report["reason"]:
         also = (
             '<p class="also">asked with <code>include_deleted=true</code>: '
-            f"<code>{_text(report['reason_with_include_deleted'])}</code></p>"
+            f"<code>{_text(report['reason_with_include_deleted'])}</code>,"
+            f" {_text(report['why_with_include_deleted'])}</p>"
         )
     note = f'<p class="note">{_text(report["note"])}</p>' if report["note"] else ""
     reason = (

@@ -47,7 +47,7 @@ class Policy:
         self.drain = drain or Drain()
         """Whether shutdown has begun, and what is in flight: the process's one drain."""
         self.lookups = Lookups(config, metrics, explainer)
-        self.observer = Observer(config, recorder, self.drain) if recorder else None
+        self.observer = Observer(config, recorder, metrics, self.drain) if recorder else None
         """Lifecycle events seen in traffic; None when not observing."""
         self._merge_slashes = config.merge_slashes
         self.max_body = config.max_body_bytes

@@ -172,6 +172,11 @@ class LifecycleRoute:
         """The route's label in metrics: method and template, both from the config."""
         return f"{self.method} {self.template}"
 
+    @property
+    def id_source(self) -> str:
+        """Where the ID is taken from, as `id_from` is written in the config."""
+        return self.id_from.value + (f":{self.pointer}" if self.pointer else "")
+
 
 def parse_lifecycle_route(raw: Mapping[str, object]) -> LifecycleRoute:
     """A lifecycle route from its config table; raises TemplateError naming the problem."""
@@ -254,14 +259,29 @@ class LifecycleTable:
         return None
 
 
+class PointerMiss(LookupError):
+    """A JSON pointer that leads nowhere in a document: where its walk stopped."""
+
+    def __init__(self, reached: str, token: str, holder: object) -> None:
+        super().__init__(reached, token)
+        self.reached = reached
+        """The part of the pointer that resolved ("" for the whole document)."""
+        self.token = token
+        """The next reference token, which the value there does not have."""
+        self.holder = holder
+        """The value at `reached`."""
+
+
 def resolve_pointer(document: object, pointer: str) -> object:
-    """The value at an RFC 6901 JSON pointer, or None when there is none."""
+    """The value at an RFC 6901 JSON pointer; raises PointerMiss when there is none."""
+    reached = ""
     for token in pointer.split("/")[1:]:
         key = token.replace("~1", "/").replace("~0", "~")
-        if isinstance(document, dict):
-            document = document.get(key)
+        if isinstance(document, dict) and key in document:
+            document = document[key]
         elif isinstance(document, list) and key.isdigit() and int(key) < len(document):
             document = document[int(key)]
         else:
-            return None
+            raise PointerMiss(reached, token, document)
+        reached += "/" + token
     return document
