@@ -31,6 +31,10 @@ from .server import serve
 DEMO_RETENTION_DAYS = 365
 """The reference store's TTL in the demo (its days-partitioned table keeps a year)."""
 
+MAX_IN_FLIGHT = 64
+"""Requests out at once: past this the generator waits, whatever rate it was asked for,
+so a rate the machine cannot keep adds no tasks, memory or shutdown time."""
+
 MALFORMED = (
     "exec_2025",
     "exec_20251330_020944_4ad060d9",
@@ -83,6 +87,9 @@ class Generator:
             next_at = time.monotonic()
             try:
                 while True:
+                    if len(pending) >= MAX_IN_FLIGHT:
+                        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                        next_at = max(next_at, time.monotonic())  # behind: no burst to catch up
                     task = asyncio.create_task(self._one(client))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
