@@ -185,6 +185,29 @@ def test_twice_adds_nothing_twice(
     assert {row["trigger"]: row["count"] for row in counts} == {"import": 4, "sql": 1}
 
 
+def test_json_lines_name_the_id_either_way(db: str, tmp_path: Path) -> None:
+    path = tmp_path / "sessions.jsonl"
+    write_source(
+        path,
+        [
+            {"id": LIVE, "state": "ACTIVE"},
+            {"session_id": GONE, "state": "DELETED"},
+            {"id": None, "session_id": COLD, "state": "ARCHIVED"},
+            {"id": PAUSED, "session_id": "exec_20250101_000000_0000000f", "state": "PAUSED"},
+        ],
+    )
+    command, env = import_command(db, path)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "rows read      4\nimported       4\nalready known  0\nrefused        0" in result.stdout
+    assert {sid: row[0] for sid, row in sessions(db).items()} == {
+        LIVE: "ACTIVE",
+        GONE: "DELETED",
+        COLD: "ARCHIVED",
+        PAUSED: "PAUSED",  # a line with both: `id`, as for a table with both columns
+    }
+
+
 def test_bad_rows_are_reported_and_skipped(
     db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:  # fmt: skip

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +17,7 @@ from .config import (
     Config,
     ConfigError,
     LogLevel,
+    Problem,
     describe,
     env_name,
     load_config,
@@ -120,13 +122,54 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
 
 
 def _add_demo(demo: argparse.ArgumentParser) -> None:
-    demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
-    demo.add_argument("--rate", type=float, default=50.0, metavar="N", help="requests per second")
+    demo.add_argument(
+        "--duration", metavar="DURATION",
+        help="stop after this long: 20s, 5m, 1h30m, or seconds (default: until Ctrl-C)",
+    )  # fmt: skip
+    demo.add_argument("--rate", default="50", metavar="N", help="requests per second (default 50)")
     demo.add_argument(
         "--service-listen", default="127.0.0.1:8000", metavar="HOST:PORT",
         help="where the reference session service listens (default 127.0.0.1:8000)",
     )  # fmt: skip
     demo.add_argument("--seed", type=int, help="seed of the traffic generator")
+
+
+def _demo_options(args: argparse.Namespace) -> DemoOptions:
+    """The demo's own flags, checked before anything starts; raises ConfigError naming each."""
+    parsers: dict[str, Callable[[str], Any]] = {
+        "service_listen": parse_address,
+        "duration": _demo_duration,
+        "rate": _demo_rate,
+    }
+    values: dict[str, Any] = {}
+    problems = []
+    for name, parse in parsers.items():
+        raw = getattr(args, name)
+        try:
+            values[name] = None if raw is None else parse(raw)
+        except ValueError as exc:
+            problems.append(Problem(name, f"flag --{name.replace('_', '-')}", str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    return DemoOptions(values["duration"], values["rate"], values["service_listen"], args.seed)
+
+
+def _demo_duration(text: str) -> float:
+    """Seconds, from a duration as every setting takes it (`90s`, `5m`, `1h30m`, `20`)."""
+    seconds = parse_duration(text).total_seconds()
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return seconds
+
+
+def _demo_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"{text!r} is not a positive number of requests per second")
+    return rate
 
 
 def _positive(text: str) -> int:
@@ -230,8 +273,7 @@ def _command(args: argparse.Namespace, config: Config) -> Command:
                 run_prune(ready, older_than, batch_size=args.batch_size, dry_run=args.dry_run)
             )
         case "demo":
-            service = parse_address(args.service_listen)
-            options = DemoOptions(args.duration, args.rate, service, args.seed)
+            options = _demo_options(args)
             return lambda ready: asyncio.run(run_demo(ready, options))
     return _serve
 

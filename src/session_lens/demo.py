@@ -8,9 +8,12 @@ reasons, then a summary with one example ID per reason and how to explain it.
 import asyncio
 import contextlib
 import random
+import shlex
 import signal
+import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -26,10 +29,14 @@ from .config import Address, Config
 from .reasons import Reason
 from .reference import Faults, ReferenceService, new_session_id
 from .retention import Period, Unit
-from .server import serve
+from .server import serve, start_runner
 
 DEMO_RETENTION_DAYS = 365
 """The reference store's TTL in the demo (its days-partitioned table keeps a year)."""
+
+MAX_IN_FLIGHT = 64
+"""Requests out at once: past this the generator waits, whatever rate it was asked for,
+so a rate the machine cannot keep adds no tasks, memory or shutdown time."""
 
 MALFORMED = (
     "exec_2025",
@@ -83,6 +90,9 @@ class Generator:
             next_at = time.monotonic()
             try:
                 while True:
+                    if len(pending) >= MAX_IN_FLIGHT:
+                        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                        next_at = max(next_at, time.monotonic())  # behind: no burst to catch up
                     task = asyncio.create_task(self._one(client))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
@@ -180,9 +190,11 @@ async def read_metrics(client: aiohttp.ClientSession, admin: Address) -> dict[st
     return dict(totals)
 
 
-def render(now: dict[str, float], before: dict[str, float], elapsed: float) -> Table:
+def render(
+    now: dict[str, float], before: dict[str, float], elapsed: float, caption: str | None = None
+) -> Table:
     """The live table: totals and per-second rates."""
-    table = Table(title=f"session-lens demo, {elapsed:.0f}s", expand=False)
+    table = Table(title=f"session-lens demo, {elapsed:.0f}s", caption=caption, expand=False)
     table.add_column("")
     table.add_column("total", justify="right")
     table.add_column("per second", justify="right")
@@ -202,17 +214,35 @@ class DemoOptions:
     """What `session-lens demo` was asked for."""
 
     duration: float | None
+    """Seconds to run; None: until Ctrl-C."""
     rate: float
     service_listen: Address
     seed: int | None = None
 
 
 async def run_demo(config: Config, options: DemoOptions, console: Console | None = None) -> int:
-    """Run the demo; returns the exit code (1 when some reason never appeared)."""
+    """Run the demo; returns the exit code.
+
+    A run of a set duration is a check that the demo shows every reason: 1 when some
+    never appeared. A run until Ctrl-C (or SIGTERM) ends when the user says so: 0.
+    """
     console = console or Console()
     assert config.database_url is not None
-    service_url = f"http://{options.service_listen}"
-    config = replace(config, upstream=service_url)
+    config = _demo_config(config, options.service_listen)
+    async with (
+        asyncpg.create_pool(config.database_url, min_size=1, max_size=8) as pool,
+        _reference_service(pool, options.service_listen),
+    ):
+        horizon = await pool.fetchval("SELECT horizon FROM session_lens_tracking")
+        generator = Generator(f"http://{config.listen}", options.rate, options.seed, horizon)
+        await _through_lens(config, generator, console, options.duration)
+    missing = _summary(console, generator.traffic, config)
+    return 1 if missing and options.duration is not None else 0
+
+
+def _demo_config(config: Config, service_listen: Address) -> Config:
+    """session-lens in front of the reference service, tuned to its faults unless set."""
+    config = replace(config, upstream=f"http://{service_listen}")
     if config.sources.get("upstream_retention", "default") == "default":
         # The reference store keeps a year: IDs older than that read expired.
         config = replace(config, upstream_retention=Period(DEMO_RETENTION_DAYS, Unit.DAY))
@@ -220,45 +250,72 @@ async def run_demo(config: Config, options: DemoOptions, console: Console | None
         # The reference replica lags 1.5 s: a window a little wider shows both
         # not_yet_visible and, for sessions it lost, upstream_inconsistent soon.
         config = replace(config, visibility_window=timedelta(seconds=2.5))
-    pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=8)
-    service = web.AppRunner(ReferenceService(pool, Faults()).app(), access_log=None)
-    await service.setup()
-    await web.TCPSite(service, options.service_listen.host, options.service_listen.port).start()
+    return config
+
+
+@contextlib.asynccontextmanager
+async def _reference_service(pool: asyncpg.Pool, address: Address) -> AsyncIterator[None]:
+    """The faulty reference service on `address`; raises ListenError when it is taken."""
+    runner = web.AppRunner(ReferenceService(pool, Faults()).app(), access_log=None)
+    await start_runner(runner, address)
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def _through_lens(
+    config: Config, generator: Generator, console: Console, duration: float | None
+) -> None:
+    """session-lens serving, the generator's traffic through it, watched until the end."""
     stop = asyncio.Event()
     lens = asyncio.create_task(serve(config, stop))
-    horizon = await pool.fetchval("SELECT horizon FROM session_lens_tracking")
-    generator = Generator(f"http://{config.listen}", options.rate, options.seed, horizon)
     traffic = None
     try:
         await _wait_ready(config.admin_listen, lens)
         traffic = asyncio.create_task(generator.run())
-        ended = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, ended.set)
-        started = time.monotonic()
-        async with aiohttp.ClientSession() as client:
-            before = now = await read_metrics(client, config.admin_listen)
-            with Live(render(now, before, 0), console=console, refresh_per_second=2) as live:
-                while not ended.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(ended.wait(), timeout=1.0)
-                    before, now = now, await read_metrics(client, config.admin_listen)
-                    elapsed = time.monotonic() - started
-                    live.update(render(now, before, elapsed))
-                    if options.duration is not None and elapsed >= options.duration:
-                        ended.set()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        await _watch(console, config.admin_listen, duration)
     finally:
         if traffic is not None:
             traffic.cancel()
             await asyncio.gather(traffic, return_exceptions=True)
         stop.set()
         await asyncio.gather(lens, return_exceptions=True)
-        await service.cleanup()
-        await pool.close()
-    return _summary(console, generator.traffic, config)
+
+
+async def _watch(console: Console, admin: Address, duration: float | None) -> None:
+    """The live table, until `duration` is up or Ctrl-C (or SIGTERM) ends the run."""
+    ended = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, ended.set)
+    try:
+        await _live_table(console, admin, duration, ended)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    if not console.is_terminal:
+        console.line()  # rich ends the table's last line on a terminal only
+
+
+async def _live_table(
+    console: Console, admin: Address, duration: float | None, ended: asyncio.Event
+) -> None:
+    caption = "runs until Ctrl-C" if duration is None else None
+    started = time.monotonic()
+    elapsed = 0.0
+    async with aiohttp.ClientSession() as client:
+        before = now = await read_metrics(client, admin)
+        with Live(render(now, before, 0, caption), console=console, refresh_per_second=2) as live:
+            while not ended.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), timeout=1.0)
+                before, now = now, await read_metrics(client, admin)
+                elapsed = time.monotonic() - started
+                if duration is not None and elapsed >= duration:
+                    ended.set()
+                live.update(render(now, before, elapsed, caption))
+            live.update(render(now, before, elapsed))  # what stays on screen: no longer running
 
 
 async def _wait_ready(admin: Address, lens: asyncio.Task[None]) -> None:
@@ -274,7 +331,8 @@ async def _wait_ready(admin: Address, lens: asyncio.Task[None]) -> None:
     raise RuntimeError("session-lens did not come up")
 
 
-def _summary(console: Console, traffic: Traffic, config: Config) -> int:
+def _summary(console: Console, traffic: Traffic, config: Config) -> list[str]:
+    """The reasons seen, with an example each and how to explain it; returns those never seen."""
     table = Table(title="not-found reasons seen")
     table.add_column("reason")
     table.add_column("lookups", justify="right")
@@ -290,12 +348,26 @@ def _summary(console: Console, traffic: Traffic, config: Config) -> int:
     explained = next((e for r, e in traffic.examples.items() if r != "invalid_format"), None)
     if explained:
         console.print("Look at any of them with:")
-        command = f"  session-lens explain {explained} --data-dir {config.data_dir}"
+        data_dir = shlex.quote(str(config.data_dir))
+        command = f"  {_program()} explain {explained} --data-dir {data_dir}"
         if config.upstream_retention is not None:  # the demo's store keeps a year
             command += f" --upstream-retention {config.upstream_retention}"
         console.print(command, soft_wrap=True)
     if missing:
         console.print(f"not seen this time: {', '.join(missing)} (run longer: --duration 30)")
-        return 1
-    console.print("every reason appeared")
-    return 0
+    else:
+        console.print("every reason appeared")
+    return missing
+
+
+def _program() -> str:
+    """This program as it was started, so a command printed for the user runs as printed.
+
+    Started with `python -m`, that interpreter and module (a venv's, even when it is
+    not activated); otherwise the script's path as given (`.venv/bin/session-lens`).
+    """
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None:
+        module = spec.name.removesuffix(".__main__")
+        return f"{shlex.quote(sys.executable)} -m {module}"
+    return shlex.quote(sys.argv[0]) if sys.argv and sys.argv[0] else "session-lens"

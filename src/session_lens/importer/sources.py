@@ -250,7 +250,7 @@ class FileSource(Source):
             if isinstance(item, str):
                 yield Row(where, (Refused(item),))
             elif isinstance(item, dict):
-                yield Row(where, tuple(to_text(item.get(name)) for name in names))
+                yield Row(where, _json_values(item, names))
             else:  # CSV: an empty field is NULL, as PostgreSQL's COPY reads it
                 yield Row(where, tuple(value or None for value in item))
 
@@ -273,6 +273,17 @@ class FileSource(Source):
         """Close the file."""
         if self._handle is not None:
             self._handle.close()
+
+
+def _json_values(item: dict[str, Any], names: Sequence[str]) -> tuple[str | None, ...]:
+    """A JSON line's values by column, its ID under both `id` and `session_id`.
+
+    Lines of one file may name the ID either way, and the import reads one column:
+    the line's ID (`id`, else `session_id`) fills whichever of the two it left out.
+    """
+    line_id = next((item[key] for key in ID_COLUMNS if item.get(key) is not None), None)
+    values = {**item, **{key: line_id for key in ID_COLUMNS if item.get(key) is None}}
+    return tuple(to_text(values.get(name)) for name in names)
 
 
 def _chain(first: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
