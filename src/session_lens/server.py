@@ -58,6 +58,11 @@ async def start_admin(runner: web.AppRunner, config: Config) -> None:
     )
 
 
+async def start_runner(runner: web.AppRunner, address: Address) -> None:
+    """Open a plain listener for `runner`'s app (the demo's reference service's)."""
+    await _start(runner, address, lambda: web.TCPSite(runner, address.host, address.port))
+
+
 async def _start(runner: web.AppRunner, address: Address, site: Callable[[], web.BaseSite]) -> None:
     await runner.setup()
     try:
