@@ -17,7 +17,7 @@ from session_lens.metrics import Metrics
 from session_lens.recorder import Event, Recorder
 from session_lens.routes import Action
 
-from .conftest import MakeProxy, ProxyUnderTest, Upstream
+from .conftest import MakeProxy, ProxyUnderTest, Upstream, raw_exchange
 
 SID = "exec_20251230_020944_4ad060d9"
 PURGING = json.dumps(
@@ -113,6 +113,25 @@ async def test_every_action_is_recorded(
     )
     assert proxy.metric("session_lens_requests_total", kind="lifecycle", code="2xx") == 7
     assert await conn.fetchval("SELECT count(*) FROM session_lens_events") == 7
+
+
+async def test_lifecycle_routes_match_a_path_in_another_spelling(
+    upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str,
+    conn: asyncpg.Connection,
+) -> None:  # fmt: skip
+    proxy = await make_proxy(upstream.url, database_url=db, lifecycle_source="observed")
+    assert await call(proxy, "POST", "/api/sessions", json={"id": SID}) == 201
+    for head in (f"POST //api/sessions/{SID}/stop", f"DELETE /api/x/../sessions/{SID}"):
+        request = f"{head} HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        assert (await raw_exchange(proxy.port, request.encode())).status == 200
+    await settled(proxy)
+    assert await timeline(conn) == [
+        (None, "ACTIVE", "observed"),
+        ("ACTIVE", "STOPPED", "observed"),
+        ("STOPPED", "DELETED", "observed"),
+    ]
+    sent = [seen.raw_path for seen in upstream.seen]
+    assert sent[1:] == [f"//api/sessions/{SID}/stop", f"/api/x/../sessions/{SID}"]  # as sent
 
 
 async def test_misses_are_classified_from_observed_tables(
