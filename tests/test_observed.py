@@ -134,6 +134,34 @@ async def test_lifecycle_routes_match_a_path_in_another_spelling(
     assert sent[1:] == [f"//api/sessions/{SID}/stop", f"/api/x/../sessions/{SID}"]  # as sent
 
 
+async def test_an_event_is_timed_before_its_answer_goes_back(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, conn: asyncpg.Connection
+) -> None:
+    """Causality: an answer whose body (with the ID) comes late is timed at its head, so
+    that what the client does after seeing it sorts after it."""
+
+    async def slow_body(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=201, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await asyncio.sleep(0.5)
+        await response.write(json.dumps({"id": SID}).encode())
+        return response
+
+    upstream.respond = slow_body
+    proxy = await make_proxy(upstream.url, database_url=db, lifecycle_source="observed")
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(proxy.url + "/api/sessions") as response,
+    ):
+        headed = datetime.now(UTC)
+        await response.read()
+    await settled(proxy)
+    occurred = await conn.fetchval(
+        "SELECT occurred_at FROM session_audit WHERE session_id = $1", SID
+    )
+    assert occurred <= headed, (occurred, headed)
+
+
 async def test_misses_are_classified_from_observed_tables(
     upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str
 ) -> None:

@@ -3,6 +3,7 @@ its session, recorded once the upstream has confirmed it. Nothing here touches a
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from yarl import URL
@@ -66,10 +67,12 @@ class Observer:
         session_id: str,
         ok: bool,
         detail: str | None,
+        at: float,
     ) -> None:
-        """Hand the recorder an event the upstream confirmed (or a creation it failed)."""
+        """Hand the recorder an event the upstream confirmed (or a creation it failed) `at`."""
         request_id = exchange.request_id if _usable(exchange.request_id) else "(unprintable)"
-        self._recorder.record(Event.new(session_id, found.route.action, request_id, ok, detail))
+        action = found.route.action
+        self._recorder.record(Event.new(session_id, action, request_id, ok, detail, at))
 
     def unidentified(self, exchange: Exchange, found: LifecycleMatch, why: NoId) -> None:
         """An event the upstream confirmed, without its ID where the route says: counted
@@ -95,7 +98,9 @@ class Observation:
     """One lifecycle request on its way: what it says of its session, recorded once the
     upstream has confirmed it (or failed a creation)."""
 
-    __slots__ = ("_detail", "_exchange", "_found", "_observer", "_ok", "_session_id", "answered")
+    __slots__ = (
+        "_at", "_detail", "_exchange", "_found", "_observer", "_ok", "_session_id", "answered"
+    )  # fmt: skip
 
     def __init__(self, observer: Observer, exchange: Exchange, found: LifecycleMatch) -> None:
         self._observer = observer
@@ -109,6 +114,7 @@ class Observation:
         self.answered = False
         self._ok = False
         self._detail: str | None = None
+        self._at = 0.0
 
     @property
     def reads_request(self) -> bool:
@@ -124,8 +130,13 @@ class Observation:
 
     def answer(self, status: int, location: str | None) -> bool:
         """The upstream answered; True when the ID is to be read from the body to come
-        (handed to `answer_body`), else the event is recorded now."""
+        (handed to `answer_body`), else the event is recorded now.
+
+        The event's time is taken here, before any of the answer goes back: a request
+        the client can only send once it has the answer gets a later one, on whichever
+        worker or sidecar it lands (clocks in sync)."""
         self.answered = True
+        self._at = time.time()
         route = self._found.route
         self._ok = ok = 200 <= status < 300
         failed = route.action is Action.CREATE and status >= 500
@@ -161,6 +172,7 @@ class Observation:
             )
         self.answered = True
         self._ok, self._detail = False, why
+        self._at = time.time()
         self._settle()
 
     def _take(self, found: str | NoId) -> None:
@@ -173,7 +185,9 @@ class Observation:
         if isinstance(session_id, NoId):
             self._observer.unidentified(self._exchange, self._found, session_id)
         else:
-            self._observer.record(self._exchange, self._found, session_id, self._ok, self._detail)
+            self._observer.record(
+                self._exchange, self._found, session_id, self._ok, self._detail, self._at
+            )
 
 
 def _id_at(body: bytes, pointer: str, whose: str) -> str | NoId:

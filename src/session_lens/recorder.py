@@ -64,9 +64,11 @@ class Event:
         request_id: str,
         ok: bool = True,
         detail: str | None = None,
+        at: float | None = None,
     ) -> "Event":
-        """An event that happens now."""
-        return cls(uuid.uuid4().hex, session_id, action, ok, time.time(), request_id, detail)
+        """An event that happened `at` (a `time.time()`), or now."""
+        when = time.time() if at is None else at
+        return cls(uuid.uuid4().hex, session_id, action, ok, when, request_id, detail)
 
     def line(self) -> bytes:
         """The event as one spool line."""
