@@ -1,6 +1,7 @@
 """Many recorders, one truth: event time decides, and refusals are judged by their kind."""
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -317,3 +318,44 @@ async def test_a_row_written_otherwise_counts_from_its_updated_at(
     assert recorders.count("late") == 1
     await send(a, event(Action.DELETE, 7))
     assert (await row(conn))["state"] == "DELETED"
+
+
+async def test_a_fresh_stores_horizon_is_no_later_than_the_first_event_it_keeps(
+    empty_db: str, tmp_path: Path
+) -> None:
+    """Events spooled before the store was migrated: once they are in, the horizon
+    does not claim they came before tracking began."""
+    config = load_config(
+        flags={
+            "database_url": empty_db,
+            "lifecycle_source": "observed",
+            "spool_dir": str(tmp_path / "spool"),
+        },
+        need_upstream=False,
+    )
+    first = time.time() - 30
+    before = Recorder(config, Metrics(CollectorRegistry(), ()), empty_db)
+    await before.start()
+    try:
+        for n in range(3):
+            session_id = f"exec_20251230_020944_{n:08x}"
+            before.record(Event.new(session_id, Action.CREATE, "r", at=first + n))
+        await asyncio.sleep(0.3)
+        assert before.pending == 3  # the store is not migrated: they wait in the spool
+    finally:
+        await before.stop(timeout=0.5)
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await migrate(conn, Tables())  # later than the events
+        after = Recorder(config, Metrics(CollectorRegistry(), ()), empty_db)
+        await after.start()
+        try:
+            await asyncio.wait_for(after.drained(), 15)
+        finally:
+            await after.stop()
+        horizon = await conn.fetchval("SELECT horizon FROM session_lens_tracking")
+        kept = await conn.fetchval("SELECT min(occurred_at) FROM session_lens_events")
+        assert kept.timestamp() == pytest.approx(first, abs=0.001)
+        assert horizon <= kept, (horizon, kept)
+    finally:
+        await conn.close()

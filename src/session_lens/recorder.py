@@ -162,6 +162,16 @@ class Spool:
             lines.append((offset, line))
         return lines, offset
 
+    def oldest(self, start: int) -> float | None:
+        """The earliest time of the events in the first chunk past `start` (events are
+        spooled nearly in time order), if there is one to read."""
+        lines, _ = self.read(start)
+        times = []
+        for _, line in lines:
+            with contextlib.suppress(ValueError, TypeError):
+                times.append(Event.parse(line).at)
+        return min(times, default=None)
+
     def count(self, start: int) -> int:
         """How many whole lines lie past `start`."""
         total = 0
@@ -315,8 +325,12 @@ class Recorder:
         self._writer = EventWriter(config.tables, metrics)
         names = config.tables.names
         # Tracking begins with the first recorder to start; the earliest start counts.
+        # A store that has no event yet was made for observing (migrated after events
+        # were spooled, perhaps): its horizon is no later than the first event it keeps.
         self._observing_sql = (
-            "UPDATE {tracking} SET observing_since = least(coalesce(observing_since, $1), $1)"
+            "UPDATE {tracking} SET observing_since = least(coalesce(observing_since, $1), $1),"
+            " migrated_at = CASE WHEN EXISTS (SELECT 1 FROM {events})"
+            " THEN migrated_at ELSE least(migrated_at, $1) END"
         ).format(**names)
         self._started_at = datetime.now(UTC)
         self._announced = False
@@ -340,6 +354,11 @@ class Recorder:
         self._pending = await asyncio.to_thread(self._spool.count, self._spool.checkpoint)
         if self._pending:
             log.warning("replaying spooled events", extra={"events": self._pending})
+            # Observed since the first of them at the latest, whenever the run that
+            # spooled them began.
+            oldest = await asyncio.to_thread(self._spool.oldest, self._spool.checkpoint)
+            if oldest is not None:
+                self._started_at = min(self._started_at, datetime.fromtimestamp(oldest, UTC))
         self._publish()
         if self._dsn is not None:
             self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
