@@ -22,7 +22,12 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
+from session_lens.app import create_admin_app
+from session_lens.config import load_config
+from session_lens.explain import Explainer
+from session_lens.metrics import Metrics
 from session_lens.recorder import Event, Recorder
 from session_lens.routes import TARGET_STATE, Action
 
@@ -530,3 +535,34 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+async def test_readyz_says_what_is_true_now_once_the_database_is_back(
+    forwarders: list[Forwarder], db: str, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    forwarder, dsn = await link(forwarders, db)
+    made = Recorders(dsn, tmp_path)
+    recorder = await made.start()
+    config = load_config(flags={"upstream": "http://127.0.0.1:1"})
+    explainer = Explainer(config, Metrics(CollectorRegistry(), ()), None)
+    admin = await aiohttp_client(
+        create_admin_app(config, CollectorRegistry(), explainer, recorder=recorder)
+    )
+
+    async def recorder_check() -> str:
+        response = await admin.get("/readyz")
+        return str((await response.json())["checks"]["recorder"])
+
+    try:
+        forwarder.cut()
+        for n in range(20):
+            recorder.record(Event.new(f"exec_20251230_020944_{n:08x}", Action.CREATE, "r"))
+        await asyncio.sleep(8)  # long enough for the writer's back-off to reach its longest
+        assert (await recorder_check()).startswith("spooling 20 events")
+        forwarder.restore()
+        said = await recorder_check()
+        assert "spooling" not in said, f"said {said!r} with the database back"
+        await asyncio.wait_for(recorder.drained(), 10)
+        assert await recorder_check() == "ok"
+    finally:
+        await recorder.stop()

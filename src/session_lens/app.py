@@ -32,7 +32,7 @@ TARGET = web.AppKey("target", Target)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 DRAIN = web.AppKey("drain", Drain)
 EXPLAINER = web.AppKey("explainer", Explainer)
-RECORDER_HEALTH: web.AppKey[Callable[[], str | None]] = web.AppKey("recorder_health")
+RECORDER_HEALTH: web.AppKey[Callable[[], Awaitable[str | None]]] = web.AppKey("recorder_health")
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def create_admin_app(
     app[REGISTRY] = registry
     app[EXPLAINER] = explainer
     app[DRAIN] = drain or Drain()
-    app[RECORDER_HEALTH] = recorder.health if recorder else _no_recorder
+    app[RECORDER_HEALTH] = recorder.check if recorder else _no_recorder
     app[WORKERS] = workers
     app.router.add_get("/sessions/{session_id}/explain", _explain)
     app.router.add_get("/metrics", _metrics)
@@ -186,7 +186,7 @@ def _basic_password(authorization: str) -> bytes:
     return decoded.partition(b":")[2]
 
 
-def _no_recorder() -> str | None:
+async def _no_recorder() -> str | None:
     return _NOT_OBSERVING
 
 
@@ -203,15 +203,15 @@ async def _readyz(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     if request.app[DRAIN].draining:
         return web.json_response({"status": "draining", "checks": {}}, status=503)
-    upstream, database = await asyncio.gather(
+    upstream, database, recorder = await asyncio.gather(
         upstream_reachable(request.app[TARGET], config.upstream_connect_timeout.total_seconds()),
         request.app[EXPLAINER].health(),
+        request.app[RECORDER_HEALTH](),
     )
     checks = {
         "upstream": "ok" if upstream is None else f"down: {upstream}",
         "database": "ok" if database is None else f"down: {database}",
     }
-    recorder = request.app[RECORDER_HEALTH]()
     if recorder is not _NOT_OBSERVING:
         checks["recorder"] = "ok" if recorder is None else recorder
     workers = request.app[WORKERS]

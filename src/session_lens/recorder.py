@@ -36,6 +36,8 @@ BATCH = 500
 WRITE_TIMEOUT = 5.0
 ANNOUNCE_TIMEOUT = 2.0
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
+CHECK_WITHIN = 1.0
+"""How long /readyz waits for the writer's fresh attempt at the database."""
 COALESCE = 0.02
 SYNC_INTERVAL = 0.2
 """How often the writer fsyncs the spool; appends reach the kernel at once regardless."""
@@ -336,6 +338,12 @@ class Recorder:
         self._announced = False
         self._pool: asyncpg.Pool | None = None
         self._wake = asyncio.Event()
+        self._retry = asyncio.Event()
+        """Set to end a back-off at once: someone asks how things stand."""
+        self._tried = asyncio.Event()
+        """Set when a write attempt has ended, well or not."""
+        self._replaying = False
+        """In an outage, the database has taken a batch again: the rest is on its way."""
         self._drained = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pending = 0
@@ -410,15 +418,19 @@ class Recorder:
             if self._outage_since is None:
                 await self._wake.wait()
                 await asyncio.sleep(COALESCE)  # let a batch gather: one write for many events
-            else:
-                await asyncio.sleep(delay)  # back off while the database is away
+            else:  # back off while the database is away, unless asked how things stand
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry.wait(), delay)
             self._wake.clear()
+            self._retry.clear()
             try:
                 await self._drain()
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._outage(exc)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
+            finally:
+                self._tried.set()
             delay = RETRY_MIN
             if self._outage_since is not None:
                 log.warning(
@@ -426,9 +438,11 @@ class Recorder:
                     extra={"outage_seconds": round(time.monotonic() - self._outage_since, 3)},
                 )
                 self._outage_since = None
+                self._replaying = False
                 self.last_error = None
 
     def _outage(self, exc: BaseException) -> None:
+        self._replaying = False
         hint = remedy(exc)
         error = f"{type(exc).__name__}: {exc}"[:300] + (f" ({hint})" if hint else "")
         if self._outage_since is None or error != self.last_error:
@@ -458,6 +472,7 @@ class Recorder:
                 async with asyncio.timeout(WRITE_TIMEOUT):
                     await self._writer.write_isolating(pool, batch)
                 await asyncio.to_thread(spool.commit, batch[-1][0])
+                self._replaying = self._outage_since is not None
                 self._pending = max(self._pending - len(batch), 0)
                 self._publish()
         spool.truncate_if_done(at_least=min(TRUNCATE_AT, spool.max_bytes // 4))
@@ -487,12 +502,25 @@ class Recorder:
         self._metrics.spool_bytes.set(self._spool.size)
 
     def health(self) -> str | None:
-        """None when events reach the database, else what is wrong."""
+        """None when events reach the database, else what is wrong (as last seen)."""
         if self._full:
             return f"dropping events (spool at {self._spool.size} bytes)"
+        if self._replaying:
+            return f"replaying {self._pending} spooled events: the database is back"
         if self._outage_since is not None:
             return f"spooling {self._pending} events: {self.last_error}"
         return None
+
+    async def check(self, within: float = CHECK_WITHIN) -> str | None:
+        """`health` as it is now: in an outage the writer tries the database at once
+        (a back-off would leave an error said after the database is back), and what
+        that attempt finds, within `within` seconds, is said."""
+        if self._outage_since is not None and not self._replaying and self._task is not None:
+            self._tried.clear()
+            self._retry.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tried.wait(), within)
+        return self.health()
 
 
 def recorder_for(config: Config, metrics: Metrics) -> Recorder | None:
