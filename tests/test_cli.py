@@ -344,3 +344,57 @@ async def test_sigterm_under_load_finishes_every_request(upstream: Upstream, db:
             served.process.send_signal(signal.SIGTERM)
             assert await asyncio.gather(*pending) == [200] * 40
         assert await asyncio.to_thread(served.process.wait, 10) == 0
+
+
+# --- hostile and mistaken input: one line, exit 2, nothing lost --------------------------
+
+
+def test_a_file_that_is_not_utf8_is_blamed_on_its_line(tmp_path: Path) -> None:
+    config = tmp_path / "lens.toml"
+    config.write_bytes(
+        b'upstream = "http://127.0.0.1:8000"\n# caf\xc3\xa9\nlisten = "\xc3\xa9\xff"\n'
+    )
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr == (
+        "session-lens: config: line 3, column 12: byte 0xff is not UTF-8, which TOML requires"
+        f" (from file {config})\n"
+    )
+
+
+def test_nesting_too_deep_is_one_line(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.toml"
+    deep.write_text("lifecycle_routes = " + "[" * 3000 + "]" * 3000 + "\n")
+    result = run("check-config", "--upstream", "http://u:1", "--config", str(deep))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"session-lens: config: arrays or tables nested too deep to be read (from file {deep})\n",
+    )
+    routes = "[" * 40_000 + "]" * 40_000
+    result = run(
+        "check-config", "--upstream", "http://u:1", env={"SESSION_LENS_LIFECYCLE_ROUTES": routes}
+    )
+    assert (result.returncode, result.stderr) == (
+        2,
+        "session-lens: lifecycle_routes: is nested too deep to be read"
+        " (from env SESSION_LENS_LIFECYCLE_ROUTES)\n",
+    )
+
+
+def test_only_a_regular_file_of_reasonable_size_is_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # nobody writes: an open without care would wait for ever
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 200_000)
+    for path, env, complaint in [
+        ("/dev/zero", {"SESSION_LENS_CONFIG": "/dev/zero"}, "is not a regular file"),
+        (str(fifo), {"SESSION_LENS_CONFIG": str(fifo)}, "is not a regular file"),
+        (str(big), {"SESSION_LENS_CONFIG": str(big)}, "is larger than 1MiB"),
+    ]:
+        started = time.monotonic()
+        result = run("check-config", "--upstream", "http://u:1", env=env)
+        assert time.monotonic() - started < 10
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"session-lens: config: {complaint}")
+        assert result.stderr.endswith(f" (from file {path})\n")
+        assert result.stderr.count("\n") == 1

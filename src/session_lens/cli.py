@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__
 from .config import (
@@ -18,6 +18,7 @@ from .config import (
     LogLevel,
     describe,
     env_name,
+    file_source,
     load_config,
     parse_address,
     parse_duration,
@@ -36,6 +37,15 @@ from .workers import WorkersFailed, supervise
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130
+
+
+class BadFlag(Exception):
+    """A flag of a command's own (not a setting) whose value cannot be used."""
+
+    def __init__(self, flag: str, reason: str) -> None:
+        super().__init__(f"{flag}: {reason}")
+        self.flag = flag
+        self.reason = reason
 
 
 def _settings() -> argparse.ArgumentParser:
@@ -166,7 +176,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     flags = {setting.name: getattr(args, setting.name) for setting in SETTINGS}
     return load_config(
         file=file,
-        file_name=f"file {path}",
+        file_name=file_source(path) if path else "config file",
         environ=environ,
         flags=flags,
         need_upstream=args.command in ("serve", "check-config"),
@@ -184,21 +194,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         config = resolve_config(args, environ)
         command = _command(args, config)
-    except ImportUsage as exc:
+    except (ImportUsage, BadFlag) as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"session-lens: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ValueError as exc:  # in a flag of the command's own
-        if args.command == "prune":
-            print(f"session-lens: --older-than: {exc}", file=sys.stderr)
-        else:
-            print(
-                f"session-lens: service_listen: {exc} (from flag --service-listen)",
-                file=sys.stderr,
-            )
         return EXIT_CONFIG
     if args.command == "check-config":
         print(describe(config))
@@ -214,8 +215,19 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_INTERRUPTED if args.command == "prune" else 0  # prune said how far it got
 
 
+Parsed = TypeVar("Parsed")
+
+
+def _own(flag: str, parse: Callable[[str], Parsed], text: str) -> Parsed:
+    """The value of a command's own flag; raises BadFlag naming the flag."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise BadFlag(flag, str(exc)) from None
+
+
 def _command(args: argparse.Namespace, config: Config) -> Command:
-    """The command to run, its own flags checked; raises ValueError or ImportUsage."""
+    """The command to run, its own flags checked; raises BadFlag or ImportUsage."""
     match args.command:
         case "migrate":
             return lambda ready: asyncio.run(run_migrations(ready, dry_run=args.dry_run))
@@ -225,12 +237,12 @@ def _command(args: argparse.Namespace, config: Config) -> Command:
             importing = options_from(args, config)
             return lambda ready: run_import(ready, importing)
         case "prune":
-            older_than = _period(args.older_than)
+            older_than = _own("--older-than", _period, args.older_than)
             return lambda ready: asyncio.run(
                 run_prune(ready, older_than, batch_size=args.batch_size, dry_run=args.dry_run)
             )
         case "demo":
-            service = parse_address(args.service_listen)
+            service = _own("--service-listen", parse_address, args.service_listen)
             options = DemoOptions(args.duration, args.rate, service, args.seed)
             return lambda ready: asyncio.run(run_demo(ready, options))
     return _serve

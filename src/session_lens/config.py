@@ -15,6 +15,7 @@ import json
 import os
 import re
 import ssl
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
@@ -37,6 +38,8 @@ from .routes import (
 from .schema import Tables
 
 ENV_PREFIX = "SESSION_LENS_"
+MAX_FILE_BYTES = 1 << 20
+"""The largest configuration file read: anything bigger is not one (a device, a log)."""
 _UTC: tzinfo = UTC  # typed as `id_timezone` is, so `_setting` infers tzinfo
 
 
@@ -677,16 +680,53 @@ def env_name(setting: str) -> str:
     return ENV_PREFIX + setting.upper()
 
 
+def file_source(path: Path) -> str:
+    """Where a setting from this file came from, printable whatever bytes its name holds."""
+    return "file " + os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def read_file(path: Path) -> dict[str, Any]:
     """The settings in a TOML file; raises ConfigError when it cannot be read."""
-    source = f"file {path}"
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(_utf8(_file_bytes(path)))
     except OSError as exc:
-        raise ConfigError([Problem("config", source, exc.strerror or str(exc))]) from None
+        message = exc.strerror or str(exc)
+    except _Invalid as exc:
+        message = str(exc)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem("config", source, f"not valid TOML: {exc}")]) from None
+        message = f"not valid TOML: {exc}"
+    except RecursionError:
+        message = "arrays or tables nested too deep to be read"
+    raise ConfigError([Problem("config", file_source(path), message)])
+
+
+def _file_bytes(path: Path) -> bytes:
+    """A regular file's bytes, up to `MAX_FILE_BYTES`; raises OSError or _Invalid.
+
+    Anything else is refused before a byte is read: `/dev/zero` never ends, and a
+    named pipe would not even open without O_NONBLOCK until someone writes to it.
+    """
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise _Invalid("is not a regular file")
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise _Invalid(f"is larger than {_size_text(MAX_FILE_BYTES)}: no configuration is as big")
+    return data
+
+
+def _utf8(data: bytes) -> str:
+    """A TOML file's text; raises _Invalid naming the line and column of the first bad byte."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, start) + 1
+        column = len(data[start : exc.start].decode()) + 1
+        raise _Invalid(
+            f"line {line}, column {column}: byte 0x{data[exc.start]:02x} is not UTF-8,"
+            " which TOML requires"
+        ) from None
 
 
 def load_config(
@@ -748,6 +788,8 @@ def _parse(raw: Raw, problems: list[Problem]) -> tuple[dict[str, Any], dict[str,
             # Never echo a secret back, not even a malformed one.
             message = f"is not a usable token: {exc}" if setting.secret else str(exc)
             problems.append(Problem(key, source, message))
+        except RecursionError:
+            problems.append(Problem(key, source, "is nested too deep to be read"))
     return values, sources
 
 
