@@ -398,3 +398,30 @@ def test_only_a_regular_file_of_reasonable_size_is_read(tmp_path: Path) -> None:
         assert result.stderr.startswith(f"session-lens: config: {complaint}")
         assert result.stderr.endswith(f" (from file {path})\n")
         assert result.stderr.count("\n") == 1
+
+
+def test_settings_that_are_not_utf8_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    # os.environ and argv keep bytes that are not UTF-8 as surrogates.
+    token = "a-long-enough-secret-\udcff"
+    result = run(
+        "check-config", "--upstream", "http://u:1", env={"SESSION_LENS_ADMIN_TOKEN": token}
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "session-lens: admin_token: is not a usable token: must be UTF-8 text, and character 22"
+        " is not (from env SESSION_LENS_ADMIN_TOKEN)\n"
+    )
+    assert "a-long-enough" not in result.stderr
+    started = time.monotonic()
+    result = run(
+        "serve", "--upstream", "http://u:1", "--data-dir", str(tmp_path / "data"),
+        "--listen", "127.0.0.1:8\udcfe", env={"SESSION_LENS_ADMIN_TOKEN": token},
+    )  # fmt: skip
+    assert time.monotonic() - started < 10  # refused before the embedded PostgreSQL starts
+    assert result.returncode == 2
+    assert sorted(result.stderr.splitlines()) == [
+        "session-lens: admin_token: is not a usable token: must be UTF-8 text, and character 22"
+        " is not (from env SESSION_LENS_ADMIN_TOKEN)",
+        "session-lens: listen: must be UTF-8 text, and character 12 is not (from flag --listen)",
+    ]
+    assert not (tmp_path / "data").exists()

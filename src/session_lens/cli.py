@@ -16,6 +16,7 @@ from .config import (
     Config,
     ConfigError,
     LogLevel,
+    check_text,
     describe,
     env_name,
     file_source,
@@ -221,6 +222,7 @@ Parsed = TypeVar("Parsed")
 def _own(flag: str, parse: Callable[[str], Parsed], text: str) -> Parsed:
     """The value of a command's own flag; raises BadFlag naming the flag."""
     try:
+        check_text(text)
         return parse(text)
     except ValueError as exc:
         raise BadFlag(flag, str(exc)) from None

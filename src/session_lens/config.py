@@ -782,6 +782,7 @@ def _parse(raw: Raw, problems: list[Problem]) -> tuple[dict[str, Any], dict[str,
     for key, (value, source) in raw.items():
         setting = _BY_NAME[key]
         try:
+            check_text(value)
             values[key] = setting.parse(value)
             sources[key] = source
         except _Invalid as exc:
@@ -791,6 +792,19 @@ def _parse(raw: Raw, problems: list[Problem]) -> tuple[dict[str, Any], dict[str,
         except RecursionError:
             problems.append(Problem(key, source, "is nested too deep to be read"))
     return values, sources
+
+
+def check_text(raw: object) -> None:
+    """Refuse a value from bytes that are not UTF-8, without echoing it; raises ValueError.
+
+    The environment and argv keep such bytes as lone surrogates (surrogateescape),
+    which no parser refuses but nothing downstream can encode: a header, a log line.
+    """
+    if isinstance(raw, str):
+        try:
+            raw.encode()
+        except UnicodeEncodeError as exc:
+            raise _Invalid(f"must be UTF-8 text, and character {exc.start + 1} is not") from None
 
 
 def _conflicts(values: Mapping[str, Any], raw: Raw) -> list[Problem]:
