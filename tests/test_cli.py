@@ -425,3 +425,17 @@ def test_settings_that_are_not_utf8_are_refused_before_anything_starts(tmp_path:
         "session-lens: listen: must be UTF-8 text, and character 12 is not (from flag --listen)",
     ]
     assert not (tmp_path / "data").exists()
+
+
+def test_every_secret_parameter_of_the_database_url_is_masked() -> None:
+    url = (
+        "postgresql://lens:pw1@db/x?password=pw2&sslpassword=pw3&%70assword=pw4"
+        "&sslkey=/etc/lens/key.pem&sslmode=verify-full"
+    )
+    result = run("check-config", "--upstream", "http://u:1", "--database-url", url)
+    assert result.returncode == 0, result.stderr
+    assert not any(secret in result.stdout for secret in ("pw1", "pw2", "pw3", "pw4"))
+    assert (
+        'database_url = "postgresql://lens:***@db/x?password=***&sslpassword=***&%70assword=***'
+        '&sslkey=/etc/lens/key.pem&sslmode=verify-full"'
+    ) in result.stdout

@@ -23,7 +23,7 @@ from datetime import UTC, timedelta, tzinfo
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .ids import IdValidator
@@ -125,10 +125,21 @@ class ConfigError(Exception):
         self.problems = tuple(problems)
 
 
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+"""The query parameters of a PostgreSQL URL that carry a secret (libpq's, asyncpg's)."""
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by `***`, even in a URL that does not parse."""
+    """The URL with every password replaced by `***`, even in a URL that does not parse."""
     masked = re.sub(r"(://[^/:@]*:).*@", r"\1***@", url)
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
+    return re.sub(r"(?<=[?&])([^&=#]*)=[^&#]*", _masked_parameter, masked)
+
+
+def _masked_parameter(parameter: re.Match[str]) -> str:
+    # Names are percent-decoded by libpq and asyncpg alike: %70assword is a password.
+    if unquote(parameter[1]).lower() in _SECRET_PARAMETERS:
+        return f"{parameter[1]}=***"
+    return parameter[0]
 
 
 class _Invalid(ValueError):
