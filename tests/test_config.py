@@ -130,6 +130,8 @@ def test_every_problem_is_reported_once_with_its_source() -> None:
         ("upstream", "http://", "has no host"),
         ("upstream", "http://h:99999", "is not a valid URL"),
         ("upstream", "http://h/?q=1", "must not have a query or fragment"),
+        ("upstream", "http://a..b:80", "has a host name with an empty label"),
+        ("database_url", f"postgresql://{'h' * 64}.example/x", "one over 63 characters"),
         ("listen", "127.0.0.1:0", "port 0 is out of range"),
         ("listen", "[::1]8080", "is not host:port"),
         ("shutdown_grace", "-1s", "is not a duration"),

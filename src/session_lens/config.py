@@ -205,6 +205,12 @@ def _url(raw: object, schemes: tuple[str, ...], need_host: bool = True) -> Split
         )
     if need_host and not parts.hostname:
         raise _Invalid(f"{mask_url(text)!r} has no host")
+    try:
+        (parts.hostname or "").encode("idna")  # as the resolver will be asked, or else fail
+    except UnicodeError:
+        raise _Invalid(
+            f"{mask_url(text)!r} has a host name with an empty label or one over 63 characters"
+        ) from None
     if port == 0:
         raise _Invalid(f"{mask_url(text)!r} has port 0")
     return parts
