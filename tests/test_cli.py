@@ -62,7 +62,7 @@ def test_config_errors_exit_2_with_one_line_each(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert sorted(lines) == sorted(
         [
-            f"session-lens: lisen: unknown setting (from file {config})",
+            f"session-lens: lisen: unknown setting; did you mean listen? (from file {config})",
             "session-lens: listen: 'localhost:http' is not host:port (e.g. 127.0.0.1:8080) "
             "(from flag --listen)",
             "session-lens: shutdown_grace: 'ten seconds' is not a duration (e.g. 500ms, 30s, 5m) "
@@ -439,3 +439,47 @@ def test_every_secret_parameter_of_the_database_url_is_masked() -> None:
         'database_url = "postgresql://lens:***@db/x?password=***&sslpassword=***&%70assword=***'
         '&sslkey=/etc/lens/key.pem&sslmode=verify-full"'
     ) in result.stdout
+
+
+def test_a_mistyped_flag_or_setting_gets_a_did_you_mean(tmp_path: Path) -> None:
+    for flags, line in [
+        (["--listn", "127.0.0.1:1"], "--listn: unknown flag; did you mean --listen?"),
+        # Abbreviations are not taken: this one used to be --upstream-read-timeout, silently.
+        (["--upstream-read", "5s"], "--upstream-read: unknown flag; did you mean"
+         " --upstream-read-timeout?"),
+    ]:  # fmt: skip
+        result = run("serve", "--upstream", "http://u:1", *flags)
+        assert (result.returncode, result.stderr) == (
+            2,
+            f"session-lens serve: {line} (see session-lens serve --help)\n",
+        )
+    config = tmp_path / "lens.toml"
+    config.write_text('upstream = "http://u:1"\nupstream_read_timout = "5s"\n')
+    result = run("check-config", "--config", str(config))
+    assert (result.returncode, result.stderr) == (
+        2,
+        "session-lens: upstream_read_timout: unknown setting; did you mean"
+        f" upstream_read_timeout? (from file {config})\n",
+    )
+
+
+def test_a_near_miss_variable_is_warned_of_and_still_ignored() -> None:
+    others = {  # what Kubernetes injects for a service named session-lens, and ours
+        "SESSION_LENS_PORT": "tcp://10.0.0.1:8080",
+        "SESSION_LENS_PORT_8080_TCP_ADDR": "10.0.0.1",
+        "SESSION_LENS_SERVICE_HOST": "10.0.0.1",
+        "SESSION_LENS_SERVICE_PORT": "8080",
+        "SESSION_LENS_TEST_DATABASE_URL": "postgresql://x@db/x",  # this suite's own
+    }
+    result = run(
+        "check-config",
+        "--upstream",
+        "http://u:1",
+        env={**others, "SESSION_LENS_UPSTREAM_READ_TIMOUT": "5s"},
+    )
+    assert result.returncode == 0
+    assert result.stderr == (
+        "session-lens: warning: SESSION_LENS_UPSTREAM_READ_TIMOUT is not a setting, and is"
+        " ignored; did you mean SESSION_LENS_UPSTREAM_READ_TIMEOUT?\n"
+    )
+    assert 'upstream_read_timeout = "1m"' in result.stdout

@@ -109,7 +109,7 @@ def test_every_problem_is_reported_once_with_its_source() -> None:
     )
     assert sorted(found) == sorted(
         [
-            "upstreem: unknown setting (from file s.toml)",
+            "upstreem: unknown setting; did you mean upstream? (from file s.toml)",
             "listen: 'nowhere' is not host:port (e.g. 127.0.0.1:8080) (from file s.toml)",
             "admin_listen: port 70000 is out of range (1-65535) "
             "(from env SESSION_LENS_ADMIN_LISTEN)",

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import __version__
 from .config import (
@@ -18,12 +18,14 @@ from .config import (
     LogLevel,
     check_text,
     describe,
+    did_you_mean,
     env_name,
     file_source,
     load_config,
     parse_address,
     parse_duration,
     read_file,
+    stray_variables,
 )
 from .demo import DemoOptions, run_demo
 from .embedded import EmbeddedError, start_embedded
@@ -49,9 +51,37 @@ class BadFlag(Exception):
         self.reason = reason
 
 
-def _settings() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, saying what is wrong in one line and naming the flag meant.
+
+    Abbreviations are off: a prefix taken for the one flag it starts would stop
+    working the day a setting of the same start is added, and a flag mistyped as
+    such a prefix would be taken without a word.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """As argparse's, but a flag this parser does not know is refused here, where
+        the command's own flags are known to say which one was meant."""
+        known, extras = super().parse_known_args(args, namespace)
+        flags = [option for action in self._actions for option in action.option_strings]
+        for extra in extras:
+            if extra.startswith("-"):
+                flag = extra.partition("=")[0]
+                self.error(f"{flag}: unknown flag{did_you_mean(flag, flags)}")
+        return known, extras
+
+    def error(self, message: str) -> NoReturn:
+        """The problem in one line, not after the usage (serve's runs to 50 lines)."""
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _settings() -> _Parser:
     """The flags every command takes: --config and one per setting."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         type=Path,
@@ -70,7 +100,7 @@ def _settings() -> argparse.ArgumentParser:
 
 def _parser() -> argparse.ArgumentParser:
     common = _settings()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="session-lens",
         description="A sidecar HTTP proxy that explains why a session was not found.",
     )
@@ -192,6 +222,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
     environ = os.environ if environ is None else environ
+    for warning in stray_variables(environ):
+        print(f"session-lens: warning: {warning}", file=sys.stderr)
     try:
         config = resolve_config(args, environ)
         command = _command(args, config)

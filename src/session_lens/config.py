@@ -10,6 +10,7 @@ raised at once as a `ConfigError`, each naming the setting and where its value
 came from.
 """
 
+import difflib
 import ipaddress
 import json
 import os
@@ -17,7 +18,7 @@ import re
 import ssl
 import stat
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, timedelta, tzinfo
 from enum import StrEnum
@@ -140,6 +141,24 @@ def _masked_parameter(parameter: re.Match[str]) -> str:
     if unquote(parameter[1]).lower() in _SECRET_PARAMETERS:
         return f"{parameter[1]}=***"
     return parameter[0]
+
+
+def closest(word: str, known: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The known word a mistyped one was most likely meant to be, if one is close."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`; did you mean X?` naming the known words a mistyped one may stand for, else nothing.
+
+    A word that begins a few known ones (`upstream_read`, `--data`) was cut short;
+    any other is taken for a typo of the one closest to it.
+    """
+    known = list(known)
+    begun = [candidate for candidate in known if candidate.startswith(word)]
+    meant = begun if 0 < len(begun) <= 3 else [closest(word, known) or ""]
+    return f"; did you mean {' or '.join(meant)}?" if all(meant) else ""
 
 
 class _Invalid(ValueError):
@@ -756,7 +775,11 @@ def load_config(
 ) -> Config:
     """Merge the sources (flag over variable over file over default) and validate."""
     file = file or {}
-    problems = [Problem(key, file_name, "unknown setting") for key in file if key not in _BY_NAME]
+    problems = [
+        Problem(key, file_name, "unknown setting" + did_you_mean(key, _BY_NAME))
+        for key in file
+        if key not in _BY_NAME
+    ]
     raw = {
         **{key: (value, file_name) for key, value in file.items() if key in _BY_NAME},
         **_from_environ(environ or {}),
@@ -779,6 +802,30 @@ def _from_environ(environ: Mapping[str, str]) -> Raw:
     # Unknown SESSION_LENS_* variables are left alone: orchestrators inject
     # variables of that shape themselves (Kubernetes service links, for one).
     return {s.name: (environ[s.env], f"env {s.env}") for s in SETTINGS if s.env in environ}
+
+
+_NEAR_MISS = 0.85
+"""How alike an unknown variable's name must be to a setting's to be taken for a typo.
+
+Close enough for SESSION_LENS_UPSTREAM_TIMEOUT, not for the SESSION_LENS_PORT_8080_TCP
+and SESSION_LENS_SERVICE_HOST that Kubernetes injects for a service of that name.
+"""
+
+
+def stray_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each unknown `SESSION_LENS_*` variable that nearly names a setting."""
+    names = [*_BY_NAME, "config"]
+    known = {env_name(name) for name in names}
+    warnings = []
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX) or variable in known:
+            continue
+        meant = closest(variable.removeprefix(ENV_PREFIX).lower(), names, _NEAR_MISS)
+        if meant is not None:
+            warnings.append(
+                f"{variable} is not a setting, and is ignored; did you mean {env_name(meant)}?"
+            )
+    return warnings
 
 
 def _from_flags(flags: Mapping[str, Any]) -> Raw:
