@@ -1,6 +1,7 @@
 """The command line, run as a user runs it: in a subprocess."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -483,3 +484,22 @@ def test_a_near_miss_variable_is_warned_of_and_still_ignored() -> None:
         " ignored; did you mean SESSION_LENS_UPSTREAM_READ_TIMEOUT?\n"
     )
     assert 'upstream_read_timeout = "1m"' in result.stdout
+
+
+# --- serve: what it says at start and at a second signal ---------------------------------
+
+
+async def test_an_unreachable_upstream_is_said_at_start_up(db: str) -> None:
+    upstream = f"http://lens:hunter2@127.0.0.1:{free_port()}"  # nobody listens there
+    async with serving(upstream, db) as served, aiohttp.ClientSession() as client:
+        async with client.get(f"{served.url}/anything") as response:
+            assert response.status == 502  # served all the same
+        served.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(served.process.wait, 10) == 0
+        assert served.process.stderr is not None
+        log = [json.loads(line) for line in served.process.stderr.read().decode().splitlines()]
+    [warning] = [line for line in log if "upstream cannot be reached" in line["message"]]
+    assert warning["level"] == "WARNING"
+    assert warning["upstream"] == upstream.replace("hunter2", "***")
+    assert "Connection refused" in warning["problem"]
+    assert not any("hunter2" in json.dumps(line) for line in log)

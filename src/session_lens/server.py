@@ -4,17 +4,18 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from . import __version__
-from .app import LANE, POLICY, create_admin_app, create_proxy_app
+from .app import LANE, POLICY, create_admin_app, create_proxy_app, upstream_reachable
 from .config import Address, Config, mask_url
 from .explain import Explainer
+from .hop import Target
 from .lane import HopSite, Lane
 from .metrics import Metrics
 from .recorder import recorder_for
@@ -131,12 +132,39 @@ async def serve(
                 "version": __version__,
             },
         )
-        await stop.wait()
+        async with upstream_checked(config, say=admin is not None):
+            await stop.wait()
         log.info("shutting down", extra={"grace_seconds": grace})
         await proxy.cleanup()
         if admin is not None:
             await admin.cleanup()
         log.info("stopped", extra={"worker": worker})
+
+
+@asynccontextmanager
+async def upstream_checked(config: Config, say: bool = True) -> AsyncIterator[None]:
+    """Meanwhile, say once (if `say`) when the upstream cannot be reached at start-up.
+
+    Serving goes on (what is sent upstream gets a 502 until it comes up), and start-up
+    waits for nothing: the check runs beside it, within the connect timeout.
+    """
+    check = asyncio.create_task(_say_if_unreachable(config)) if say else None
+    try:
+        yield
+    finally:
+        if check is not None:
+            check.cancel()
+            await asyncio.wait((check,))
+
+
+async def _say_if_unreachable(config: Config) -> None:
+    target = Target.of(config.upstream, config.upstream_ca_file)
+    problem = await upstream_reachable(target, config.upstream_connect_timeout.total_seconds())
+    if problem is not None:
+        log.warning(
+            "the upstream cannot be reached: requests sent to it get a 502 until it can be",
+            extra={"upstream": mask_url(config.upstream), "problem": problem},
+        )
 
 
 async def _listen(

@@ -44,6 +44,7 @@ from .server import (
     serve,
     start_runner,
     stopped_by_signals,
+    upstream_checked,
 )
 
 log = logging.getLogger("session_lens.workers")
@@ -205,10 +206,11 @@ async def supervise(config: Config, stop: asyncio.Event | None = None) -> None:
                     "workers": config.workers,
                 },
             )
-            while not stop.is_set():
-                supervisor.check()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), POLL)
+            async with upstream_checked(config):
+                while not stop.is_set():
+                    supervisor.check()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), POLL)
             grace = config.shutdown_grace.total_seconds()
             log.info("shutting down", extra={"grace_seconds": grace, "workers": config.workers})
             drain.start()
