@@ -503,3 +503,48 @@ async def test_an_unreachable_upstream_is_said_at_start_up(db: str) -> None:
     assert warning["upstream"] == upstream.replace("hunter2", "***")
     assert "Connection refused" in warning["problem"]
     assert not any("hunter2" in json.dumps(line) for line in log)
+
+
+async def wait_until_readyz(admin_port: int, status: str) -> None:
+    """Wait for /readyz to say `status` (every worker listening, or draining)."""
+    async with aiohttp.ClientSession() as client:
+        while True:
+            async with client.get(f"http://127.0.0.1:{admin_port}/readyz") as ready:
+                if (await ready.json())["status"] == status:
+                    return
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_second_ctrl_c_stops_at_once(upstream: Upstream, db: str, workers: str) -> None:
+    arrived = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.sleep(60)
+        return web.Response()
+
+    upstream.respond = endless
+    async with (
+        serving(upstream.url, db, "--shutdown-grace", "60s", "--workers", workers) as served,
+        aiohttp.ClientSession() as client,
+    ):
+        await asyncio.wait_for(wait_until_readyz(served.admin_port, "ready"), 20)
+        pending = asyncio.create_task(client.get(f"{served.url}/endless"))
+        await asyncio.wait_for(arrived.wait(), 10)
+        served.process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(wait_until_readyz(served.admin_port, "draining"), 10)
+        started = time.monotonic()
+        served.process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(served.process.wait, 10) == 0
+        assert time.monotonic() - started < 5, "the second Ctrl-C waited for the grace period"
+        with pytest.raises(aiohttp.ClientError):
+            await pending
+        assert served.process.stderr is not None
+        log = served.process.stderr.read().decode()
+    assert (
+        '"message": "a second Ctrl-C or SIGTERM stops at once, cutting what is in flight",'
+        ' "signal": "SIGINT"'
+    ) in log
+    assert '"message": "stopping at once"' in log
+    assert "Traceback" not in log and '"level": "ERROR"' not in log

@@ -71,11 +71,29 @@ def admin_runner(app: web.Application) -> web.AppRunner:
 
 
 @contextmanager
-def stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set `stop` meanwhile."""
+def stopped_by_signals(
+    stop: asyncio.Event, at_once: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` meanwhile; once it is set, another calls `at_once`.
+
+    A person who pressed Ctrl-C and sees the drain take its time presses it again:
+    the first one says that this will not be ignored.
+    """
     loop = asyncio.get_running_loop()
+
+    def signalled(signum: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+            if at_once is not None:
+                log.info(
+                    "a second Ctrl-C or SIGTERM stops at once, cutting what is in flight",
+                    extra={"signal": signum.name},
+                )
+        elif at_once is not None:
+            at_once()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, signalled, signum)
     try:
         yield
     finally:
@@ -119,7 +137,10 @@ async def serve(
             create_admin_app(config, registry, explainer, proxy_app[POLICY].drain, recorder)
         )
     stop = stop or asyncio.Event()
-    with stopped_by_signals(stop):
+    # A worker's signals come from its supervisor (whose SIGTERM may follow one sent to
+    # the whole group), which kills it when told to stop at once.
+    at_once = proxy_app[POLICY].drain.hurry if worker is None else None
+    with stopped_by_signals(stop, at_once):
         await _listen(config, proxy, proxy_app[LANE], admin, listening)
         log.info(
             "listening",
