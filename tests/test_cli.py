@@ -1,6 +1,7 @@
 """The command line, run as a user runs it: in a subprocess."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -62,7 +63,7 @@ def test_config_errors_exit_2_with_one_line_each(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert sorted(lines) == sorted(
         [
-            f"session-lens: lisen: unknown setting (from file {config})",
+            f"session-lens: lisen: unknown setting; did you mean listen? (from file {config})",
             "session-lens: listen: 'localhost:http' is not host:port (e.g. 127.0.0.1:8080) "
             "(from flag --listen)",
             "session-lens: shutdown_grace: 'ten seconds' is not a duration (e.g. 500ms, 30s, 5m) "
@@ -344,3 +345,206 @@ async def test_sigterm_under_load_finishes_every_request(upstream: Upstream, db:
             served.process.send_signal(signal.SIGTERM)
             assert await asyncio.gather(*pending) == [200] * 40
         assert await asyncio.to_thread(served.process.wait, 10) == 0
+
+
+# --- hostile and mistaken input: one line, exit 2, nothing lost --------------------------
+
+
+def test_a_file_that_is_not_utf8_is_blamed_on_its_line(tmp_path: Path) -> None:
+    config = tmp_path / "lens.toml"
+    config.write_bytes(
+        b'upstream = "http://127.0.0.1:8000"\n# caf\xc3\xa9\nlisten = "\xc3\xa9\xff"\n'
+    )
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr == (
+        "session-lens: config: line 3, column 12: byte 0xff is not UTF-8, which TOML requires"
+        f" (from file {config})\n"
+    )
+
+
+def test_nesting_too_deep_is_one_line(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.toml"
+    deep.write_text("lifecycle_routes = " + "[" * 3000 + "]" * 3000 + "\n")
+    result = run("check-config", "--upstream", "http://u:1", "--config", str(deep))
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"session-lens: config: arrays or tables nested too deep to be read (from file {deep})\n",
+    )
+    routes = "[" * 40_000 + "]" * 40_000
+    result = run(
+        "check-config", "--upstream", "http://u:1", env={"SESSION_LENS_LIFECYCLE_ROUTES": routes}
+    )
+    assert (result.returncode, result.stderr) == (
+        2,
+        "session-lens: lifecycle_routes: is nested too deep to be read"
+        " (from env SESSION_LENS_LIFECYCLE_ROUTES)\n",
+    )
+
+
+def test_only_a_regular_file_of_reasonable_size_is_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # nobody writes: an open without care would wait for ever
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 200_000)
+    for path, env, complaint in [
+        ("/dev/zero", {"SESSION_LENS_CONFIG": "/dev/zero"}, "is not a regular file"),
+        (str(fifo), {"SESSION_LENS_CONFIG": str(fifo)}, "is not a regular file"),
+        (str(big), {"SESSION_LENS_CONFIG": str(big)}, "is larger than 1MiB"),
+    ]:
+        started = time.monotonic()
+        result = run("check-config", "--upstream", "http://u:1", env=env)
+        assert time.monotonic() - started < 10
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"session-lens: config: {complaint}")
+        assert result.stderr.endswith(f" (from file {path})\n")
+        assert result.stderr.count("\n") == 1
+
+
+def test_settings_that_are_not_utf8_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    # os.environ and argv keep bytes that are not UTF-8 as surrogates.
+    token = "a-long-enough-secret-\udcff"
+    result = run(
+        "check-config", "--upstream", "http://u:1", env={"SESSION_LENS_ADMIN_TOKEN": token}
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "session-lens: admin_token: is not a usable token: must be UTF-8 text, and character 22"
+        " is not (from env SESSION_LENS_ADMIN_TOKEN)\n"
+    )
+    assert "a-long-enough" not in result.stderr
+    started = time.monotonic()
+    result = run(
+        "serve", "--upstream", "http://u:1", "--data-dir", str(tmp_path / "data"),
+        "--listen", "127.0.0.1:8\udcfe", env={"SESSION_LENS_ADMIN_TOKEN": token},
+    )  # fmt: skip
+    assert time.monotonic() - started < 10  # refused before the embedded PostgreSQL starts
+    assert result.returncode == 2
+    assert sorted(result.stderr.splitlines()) == [
+        "session-lens: admin_token: is not a usable token: must be UTF-8 text, and character 22"
+        " is not (from env SESSION_LENS_ADMIN_TOKEN)",
+        "session-lens: listen: must be UTF-8 text, and character 12 is not (from flag --listen)",
+    ]
+    assert not (tmp_path / "data").exists()
+
+
+def test_every_secret_parameter_of_the_database_url_is_masked() -> None:
+    url = (
+        "postgresql://lens:pw1@db/x?password=pw2&sslpassword=pw3&%70assword=pw4"
+        "&sslkey=/etc/lens/key.pem&sslmode=verify-full"
+    )
+    result = run("check-config", "--upstream", "http://u:1", "--database-url", url)
+    assert result.returncode == 0, result.stderr
+    assert not any(secret in result.stdout for secret in ("pw1", "pw2", "pw3", "pw4"))
+    assert (
+        'database_url = "postgresql://lens:***@db/x?password=***&sslpassword=***&%70assword=***'
+        '&sslkey=/etc/lens/key.pem&sslmode=verify-full"'
+    ) in result.stdout
+
+
+def test_a_mistyped_flag_or_setting_gets_a_did_you_mean(tmp_path: Path) -> None:
+    for flags, line in [
+        (["--listn", "127.0.0.1:1"], "--listn: unknown flag; did you mean --listen?"),
+        # Abbreviations are not taken: this one used to be --upstream-read-timeout, silently.
+        (["--upstream-read", "5s"], "--upstream-read: unknown flag; did you mean"
+         " --upstream-read-timeout?"),
+    ]:  # fmt: skip
+        result = run("serve", "--upstream", "http://u:1", *flags)
+        assert (result.returncode, result.stderr) == (
+            2,
+            f"session-lens serve: {line} (see session-lens serve --help)\n",
+        )
+    config = tmp_path / "lens.toml"
+    config.write_text('upstream = "http://u:1"\nupstream_read_timout = "5s"\n')
+    result = run("check-config", "--config", str(config))
+    assert (result.returncode, result.stderr) == (
+        2,
+        "session-lens: upstream_read_timout: unknown setting; did you mean"
+        f" upstream_read_timeout? (from file {config})\n",
+    )
+
+
+def test_a_near_miss_variable_is_warned_of_and_still_ignored() -> None:
+    others = {  # what Kubernetes injects for a service named session-lens, and ours
+        "SESSION_LENS_PORT": "tcp://10.0.0.1:8080",
+        "SESSION_LENS_PORT_8080_TCP_ADDR": "10.0.0.1",
+        "SESSION_LENS_SERVICE_HOST": "10.0.0.1",
+        "SESSION_LENS_SERVICE_PORT": "8080",
+        "SESSION_LENS_TEST_DATABASE_URL": "postgresql://x@db/x",  # this suite's own
+    }
+    result = run(
+        "check-config",
+        "--upstream",
+        "http://u:1",
+        env={**others, "SESSION_LENS_UPSTREAM_READ_TIMOUT": "5s"},
+    )
+    assert result.returncode == 0
+    assert result.stderr == (
+        "session-lens: warning: SESSION_LENS_UPSTREAM_READ_TIMOUT is not a setting, and is"
+        " ignored; did you mean SESSION_LENS_UPSTREAM_READ_TIMEOUT?\n"
+    )
+    assert 'upstream_read_timeout = "1m"' in result.stdout
+
+
+# --- serve: what it says at start and at a second signal ---------------------------------
+
+
+async def test_an_unreachable_upstream_is_said_at_start_up(db: str) -> None:
+    upstream = f"http://lens:hunter2@127.0.0.1:{free_port()}"  # nobody listens there
+    async with serving(upstream, db) as served, aiohttp.ClientSession() as client:
+        async with client.get(f"{served.url}/anything") as response:
+            assert response.status == 502  # served all the same
+        served.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(served.process.wait, 10) == 0
+        assert served.process.stderr is not None
+        log = [json.loads(line) for line in served.process.stderr.read().decode().splitlines()]
+    [warning] = [line for line in log if "upstream cannot be reached" in line["message"]]
+    assert warning["level"] == "WARNING"
+    assert warning["upstream"] == upstream.replace("hunter2", "***")
+    assert "Connection refused" in warning["problem"]
+    assert not any("hunter2" in json.dumps(line) for line in log)
+
+
+async def wait_until_readyz(admin_port: int, status: str) -> None:
+    """Wait for /readyz to say `status` (every worker listening, or draining)."""
+    async with aiohttp.ClientSession() as client:
+        while True:
+            async with client.get(f"http://127.0.0.1:{admin_port}/readyz") as ready:
+                if (await ready.json())["status"] == status:
+                    return
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_second_ctrl_c_stops_at_once(upstream: Upstream, db: str, workers: str) -> None:
+    arrived = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.sleep(60)
+        return web.Response()
+
+    upstream.respond = endless
+    async with (
+        serving(upstream.url, db, "--shutdown-grace", "60s", "--workers", workers) as served,
+        aiohttp.ClientSession() as client,
+    ):
+        await asyncio.wait_for(wait_until_readyz(served.admin_port, "ready"), 20)
+        pending = asyncio.create_task(client.get(f"{served.url}/endless"))
+        await asyncio.wait_for(arrived.wait(), 10)
+        served.process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(wait_until_readyz(served.admin_port, "draining"), 10)
+        started = time.monotonic()
+        served.process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(served.process.wait, 10) == 0
+        assert time.monotonic() - started < 5, "the second Ctrl-C waited for the grace period"
+        with pytest.raises(aiohttp.ClientError):
+            await pending
+        assert served.process.stderr is not None
+        log = served.process.stderr.read().decode()
+    assert (
+        '"message": "a second Ctrl-C or SIGTERM stops at once, cutting what is in flight",'
+        ' "signal": "SIGINT"'
+    ) in log
+    assert '"message": "stopping at once"' in log
+    assert "Traceback" not in log and '"level": "ERROR"' not in log

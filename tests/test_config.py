@@ -109,7 +109,7 @@ def test_every_problem_is_reported_once_with_its_source() -> None:
     )
     assert sorted(found) == sorted(
         [
-            "upstreem: unknown setting (from file s.toml)",
+            "upstreem: unknown setting; did you mean upstream? (from file s.toml)",
             "listen: 'nowhere' is not host:port (e.g. 127.0.0.1:8080) (from file s.toml)",
             "admin_listen: port 70000 is out of range (1-65535) "
             "(from env SESSION_LENS_ADMIN_LISTEN)",
@@ -130,6 +130,8 @@ def test_every_problem_is_reported_once_with_its_source() -> None:
         ("upstream", "http://", "has no host"),
         ("upstream", "http://h:99999", "is not a valid URL"),
         ("upstream", "http://h/?q=1", "must not have a query or fragment"),
+        ("upstream", "http://a..b:80", "has a host name with an empty label"),
+        ("database_url", f"postgresql://{'h' * 64}.example/x", "one over 63 characters"),
         ("listen", "127.0.0.1:0", "port 0 is out of range"),
         ("listen", "[::1]8080", "is not host:port"),
         ("shutdown_grace", "-1s", "is not a duration"),

@@ -100,7 +100,7 @@ def create_proxy_app(
         policy.drain.start()
         lane.close_idle()
         grace = config.shutdown_grace.total_seconds()
-        await asyncio.gather(policy.drain.settled(grace), lane.drained(grace))
+        await policy.drain.unless_hurried(policy.drain.settled(grace), lane.drained(grace))
 
     app.cleanup_ctx.append(upstream_client)
     app.on_shutdown.append(drain)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from . import __version__
 from .config import (
@@ -18,12 +18,16 @@ from .config import (
     ConfigError,
     LogLevel,
     Problem,
+    check_text,
     describe,
+    did_you_mean,
     env_name,
+    file_source,
     load_config,
     parse_address,
     parse_duration,
     read_file,
+    stray_variables,
 )
 from .demo import DemoOptions, run_demo
 from .embedded import EmbeddedError, start_embedded
@@ -40,9 +44,46 @@ EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130
 
 
-def _settings() -> argparse.ArgumentParser:
+class BadFlag(Exception):
+    """A flag of a command's own (not a setting) whose value cannot be used."""
+
+    def __init__(self, flag: str, reason: str) -> None:
+        super().__init__(f"{flag}: {reason}")
+        self.flag = flag
+        self.reason = reason
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, saying what is wrong in one line and naming the flag meant.
+
+    Abbreviations are off: a prefix taken for the one flag it starts would stop
+    working the day a setting of the same start is added, and a flag mistyped as
+    such a prefix would be taken without a word.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """As argparse's, but a flag this parser does not know is refused here, where
+        the command's own flags are known to say which one was meant."""
+        known, extras = super().parse_known_args(args, namespace)
+        flags = [option for action in self._actions for option in action.option_strings]
+        for extra in extras:
+            if extra.startswith("-"):
+                flag = extra.partition("=")[0]
+                self.error(f"{flag}: unknown flag{did_you_mean(flag, flags)}")
+        return known, extras
+
+    def error(self, message: str) -> NoReturn:
+        """The problem in one line, not after the usage (serve's runs to 50 lines)."""
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _settings() -> _Parser:
     """The flags every command takes: --config and one per setting."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         type=Path,
@@ -61,7 +102,7 @@ def _settings() -> argparse.ArgumentParser:
 
 def _parser() -> argparse.ArgumentParser:
     common = _settings()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="session-lens",
         description="A sidecar HTTP proxy that explains why a session was not found.",
     )
@@ -146,6 +187,8 @@ def _demo_options(args: argparse.Namespace) -> DemoOptions:
     for name, parse in parsers.items():
         raw = getattr(args, name)
         try:
+            if raw is not None:
+                check_text(raw)
             values[name] = None if raw is None else parse(raw)
         except ValueError as exc:
             problems.append(Problem(name, f"flag --{name.replace('_', '-')}", str(exc)))
@@ -209,7 +252,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     flags = {setting.name: getattr(args, setting.name) for setting in SETTINGS}
     return load_config(
         file=file,
-        file_name=f"file {path}",
+        file_name=file_source(path) if path else "config file",
         environ=environ,
         flags=flags,
         need_upstream=args.command in ("serve", "check-config"),
@@ -224,24 +267,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
     environ = os.environ if environ is None else environ
+    for warning in stray_variables(environ):
+        print(f"session-lens: warning: {warning}", file=sys.stderr)
     try:
         config = resolve_config(args, environ)
         command = _command(args, config)
-    except ImportUsage as exc:
+    except (ImportUsage, BadFlag) as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"session-lens: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ValueError as exc:  # in a flag of the command's own
-        if args.command == "prune":
-            print(f"session-lens: --older-than: {exc}", file=sys.stderr)
-        else:
-            print(
-                f"session-lens: service_listen: {exc} (from flag --service-listen)",
-                file=sys.stderr,
-            )
         return EXIT_CONFIG
     if args.command == "check-config":
         print(describe(config))
@@ -257,8 +293,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_INTERRUPTED if args.command == "prune" else 0  # prune said how far it got
 
 
+Parsed = TypeVar("Parsed")
+
+
+def _own(flag: str, parse: Callable[[str], Parsed], text: str) -> Parsed:
+    """The value of a command's own flag; raises BadFlag naming the flag."""
+    try:
+        check_text(text)
+        return parse(text)
+    except ValueError as exc:
+        raise BadFlag(flag, str(exc)) from None
+
+
 def _command(args: argparse.Namespace, config: Config) -> Command:
-    """The command to run, its own flags checked; raises ValueError or ImportUsage."""
+    """The command to run, its own flags checked; raises BadFlag or ImportUsage."""
     match args.command:
         case "migrate":
             return lambda ready: asyncio.run(run_migrations(ready, dry_run=args.dry_run))
@@ -268,7 +316,7 @@ def _command(args: argparse.Namespace, config: Config) -> Command:
             importing = options_from(args, config)
             return lambda ready: run_import(ready, importing)
         case "prune":
-            older_than = _period(args.older_than)
+            older_than = _own("--older-than", _period, args.older_than)
             return lambda ready: asyncio.run(
                 run_prune(ready, older_than, batch_size=args.batch_size, dry_run=args.dry_run)
             )

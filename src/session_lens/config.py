@@ -10,19 +10,21 @@ raised at once as a `ConfigError`, each naming the setting and where its value
 came from.
 """
 
+import difflib
 import ipaddress
 import json
 import os
 import re
 import ssl
+import stat
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, timedelta, tzinfo
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .ids import IdValidator
@@ -37,6 +39,8 @@ from .routes import (
 from .schema import Tables
 
 ENV_PREFIX = "SESSION_LENS_"
+MAX_FILE_BYTES = 1 << 20
+"""The largest configuration file read: anything bigger is not one (a device, a log)."""
 _UTC: tzinfo = UTC  # typed as `id_timezone` is, so `_setting` infers tzinfo
 
 
@@ -142,10 +146,39 @@ class ConfigError(Exception):
         self.problems = tuple(problems)
 
 
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+"""The query parameters of a PostgreSQL URL that carry a secret (libpq's, asyncpg's)."""
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by `***`, even in a URL that does not parse."""
+    """The URL with every password replaced by `***`, even in a URL that does not parse."""
     masked = re.sub(r"(://[^/:@]*:).*@", r"\1***@", url)
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
+    return re.sub(r"(?<=[?&])([^&=#]*)=[^&#]*", _masked_parameter, masked)
+
+
+def _masked_parameter(parameter: re.Match[str]) -> str:
+    # Names are percent-decoded by libpq and asyncpg alike: %70assword is a password.
+    if unquote(parameter[1]).lower() in _SECRET_PARAMETERS:
+        return f"{parameter[1]}=***"
+    return parameter[0]
+
+
+def closest(word: str, known: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The known word a mistyped one was most likely meant to be, if one is close."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`; did you mean X?` naming the known words a mistyped one may stand for, else nothing.
+
+    A word that begins a few known ones (`upstream_read`, `--data`) was cut short;
+    any other is taken for a typo of the one closest to it.
+    """
+    known = list(known)
+    begun = [candidate for candidate in known if candidate.startswith(word)]
+    meant = begun if 0 < len(begun) <= 3 else [closest(word, known) or ""]
+    return f"; did you mean {' or '.join(meant)}?" if all(meant) else ""
 
 
 class _Invalid(ValueError):
@@ -211,6 +244,12 @@ def _url(raw: object, schemes: tuple[str, ...], need_host: bool = True) -> Split
         )
     if need_host and not parts.hostname:
         raise _Invalid(f"{mask_url(text)!r} has no host")
+    try:
+        (parts.hostname or "").encode("idna")  # as the resolver will be asked, or else fail
+    except UnicodeError:
+        raise _Invalid(
+            f"{mask_url(text)!r} has a host name with an empty label or one over 63 characters"
+        ) from None
     if port == 0:
         raise _Invalid(f"{mask_url(text)!r} has port 0")
     return parts
@@ -716,16 +755,53 @@ def env_name(setting: str) -> str:
     return ENV_PREFIX + setting.upper()
 
 
+def file_source(path: Path) -> str:
+    """Where a setting from this file came from, printable whatever bytes its name holds."""
+    return "file " + os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def read_file(path: Path) -> dict[str, Any]:
     """The settings in a TOML file; raises ConfigError when it cannot be read."""
-    source = f"file {path}"
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return tomllib.loads(_utf8(_file_bytes(path)))
     except OSError as exc:
-        raise ConfigError([Problem("config", source, exc.strerror or str(exc))]) from None
+        message = exc.strerror or str(exc)
+    except _Invalid as exc:
+        message = str(exc)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem("config", source, f"not valid TOML: {exc}")]) from None
+        message = f"not valid TOML: {exc}"
+    except RecursionError:
+        message = "arrays or tables nested too deep to be read"
+    raise ConfigError([Problem("config", file_source(path), message)])
+
+
+def _file_bytes(path: Path) -> bytes:
+    """A regular file's bytes, up to `MAX_FILE_BYTES`; raises OSError or _Invalid.
+
+    Anything else is refused before a byte is read: `/dev/zero` never ends, and a
+    named pipe would not even open without O_NONBLOCK until someone writes to it.
+    """
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise _Invalid("is not a regular file")
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise _Invalid(f"is larger than {_size_text(MAX_FILE_BYTES)}: no configuration is as big")
+    return data
+
+
+def _utf8(data: bytes) -> str:
+    """A TOML file's text; raises _Invalid naming the line and column of the first bad byte."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, start) + 1
+        column = len(data[start : exc.start].decode()) + 1
+        raise _Invalid(
+            f"line {line}, column {column}: byte 0x{data[exc.start]:02x} is not UTF-8,"
+            " which TOML requires"
+        ) from None
 
 
 def load_config(
@@ -738,7 +814,11 @@ def load_config(
 ) -> Config:
     """Merge the sources (flag over variable over file over default) and validate."""
     file = file or {}
-    problems = [Problem(key, file_name, "unknown setting") for key in file if key not in _BY_NAME]
+    problems = [
+        Problem(key, file_name, "unknown setting" + did_you_mean(key, _BY_NAME))
+        for key in file
+        if key not in _BY_NAME
+    ]
     raw = {
         **{key: (value, file_name) for key, value in file.items() if key in _BY_NAME},
         **_from_environ(environ or {}),
@@ -763,6 +843,30 @@ def _from_environ(environ: Mapping[str, str]) -> Raw:
     return {s.name: (environ[s.env], f"env {s.env}") for s in SETTINGS if s.env in environ}
 
 
+_NEAR_MISS = 0.85
+"""How alike an unknown variable's name must be to a setting's to be taken for a typo.
+
+Close enough for SESSION_LENS_UPSTREAM_TIMEOUT, not for the SESSION_LENS_PORT_8080_TCP
+and SESSION_LENS_SERVICE_HOST that Kubernetes injects for a service of that name.
+"""
+
+
+def stray_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each unknown `SESSION_LENS_*` variable that nearly names a setting."""
+    names = [*_BY_NAME, "config"]
+    known = {env_name(name) for name in names}
+    warnings = []
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX) or variable in known:
+            continue
+        meant = closest(variable.removeprefix(ENV_PREFIX).lower(), names, _NEAR_MISS)
+        if meant is not None:
+            warnings.append(
+                f"{variable} is not a setting, and is ignored; did you mean {env_name(meant)}?"
+            )
+    return warnings
+
+
 def _from_flags(flags: Mapping[str, Any]) -> Raw:
     unknown = flags.keys() - _BY_NAME.keys()
     if unknown:
@@ -781,13 +885,29 @@ def _parse(raw: Raw, problems: list[Problem]) -> tuple[dict[str, Any], dict[str,
     for key, (value, source) in raw.items():
         setting = _BY_NAME[key]
         try:
+            check_text(value)
             values[key] = setting.parse(value)
             sources[key] = source
         except _Invalid as exc:
             # Never echo a secret back, not even a malformed one.
             message = f"is not a usable token: {exc}" if setting.secret else str(exc)
             problems.append(Problem(key, source, message))
+        except RecursionError:
+            problems.append(Problem(key, source, "is nested too deep to be read"))
     return values, sources
+
+
+def check_text(raw: object) -> None:
+    """Refuse a value from bytes that are not UTF-8, without echoing it; raises ValueError.
+
+    The environment and argv keep such bytes as lone surrogates (surrogateescape),
+    which no parser refuses but nothing downstream can encode: a header, a log line.
+    """
+    if isinstance(raw, str):
+        try:
+            raw.encode()
+        except UnicodeEncodeError as exc:
+            raise _Invalid(f"must be UTF-8 text, and character {exc.start + 1} is not") from None
 
 
 def _conflicts(values: Mapping[str, Any], raw: Raw) -> list[Problem]:

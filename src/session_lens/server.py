@@ -4,8 +4,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from aiohttp import web
@@ -13,9 +13,10 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from . import __version__
 from .admin_site import AdminSite
-from .app import LANE, POLICY, create_admin_app, create_proxy_app
+from .app import LANE, POLICY, create_admin_app, create_proxy_app, upstream_reachable
 from .config import Address, Config, mask_url
 from .explain import Explainer
+from .hop import Target
 from .lane import HopSite, Lane
 from .lane.client import IDLE_CLIENT
 from .metrics import Metrics
@@ -100,11 +101,29 @@ def admin_runner(app: web.Application) -> web.AppRunner:
 
 
 @contextmanager
-def stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set `stop` meanwhile."""
+def stopped_by_signals(
+    stop: asyncio.Event, at_once: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` meanwhile; once it is set, another calls `at_once`.
+
+    A person who pressed Ctrl-C and sees the drain take its time presses it again:
+    the first one says that this will not be ignored.
+    """
     loop = asyncio.get_running_loop()
+
+    def signalled(signum: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+            if at_once is not None:
+                log.info(
+                    "a second Ctrl-C or SIGTERM stops at once, cutting what is in flight",
+                    extra={"signal": signum.name},
+                )
+        elif at_once is not None:
+            at_once()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, signalled, signum)
     try:
         yield
     finally:
@@ -148,7 +167,10 @@ async def serve(
             create_admin_app(config, registry, explainer, proxy_app[POLICY].drain, recorder)
         )
     stop = stop or asyncio.Event()
-    with stopped_by_signals(stop):
+    # A worker's signals come from its supervisor (whose SIGTERM may follow one sent to
+    # the whole group), which kills it when told to stop at once.
+    at_once = proxy_app[POLICY].drain.hurry if worker is None else None
+    with stopped_by_signals(stop, at_once):
         await _listen(config, proxy, proxy_app[LANE], admin, listening)
         log.info(
             "listening",
@@ -161,12 +183,39 @@ async def serve(
                 "version": __version__,
             },
         )
-        await stop.wait()
+        async with upstream_checked(config, say=admin is not None):
+            await stop.wait()
         log.info("shutting down", extra={"grace_seconds": grace})
         await proxy.cleanup()
         if admin is not None:
             await admin.cleanup()
         log.info("stopped", extra={"worker": worker})
+
+
+@asynccontextmanager
+async def upstream_checked(config: Config, say: bool = True) -> AsyncIterator[None]:
+    """Meanwhile, say once (if `say`) when the upstream cannot be reached at start-up.
+
+    Serving goes on (what is sent upstream gets a 502 until it comes up), and start-up
+    waits for nothing: the check runs beside it, within the connect timeout.
+    """
+    check = asyncio.create_task(_say_if_unreachable(config)) if say else None
+    try:
+        yield
+    finally:
+        if check is not None:
+            check.cancel()
+            await asyncio.wait((check,))
+
+
+async def _say_if_unreachable(config: Config) -> None:
+    target = Target.of(config.upstream, config.upstream_ca_file)
+    problem = await upstream_reachable(target, config.upstream_connect_timeout.total_seconds())
+    if problem is not None:
+        log.warning(
+            "the upstream cannot be reached: requests sent to it get a 502 until it can be",
+            extra={"upstream": mask_url(config.upstream), "problem": problem},
+        )
 
 
 async def _listen(

@@ -44,6 +44,7 @@ from .server import (
     serve,
     start_admin,
     stopped_by_signals,
+    upstream_checked,
 )
 
 log = logging.getLogger("session_lens.workers")
@@ -148,6 +149,13 @@ class Supervisor:
                 raise WorkersFailed(f"workers died {RESTARTS} times within {RESTART_WINDOW:g}s")
             self.start(index)
 
+    def hurry(self) -> None:
+        """Stop at once (a second Ctrl-C): every worker is killed, what it serves cut."""
+        alive = [process for process in self._processes.values() if process.is_alive()]
+        log.warning("stopping at once", extra={"workers": len(alive)})
+        for process in alive:
+            process.kill()
+
     async def stop(self, grace: float) -> None:
         """SIGTERM to every worker; those still running after the grace period are killed."""
         for process in self._processes.values():
@@ -184,7 +192,7 @@ async def supervise(config: Config, stop: asyncio.Event | None = None) -> None:
     admin = admin_runner(
         create_admin_app(config, registry, explainer, drain, workers=supervisor.listening)
     )
-    with stopped_by_signals(stop):
+    with stopped_by_signals(stop, supervisor.hurry):
         try:
             await explainer.open()
             await start_admin(admin, config)
@@ -205,10 +213,11 @@ async def supervise(config: Config, stop: asyncio.Event | None = None) -> None:
                     "workers": config.workers,
                 },
             )
-            while not stop.is_set():
-                supervisor.check()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), POLL)
+            async with upstream_checked(config):
+                while not stop.is_set():
+                    supervisor.check()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), POLL)
             grace = config.shutdown_grace.total_seconds()
             log.info("shutting down", extra={"grace_seconds": grace, "workers": config.workers})
             drain.start()
