@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -426,3 +426,92 @@ def origin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Origin]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+# --- a link to PostgreSQL that can be cut --------------------------------------------
+
+
+class Forwarder:
+    """A TCP relay to PostgreSQL that can be cut (live connections closed, new ones
+    refused) and restored, like a network link between one sidecar and the database."""
+
+    def __init__(self, database_url: str) -> None:
+        parts = urlsplit(database_url)
+        host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
+        self._socket = f"{host}/.s.PGSQL.{parts.port or 5432}" if host.startswith("/") else None
+        self._address = (host, parts.port or 5432)
+        self._database_url = database_url
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+        self.up = True
+        self.cuts = 0
+
+    async def start(self) -> str:
+        """Listen on loopback; the database URL through this link."""
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(self._database_url)
+        credentials = parts.netloc.rpartition("@")[0]
+        netloc = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
+        return urlunsplit(parts._replace(netloc=netloc, query=""))
+
+    def cut(self) -> None:
+        self.up = False
+        self.cuts += 1
+        for writer in list(self._links):
+            writer.transport.abort()
+        self._links.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        try:
+            if self._socket is not None:
+                far_reader, far_writer = await asyncio.open_unix_connection(self._socket)
+            else:
+                far_reader, far_writer = await asyncio.open_connection(*self._address)
+        except OSError:
+            writer.transport.abort()
+            return
+        if not self.up:  # cut while connecting
+            far_writer.transport.abort()
+            writer.transport.abort()
+            return
+        self._links |= {writer, far_writer}
+        await asyncio.gather(_pump(reader, far_writer), _pump(far_reader, writer))
+        self._links -= {writer, far_writer}
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.transport.abort()
+
+
+@pytest.fixture
+async def forwarders(db: str) -> AsyncIterator[list[Forwarder]]:
+    made: list[Forwarder] = []
+    yield made
+    for forwarder in made:
+        await forwarder.close()
+
+
+async def link(forwarders: list[Forwarder], db: str) -> tuple[Forwarder, str]:
+    forwarder = Forwarder(db)
+    forwarders.append(forwarder)
+    return forwarder, await forwarder.start()

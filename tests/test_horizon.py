@@ -1,5 +1,6 @@
 """Only what the evidence can vouch for: the tracking horizon, id_timezone, the store's TTL."""
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -135,11 +136,17 @@ async def test_observed_mode_tracks_from_the_first_recording(
 ) -> None:
     # The store was migrated long ago (the fixture: 2025-01-01) but nobody recorded.
     assert await horizon(db) == datetime(2025, 1, 1, tzinfo=UTC)
-    proxy = await make_proxy(missing.url, database_url=db, lifecycle_source="observed")
+    proxy = await make_proxy(
+        missing.url, database_url=db, lifecycle_source="observed", visibility_window="500ms"
+    )
     assert (await reason(proxy, OLD))[0] == "predates_tracking"
     began = await horizon(db)
     assert abs(datetime.now(UTC) - began) < timedelta(minutes=1)
-    assert (await reason(proxy, fresh()))[0] == "never_existed"
+    young = fresh()
+    # Minted moments ago, its creation may be on its way from another sidecar: unknown.
+    assert (await reason(proxy, young))[0] == "unknown"
+    await asyncio.sleep(3.2)  # now older than the visibility window
+    assert (await reason(proxy, young))[0] == "never_existed"
     # A second recorder starting later does not move the start of the records.
     later = await make_proxy(missing.url, database_url=db, lifecycle_source="observed")
     assert (await reason(later, OLD))[0] == "predates_tracking"

@@ -166,11 +166,17 @@ async def test_misses_are_classified_from_observed_tables(
     upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str
 ) -> None:
     proxy = await make_proxy(
-        upstream.url, database_url=db, lifecycle_source="observed", lifecycle_routes=PURGING
+        upstream.url,
+        database_url=db,
+        lifecycle_source="observed",
+        lifecycle_routes=PURGING,
+        visibility_window="500ms",
     )
     deleted, purged, failed, old = (f"exec_20251230_020944_0000000{n}" for n in range(4))
-    # Minted after recording began (the IDs name whole seconds: a little ahead).
-    never = minted(datetime.now(UTC) + timedelta(seconds=2))
+    # Minted after recording began (the IDs name whole seconds: a little ahead), and
+    # looked up once older than the visibility window (younger, it may be in flight).
+    ahead = datetime.now(UTC) + timedelta(seconds=1)
+    never = minted(ahead)
     for session_id in (deleted, purged):
         await call(proxy, "POST", "/api/sessions", json={"id": session_id})
         await call(proxy, "POST", f"/api/sessions/{session_id}/stop")
@@ -184,6 +190,7 @@ async def test_misses_are_classified_from_observed_tables(
     await writer.execute("UPDATE sessions SET state = 'DELETED' WHERE id = $1", deleted)
     await writer.close()
 
+    await asyncio.sleep((ahead.replace(microsecond=0) - datetime.now(UTC)).total_seconds() + 0.6)
     reasons = {}
     async with aiohttp.ClientSession() as client:
         for session_id in (deleted, purged, failed, old, never):

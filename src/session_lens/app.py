@@ -66,6 +66,8 @@ def create_proxy_app(
     explainer = explainer or Explainer(config, metrics, config.database_url)
     if recorder is None:
         recorder = recorder_for(config, metrics)
+    if recorder is not None:  # what it has seen and not stored yet is evidence too
+        explainer.in_flight = recorder.in_flight
     policy = Policy(config, metrics, explainer, recorder)
     target = Target.of(config.upstream, config.upstream_ca_file)
     relay = WebSocketRelay(config, policy, target)

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +17,8 @@ import asyncpg
 
 from .classify import classify, creating_since, last_change
 from .config import Config
+from .events import Event
+from .in_flight import InFlight, overlay
 from .metrics import Metrics
 from .reasons import Reason
 from .retention import Fate, StoreRetention
@@ -147,6 +149,10 @@ class Report:
     retained: Retained | None
     visibility_window: timedelta
     creation_timeout: timedelta
+    in_flight: list[Event] = field(default_factory=list)
+    """Events this process has seen and not stored yet, laid over `evidence`."""
+    doubt: str | None = None
+    """Why no evidence does not mean never existed yet (observed mode): the reason is unknown."""
 
     def why(self) -> str:
         """The reason a miss would get now, in a sentence a person can act on."""
@@ -265,6 +271,8 @@ def _upstream_inconsistent(report: Report) -> str:
 
 
 def _unknown(report: Report) -> str:
+    if report.doubt is not None:
+        return f"no record of it yet, but {report.doubt}"
     return (
         f"its row's state {report.evidence.state!r} is none the lifecycle model knows:"
         " no reason follows from it"
@@ -352,6 +360,8 @@ class Explainer:
         self._watch: asyncio.Task[None] | None = None
         self.horizon: datetime | None = None
         """The tracking horizon as last read from the database."""
+        self.in_flight: InFlight | None = None
+        """This process's recorder's events not stored yet (observed mode): evidence too."""
 
     async def open(self) -> None:
         """Create the pool; it connects on first use, so a down database does not stop start-up."""
@@ -415,12 +425,44 @@ class Explainer:
         self._saw(evidence)
         retained = self._retained(session_id, evidence.now)
         try:
-            reason = self._classify(session_id, evidence, include_deleted, retained)
-            return Explanation(reason, evidence, note=retained.note() if retained else None)
+            seen = self._with_in_flight(session_id, evidence)
+            reason = self._classify(session_id, seen, include_deleted, retained)
+            note = retained.note() if retained else None
+            if reason is Reason.NEVER_EXISTED and (doubt := self._doubt(session_id, seen)):
+                reason, note = Reason.UNKNOWN, doubt
+            return Explanation(reason, seen, note=note)
         except (TypeError, ValueError) as exc:  # evidence of a shape nobody planned for
             log.error("cannot classify", extra={"session_id": session_id, "error": repr(exc)})
             self._metrics.classifier_errors["query"].inc()
             return Explanation(Reason.UNKNOWN, evidence, error=f"unclassifiable evidence: {exc}")
+
+    def _with_in_flight(self, session_id: str, evidence: Evidence) -> Evidence:
+        """The evidence with this process's events in flight for the ID laid over it."""
+        events = self.in_flight.of(session_id) if self.in_flight is not None else []
+        return overlay(evidence, events) if events else evidence
+
+    def _doubt(self, session_id: str, evidence: Evidence) -> str | None:
+        """Why, in observed mode, an ID without evidence may yet have some on its way
+        (so it is not said to have never existed); None when nothing suggests it."""
+        minted = self._ids.minted_at(session_id)
+        if not self._config.observes or minted is None:
+            return None
+        window = self._config.visibility_window
+        if evidence.now - minted < window:
+            return (
+                f"it was {_span(max(evidence.now - minted, timedelta(0)))} old,"
+                f" within the visibility window ({_span(window)}): its creation may still be on"
+                " its way from another sidecar"
+            )
+        if evidence.replaying is not None and minted <= evidence.replaying:
+            return (
+                "a sidecar is replaying spooled events up to"
+                f" {_when(evidence.replaying)}: this ID's may be among them"
+            )
+        in_flight = self.in_flight
+        if in_flight is not None and in_flight.overflow and minted.timestamp() <= in_flight.newest:
+            return "more events are in flight here than are indexed: this ID's may be among them"
+        return None
 
     def _retained(self, session_id: str, now: datetime) -> Retained | None:
         if self._retention is None:
@@ -478,16 +520,24 @@ class Explainer:
         minted = self._ids.minted_at(session_id)
         if minted is None:
             raise ValueError(f"{session_id[:64]!r} is not a valid session ID")
+        events = self.in_flight.of(session_id) if self.in_flight is not None else []
+        seen = overlay(evidence, events) if events else evidence
+        reasons = [self._classify(session_id, seen, asked, retained) for asked in (False, True)]
+        doubt = None
+        if Reason.NEVER_EXISTED in reasons and (doubt := self._doubt(session_id, seen)):
+            reasons = [Reason.UNKNOWN if r is Reason.NEVER_EXISTED else r for r in reasons]
         return Report(
             session_id,
             minted,
-            evidence,
+            seen,
             timeline,
-            self._classify(session_id, evidence, False, retained),
-            self._classify(session_id, evidence, True, retained),
+            reasons[0],
+            reasons[1],
             retained,
             self._config.visibility_window,
             self._config.creation_timeout,
+            events,
+            doubt,
         )
 
     async def health(self) -> str | None:
@@ -531,6 +581,15 @@ def report_json(report: Report) -> dict[str, Any]:
         "reason_with_include_deleted": report.reason_with_include_deleted.value,
         "why": report.why(),
         "why_with_include_deleted": report.why_with_include_deleted(),
+        "in_flight": [
+            {
+                "at": _iso(datetime.fromtimestamp(event.at, UTC)),
+                "action": event.action.value,
+                "ok": event.ok,
+                "request_id": event.request_id,
+            }
+            for event in report.in_flight
+        ],
         "note": retained.note() if retained else None,
         "timeline": [
             {

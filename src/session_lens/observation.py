@@ -10,10 +10,11 @@ from yarl import URL
 
 from .config import Config
 from .drain import Drain
+from .events import Event
 from .exchange import Exchange
 from .metrics import Metrics
 from .reasons import Kind
-from .recorder import Event, Recorder
+from .recorder import Recorder
 from .routes import Action, IdFrom, LifecycleMatch, LifecycleTable, PointerMiss, resolve_pointer
 
 log = logging.getLogger("session_lens.proxy")

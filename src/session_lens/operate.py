@@ -5,7 +5,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
 import asyncpg
@@ -182,6 +182,12 @@ def format_report(report: Report) -> str:
     if report.reason_with_include_deleted != report.reason:
         lines.append(f"  with include_deleted=true: {report.reason_with_include_deleted}")
         lines.append(f"    {report.why_with_include_deleted()}")
+    for event in report.in_flight:
+        outcome = "" if event.ok else " (failed)"
+        lines.append(
+            f"in flight {event.action}{outcome} at {_when(datetime.fromtimestamp(event.at, UTC))},"
+            f" request {event.request_id}: seen, not stored yet"
+        )
     lines.append("timeline" if report.timeline else "timeline  (empty: never heard of)")
     for entry in report.timeline:
         move = f"{entry.old_state or '(none)'} -> {entry.new_state or '(none)'}"

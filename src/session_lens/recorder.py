@@ -12,12 +12,10 @@ goes on.
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from typing import Any
 import asyncpg
 
 from .config import Config
+from .events import Event
+from .in_flight import MAX_IN_FLIGHT, InFlight
 from .metrics import Metrics
 from .routes import TARGET_STATE, Action
 from .schema import TRANSITIONS, SessionState, Tables
@@ -43,47 +43,6 @@ SYNC_INTERVAL = 0.2
 """How often the writer fsyncs the spool; appends reach the kernel at once regardless."""
 TRUNCATE_AT = 1 << 20
 READ_CHUNK = 4 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One lifecycle change the upstream confirmed (or a creation that did not complete)."""
-
-    event_id: str
-    session_id: str
-    action: Action
-    ok: bool
-    at: float
-    """When it happened: seconds since the epoch."""
-    request_id: str
-    detail: str | None = None
-
-    @classmethod
-    def new(
-        cls,
-        session_id: str,
-        action: Action,
-        request_id: str,
-        ok: bool = True,
-        detail: str | None = None,
-        at: float | None = None,
-    ) -> "Event":
-        """An event that happened `at` (a `time.time()`), or now."""
-        when = time.time() if at is None else at
-        return cls(uuid.uuid4().hex, session_id, action, ok, when, request_id, detail)
-
-    def line(self) -> bytes:
-        """The event as one spool line."""
-        fields = [self.event_id, self.session_id, self.action.value, self.ok, self.at,
-                  self.request_id, self.detail]  # fmt: skip
-        return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
-
-    @classmethod
-    def parse(cls, line: bytes) -> "Event":
-        """An event from its spool line; raises ValueError on a damaged one."""
-        event_id, session_id, action, ok, at, request_id, detail = json.loads(line)
-        uuid.UUID(event_id)  # raises ValueError on a damaged one
-        return cls(event_id, session_id, Action(action), bool(ok), float(at), request_id, detail)
 
 
 class SpoolWriteError(Exception):
@@ -163,16 +122,6 @@ class Spool:
             offset += len(line)
             lines.append((offset, line))
         return lines, offset
-
-    def oldest(self, start: int) -> float | None:
-        """The earliest time of the events in the first chunk past `start` (events are
-        spooled nearly in time order), if there is one to read."""
-        lines, _ = self.read(start)
-        times = []
-        for _, line in lines:
-            with contextlib.suppress(ValueError, TypeError):
-                times.append(Event.parse(line).at)
-        return min(times, default=None)
 
     def count(self, start: int) -> int:
         """How many whole lines lie past `start`."""
@@ -334,6 +283,21 @@ class Recorder:
             " migrated_at = CASE WHEN EXISTS (SELECT 1 FROM {events})"
             " THEN migrated_at ELSE least(migrated_at, $1) END"
         ).format(**names)
+        self._replaying_sql = (
+            "INSERT INTO {replays} AS r (recorder, events, newest)"
+            " VALUES ($1, $2, to_timestamp($3))"
+            " ON CONFLICT (recorder) DO UPDATE SET events = $2,"
+            " newest = greatest(r.newest, excluded.newest), heartbeat = clock_timestamp()"
+        ).format(**names)
+        self._replayed_sql = (
+            "DELETE FROM {replays} WHERE recorder = $1"
+            " OR heartbeat < clock_timestamp() - interval '10 minutes'"
+        ).format(**names)
+        self._id = uuid.uuid4()
+        self.in_flight = InFlight()
+        """The events spooled that the database does not have yet, for the explainer."""
+        self._backlog = False
+        """Events were left in the spool by an earlier run: a replay, as after an outage."""
         self._started_at = datetime.now(UTC)
         self._announced = False
         self._pool: asyncpg.Pool | None = None
@@ -362,9 +326,10 @@ class Recorder:
         self._pending = await asyncio.to_thread(self._spool.count, self._spool.checkpoint)
         if self._pending:
             log.warning("replaying spooled events", extra={"events": self._pending})
+            self._backlog = True
             # Observed since the first of them at the latest, whenever the run that
             # spooled them began.
-            oldest = await asyncio.to_thread(self._spool.oldest, self._spool.checkpoint)
+            oldest = await asyncio.to_thread(self._load_in_flight)
             if oldest is not None:
                 self._started_at = min(self._started_at, datetime.fromtimestamp(oldest, UTC))
         self._publish()
@@ -377,6 +342,22 @@ class Recorder:
         self._task = asyncio.create_task(self._run(), name="session-lens recorder")
         if self._pending or not self._announced:
             self._wake.set()
+
+    def _load_in_flight(self) -> float | None:
+        """Index what the spool holds past its checkpoint (up to `MAX_IN_FLIGHT` events);
+        the time of the oldest, if any. Runs before anything records."""
+        offset, oldest = self._spool.checkpoint, None
+        while True:
+            lines, reached = self._spool.read(offset)
+            if not lines:
+                return oldest
+            for event in _parsed(lines):
+                oldest = event.at if oldest is None else min(oldest, event.at)
+                self.in_flight.add(event)
+            if len(self.in_flight) >= MAX_IN_FLIGHT:
+                self.in_flight.overflow = True
+                return oldest
+            offset = reached
 
     def record(self, event: Event) -> None:
         """Spool an event now and let the writer take it; never waits."""
@@ -395,6 +376,7 @@ class Recorder:
                 )
             return
         self._pending += 1
+        self.in_flight.add(event)
         self._publish()
         self._wake.set()
 
@@ -461,6 +443,9 @@ class Recorder:
             return
         await self._announce(WRITE_TIMEOUT)
         spool = self._spool
+        replay = (self._backlog or self._outage_since is not None) and spool.checkpoint < spool.size
+        if replay:
+            await self._say_replaying(pool)
         while spool.checkpoint < spool.size:
             lines, _ = await asyncio.to_thread(spool.read, spool.checkpoint)
             if not lines:
@@ -472,14 +457,31 @@ class Recorder:
                 async with asyncio.timeout(WRITE_TIMEOUT):
                     await self._writer.write_isolating(pool, batch)
                 await asyncio.to_thread(spool.commit, batch[-1][0])
+                self.in_flight.stored(_parsed(batch))
                 self._replaying = self._outage_since is not None
                 self._pending = max(self._pending - len(batch), 0)
                 self._publish()
+                if replay:
+                    await self._say_replaying(pool)
+        if replay:
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await pool.execute(self._replayed_sql, self._id)
+            self._backlog = False
+        if self._pending == 0:
+            self.in_flight.clear()
         spool.truncate_if_done(at_least=min(TRUNCATE_AT, spool.max_bytes // 4))
         if self._full and spool.size < spool.max_bytes // 2:
             self._full = False
             log.warning("spool has room again")
         self._publish()
+
+    async def _say_replaying(self, pool: asyncpg.Pool) -> None:
+        """Tell every sidecar, through the database, what this one is replaying: until
+        it is done, IDs minted before its newest event may have evidence on the way."""
+        in_flight = self.in_flight
+        newest = time.time() if in_flight.overflow or not in_flight.newest else in_flight.newest
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await pool.execute(self._replaying_sql, self._id, self._pending, newest)
 
     async def _announce(self, timeout: float) -> None:
         """Record, once, that tracking by observation has begun (when this process started)."""
@@ -544,3 +546,12 @@ def _result(event: Event, before: Any) -> str:
     if target is None or SessionState(before) == target:
         return "recorded"
     return "recorded" if target in TRANSITIONS[SessionState(before)] else "unexpected_transition"
+
+
+def _parsed(lines: list[tuple[int, bytes]]) -> list[Event]:
+    """The events of spool lines, damaged ones left out (the writer counts those)."""
+    events = []
+    for _, line in lines:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            events.append(Event.parse(line))
+    return events

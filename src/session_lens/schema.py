@@ -65,6 +65,7 @@ class Tables:
             "record": quote_ident(prefix + "session_lens_record"),
             "record_batch": quote_ident(prefix + "session_lens_record_batch"),
             "tracking": quote_ident(prefix + "session_lens_tracking"),
+            "replays": quote_ident(prefix + "session_lens_replays"),
             "audit_session_idx": quote_ident(prefix + "session_audit_session_id_idx"),
             "delete_guard": quote_ident(prefix + "session_lens_audit_delete_guard"),
             "prune_guard": quote_ident(prefix + "session_lens_audit_prune_guard"),

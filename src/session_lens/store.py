@@ -62,6 +62,8 @@ class Evidence:
     now: datetime
     horizon: datetime | None
     """Since when the lifecycle tables hold every change (None: not recorded)."""
+    replaying: datetime | None = None
+    """The newest event of the spools being replayed now, by any recorder (None: none is)."""
 
     @property
     def has_row(self) -> bool:
@@ -87,6 +89,11 @@ class AuditEntry:
     reason: str | None
 
 
+REPLAY_STALE = 60
+"""Seconds after which a replay that said nothing more is taken for dead (its recorder
+says so with every batch it writes)."""
+
+
 class Queries:
     """The SQL for the configured tables, formatted once so asyncpg caches each statement."""
 
@@ -97,7 +104,9 @@ class Queries:
             "SELECT s.state::text, s.created_at::timestamptz, s.updated_at::timestamptz,"
             " s.deleted_at::timestamptz,"
             " a.old_state, a.new_state, a.occurred_at, a.trigger, statement_timestamp(),"
-            " (SELECT horizon FROM {tracking})"
+            " (SELECT horizon FROM {tracking}),"
+            " (SELECT max(newest) FROM {replays}"
+            f"  WHERE heartbeat > statement_timestamp() - interval '{REPLAY_STALE} seconds')"
             " FROM (SELECT $1::text AS key) AS k"
             " LEFT JOIN {table} AS s ON s.{id} = k.key"
             " LEFT JOIN LATERAL ("

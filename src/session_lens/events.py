@@ -1,0 +1,49 @@
+"""A lifecycle event seen in traffic, as a recorder spools it and writes it."""
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from .routes import Action
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One lifecycle change the upstream confirmed (or a creation that did not complete)."""
+
+    event_id: str
+    session_id: str
+    action: Action
+    ok: bool
+    at: float
+    """When it happened: seconds since the epoch."""
+    request_id: str
+    detail: str | None = None
+
+    @classmethod
+    def new(
+        cls,
+        session_id: str,
+        action: Action,
+        request_id: str,
+        ok: bool = True,
+        detail: str | None = None,
+        at: float | None = None,
+    ) -> "Event":
+        """An event that happened `at` (a `time.time()`), or now."""
+        when = time.time() if at is None else at
+        return cls(uuid.uuid4().hex, session_id, action, ok, when, request_id, detail)
+
+    def line(self) -> bytes:
+        """The event as one spool line."""
+        fields = [self.event_id, self.session_id, self.action.value, self.ok, self.at,
+                  self.request_id, self.detail]  # fmt: skip
+        return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def parse(cls, line: bytes) -> "Event":
+        """An event from its spool line; raises ValueError on a damaged one."""
+        event_id, session_id, action, ok, at, request_id, detail = json.loads(line)
+        uuid.UUID(event_id)  # raises ValueError on a damaged one
+        return cls(event_id, session_id, Action(action), bool(ok), float(at), request_id, detail)

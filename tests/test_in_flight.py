@@ -1,0 +1,150 @@
+"""Evidence in flight: what a sidecar has seen and not stored yet is evidence, and no
+sidecar says never_existed of an ID whose evidence may be on its way."""
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from .conftest import Forwarder, MakeProxy, ProxyUnderTest, Upstream, link
+from .test_observed import SessionService, call, minted, settled
+
+
+async def why(proxy: ProxyUnderTest, session_id: str) -> str:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{proxy.url}/api/sessions/{session_id}") as response,
+    ):
+        assert response.status == 404
+        return response.headers["X-Session-Not-Found-Reason"]
+
+
+async def tracked_ids(count: int) -> list[str]:
+    """IDs minted after a recorder that started just now began (IDs name whole seconds),
+    and older than a 100 ms visibility window by the time they are used."""
+    await asyncio.sleep(1.1)
+    now = datetime.now(UTC)
+    ids = [minted(now, f"{n:08x}") for n in range(count)]
+    await asyncio.sleep(0.2)
+    return ids
+
+
+async def test_a_lookup_straight_after_its_create_is_never_never_existed(
+    upstream: Upstream, make_proxy: MakeProxy, db: str
+) -> None:
+    upstream.respond = SessionService().handle  # its lookups all miss: a lagging replica
+    proxy = await make_proxy(upstream.url, database_url=db, lifecycle_source="observed")
+    await asyncio.sleep(1.1)  # IDs name whole seconds: theirs come after recording began
+    reasons = []
+    for n in range(20):
+        session_id = minted(datetime.now(UTC), f"{n:08x}")
+        assert await call(proxy, "POST", "/api/sessions", json={"id": session_id}) == 201
+        reasons.append(await why(proxy, session_id))
+    assert set(reasons) <= {"not_yet_visible", "creating"}, reasons
+
+
+async def test_what_a_cut_link_spooled_is_evidence_the_moment_it_returns(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, forwarders: list[Forwarder]
+) -> None:
+    upstream.respond = SessionService().handle
+    forwarder, through = await link(forwarders, db)
+    proxy = await make_proxy(
+        upstream.url, database_url=through, lifecycle_source="observed", visibility_window="100ms"
+    )
+    ids = await tracked_ids(30)
+    forwarder.cut()
+    for session_id in ids:
+        assert await call(proxy, "POST", "/api/sessions", json={"id": session_id}) == 201
+        assert await call(proxy, "DELETE", f"/api/sessions/{session_id}") == 200
+    assert proxy.recorder is not None and proxy.recorder.pending == 60
+    forwarder.restore()
+    reasons = [await why(proxy, session_id) for session_id in ids]
+    assert set(reasons) == {"deleted"}, reasons
+    await settled(proxy)
+    conn = await asyncpg.connect(db)
+    try:
+        counted = await conn.fetchrow(
+            "SELECT count(*), count(DISTINCT event_id) FROM session_lens_events"
+            " WHERE session_id = ANY($1::text[])",
+            ids,
+        )
+        assert tuple(counted) == (60, 60)  # every event, exactly once
+    finally:
+        await conn.close()
+    assert len(proxy.recorder.in_flight) == 0
+
+
+async def test_another_sidecars_create_is_never_never_existed_here(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, tmp_path: Path
+) -> None:
+    upstream.respond = SessionService().handle
+    one, other = [
+        await make_proxy(
+            upstream.url, database_url=db, lifecycle_source="observed", spool_dir=str(spool)
+        )
+        for spool in (tmp_path / "one", tmp_path / "other")
+    ]
+    await asyncio.sleep(1.1)  # IDs name whole seconds: theirs come after recording began
+    reasons = []
+    for n in range(20):
+        session_id = minted(datetime.now(UTC), f"{n:08x}")
+        assert await call(one, "POST", "/api/sessions", json={"id": session_id}) == 201
+        reasons.append(await why(other, session_id))
+    assert "never_existed" not in reasons, reasons
+
+
+async def test_a_replay_in_progress_elsewhere_is_doubt_everywhere(
+    upstream: Upstream,
+    make_proxy: MakeProxy,
+    db: str,
+    forwarders: list[Forwarder],
+    tmp_path: Path,
+) -> None:
+    upstream.respond = SessionService().handle
+    forwarder, through = await link(forwarders, db)
+    settings = {"lifecycle_source": "observed", "visibility_window": "100ms"}
+    replaying = await make_proxy(
+        upstream.url, database_url=through, spool_dir=str(tmp_path / "one"), **settings
+    )
+    other = await make_proxy(
+        upstream.url, database_url=db, spool_dir=str(tmp_path / "other"), **settings
+    )
+    ids = await tracked_ids(5)
+    forwarder.cut()
+    for session_id in ids:
+        assert await call(replaying, "POST", "/api/sessions", json={"id": session_id}) == 201
+        assert await call(replaying, "DELETE", f"/api/sessions/{session_id}") == 200
+    assert replaying.recorder is not None
+    for _ in range(200):  # until the recorder knows the database is out of reach
+        if replaying.recorder.health() is not None:
+            break
+        await asyncio.sleep(0.05)
+    holder = await asyncpg.connect(db)
+    try:
+        # The replay stalls on the events table once it has said it is replaying.
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("LOCK TABLE session_lens_events IN ACCESS EXCLUSIVE MODE")
+        forwarder.restore()
+        watcher = await asyncpg.connect(db)
+        try:
+            for _ in range(80):
+                await replaying.recorder.check(within=0.1)  # no waiting out the back-off
+                if await watcher.fetchval("SELECT count(*) FROM session_lens_replays"):
+                    break
+            assert await watcher.fetchval("SELECT events FROM session_lens_replays") == 10
+            assert {await why(other, session_id) for session_id in ids} == {"unknown"}
+        finally:
+            await watcher.close()
+        await transaction.commit()
+    finally:
+        await holder.close()
+    await settled(replaying)
+    assert {await why(other, session_id) for session_id in ids} == {"deleted"}
+    check = await asyncpg.connect(db)
+    try:
+        assert await check.fetchval("SELECT count(*) FROM session_lens_replays") == 0
+    finally:
+        await check.close()
