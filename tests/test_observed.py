@@ -162,6 +162,29 @@ async def test_an_event_is_timed_before_its_answer_goes_back(
     assert occurred <= headed, (occurred, headed)
 
 
+async def test_lifecycle_requests_reuse_the_upstream_connection(
+    upstream: Upstream, make_proxy: MakeProxy, db: str
+) -> None:
+    """Each lifecycle request used to take a kept-alive connection and leave it open,
+    unused, opening a new one for itself."""
+    ports: set[int] = set()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        ports.add(request.transport.get_extra_info("peername")[1])
+        return web.json_response({"done": True})
+
+    upstream.respond = answer
+    proxy = await make_proxy(upstream.url, database_url=db, lifecycle_source="observed")
+    async with aiohttp.ClientSession() as client:
+        for n in range(20):
+            session_id = f"exec_20251230_020944_{n:08x}"
+            async with client.post(f"{proxy.url}/api/sessions/{session_id}/pause") as response:
+                assert response.status == 200
+    assert len(ports) <= 2, f"{len(ports)} upstream connections for 20 sequential requests"
+    await settled(proxy)
+
+
 async def test_misses_are_classified_from_observed_tables(
     upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str
 ) -> None:

@@ -113,11 +113,15 @@ class Relay:
         if request.expect and not request.done and not request.size and not request.http10:
             self._client.out.write(_CONTINUE)
         upstream = self._lane.pool.idle()
-        if upstream is None or request.observation is not None:
+        if upstream is None:
             self._task = self._lane.loop.create_task(self._relay(request, data))
             return
-        self._direct = (request, time.perf_counter(), data)
+        sent = time.perf_counter()
         self._send(request, upstream, data)
+        if request.observation is not None:  # its answer is shown to it, in a task
+            self._task = self._lane.loop.create_task(self._relay(request, data, sent))
+            return
+        self._direct = (request, sent, data)
         upstream.listener = self._heard
 
     def _send(self, request: Request, upstream: Upstream, data: bytes) -> None:
