@@ -150,6 +150,25 @@ class Spool:
             os.fsync(self._fd)
             self.size = 0
 
+    async def truncate_when_done(self, at_least: int = 0) -> None:
+        """`truncate_if_done` with its syncs in a thread, appends going on meanwhile: the
+        file is emptied only if none came while the checkpoint was being synced."""
+        done = self.size
+        if not (done > at_least and self.checkpoint == done):
+            return
+        self.commit(0)
+        try:
+            await asyncio.to_thread(os.fsync, self._checkpoint_fd)
+        except BaseException:
+            self.commit(done)
+            raise
+        if self.size != done:  # appended meanwhile: kept, and emptied another time
+            self.commit(done)
+            return
+        os.ftruncate(self._fd, 0)
+        self.size = 0
+        await asyncio.to_thread(os.fsync, self._fd)
+
     def sync(self) -> None:
         """Make what was appended survive a crash of the machine too."""
         if self._fd >= 0:
@@ -172,11 +191,13 @@ class EventWriter:
 
     def __init__(self, tables: Tables, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._record_sql = "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)".format(
-            **tables.names
-        )
+        # One statement, one round trip: its own transaction, the actor set for it first.
+        self._record_sql = (
+            "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)"
+            " FROM (SELECT set_config('session_lens.actor', 'session-lens', true)) AS actor"
+        ).format(**tables.names)
 
-    async def write_isolating(self, pool: asyncpg.Pool, batch: list[tuple[int, bytes]]) -> None:
+    async def write_isolating(self, pool: asyncpg.Pool, batch: list[Event]) -> None:
         """Write a batch; when the database refuses an event's values, skip just that event.
 
         A refusal about the database itself (no connection, not migrated, a privilege,
@@ -189,38 +210,32 @@ class EventWriter:
             if isinstance(exc, UNREACHABLE) or not refused_for_itself(exc):
                 raise
             if len(batch) == 1:
-                self._reject(batch[0][1], exc)
+                self._reject(batch[0], exc)
                 return
-            for line in batch:
+            for event in batch:
                 try:
-                    await self._write(pool, [line])
+                    await self._write(pool, [event])
                 except asyncpg.PostgresError as single:
                     if isinstance(single, UNREACHABLE) or not refused_for_itself(single):
                         raise
-                    self._reject(line[1], single)
+                    self._reject(event, single)
 
-    def _reject(self, line: bytes, exc: BaseException) -> None:
-        try:
-            action = Event.parse(line).action
-        except (ValueError, TypeError):
-            action = Action.CREATE
-        self._metrics.lifecycle_events[action, "rejected"].inc()
+    def _reject(self, event: Event, exc: BaseException) -> None:
+        self._metrics.lifecycle_events[event.action, "rejected"].inc()
         log.error(
             "the database refused a lifecycle event; skipped",
             extra={
                 "error": f"{type(exc).__name__}: {exc}"[:300],
-                "line": line[:200].decode(errors="replace"),
+                "line": event.line()[:200].decode(errors="replace"),
             },
         )
 
-    async def _write(self, pool: asyncpg.Pool, batch: list[tuple[int, bytes]]) -> None:
-        events = _parse(batch)
+    async def _write(self, pool: asyncpg.Pool, batch: list[Event]) -> None:
         # Sessions in one order for every recorder: each locks its sessions as it goes,
         # and two batches taking the same locks in the same order cannot deadlock.
         # The sort is stable, so one session's events keep their order.
-        events.sort(key=lambda event: event.session_id)
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT set_config('session_lens.actor', 'session-lens', true)")
+        events = sorted(batch, key=lambda event: event.session_id)
+        async with pool.acquire() as conn:
             befores = await conn.fetchval(self._record_sql, *_columns(events))
         for event, before in zip(events, befores, strict=True):
             result = _result(event, before)
@@ -236,15 +251,16 @@ class EventWriter:
                 )
 
 
-def _parse(batch: list[tuple[int, bytes]]) -> list[Event]:
-    """The events of a batch of spool lines, damaged lines logged and left out."""
-    events = []
-    for _, line in batch:
+def _parse(lines: list[tuple[int, bytes]]) -> list[tuple[int, Event | None]]:
+    """Spool lines as (end offset, event), a damaged line logged and its event None."""
+    parsed: list[tuple[int, Event | None]] = []
+    for offset, line in lines:
         try:
-            events.append(Event.parse(line))
-        except (ValueError, TypeError) as exc:
+            parsed.append((offset, Event.parse(line)))
+        except (ValueError, TypeError, KeyError) as exc:
             log.error("skipping a damaged spool line", extra={"error": str(exc)})
-    return events
+            parsed.append((offset, None))
+    return parsed
 
 
 def _columns(events: list[Event]) -> list[list[Any]]:
@@ -298,6 +314,9 @@ class Recorder:
         """The events spooled that the database does not have yet, for the explainer."""
         self._backlog = False
         """Events were left in the spool by an earlier run: a replay, as after an outage."""
+        self._fresh: list[tuple[int, int, Event]] = []
+        """The events this process spooled and the database does not have, with the spool
+        offsets each starts and ends at: the writer takes them from here, not the file."""
         self._started_at = datetime.now(UTC)
         self._announced = False
         self._pool: asyncpg.Pool | None = None
@@ -351,9 +370,10 @@ class Recorder:
             lines, reached = self._spool.read(offset)
             if not lines:
                 return oldest
-            for event in _parsed(lines):
-                oldest = event.at if oldest is None else min(oldest, event.at)
-                self.in_flight.add(event)
+            for _, event in _parse(lines):
+                if event is not None:
+                    oldest = event.at if oldest is None else min(oldest, event.at)
+                    self.in_flight.add(event)
             if len(self.in_flight) >= MAX_IN_FLIGHT:
                 self.in_flight.overflow = True
                 return oldest
@@ -361,6 +381,7 @@ class Recorder:
 
     def record(self, event: Event) -> None:
         """Spool an event now and let the writer take it; never waits."""
+        start = self._spool.size
         try:
             kept = self._spool.append(event.line())
             problem = None if kept else f"spool full at {self._spool.max_bytes} bytes"
@@ -376,6 +397,7 @@ class Recorder:
                 )
             return
         self._pending += 1
+        self._fresh.append((start, self._spool.size, event))
         self.in_flight.add(event)
         self._publish()
         self._wake.set()
@@ -447,33 +469,45 @@ class Recorder:
         if replay:
             await self._say_replaying(pool)
         while spool.checkpoint < spool.size:
-            lines, _ = await asyncio.to_thread(spool.read, spool.checkpoint)
-            if not lines:
+            batch = await self._next_batch()
+            if not batch:
                 break
             if spool.synced_ago >= SYNC_INTERVAL:
                 await asyncio.to_thread(spool.sync)
-            for start in range(0, len(lines), BATCH):
-                batch = lines[start : start + BATCH]
-                async with asyncio.timeout(WRITE_TIMEOUT):
-                    await self._writer.write_isolating(pool, batch)
-                await asyncio.to_thread(spool.commit, batch[-1][0])
-                self.in_flight.stored(_parsed(batch))
-                self._replaying = self._outage_since is not None
-                self._pending = max(self._pending - len(batch), 0)
-                self._publish()
-                if replay:
-                    await self._say_replaying(pool)
+            events = [event for _, event in batch if event is not None]
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await self._writer.write_isolating(pool, events)
+            spool.commit(batch[-1][0])  # a few bytes written in place: no need of a thread
+            written = 0
+            while written < len(self._fresh) and self._fresh[written][1] <= spool.checkpoint:
+                written += 1
+            del self._fresh[:written]
+            self.in_flight.stored(events)
+            self._replaying = self._outage_since is not None
+            self._pending = max(self._pending - len(batch), 0)
+            self._publish()
+            if replay:
+                await self._say_replaying(pool)
         if replay:
             async with asyncio.timeout(WRITE_TIMEOUT):
                 await pool.execute(self._replayed_sql, self._id)
             self._backlog = False
         if self._pending == 0:
             self.in_flight.clear()
-        spool.truncate_if_done(at_least=min(TRUNCATE_AT, spool.max_bytes // 4))
+        await spool.truncate_when_done(at_least=min(TRUNCATE_AT, spool.max_bytes // 4))
         if self._full and spool.size < spool.max_bytes // 2:
             self._full = False
             log.warning("spool has room again")
         self._publish()
+
+    async def _next_batch(self) -> list[tuple[int, Event | None]]:
+        """The next events to write, with the offset each ends at: what this process
+        spooled, from memory; what an earlier run left, read from the file."""
+        fresh, spool = self._fresh, self._spool
+        if fresh and fresh[0][0] == spool.checkpoint:
+            return [(end, event) for _, end, event in fresh[:BATCH]]
+        lines, _ = await asyncio.to_thread(spool.read, spool.checkpoint)
+        return _parse(lines[:BATCH])
 
     async def _say_replaying(self, pool: asyncpg.Pool) -> None:
         """Tell every sidecar, through the database, what this one is replaying: until
@@ -546,12 +580,3 @@ def _result(event: Event, before: Any) -> str:
     if target is None or SessionState(before) == target:
         return "recorded"
     return "recorded" if target in TRANSITIONS[SessionState(before)] else "unexpected_transition"
-
-
-def _parsed(lines: list[tuple[int, bytes]]) -> list[Event]:
-    """The events of spool lines, damaged ones left out (the writer counts those)."""
-    events = []
-    for _, line in lines:
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            events.append(Event.parse(line))
-    return events
