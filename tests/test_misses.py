@@ -457,3 +457,29 @@ async def test_head_on_a_miss_has_the_head_get_has(
     assert head.body == b""
     assert int(get.header("Content-Length")[0]) == len(get.body)
     assert _head_fields(head) == _head_fields(get)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}",  # deeper than Python's stack
+        b'{"a": NaN}',
+        b'{"b": 1e999}',
+        b'{"a": 1, "a": 2}',
+    ],
+    ids=["nested", "nan", "huge", "repeated"],
+)
+async def test_a_body_that_would_not_survive_a_merge_is_relayed_as_it_is(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, body: bytes
+) -> None:
+    async def odd(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=404, body=body, content_type="application/json")
+
+    upstream.respond = odd
+    proxy = await make_proxy(upstream.url, database_url=db)
+    request = f"GET /api/sessions/{SID} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    answer = await asyncio.wait_for(raw_exchange(proxy.port, request.encode()), 5)
+    assert answer.status == 404
+    assert answer.header("X-Session-Not-Found-Reason") == ["never_existed"]
+    assert answer.content == body
+    assert proxy.metric("session_lens_inflight_requests") == 0

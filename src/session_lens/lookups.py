@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from enum import Enum
+from typing import Any
 from urllib.parse import parse_qsl
 
 from .config import Config, Disclose, NotFoundBody, Repeated, Validation
@@ -263,16 +264,32 @@ class Lookups:
             }
             return json.dumps(document).encode(), PROBLEM_JSON
         try:
-            document = json.loads(raw)
-        except ValueError:
-            return raw, None
+            document = json.loads(raw, object_pairs_hook=_unique, parse_constant=_no_constant)
+        except (ValueError, RecursionError):  # not JSON, nested past Python's stack, or one
+            return raw, None  # that would not come out as it went in: left as it is
         if not isinstance(document, dict):
             return raw, None
         if members.keys() & document.keys():
             document["session_lens"] = members  # never overwrite what the upstream said
         else:
             document.update(members)
-        return json.dumps(document).encode(), None
+        try:
+            return json.dumps(document, allow_nan=False).encode(), None
+        except ValueError:  # a number too large for a float (1e999): left as it is
+            return raw, None
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different; one that repeats a key is left alone."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("a key is repeated")
+    return document
+
+
+def _no_constant(name: str) -> float:
+    """NaN and Infinity are not JSON: a body holding them is left alone."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _is_json(content_type: str) -> bool:

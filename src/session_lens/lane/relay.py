@@ -23,7 +23,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Members bound once: on Python 3.11 looking one up on its class costs a descriptor call,
 # several of them a request on this path.
-_HERE, _SENT = Stage.HERE, Stage.SENT
+_HERE, _SENT, _REPLYING = Stage.HERE, Stage.SENT, Stage.REPLYING
 
 
 class Relay:
@@ -160,8 +160,26 @@ class Relay:
         except asyncio.CancelledError:
             self._client_left(request)
             return
+        except Exception:  # a fault of ours: said, and the request ends all the same
+            self._task = None
+            self._failed(request)
+            return
         self._task = None
         self._client.after(request, close)
+
+    def _failed(self, request: Request) -> None:
+        """Relaying `request` raised: a 500 and a close if none of its answer went out,
+        else the connection cut (a truncated answer must not pass for a whole one)."""
+        exchange = request.exchange
+        assert exchange is not None
+        log.exception("relaying a request failed", extra={"request_id": exchange.request_id})
+        if request.stage is _REPLYING:
+            self._client.out.transport.abort()
+            self._client_left(request)
+            return
+        answer = self._lane.policy.refuse(exchange, 500, "session-lens failed to relay the answer")
+        self._client.out.write(own_answer(request, answer, True, self._lane))
+        self._client.after(request, True)
 
     def _client_left(self, request: Request) -> None:
         exchange = request.exchange
