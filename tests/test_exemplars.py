@@ -12,7 +12,7 @@ from session_lens.config import load_config
 from session_lens.explain import Explainer
 from session_lens.metrics import Metrics
 
-from .conftest import MakeProxy, ProxyUnderTest, Upstream, not_found
+from .conftest import MakeProxy, ProxyUnderTest, Upstream, not_found, raw_exchange
 
 SID = "exec_20251230_020944_4ad060d9"
 ROUTE = "/api/sessions/{session_id}"
@@ -168,3 +168,21 @@ def test_the_setting_reads_like_every_other() -> None:
     environ = {"SESSION_LENS_EXEMPLARS": "off"}
     assert load_config(flags={"upstream": "http://u"}, environ=environ).exemplars is False
     assert load_config(file={"upstream": "http://u", "exemplars": False}).exemplars is False
+
+
+async def test_a_repeated_request_id_is_replaced_as_one(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    proxy = await make_proxy(upstream.url)
+    for first, second in (("good-a", "bad id"), ("good-a", "good-b"), ("bad id", "good-b")):
+        upstream.seen.clear()
+        request = (
+            f"GET /api/sessions/{SID} HTTP/1.1\r\nHost: h\r\nX-Request-ID: {first}\r\n"
+            f"X-Request-ID: {second}\r\nConnection: close\r\n\r\n"
+        )
+        answer = await raw_exchange(proxy.port, request.encode())
+        [replaced] = answer.header("X-Request-ID")
+        assert replaced not in (first, second) and len(replaced) == 32
+        [seen] = upstream.seen
+        assert seen.header("X-Request-ID") == [replaced], (first, second)
+

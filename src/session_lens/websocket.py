@@ -271,7 +271,9 @@ class WebSocketRelay:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Validate an upgrade to a session route, then relay the WebSocket."""
         policy = self._policy
-        exchange = policy.exchange(request.raw_path, request.headers.get(REQUEST_ID))
+        given = request.headers.getall(REQUEST_ID, [])
+        # Two request IDs say no one thing: replaced, as an unusable one is.
+        exchange = policy.exchange(request.raw_path, given[0] if len(given) == 1 else None)
         policy.begin()
         try:
             path = policy.route_path(request.raw_path.partition("?")[0])

@@ -208,8 +208,8 @@ def _expect(request: Request, value: bytes, max_body: int | None) -> None:
 
 
 def _request_id(request: Request, value: bytes, max_body: int | None) -> None:
-    if request.request_id is None:
-        request.request_id = value
+    # Two of them say no one thing: both are replaced, as an unusable one is.
+    request.request_id = value if request.request_id is None else b""
 
 
 _FIELD_READERS: dict[bytes, Callable[[Request, bytes, int | None], None]] = {
