@@ -130,6 +130,13 @@ async def test_admin_token_guards_all_but_the_probes(
         assert wrong.status == 401
     allowed = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
     assert allowed.status == 200
+    # The scheme's name is case-insensitive (RFC 9110 §11.1), one or more spaces follow it.
+    for said in (f"bearer {token}", f"BEARER {token}", f"Bearer  {token}"):
+        response = await client.get("/metrics", headers={"Authorization": said})
+        assert response.status == 200, said
+    for said in (f"Bearer {token}x", f"Bearer{token}", token, f"Token {token}"):
+        response = await client.get("/metrics", headers={"Authorization": said})
+        assert response.status == 401, said
     for probe in ("/healthz", "/readyz"):
         assert (await client.get(probe)).status in (200, 503)
 

@@ -142,6 +142,11 @@ def test_every_problem_is_reported_once_with_its_source() -> None:
         ("log_level", "loud", "is not one of debug, info, warning, error"),
         ("upstream_ca_file", "/nonexistent/ca.pem", "cannot be read as PEM certificates"),
         ("upstream_ca_file", __file__, "cannot be read as PEM certificates"),
+        ("workers", "\u0662", "is not a whole number"),  # an Arabic-Indic 2
+        ("max_connections", "\uff11\uff10", "is not a whole number"),  # fullwidth 10
+        ("listen", "127.0.0.1:\u0668\u0660\u0668\u0660", "is not host:port"),
+        ("invalid_status", "\u0664\u0660\u0664", "is not one of 400, 404, 422"),
+        ("shutdown_grace", "\u0665", "is not a duration"),
     ],
 )
 def test_bad_values(setting: str, value: str, message: str) -> None:
@@ -159,6 +164,26 @@ def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == timedelta(seconds=seconds)
 
 
+def test_values_of_the_wrong_kind_in_a_file_are_refused() -> None:
+    found = problems(
+        file={
+            "upstream": "http://u:1",
+            "admin_token": ["SECRETSECRETSECRET1"],
+            "database_url": ["postgresql://u:p@h/db"],
+            "listen": {"host": "x"},
+        },
+        file_name="file s.toml",
+    )
+    assert sorted(found) == [
+        "admin_token: is not a usable token: is an array; a single value is expected"
+        " (from file s.toml)",
+        "database_url: is an array; a single value is expected (from file s.toml)",
+        "listen: is a table; a single value is expected (from file s.toml)",
+    ]
+    [found] = problems(file={"upstream": "http://u:1", "admin_token": 12345678901234567890})
+    assert found.startswith("admin_token: is not a usable token: must be a string")
+
+
 def test_passwords_are_masked() -> None:
     assert mask_url("postgresql://lens:s3cret@db:5432/x") == "postgresql://lens:***@db:5432/x"
     assert mask_url("postgresql://db/x") == "postgresql://db/x"
@@ -166,6 +191,11 @@ def test_passwords_are_masked() -> None:
         "postgresql://u@h/db?sslmode=require&password=***"
     )
     assert "s#cr/t" not in mask_url("postgresql://u:s#cr/t@h:99999/db")
+    # libpq's keyword/value form, as an error shows a value that is not a URL
+    assert mask_url("host=db password=HUNTER2 user=lens") == "host=db password=*** user=lens"
+    assert "a b" not in mask_url("host=db sslpassword = 'a b' user=x")
+    [shown] = problems(flags={**UP, "database_url": "host=db password=HUNTER2 user=lens"})
+    assert "HUNTER2" not in shown
     config = load_config(flags={**UP, "database_url": "postgresql://lens:s3cret@db/x"})
     shown = describe(config)
     assert "s3cret" not in shown

@@ -151,16 +151,14 @@ def _bearer(token: str) -> Any:
     A browser cannot send a bearer token from a link (Grafana's to the explain
     page); asked with Basic, it prompts once and sends it with every request.
     """
-    expected = f"Bearer {token}".encode()
     secret = token.encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _OPEN:
             given = request.headers.get("Authorization", "")
-            # aiohttp keeps bytes that are not UTF-8 as surrogates: compared as sent.
             if not (
-                hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected)
+                hmac.compare_digest(_bearer_token(given), secret)
                 or hmac.compare_digest(_basic_password(given), secret)
             ):
                 challenge = 'Bearer realm="session-lens admin"'
@@ -174,6 +172,17 @@ def _bearer(token: str) -> Any:
         return await handler(request)
 
     return check
+
+
+def _bearer_token(authorization: str) -> bytes:
+    """The token of a Bearer `Authorization` header (the scheme in any case), else nothing.
+
+    aiohttp keeps bytes that are not UTF-8 as surrogates: the token is compared as sent.
+    """
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return b""
+    return credentials.strip(" ").encode("utf-8", "surrogateescape")
 
 
 def _basic_password(authorization: str) -> bytes:

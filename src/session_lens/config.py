@@ -151,9 +151,16 @@ _SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
 def mask_url(url: str) -> str:
-    """The URL with every password replaced by `***`, even in a URL that does not parse."""
+    """The URL with every password replaced by `***`, even in a URL that does not parse,
+    or in libpq's `key=value` form (`host=db password=x`)."""
+    if "://" not in url:
+        return _KEYWORD.sub(_masked_parameter, url)
     masked = re.sub(r"(://[^/:@]*:).*@", r"\1***@", url)
     return re.sub(r"(?<=[?&])([^&=#]*)=[^&#]*", _masked_parameter, masked)
+
+
+_KEYWORD = re.compile(r"(?:(?<=\s)|^)([A-Za-z_%0-9]+)\s*=\s*(?:'(?:[^'\\]|\\.)*'?|\S*)")
+"""One `key = value` of a libpq keyword/value connection string, the value quoted or not."""
 
 
 def _masked_parameter(parameter: re.Match[str]) -> str:
@@ -187,7 +194,7 @@ class _Invalid(ValueError):
 
 # --- parsers: raw value (str from env/flags, any TOML type from a file) -> value ---
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -200,6 +207,8 @@ def parse_duration(raw: object) -> timedelta:
     else:
         text = str(raw).strip()
         try:
+            if not text.isascii():  # float() takes digits of every script
+                raise ValueError(text)
             seconds = float(text)
         except ValueError:
             parts = _DURATION_PART.findall(text)
@@ -221,7 +230,7 @@ def _positive_duration(raw: object) -> timedelta:
 def parse_address(raw: object) -> Address:
     """`host:port` or `[ipv6]:port`."""
     text = str(raw).strip()
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", text)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([^:\[\]\s]+):([0-9]+)", text)
     if match is None:
         raise _Invalid(f"{raw!r} is not host:port (e.g. 127.0.0.1:8080)")
     host = match.group(1) or match.group(3)
@@ -280,8 +289,9 @@ def _choice(kind: type[Choice]) -> Callable[[object], Choice]:
 
 
 def _invalid_status(raw: object) -> int:
+    text = str(raw).strip()
     try:
-        status = int(str(raw).strip())
+        status = int(text) if text.isascii() else 0
     except ValueError:
         status = 0
     if isinstance(raw, bool) or status not in (400, 404, 422):
@@ -340,8 +350,9 @@ def _statuses(raw: object) -> tuple[int, ...]:
     items = raw if isinstance(raw, list) else str(raw).split(",")
     statuses = []
     for item in items:
+        text = str(item).strip()
         try:
-            status = int(str(item).strip())
+            status = int(text) if text.isascii() else 0
         except ValueError:
             status = 0
         if isinstance(item, bool) or not 400 <= status <= 599:
@@ -369,7 +380,7 @@ def _lifecycle_routes(raw: object) -> tuple[LifecycleRoute, ...]:
     return tuple(routes)
 
 
-_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB)?", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]+)\s*(B|KiB|MiB|GiB)?", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
 
@@ -386,7 +397,8 @@ def _size(raw: object) -> int:
 def _count(low: int, high: int) -> Callable[[object], int]:
     def parse(raw: object) -> int:
         text = str(raw).strip()
-        if isinstance(raw, bool) or not text.isdigit() or not low <= int(text) <= high:
+        whole = text.isascii() and text.isdigit()  # ASCII digits only, as they are typed
+        if isinstance(raw, bool) or not whole or not low <= int(text) <= high:
             raise _Invalid(f"{raw!r} is not a whole number from {low} to {high}")
         return int(text)
 
@@ -886,6 +898,7 @@ def _parse(raw: Raw, problems: list[Problem]) -> tuple[dict[str, Any], dict[str,
         setting = _BY_NAME[key]
         try:
             check_text(value)
+            _check_shape(setting, value)
             values[key] = setting.parse(value)
             sources[key] = source
         except _Invalid as exc:
@@ -895,6 +908,17 @@ def _parse(raw: Raw, problems: list[Problem]) -> tuple[dict[str, Any], dict[str,
         except RecursionError:
             problems.append(Problem(key, source, "is nested too deep to be read"))
     return values, sources
+
+
+def _check_shape(setting: "Setting", raw: object) -> None:
+    """Refuse a TOML value of the wrong kind, which `str()` would otherwise turn into
+    some text (`["x"]` into `"['x']"`); raises _Invalid."""
+    if isinstance(raw, dict):
+        raise _Invalid("is a table; a single value is expected")
+    if isinstance(raw, list) and not isinstance(setting.default, tuple):
+        raise _Invalid("is an array; a single value is expected")
+    if setting.secret and not isinstance(raw, str):
+        raise _Invalid("must be a string")
 
 
 def check_text(raw: object) -> None:
