@@ -72,3 +72,21 @@ async def test_the_admin_connection_limit_refuses_and_leaves_the_proxy_serving(
         last = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         again = await raw_exchange(admin, last)
         assert again.status == 200
+
+
+async def test_a_connection_that_sends_nothing_is_closed_at_the_head_timeout(
+    upstream: Upstream, db: str
+) -> None:
+    """On both listeners: not after the idle time, so silent connections cannot hold the
+    admin listener's few places."""
+    port = free_port()
+    async with lens(
+        upstream.url, db, port, "--header-read-timeout", "1s", "--admin-max-connections", "2"
+    ) as (process, admin):
+        await wait_until_healthy(admin, process)
+        for listener in (port, admin, admin):
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener)
+            data, took = await _read_all(reader, within=10)
+            writer.close()
+            assert data == b"" and 0.9 < took < 5, (listener, data, took)
+

@@ -4,7 +4,8 @@ limit of its own, so that it can never take what the proxy needs.
 aiohttp's server waits for a request head as long as the client likes; here each
 connection is a `_Guarded` wrapper around aiohttp's own handler that answers 408
 and closes when a head has been arriving for longer than `header_read_timeout`
-(the same rule as the proxy's); the 408 is written unless an answer is (the
+(the same rule as the proxy's; the first head is timed from the connection's start,
+so one that sends nothing is closed then too); the 408 is written unless an answer is (the
 `arrived` middleware says when a handler runs), else the connection just closes.
 Idle connections close after the proxy's idle time through aiohttp's keep-alive
 timeout (see `server.admin_runner`).
@@ -37,8 +38,8 @@ class _Guarded(asyncio.Protocol):
     parser still reads the requests."""
 
     __slots__ = (
-        "_answering", "_clock", "_deadline", "_guards", "_handler", "_heads", "_timeout",
-        "_transport",
+        "_answering", "_clock", "_deadline", "_guards", "_handler", "_heads", "_heard",
+        "_timeout", "_transport",
     )  # fmt: skip
 
     def __init__(
@@ -56,13 +57,18 @@ class _Guarded(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._heads: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._answering = 0
+        self._heard = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self._guards[transport] = self
         self._handler.connection_made(transport)
+        # The first head is timed from the connection's start: one that sends nothing
+        # is closed at the same deadline, not after the idle time.
+        self._deadline = asyncio.get_running_loop().call_later(self._timeout, self._late)
 
     def data_received(self, data: bytes) -> None:
+        self._heard = True
         if self._heads is not None:
             try:
                 self._heads.feed_data(data)
@@ -108,6 +114,9 @@ class _Guarded(asyncio.Protocol):
         self._deadline = None
         transport = self._transport
         if transport is None or transport.is_closing():
+            return
+        if not self._heard:  # silent from the start: nothing to answer
+            transport.close()
             return
         log.info("request head timed out", extra={"peer": _peer(transport)})
         if not self._answering:  # nothing of aiohttp's is being written

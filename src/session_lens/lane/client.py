@@ -70,6 +70,8 @@ class ClientConnection(asyncio.Protocol):
         """Bytes after a WebSocket upgrade's head, held for aiohttp."""
         self._since = 0.0
         """When the connection last went idle."""
+        self._silent = True
+        """Nothing has come yet: closed after `header_read_timeout`, not the idle time."""
         lane.connections.add(self)  # counted from accept on: a burst cannot pass the cap
 
     # Protocol
@@ -89,6 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self.out.lost()
 
     def data_received(self, data: bytes) -> None:
+        self._silent = False
         if self._upgrade is not None:  # a WebSocket's first frames, for aiohttp
             self._upgrade += data
             return
@@ -196,7 +199,9 @@ class ClientConnection(asyncio.Protocol):
             log.info(f"request {late} timed out", extra={"peer": self.peer.decode()})
             self.fail(408, f"the request {late} did not arrive in time")
             self._advance()
-        elif (self._idle_for(now) or 0.0) > IDLE_CLIENT:
+        elif (self._idle_for(now) or 0.0) > (
+            self._lane.header_timeout if self._silent else IDLE_CLIENT
+        ):
             self._transport.close()
 
     def _idle_for(self, now: float) -> float | None:
