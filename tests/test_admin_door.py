@@ -89,4 +89,3 @@ async def test_a_connection_that_sends_nothing_is_closed_at_the_head_timeout(
             data, took = await _read_all(reader, within=10)
             writer.close()
             assert data == b"" and 0.9 < took < 5, (listener, data, took)
-

@@ -185,4 +185,3 @@ async def test_a_repeated_request_id_is_replaced_as_one(
         assert replaced not in (first, second) and len(replaced) == 32
         [seen] = upstream.seen
         assert seen.header("X-Request-ID") == [replaced], (first, second)
-
