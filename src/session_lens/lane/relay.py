@@ -116,12 +116,8 @@ class Relay:
         if upstream is None:
             self._task = self._lane.loop.create_task(self._relay(request, data))
             return
-        sent = time.perf_counter()
+        self._direct = (request, time.perf_counter(), data)
         self._send(request, upstream, data)
-        if request.observation is not None:  # its answer is shown to it, in a task
-            self._task = self._lane.loop.create_task(self._relay(request, data, sent))
-            return
-        self._direct = (request, sent, data)
         upstream.listener = self._heard
 
     def _send(self, request: Request, upstream: Upstream, data: bytes) -> None:

@@ -88,8 +88,15 @@ class Responder:
         observation.answer_body(bytes(tap), whole)
 
     def answer_whole(self, request: Request, upstream: Upstream, sent: float) -> bool:
-        """`answer` for an answer all here, not a miss: written back at once."""
+        """`answer` for an answer all here, not a miss: written back at once (shown first
+        to the request's observation, the body too when the ID is in it)."""
         _, fields, named, close = self._opened(request, upstream)
+        observation = request.observation
+        if observation is not None:
+            location = next((v for n, v in fields if n.lower() == b"location"), b"")
+            if observation.answer(upstream.status, location.decode("latin-1")):
+                body = b"".join(upstream.chunks)
+                observation.answer_body(body, len(body) <= MAX_INSPECTED_BODY)
         out, mode = self._head_of(request, upstream, fields, named, close)
         self._write_rest(out, upstream, mode)
         assert request.exchange is not None
