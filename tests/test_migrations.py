@@ -476,6 +476,15 @@ def _session_lens(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_dry_run_on_a_new_store_prints_no_backfill(empty_db: str) -> None:
+    """Observed mode on a database of its own: the sessions table is created empty."""
+    result = _session_lens("migrate", "--dry-run", "--database-url", empty_db)
+    assert result.returncode == 0, result.stderr
+    assert "does not exist: it will be created" in result.stdout
+    assert "is created empty: no backfill" in result.stdout
+    assert "-- backfill, batch after batch" not in result.stdout
+
+
 def test_dry_run_before_checksums_says_what_it_records(empty_db: str) -> None:
     async def before_checksums() -> None:
         conn = await asyncpg.connect(empty_db)

@@ -185,6 +185,52 @@ async def test_lifecycle_requests_reuse_the_upstream_connection(
     await settled(proxy)
 
 
+async def test_the_readmes_service_of_another_shape(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, conn: asyncpg.Connection
+) -> None:
+    """The README's worked example, as written there."""
+
+    async def v2(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST" and request.path == "/v2/exec":
+            return web.json_response({"data": {"exec_id": SID}}, status=201)
+        if request.method in ("POST", "DELETE"):
+            return web.json_response({"ok": True})
+        return web.json_response({"error": "not found"}, status=404)
+
+    upstream.respond = v2
+    routes = json.dumps(
+        [
+            {"method": "POST", "path": "/v2/exec", "action": "create",
+             "id_from": "response:/data/exec_id"},
+            {"method": "POST", "path": "/v2/exec/{session_id}:stop", "action": "stop",
+             "id_from": "path"},
+            {"method": "DELETE", "path": "/v2/exec/{session_id}", "action": "delete",
+             "id_from": "path"},
+        ]
+    )  # fmt: skip
+    proxy = await make_proxy(
+        upstream.url,
+        database_url=db,
+        session_routes="/v2/exec/{session_id}",
+        lifecycle_source="observed",
+        lifecycle_routes=routes,
+    )
+    assert await call(proxy, "POST", "/v2/exec") == 201
+    assert await call(proxy, "POST", f"/v2/exec/{SID}:stop") == 200
+    assert await call(proxy, "DELETE", f"/v2/exec/{SID}") == 200
+    await settled(proxy)
+    assert await timeline(conn) == [
+        (None, "ACTIVE", "observed"),
+        ("ACTIVE", "STOPPED", "observed"),
+        ("STOPPED", "DELETED", "observed"),
+    ]
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{proxy.url}/v2/exec/{SID}") as response,
+    ):
+        assert response.headers["X-Session-Not-Found-Reason"] == "deleted"
+
+
 async def test_misses_are_classified_from_observed_tables(
     upstream: Upstream, service: SessionService, make_proxy: MakeProxy, db: str
 ) -> None:

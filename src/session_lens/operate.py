@@ -124,7 +124,10 @@ def _print_plan(found: Plan, tables: Tables, state_expression: str, out: TextIO)
         before, after = migration.render(tables)
         print(f"-- migration {migration.version:03d} {migration.name}", file=out)
         print(before.strip(), file=out)
-        if after:
+        if after and not found.table_exists:  # created here, empty: nothing to backfill
+            print(f"\n-- {tables.sessions} is created empty: no backfill\n", file=out)
+            print(after.strip(), file=out)
+        elif after:
             batches = "-- backfill, batch after batch ($1 rows each; $2 the last key done):"
             print(f"\n{batches}", file=out)
             print(first + ";", file=out)
