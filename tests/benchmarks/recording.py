@@ -1,15 +1,18 @@
-"""Added latency of recording lifecycle events: observed mode against database mode, one run.
+"""What recording lifecycle events costs: observed mode beside database mode, one run.
 
     python -m tests.benchmarks.recording [--seconds 10]
 
-Needs `nginx` and `wrk` (Debian: nginx-light, wrk). nginx is the upstream, answering
-every `POST /api/sessions/{id}/pause` with a small JSON body; wrk sends them one at a
-time (c=1) with a new ID each, first straight to nginx, then through session-lens
-with recording off (`lifecycle_source = database`), then on (`observed`, events
-spooled and written to the embedded PostgreSQL).
+Needs `nginx` and `wrk` (Debian: nginx-light, wrk). nginx is the upstream: it answers
+`POST /api/sessions` (a create) with `201 {"id": …}`, the ID the request named in
+`X-Id`, and `POST /api/sessions/{id}/pause` with a small JSON body. wrk sends each
+kind with a new ID every request, at c=1 and c=16, straight to nginx, then through
+session-lens with recording off (`lifecycle_source = database`) and on (`observed`:
+the create's ID read from the answer, every event spooled and written to the embedded
+PostgreSQL); medians of three turns, the three paths taking turns.
 """
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,9 @@ http {{
   fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
   server {{
     listen 127.0.0.1:{port};
+    location = /api/sessions {{
+      default_type application/json; return 201 '{{"id":"$http_x_id"}}';
+    }}
     location / {{ default_type application/json; return 200 '{{"done":true}}'; }}
   }}
 }}
@@ -40,6 +46,17 @@ request = function()
   counter = counter + 1
   local id = string.format("exec_20251230_020944_%08x", counter)
   return wrk.format("POST", "/api/sessions/" .. id .. "/pause", nil, "")
+end
+"""
+
+CREATE_SCRIPT = """
+counter = 0
+math.randomseed(os.time())
+local base = math.random(0, 65535) * 65536
+request = function()
+  counter = counter + 1
+  local id = string.format("exec_20251230_020944_%08x", base + counter)
+  return wrk.format("POST", "/api/sessions", {["X-Id"] = id}, "")
 end
 """
 
@@ -63,29 +80,43 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     port = free_port()
     (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=port))
-    (work / "wrk.lua").write_text(WRK_SCRIPT)
+    scripts = {"create": work / "create.lua", "pause": work / "pause.lua"}
+    scripts["create"].write_text(CREATE_SCRIPT)
+    scripts["pause"].write_text(WRK_SCRIPT)
     nginx = subprocess.Popen(["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
     upstream = f"http://127.0.0.1:{port}"
+    processes = []
     try:
         wait_for(upstream)
-        rows = [("direct to nginx", *wrk(upstream, 1, args.seconds, work / "wrk.lua"))]
+        paths = {"direct to nginx": upstream}
         for source, label in (("database", "recording off"), ("observed", "recording on")):
             process, url = lens(upstream, work / source, source)
-            try:
-                rows.append(
-                    (f"session-lens, {label}", *wrk(url, 1, args.seconds, work / "wrk.lua"))
-                )
-            finally:
-                process.terminate()
-                process.wait()
+            processes.append(process)
+            paths[f"session-lens, {label}"] = url
+        runs: dict[tuple[str, int, str], list[tuple[float, float, float]]] = {}
+        for _ in range(3):
+            for kind, script in scripts.items():
+                for connections in (1, 16):
+                    for name, url in paths.items():
+                        figures = wrk(url, connections, args.seconds, script, all_ok=True)
+                        runs.setdefault((kind, connections, name), []).append(figures)
     finally:
+        for process in processes:
+            process.terminate()
+            process.wait()
         nginx.terminate()
         nginx.wait()
-    direct = rows[0]
-    print("| path | p50 | p99 | req/s | p99 added over direct |")
-    print("|---|---:|---:|---:|---:|")
-    for name, rate, p50, p99 in rows:
-        print(f"| {name} | {p50:.0f} µs | {p99:.0f} µs | {rate:.0f} | +{p99 - direct[3]:.0f} µs |")
+    print("| requests | c | path | req/s | p50 | p99 | req/s against recording off |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for (kind, connections, name), figures in runs.items():
+        rate, p50, p99 = (statistics.median(column) for column in zip(*figures, strict=True))
+        off = statistics.median(
+            f[0] for f in runs[kind, connections, "session-lens, recording off"]
+        )
+        print(
+            f"| {kind} | {connections} | {name} | {rate:.0f} | {p50:.0f} µs | {p99:.0f} µs"
+            f" | {rate / off:.2f}x |"
+        )
 
 
 if __name__ == "__main__":
