@@ -4,9 +4,16 @@ sidecar says never_existed of an ID whose evidence may be on its way."""
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
+from prometheus_client import CollectorRegistry
+
+from session_lens.app import create_admin_app
+from session_lens.config import load_config
+from session_lens.explain import Explainer
+from session_lens.metrics import Metrics
 
 from .conftest import Forwarder, MakeProxy, ProxyUnderTest, Upstream, link
 from .test_observed import SessionService, call, minted, settled
@@ -101,6 +108,7 @@ async def test_a_replay_in_progress_elsewhere_is_doubt_everywhere(
     db: str,
     forwarders: list[Forwarder],
     tmp_path: Path,
+    aiohttp_client: Any,
 ) -> None:
     upstream.respond = SessionService().handle
     forwarder, through = await link(forwarders, db)
@@ -136,6 +144,25 @@ async def test_a_replay_in_progress_elsewhere_is_doubt_everywhere(
                     break
             assert await watcher.fetchval("SELECT events FROM session_lens_replays") == 10
             assert {await why(other, session_id) for session_id in ids} == {"unknown"}
+            # explain on the replaying sidecar's admin listener shows what is in flight
+            # (read here straight from the database: its own link is the slow one)
+            config = load_config(flags={"upstream": upstream.url, "database_url": db})
+            explainer = Explainer(config, Metrics(CollectorRegistry(), ()), db)
+            explainer.in_flight = replaying.recorder.in_flight
+            await explainer.open()
+            admin = await aiohttp_client(create_admin_app(config, CollectorRegistry(), explainer))
+            try:
+                answered = await admin.get(f"/sessions/{ids[0]}/explain")
+                report = await answered.json()
+                assert answered.status == 200, report
+                assert report["reason"] == "deleted"
+                assert [e["action"] for e in report["in_flight"]] == ["create", "delete"]
+                page = await admin.get(
+                    f"/sessions/{ids[0]}/explain", headers={"Accept": "text/html"}
+                )
+                assert "Seen, not stored yet" in await page.text()
+            finally:
+                await explainer.close()
         finally:
             await watcher.close()
         await transaction.commit()

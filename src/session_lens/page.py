@@ -114,11 +114,18 @@ def report_page(report: dict[str, Any]) -> str:
         if rows
         else '<p class="empty">No audit entry: nothing was ever recorded for this ID.</p>'
     )
+    seen = "".join(
+        f"<li>{_time(event['at'])} <code>{_text(event['action'])}</code>"
+        f"{'' if event['ok'] else ' (failed)'}, request <code>{_text(event['request_id'])}</code>"
+        "</li>"
+        for event in report.get("in_flight", ())
+    )
+    in_flight = f'<h2>Seen, not stored yet</h2><ul class="in-flight">{seen}</ul>' if seen else ""
     body = (
         f"<h1>Session <code>{_text(session_id)}</code></h1>"
         f"{reason}"
         f'<dl class="facts">{"".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)}</dl>'
-        f"<h2>Audit timeline</h2>{history}"
+        f"{in_flight}<h2>Audit timeline</h2>{history}"
     )
     return _document(f"session-lens: {session_id}", body)
 
