@@ -433,7 +433,8 @@ def origin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Origin]:
 
 class Forwarder:
     """A TCP relay to PostgreSQL that can be cut (live connections closed, new ones
-    refused) and restored, like a network link between one sidecar and the database."""
+    refused) or stalled (connections open, nothing passing, as to a frozen server) and
+    restored, like a network link between one sidecar and the database."""
 
     def __init__(self, database_url: str) -> None:
         parts = urlsplit(database_url)
@@ -443,6 +444,8 @@ class Forwarder:
         self._database_url = database_url
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.up = True
         self.cuts = 0
 
@@ -462,8 +465,12 @@ class Forwarder:
             writer.transport.abort()
         self._links.clear()
 
+    def stall(self) -> None:
+        self._flowing.clear()
+
     def restore(self) -> None:
         self.up = True
+        self._flowing.set()
 
     async def close(self) -> None:
         self.cut()
@@ -488,13 +495,17 @@ class Forwarder:
             writer.transport.abort()
             return
         self._links |= {writer, far_writer}
-        await asyncio.gather(_pump(reader, far_writer), _pump(far_reader, writer))
+        flowing = self._flowing
+        await asyncio.gather(_pump(reader, far_writer, flowing), _pump(far_reader, writer, flowing))
         self._links -= {writer, far_writer}
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+) -> None:
     try:
         while data := await reader.read(65536):
+            await flowing.wait()
             writer.write(data)
             await writer.drain()
     except OSError:

@@ -413,6 +413,9 @@ class Explainer:
             self._metrics.classifier_errors["breaker_open"].inc()
             return Explanation(Reason.UNKNOWN, error="circuit breaker open")
         self._metrics.classification_queries.inc()
+        # The events in flight as the query starts: one stored while it runs is in these
+        # or in what it reads, never in neither.
+        in_flight = self._in_flight_of(session_id)
         try:
             evidence = await read_evidence(self._pool, self._queries, session_id, self._budget)
         except StoreError as exc:
@@ -425,7 +428,7 @@ class Explainer:
         self._saw(evidence)
         retained = self._retained(session_id, evidence.now)
         try:
-            seen = self._with_in_flight(session_id, evidence)
+            seen = overlay(evidence, in_flight) if in_flight else evidence
             reason = self._classify(session_id, seen, include_deleted, retained)
             note = retained.note() if retained else None
             if reason is Reason.NEVER_EXISTED and (doubt := self._doubt(session_id, seen)):
@@ -436,10 +439,9 @@ class Explainer:
             self._metrics.classifier_errors["query"].inc()
             return Explanation(Reason.UNKNOWN, evidence, error=f"unclassifiable evidence: {exc}")
 
-    def _with_in_flight(self, session_id: str, evidence: Evidence) -> Evidence:
-        """The evidence with this process's events in flight for the ID laid over it."""
-        events = self.in_flight.of(session_id) if self.in_flight is not None else []
-        return overlay(evidence, events) if events else evidence
+    def _in_flight_of(self, session_id: str) -> list[Event]:
+        """This process's events in flight for the ID, oldest first."""
+        return self.in_flight.of(session_id) if self.in_flight is not None else []
 
     def _doubt(self, session_id: str, evidence: Evidence) -> str | None:
         """Why, in observed mode, an ID without evidence may yet have some on its way
@@ -513,6 +515,7 @@ class Explainer:
         """State, audit timeline and the reason a lookup would get now; raises StoreError."""
         if self._pool is None:
             raise StoreUnavailable("no database configured")
+        events = self._in_flight_of(session_id)  # before the query: see `_explain`
         evidence = await read_evidence(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
         timeline = await read_timeline(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
         self._saw(evidence)
@@ -520,7 +523,6 @@ class Explainer:
         minted = self._ids.minted_at(session_id)
         if minted is None:
             raise ValueError(f"{session_id[:64]!r} is not a valid session ID")
-        events = self.in_flight.of(session_id) if self.in_flight is not None else []
         seen = overlay(evidence, events) if events else evidence
         reasons = [self._classify(session_id, seen, asked, retained) for asked in (False, True)]
         doubt = None

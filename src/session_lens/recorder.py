@@ -36,6 +36,8 @@ BATCH = 500
 WRITE_TIMEOUT = 5.0
 ANNOUNCE_TIMEOUT = 2.0
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
+STALLED = WRITE_TIMEOUT + 1.0
+"""How long one write attempt may go unanswered before it counts as an outage."""
 CHECK_WITHIN = 1.0
 """How long /readyz waits for the writer's fresh attempt at the database."""
 COALESCE = 0.02
@@ -329,6 +331,8 @@ class Recorder:
         """In an outage, the database has taken a batch again: the rest is on its way."""
         self._drained = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._attempting: asyncio.Future[None] | None = None
+        """The write attempt under way, if any."""
         self._pending = 0
         self._outage_since: float | None = None
         self._full = False
@@ -404,10 +408,18 @@ class Recorder:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Write what is spooled if the database lets us in time; the rest waits on disk."""
+        attempt = self._attempting
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if attempt is not None and not attempt.done():  # cancelled, and not over yet
+            await asyncio.wait({attempt}, timeout=timeout)
         if self._pool is not None:
+            if attempt is not None and not attempt.done():  # stuck: no second writer
+                log.warning("left events in the spool", extra={"events": self._pending})
+                self._pool.terminate()
+                self._spool.close()
+                return
             try:
                 async with asyncio.timeout(timeout):
                     await self._drain()
@@ -428,7 +440,7 @@ class Recorder:
             self._wake.clear()
             self._retry.clear()
             try:
-                await self._drain()
+                await self._attempt()
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._outage(exc)
                 delay = min(delay * 2, RETRY_MAX)
@@ -444,6 +456,20 @@ class Recorder:
                 self._outage_since = None
                 self._replaying = False
                 self.last_error = None
+
+    async def _attempt(self) -> None:
+        """`_drain`, said to be an outage as soon as it has gone `STALLED` seconds without
+        an answer: a database that stops answering (frozen, or a link that drops packets)
+        can hold a call past its own timeout while the driver waits to cancel it."""
+        attempt = self._attempting = asyncio.ensure_future(self._drain())
+        try:
+            done, _ = await asyncio.wait({attempt}, timeout=STALLED)
+            if not done:
+                self._outage(TimeoutError(f"the database has not answered for {STALLED:g} s"))
+            await attempt
+        finally:
+            attempt.cancel()  # when this is cancelled; a finished one does not mind
+            self._attempting = None
 
     def _outage(self, exc: BaseException) -> None:
         self._replaying = False
