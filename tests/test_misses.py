@@ -483,3 +483,17 @@ async def test_a_body_that_would_not_survive_a_merge_is_relayed_as_it_is(
     assert answer.header("X-Session-Not-Found-Reason") == ["never_existed"]
     assert answer.content == body
     assert proxy.metric("session_lens_inflight_requests") == 0
+
+
+async def test_each_unknown_is_counted_once_under_its_cause(
+    missing: Upstream, make_proxy: MakeProxy, conn: asyncpg.Connection, db: str
+) -> None:
+    """A query past the budget used to count twice: the miss's wait and the query's own."""
+    proxy = await make_proxy(missing.url, database_url=db, classification_budget="100ms")
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        answers = await asyncio.gather(*(lookup(proxy) for _ in range(5)))
+        await asyncio.sleep(0.3)  # the shared query has given up too by now
+    assert {headers["X-Session-Not-Found-Reason"] for _, headers, _ in answers} == {"unknown"}
+    assert proxy.metric("session_lens_classifier_errors_total", kind="timeout") == 5
+    assert proxy.metric("session_lens_not_found_total", route=ROUTE, reason="unknown") == 5

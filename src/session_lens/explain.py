@@ -94,6 +94,8 @@ class Explanation:
     error: str | None = None
     note: str | None = None
     """What the reason cannot say: a partition at the store's retention boundary."""
+    cause: str | None = None
+    """Why an `unknown` is unknown, as `classifier_errors_total` names it."""
 
     def lifecycle(self) -> dict[str, Any] | None:
         """The evidence as the JSON members a response carries."""
@@ -398,20 +400,22 @@ class Explainer:
                 task.add_done_callback(lambda _: self._pending.pop(key, None))
             try:
                 async with asyncio.timeout(self._budget):
-                    return await asyncio.shield(task)
+                    explanation = await asyncio.shield(task)
             except TimeoutError:
-                self._metrics.classifier_errors["timeout"].inc()
-                return Explanation(Reason.UNKNOWN, error="no answer within the budget")
+                explanation = Explanation(
+                    Reason.UNKNOWN, error="no answer within the budget", cause="timeout"
+                )
+            if explanation.cause is not None:  # each miss counted once, by what decided it
+                self._metrics.classifier_errors[explanation.cause].inc()
+            return explanation
         finally:
             self._metrics.classification_duration.observe(time.perf_counter() - started, exemplar)
 
     async def _explain(self, session_id: str, include_deleted: bool) -> Explanation:
         if self._pool is None:
-            self._metrics.classifier_errors["unavailable"].inc()
-            return Explanation(Reason.UNKNOWN, error="no database configured")
+            return Explanation(Reason.UNKNOWN, error="no database configured", cause="unavailable")
         if not self._breaker.allow():
-            self._metrics.classifier_errors["breaker_open"].inc()
-            return Explanation(Reason.UNKNOWN, error="circuit breaker open")
+            return Explanation(Reason.UNKNOWN, error="circuit breaker open", cause="breaker_open")
         self._metrics.classification_queries.inc()
         # The events in flight as the query starts: one stored while it runs is in these
         # or in what it reads, never in neither.
@@ -421,8 +425,7 @@ class Explainer:
         except StoreError as exc:
             self._breaker.failed()
             self._metrics.breaker_open.set(self._breaker.is_open)
-            self._metrics.classifier_errors[exc.kind].inc()
-            return Explanation(Reason.UNKNOWN, error=exc.detail)
+            return Explanation(Reason.UNKNOWN, error=exc.detail, cause=exc.kind)
         self._breaker.succeeded()
         self._metrics.breaker_open.set(0)
         self._saw(evidence)
@@ -436,8 +439,8 @@ class Explainer:
             return Explanation(reason, seen, note=note)
         except (TypeError, ValueError) as exc:  # evidence of a shape nobody planned for
             log.error("cannot classify", extra={"session_id": session_id, "error": repr(exc)})
-            self._metrics.classifier_errors["query"].inc()
-            return Explanation(Reason.UNKNOWN, evidence, error=f"unclassifiable evidence: {exc}")
+            error = f"unclassifiable evidence: {exc}"
+            return Explanation(Reason.UNKNOWN, evidence, error=error, cause="query")
 
     def _in_flight_of(self, session_id: str) -> list[Event]:
         """This process's events in flight for the ID, oldest first."""
