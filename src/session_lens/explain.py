@@ -432,10 +432,8 @@ class Explainer:
         retained = self._retained(session_id, evidence.now)
         try:
             seen = overlay(evidence, in_flight) if in_flight else evidence
-            reason = self._classify(session_id, seen, include_deleted, retained)
-            note = retained.note() if retained else None
-            if reason is Reason.NEVER_EXISTED and (doubt := self._doubt(session_id, seen)):
-                reason, note = Reason.UNKNOWN, doubt
+            reason, doubt = self._judge(session_id, seen, include_deleted, retained)
+            note = doubt or (retained.note() if retained else None)
             return Explanation(reason, seen, note=note)
         except (TypeError, ValueError) as exc:  # evidence of a shape nobody planned for
             log.error("cannot classify", extra={"session_id": session_id, "error": repr(exc)})
@@ -445,6 +443,20 @@ class Explainer:
     def _in_flight_of(self, session_id: str) -> list[Event]:
         """This process's events in flight for the ID, oldest first."""
         return self.in_flight.of(session_id) if self.in_flight is not None else []
+
+    def _judge(
+        self,
+        session_id: str,
+        seen: Evidence,
+        include_deleted: bool,
+        retained: Retained | None,
+    ) -> tuple[Reason, str | None]:
+        """The reason `seen` gives, and, where it would be `never_existed` though evidence
+        may be on its way, `unknown` with why."""
+        reason = self._classify(session_id, seen, include_deleted, retained)
+        if reason is Reason.NEVER_EXISTED and (doubt := self._doubt(session_id, seen)):
+            return Reason.UNKNOWN, doubt
+        return reason, None
 
     def _doubt(self, session_id: str, evidence: Evidence) -> str | None:
         """Why, in observed mode, an ID without evidence may yet have some on its way
@@ -527,22 +539,20 @@ class Explainer:
         if minted is None:
             raise ValueError(f"{session_id[:64]!r} is not a valid session ID")
         seen = overlay(evidence, events) if events else evidence
-        reasons = [self._classify(session_id, seen, asked, retained) for asked in (False, True)]
-        doubt = None
-        if Reason.NEVER_EXISTED in reasons and (doubt := self._doubt(session_id, seen)):
-            reasons = [Reason.UNKNOWN if r is Reason.NEVER_EXISTED else r for r in reasons]
+        reason, doubt = self._judge(session_id, seen, False, retained)
+        asked, doubted = self._judge(session_id, seen, True, retained)
         return Report(
             session_id,
             minted,
             seen,
             timeline,
-            reasons[0],
-            reasons[1],
+            reason,
+            asked,
             retained,
             self._config.visibility_window,
             self._config.creation_timeout,
             events,
-            doubt,
+            doubt or doubted,
         )
 
     async def health(self) -> str | None:

@@ -12,7 +12,7 @@ import time
 
 from .config import Config
 from .drain import Drain
-from .exchange import USABLE_REQUEST_ID, Exchange, id_header, ms_since, new_request_id
+from .exchange import Exchange, id_header, ms_since, new_request_id
 from .explain import Explainer
 from .lookups import Lookups
 from .metrics import Metrics
@@ -60,9 +60,10 @@ class Policy:
     # Counting
 
     def exchange(self, target: str, given_id: str | None) -> Exchange:
-        """A request arrived: its exchange, with the request ID it carries or a new one
-        (also when the one it carries is not a `USABLE_REQUEST_ID`)."""
-        if given_id is None or USABLE_REQUEST_ID.fullmatch(given_id) is None:
+        """A request arrived: its exchange, with the request ID it carries or a new one.
+
+        `given_id` is a `USABLE_REQUEST_ID` or None: each path checks the one it read."""
+        if given_id is None:
             return Exchange(Kind.PASSTHROUGH, target, new_request_id(), True, time.perf_counter())
         return Exchange(Kind.PASSTHROUGH, target, given_id, False, time.perf_counter())
 

@@ -13,7 +13,7 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from .config import Config
-from .exchange import REQUEST_ID, Exchange
+from .exchange import REQUEST_ID, USABLE_REQUEST_ID, Exchange
 from .hop import MAX_HEADER_BYTES, Target, appended, end_to_end_text
 from .policy import Policy
 from .problems import PROBLEM_JSON, Answer
@@ -273,7 +273,8 @@ class WebSocketRelay:
         policy = self._policy
         given = request.headers.getall(REQUEST_ID, [])
         # Two request IDs say no one thing: replaced, as an unusable one is.
-        exchange = policy.exchange(request.raw_path, given[0] if len(given) == 1 else None)
+        usable = len(given) == 1 and USABLE_REQUEST_ID.fullmatch(given[0]) is not None
+        exchange = policy.exchange(request.raw_path, given[0] if usable else None)
         policy.begin()
         try:
             path = policy.route_path(request.raw_path.partition("?")[0])

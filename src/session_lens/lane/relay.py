@@ -42,7 +42,8 @@ class Relay:
         policy = self._lane.policy
         given = request.request_id
         target = request.target.decode("latin-1")
-        exchange = policy.exchange(target, given.decode("utf-8", "replace") if given else None)
+        # `given` passed USABLE_REQUEST_ID_BYTES when the head was read: ASCII.
+        exchange = policy.exchange(target, given.decode("ascii") if given else None)
         request.exchange = exchange
         policy.begin()
         answer: Answer | None = None

@@ -56,10 +56,8 @@ class Responder:
             return await self._miss(request, upstream, fields, sent, close)
         observation = request.observation
         tap = None
-        if observation is not None:
-            location = next((v for n, v in fields if n.lower() == b"location"), b"")
-            if observation.answer(upstream.status, location.decode("latin-1")):
-                tap = bytearray()
+        if observation is not None and _shown(observation, upstream.status, fields):
+            tap = bytearray()
         out, mode = self._head_of(request, upstream, fields, named, close)
         try:
             close = await self._stream(out, request, upstream, mode, sent, tap) or close
@@ -92,11 +90,9 @@ class Responder:
         to the request's observation, the body too when the ID is in it)."""
         _, fields, named, close = self._opened(request, upstream)
         observation = request.observation
-        if observation is not None:
-            location = next((v for n, v in fields if n.lower() == b"location"), b"")
-            if observation.answer(upstream.status, location.decode("latin-1")):
-                body = b"".join(upstream.chunks)
-                observation.answer_body(body, len(body) <= MAX_INSPECTED_BODY)
+        if observation is not None and _shown(observation, upstream.status, fields):
+            body = b"".join(upstream.chunks)
+            observation.answer_body(body, len(body) <= MAX_INSPECTED_BODY)
         out, mode = self._head_of(request, upstream, fields, named, close)
         self._write_rest(out, upstream, mode)
         assert request.exchange is not None
@@ -247,6 +243,7 @@ class Responder:
         plan = lookups.miss_plan(headers, length)
         head_only = request.method == b"HEAD"
         rewritten: bytes | None = None
+        raw: bytes | None = None
         if plan is not None:
             try:
                 raw = await self._miss_body(request, upstream, plan)
@@ -316,6 +313,12 @@ class Responder:
             return None
         finally:
             got.done(reusable=whole)
+
+
+def _shown(observation: Observation, status: int, fields: list[tuple[bytes, bytes]]) -> bool:
+    """Show an answer's head to its observation; True when it wants the body too."""
+    location = next((v for n, v in fields if n.lower() == b"location"), b"")
+    return observation.answer(status, location.decode("latin-1"))
 
 
 def _tap(tap: bytearray, chunks: list[bytes]) -> None:
