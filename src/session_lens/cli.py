@@ -26,6 +26,7 @@ from .config import (
     load_config,
     parse_address,
     parse_duration,
+    positive_duration,
     read_file,
     stray_variables,
 )
@@ -199,10 +200,7 @@ def _demo_options(args: argparse.Namespace) -> DemoOptions:
 
 def _demo_duration(text: str) -> float:
     """Seconds, from a duration as every setting takes it (`90s`, `5m`, `1h30m`, `20`)."""
-    seconds = parse_duration(text).total_seconds()
-    if seconds <= 0:
-        raise ValueError(f"{text!r} must be longer than zero")
-    return seconds
+    return positive_duration(text).total_seconds()
 
 
 def _demo_rate(text: str) -> float:

@@ -220,7 +220,8 @@ def parse_duration(raw: object) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def _positive_duration(raw: object) -> timedelta:
+def positive_duration(raw: object) -> timedelta:
+    """A duration longer than zero; raises ValueError otherwise."""
     value = parse_duration(raw)
     if value <= timedelta(0):
         raise _Invalid(f"{raw!r} must be longer than zero")
@@ -543,10 +544,10 @@ class Config:
     )
     """The zone the IDs' timestamps are written in."""
     upstream_connect_timeout: timedelta = _setting(
-        timedelta(seconds=5), _positive_duration, "time to open an upstream connection"
+        timedelta(seconds=5), positive_duration, "time to open an upstream connection"
     )
     upstream_read_timeout: timedelta = _setting(
-        timedelta(seconds=60), _positive_duration, "longest silence from the upstream while reading"
+        timedelta(seconds=60), positive_duration, "longest silence from the upstream while reading"
     )
     upstream_ca_file: Path | None = _setting(
         None,
@@ -557,18 +558,18 @@ class Config:
     """A PEM bundle trusted for an https upstream; None: the system's."""
     header_read_timeout: timedelta = _setting(
         timedelta(seconds=30),
-        _positive_duration,
+        positive_duration,
         "time a client gets to send a request head, else 408",
     )
     send_timeout: timedelta = _setting(
         timedelta(seconds=60),
-        _positive_duration,
+        positive_duration,
         "time a client may take nothing of an answer before it is cut",
     )
     """How long a client may take nothing of an answer before its connection is closed."""
     lingering_timeout: timedelta = _setting(
         timedelta(seconds=5),
-        _positive_duration,
+        positive_duration,
         "time an early answer's connection reads and drops what comes",
     )
     """How long a connection closed before its request was all read goes on reading."""
@@ -621,11 +622,11 @@ class Config:
     )
     creation_timeout: timedelta = _setting(
         timedelta(seconds=30),
-        _positive_duration,
+        positive_duration,
         "how long a creation may take before it counts as failed",
     )
     classification_budget: timedelta = _setting(
-        timedelta(milliseconds=50), _positive_duration, "time a miss may spend being explained"
+        timedelta(milliseconds=50), positive_duration, "time a miss may spend being explained"
     )
     upstream_retention: Period | None = _setting(
         None,
