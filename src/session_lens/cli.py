@@ -28,16 +28,25 @@ from .config import (
     parse_duration,
     positive_duration,
     read_file,
+    settings_for,
     stray_variables,
 )
 from .demo import DemoOptions, run_demo
 from .embedded import EmbeddedError, start_embedded
 from .importer import ImportUsage, add_arguments, options_from, run_import
 from .logs import setup_logging
-from .operate import DatabaseError, run_explain, run_migrations, run_prune
+from .operate import (
+    DatabaseError,
+    TriageOptions,
+    run_explain,
+    run_migrations,
+    run_prune,
+    run_triage,
+)
 from .prune import BATCH_SIZE
 from .retention import Period
 from .server import ListenError, run_fast, serve
+from .triage import Fields, dotted, inputs_readable
 from .workers import WorkersFailed, supervise
 
 EXIT_CONFIG = 2
@@ -82,8 +91,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _settings() -> _Parser:
-    """The flags every command takes: --config and one per setting."""
+def _settings(command: str | None = None) -> _Parser:
+    """The flags a command takes: --config and one per setting it uses."""
     common = _Parser(add_help=False)
     common.add_argument(
         "--config",
@@ -91,7 +100,7 @@ def _settings() -> _Parser:
         metavar="FILE",
         help=f"TOML file of settings (or {env_name('config')})",
     )
-    for setting in SETTINGS:
+    for setting in settings_for(command) if command else SETTINGS:
         common.add_argument(
             setting.flag,
             dest=setting.name,
@@ -111,27 +120,38 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", parents=[common], help="run the proxy")
     migrate = commands.add_parser(
-        "migrate", parents=[common], help="bring the sessions table up to the lifecycle model"
+        "migrate",
+        parents=[_settings("migrate")],
+        help="bring the sessions table up to the lifecycle model",
     )
     migrate.add_argument(
         "--dry-run", action="store_true", help="print the SQL and the row counts, change nothing"
     )
     explain = commands.add_parser(
-        "explain", parents=[common], help="the state, audit timeline and reason for one ID"
+        "explain",
+        parents=[_settings("explain")],
+        help="the state, audit timeline and reason for one ID",
     )
     explain.add_argument("session_id", metavar="SESSION_ID")
     add_arguments(
         commands.add_parser(
             "import",
-            parents=[common],
+            parents=[_settings("import")],
             help="observed mode: seed the lifecycle store with the sessions the service has",
         )
     )
     _add_prune(
         commands.add_parser(
             "prune",
-            parents=[common],
+            parents=[_settings("prune")],
             help="remove audit entries older than a period, the tracking horizon moved first",
+        )
+    )
+    _add_triage(
+        commands.add_parser(
+            "triage",
+            parents=[_settings("triage")],
+            help="read a service's log lines of misses and say what they have in common",
         )
     )
     _add_demo(
@@ -161,6 +181,62 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
     prune.add_argument(
         "--dry-run", action="store_true", help="print the cut-off and the counts, change nothing"
     )
+
+
+def _add_triage(triage: argparse.ArgumentParser) -> None:
+    triage.add_argument(
+        "files", nargs="+", metavar="FILE",
+        help="JSON-lines log files (- for stdin; gzip read as it is)",
+    )  # fmt: skip
+    triage.add_argument("--json", action="store_true", help="print the report as JSON")
+    triage.add_argument("--html", metavar="FILE", help="also write the report as one HTML page")
+    triage.add_argument(
+        "--event-field", default="event_type", metavar="PATH",
+        help="dotted path of the event name (default event_type)",
+    )  # fmt: skip
+    triage.add_argument(
+        "--event-suffix", default="session_not_found", metavar="TEXT",
+        help="what a miss's event name ends with (default session_not_found)",
+    )  # fmt: skip
+    triage.add_argument(
+        "--id-field", default="data.session_id", metavar="PATH",
+        help="dotted path of the session ID (default data.session_id)",
+    )  # fmt: skip
+    triage.add_argument(
+        "--include-deleted-field", default="data.include_deleted", metavar="PATH",
+        help="dotted path of include_deleted (default data.include_deleted)",
+    )  # fmt: skip
+    triage.add_argument(
+        "--time-field", metavar="PATH",
+        help="dotted path of the time (default: the first of timestamp, time, ts, @timestamp)",
+    )  # fmt: skip
+    triage.add_argument(
+        "--top", type=_positive, default=10, metavar="N", help="IDs listed (default 10)"
+    )
+
+
+def _triage_options(args: argparse.Namespace) -> TriageOptions:
+    """The triage's own flags, checked; raises BadFlag naming the first bad one."""
+    paths = {
+        name: _own(f"--{name.replace('_', '-')}", dotted, getattr(args, name))
+        for name in ("event_field", "id_field", "include_deleted_field")
+    }
+    times = (
+        (_own("--time-field", dotted, args.time_field),)
+        if args.time_field is not None
+        else Fields().time
+    )
+    if not args.event_suffix:
+        raise BadFlag("--event-suffix", "must not be empty")
+    fields = Fields(
+        paths["event_field"], args.event_suffix, paths["id_field"],
+        paths["include_deleted_field"], times,
+    )  # fmt: skip
+    missing = inputs_readable(args.files)
+    if missing:
+        raise BadFlag("FILE", "; ".join(missing))
+    html = Path(args.html) if args.html else None
+    return TriageOptions(args.files, fields, args.json, html, args.top)
 
 
 def _add_demo(demo: argparse.ArgumentParser) -> None:
@@ -247,7 +323,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
         Path(environ[env_name("config")]) if environ.get(env_name("config")) else None
     )
     file: dict[str, Any] = read_file(path) if path else {}
-    flags = {setting.name: getattr(args, setting.name) for setting in SETTINGS}
+    flags = {setting.name: getattr(args, setting.name, None) for setting in SETTINGS}
     return load_config(
         file=file,
         file_name=file_source(path) if path else "config file",
@@ -318,6 +394,9 @@ def _command(args: argparse.Namespace, config: Config) -> Command:
             return lambda ready: asyncio.run(
                 run_prune(ready, older_than, batch_size=args.batch_size, dry_run=args.dry_run)
             )
+        case "triage":
+            triaging = _triage_options(args)
+            return lambda ready: asyncio.run(run_triage(ready, triaging))
         case "demo":
             options = _demo_options(args)
             return lambda ready: asyncio.run(run_demo(ready, options))

@@ -763,6 +763,35 @@ SETTINGS = tuple(
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
+STORE_SETTINGS = ("database_url", "data_dir", "sessions_table", "sessions_id_column", "log_level")
+"""What every command that reads or writes the lifecycle store uses."""
+CLASSIFICATION_SETTINGS = (
+    "max_future_skew",
+    "id_timezone",
+    "visibility_window",
+    "creation_timeout",
+    "upstream_retention",
+    "upstream_partition",
+    "lifecycle_source",
+)
+"""What explaining a miss takes besides the store: the ID's rules and the reasons' limits."""
+COMMAND_SETTINGS: Mapping[str, tuple[str, ...]] = {
+    "explain": STORE_SETTINGS + CLASSIFICATION_SETTINGS,
+    "triage": STORE_SETTINGS + CLASSIFICATION_SETTINGS,
+    "migrate": (*STORE_SETTINGS, "backfill_state"),
+    "prune": STORE_SETTINGS,
+    "import": (*STORE_SETTINGS, "max_future_skew", "id_timezone", "lifecycle_source"),
+}
+"""The settings each command shows and takes as flags; a command not named takes them all.
+The file and the environment hold every setting whatever the command."""
+
+
+def settings_for(command: str) -> tuple[Setting, ...]:
+    """The settings `command` takes as flags, in `SETTINGS` order."""
+    names = COMMAND_SETTINGS.get(command)
+    return SETTINGS if names is None else tuple(s for s in SETTINGS if s.name in names)
+
+
 def env_name(setting: str) -> str:
     """The environment variable for a setting."""
     return ENV_PREFIX + setting.upper()

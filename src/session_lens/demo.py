@@ -81,15 +81,16 @@ class Generator:
         age = timedelta(days=self._rng.uniform(1.2, 2) * DEMO_RETENTION_DAYS)
         return new_session_id(datetime.now(UTC) - age)  # the store has dropped it
 
-    async def run(self) -> None:
-        """Send requests at the configured rate until cancelled."""
+    async def run(self, until: asyncio.Event | None = None) -> None:
+        """Send requests at the configured rate until cancelled, or until `until` is set:
+        then the requests under way are answered before it returns."""
         connector = aiohttp.TCPConnector(limit=32)
         async with aiohttp.ClientSession(connector=connector) as client:
             pending: set[asyncio.Task[None]] = set()
             interval = 1.0 / self._rate
             next_at = time.monotonic()
             try:
-                while True:
+                while until is None or not until.is_set():
                     if len(pending) >= MAX_IN_FLIGHT:
                         await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                         next_at = max(next_at, time.monotonic())  # behind: no burst to catch up
@@ -98,6 +99,7 @@ class Generator:
                     task.add_done_callback(pending.discard)
                     next_at += interval
                     await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                await asyncio.gather(*pending, return_exceptions=True)
             finally:
                 for task in pending:
                     task.cancel()

@@ -8,10 +8,10 @@ asking a sick database and tries again by itself.
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 
@@ -29,8 +29,11 @@ from .store import (
     Queries,
     StoreError,
     StoreUnavailable,
+    Trail,
     read_evidence,
     read_timeline,
+    read_trails,
+    trails_query,
 )
 
 log = logging.getLogger("session_lens.explain")
@@ -41,6 +44,8 @@ EXPLAIN_TIMEOUT = 5.0
 HORIZON_REFRESH = 60.0
 """How often the horizon gauge is read again when nothing else reads it."""
 MAX_AUDIT_REASON = 200
+TRAILS_TIMEOUT = 30.0
+"""The longest a batch of trails may take to read: no one is waiting on an answer."""
 """The most of an audit entry's reason a sentence of `explain` quotes."""
 
 
@@ -111,6 +116,25 @@ class Explanation:
                 "trigger": found.last_trigger,
             }
         return {"state": found.state, "deleted_at": _iso(found.deleted_at), "last_transition": last}
+
+
+class Asked(NamedTuple):
+    """A lookup that found nothing, as a log line tells of it."""
+
+    session_id: str
+    at: datetime | None
+    """When it was made (None: not said, judged as of now)."""
+    include_deleted: bool
+
+
+class StoreWitness(Protocol):
+    """The service's own store as evidence beside the lifecycle store's (QuestDB: its
+    partitions, TTL and suspended WAL tables), asked about many lookups at once."""
+
+    async def reasons(self, asked: Sequence[Asked]) -> list[Reason | None]:
+        """For each lookup, the reason the store's evidence proves, or None where it
+        proves nothing and the lifecycle store's evidence decides alone."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +388,11 @@ class Explainer:
         """The tracking horizon as last read from the database."""
         self.in_flight: InFlight | None = None
         """This process's recorder's events not stored yet (observed mode): evidence too."""
+        self.witness: StoreWitness | None = None
+        """The service's own store as evidence, where it is configured."""
+        self._trails = trails_query(config.tables)
+        self.trail_queries = 0
+        """How many queries `explain_lookups` has made."""
 
     async def open(self) -> None:
         """Create the pool; it connects on first use, so a down database does not stop start-up."""
@@ -554,6 +583,36 @@ class Explainer:
             events,
             doubt or doubted,
         )
+
+    async def explain_lookups(
+        self, asked: Sequence[Asked], trails: dict[str, Trail] | None = None
+    ) -> list[Explanation]:
+        """Why each of many logged lookups found nothing, judged as of when it was made,
+        from one query for all their IDs (those not in `trails` already); raises StoreError.
+
+        The same classification as a miss's: a lookup 0.3 s after its session's creation
+        is read-after-write even if the session is visible now.
+        """
+        if self._pool is None:
+            raise StoreUnavailable("no database configured")
+        known = trails if trails is not None else {}
+        wanted = sorted({a.session_id for a in asked} - known.keys())
+        if wanted:
+            read = await read_trails(self._pool, self._trails, wanted, TRAILS_TIMEOUT)
+            self._metrics.classification_queries.inc()
+            self.trail_queries += 1
+            known.update(read)
+        witnessed = await self.witness.reasons(asked) if self.witness is not None else None
+        explained = []
+        for index, lookup in enumerate(asked):
+            evidence = known[lookup.session_id].evidence_at(lookup.at)
+            retained = self._retained(lookup.session_id, evidence.now)
+            reason = self._classify(lookup.session_id, evidence, lookup.include_deleted, retained)
+            proved = witnessed[index] if witnessed is not None else None
+            if proved is not None:  # the store's own evidence, where it proves something
+                reason = proved
+            explained.append(Explanation(reason, evidence))
+        return explained
 
     async def health(self) -> str | None:
         """None when the lifecycle tables answer, else what is wrong."""

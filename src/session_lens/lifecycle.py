@@ -14,8 +14,10 @@ from typing import Any
 
 import asyncpg
 
+from .classify import classify
 from .ids import IdValidator
 from .schema import TRANSITIONS, SessionState, Tables, quote_ident
+from .store import Evidence, Queries
 
 
 class LifecycleError(Exception):
@@ -57,6 +59,10 @@ class LookupReason(StrEnum):
     NEVER_EXISTED = "never_existed"
     DELETED = "deleted"
     ARCHIVED = "archived"
+    PURGED = "purged"
+    CREATION_FAILED = "creation_failed"
+    PREDATES_TRACKING = "predates_tracking"
+    """No row, no audit entry, and the ID was minted before tracking began: no evidence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +99,16 @@ class Lifecycle:
         actor: str = "session-lens",
         max_future_skew: timedelta = timedelta(hours=24),
         id_timezone: tzinfo = UTC,
+        visibility_window: timedelta = timedelta(seconds=5),
+        creation_timeout: timedelta = timedelta(seconds=30),
     ) -> None:
         self._db = db
         self._tables = tables or Tables()
         self._actor = actor
         self._validator = IdValidator(max_future_skew, id_timezone)
+        self._evidence = Queries(self._tables).evidence
+        self._visibility_window = visibility_window
+        self._creation_timeout = creation_timeout
         names = self._tables.names
         columns = "{id}::text, state, created_at, updated_at, deleted_at".format(**names)
         self._select = f"SELECT {columns} FROM {names['table']} WHERE {names['id']} = $1"
@@ -213,8 +224,19 @@ class Lifecycle:
             return LookupResult(False, None, LookupReason.INVALID_FORMAT)
         async with self._connection() as conn:
             row = await conn.fetchrow(self._select, session_id)
+            if row is None:  # why not: the one classification every door gives
+                evidence = Evidence(*(await conn.fetchrow(self._evidence, session_id)).values())
+                if evidence.has_row:  # created between the two reads
+                    row = await conn.fetchrow(self._select, session_id)
         if row is None:
-            return LookupResult(False, None, LookupReason.NEVER_EXISTED)
+            reason = classify(
+                evidence,
+                minted_at=self._validator.minted_at(session_id),
+                include_deleted=include_deleted,
+                visibility_window=self._visibility_window,
+                creation_timeout=self._creation_timeout,
+            )
+            return LookupResult(False, None, LookupReason(reason.value))
         session = _session(row)
         if session.state is SessionState.ARCHIVED:
             return LookupResult(False, session, LookupReason.ARCHIVED)

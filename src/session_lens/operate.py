@@ -1,11 +1,15 @@
-"""The operator's commands: `migrate`, `explain` and `prune`, printing for a person to read."""
+"""The operator's commands: `migrate`, `explain`, `prune` and `triage`, printing for a
+person to read."""
 
 import asyncio
+import json
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TextIO
 
 import asyncpg
@@ -26,10 +30,12 @@ from .migrations import (
     plan,
     qualified,
 )
+from .page import triage_page
 from .prune import Horizon, Preview, PruneError, Pruning, Stage
 from .retention import Period
 from .schema import Tables
 from .store import StoreError
+from .triage import Fields, Reader, Triage, opened, render_text, report
 
 CONNECT_TIMEOUT = 10.0
 
@@ -313,3 +319,64 @@ def _how_far(pruning: Pruning) -> str:
             f" and {pruning.events_removed:,} events removed"
         )
     return f"interrupted while {pruning.stage.value}: {done}; run it again to continue"
+
+
+@dataclass(frozen=True, slots=True)
+class TriageOptions:
+    """What `session-lens triage` was asked for."""
+
+    files: list[str]
+    fields: Fields
+    json: bool = False
+    html: Path | None = None
+    top: int = 10
+
+
+async def run_triage(
+    config: Config, options: TriageOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    """Read the log files, explain their misses, print the report; returns the exit code."""
+    explainer = Explainer(config, Metrics(CollectorRegistry(), ()), config.database_url)
+    await explainer.open()
+    triage = Triage(explainer)
+    reader = Reader(config, options.fields)
+    bar = tqdm(
+        unit="B", unit_scale=True, unit_divisor=1024, desc="triage", file=err, delay=1.0,
+        mininterval=0.5,
+    )  # fmt: skip
+    try:
+        for name in options.files:
+            with opened(name) as (stream, position, size):
+                if size is not None:
+                    bar.total = (bar.total or 0) + size
+                for item in reader.read(name, stream, _progress(bar, position)):
+                    await triage.add(item)
+        await triage.flush()
+    except StoreError as exc:
+        raise DatabaseError(f"cannot read the lifecycle tables: {exc.detail}") from exc
+    except OSError as exc:
+        raise DatabaseError(f"cannot read the log: {exc.strerror or exc}") from exc
+    finally:
+        bar.close()
+        await explainer.close()
+    data = report(triage.tally, reader.lines, explainer.trail_queries, options.top)
+    if options.html is not None:
+        options.html.write_text(triage_page(data), encoding="utf-8")
+    if options.json:
+        print(json.dumps(data, indent=1), file=out)
+    else:
+        print(render_text(data), file=out)
+    return 0
+
+
+def _progress(bar: tqdm, position: Callable[[], int] | None) -> Callable[[int], None]:
+    """What the reader tells of each line, as the bar counts it: the line's bytes, or for a
+    compressed file how far into its compressed bytes the reading is."""
+    if position is None:
+        return bar.update  # type: ignore[no-any-return]
+    start = bar.n
+
+    def compressed(_: int) -> None:
+        bar.update(start + position() - bar.n)
+
+    return compressed

@@ -169,3 +169,138 @@ def _time(iso: str | None) -> str:
 
 def _text(value: object) -> str:
     return escape(str(value), quote=True)
+
+
+# --- the triage report, one page for a file: no script, nothing fetched -------------
+
+REASON_COLOURS = {
+    "invalid_format": "#868e96", "never_existed": "#495057", "creating": "#74c0fc",
+    "creation_failed": "#e8590c", "deleted": "#94d82d", "deleted_not_served": "#c2255c",
+    "purged": "#862e9c", "archived": "#5c940d", "not_yet_visible": "#1c7ed6",
+    "upstream_inconsistent": "#e03131", "expired": "#f59f00", "predates_tracking": "#adb5bd",
+    "store_suspended": "#0b7285", "unknown": "#212529",
+}  # fmt: skip
+_CHART_WIDTH, _CHART_HEIGHT, _CHART_SLOTS = 880, 220, 220
+
+_TRIAGE_STYLE = """
+table { border-collapse: collapse; margin: .5rem 0 1rem; }
+td, th { padding: .15rem .6rem; text-align: left; border-bottom: 1px solid #e9ecef; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.verdict { border-left: 6px solid #d9480f; background: #fff4e6; padding: .75rem 1rem;
+           font-size: 1.1rem; }
+.verdict.scattered { border-color: #1c7ed6; background: #e7f5ff; }
+.swatch { display: inline-block; width: .8rem; height: .8rem; margin-right: .35rem;
+          vertical-align: -.05rem; }
+.legend span.item { margin-right: 1rem; white-space: nowrap; }
+svg.chart { max-width: 100%; height: auto; background: #f8f9fa; }
+ul.patterns li { margin: 0 0 .6rem; }
+"""
+
+
+def triage_page(data: dict[str, Any]) -> str:
+    """The triage report (`triage.report`'s data) as one self-contained page, the timeline
+    drawn as inline SVG."""
+    verdict = data["verdict"]
+    span = f", {_text(data['from'])} to {_text(data['to'])} UTC" if data["from"] is not None else ""
+    summary = (
+        f"<p>{data['misses']:,} misses on {data['ids']:,} IDs in {data['lines']:,} lines"
+        f"{span}; {data['untimed']:,} without a time.</p>"
+    )
+    patterns = "".join(
+        f"<li>{_text(p['statement'])}"
+        + (
+            f"<br><span class=meta>e.g. {_text(', '.join(p['examples']))}</span>"
+            if p["examples"]
+            else ""
+        )
+        + "</li>"
+        for p in data["patterns"]
+    )
+    reasons = "".join(
+        f"<tr><td>{_swatch(r['reason'])}<code>{_text(r['reason'])}</code></td>"
+        f"<td class=n>{r['misses']:,}</td><td class=n>{100 * r['share']:.1f} %</td>"
+        f"<td>{_text(r['first'] or '—')}</td><td>{_text(r['last'] or '—')}</td></tr>"
+        for r in data["reasons"]
+    )
+    ids = "".join(
+        f"<tr><td><code>{_text(row['session_id'])}</code></td><td class=n>{row['lookups']:,}</td>"
+        f"<td>{_text(row['first'] or '—')}</td><td>{_text(row['last'] or '—')}</td>"
+        f"<td>{_text(', '.join(f'{k} {v:,}' for k, v in row['reasons'].items()))}</td></tr>"
+        for row in data["top_ids"]
+    )
+    bad = "".join(
+        f"<li>{b['count']:,} {_text(b['what'])}: lines {_text(', '.join(b['first']))}</li>"
+        for b in data["bad_input"].values()
+    ) + "".join(
+        f"<li>{b['count']:,} invalid IDs breaking rule <code>{_text(rule)}</code>:"
+        f" lines {_text(', '.join(b['first']))}</li>"
+        for rule, b in data["invalid_rules"].items()
+    )
+    body = (
+        f"<h1>Triage of {data['misses']:,} misses</h1>"
+        f'<p class="verdict {_text(verdict["kind"])}" id="verdict">{_text(verdict["line"])}</p>'
+        f"{summary}<h2>Patterns</h2><ul class=patterns>{patterns or '<li>none</li>'}</ul>"
+        f"<h2>Timeline</h2>{_chart(data['timeline'])}"
+        f"<h2>Reasons</h2><table><tr><th>reason</th><th>misses</th><th>share</th>"
+        f"<th>first (UTC)</th><th>last (UTC)</th></tr>{reasons}</table>"
+        f"<h2>Most looked-up IDs</h2><table><tr><th>session ID</th><th>lookups</th>"
+        f"<th>first (UTC)</th><th>last (UTC)</th><th>reasons</th></tr>{ids}</table>"
+        f"<h2>Bad input</h2><ul>{bad or '<li>none</li>'}</ul>"
+    )
+    document = _document("session-lens triage", body)
+    policy = f'<meta http-equiv="Content-Security-Policy" content="{SECURITY_POLICY}">'
+    return document.replace("</style>", _TRIAGE_STYLE + "</style>" + policy, 1)
+
+
+def _swatch(reason: str) -> str:
+    colour = REASON_COLOURS.get(reason, "#495057")
+    return f'<span class="swatch" style="background:{colour}"></span>'
+
+
+def _chart(timeline: dict[str, Any]) -> str:
+    """Misses per bucket, stacked by reason, as SVG rectangles on a time axis."""
+    buckets = timeline["buckets"]
+    if not buckets:
+        return '<p class="empty">No miss had a time.</p>'
+    width = timeline["bucket_seconds"]
+    start = datetime.fromisoformat(buckets[0]["at"]).replace(tzinfo=UTC).timestamp()
+    end = datetime.fromisoformat(buckets[-1]["at"]).replace(tzinfo=UTC).timestamp()
+    slots = int((end - start) // width) + 1
+    per_slot = -(-slots // _CHART_SLOTS)
+    columns: list[dict[str, int]] = [{} for _ in range(-(-slots // per_slot))]
+    for bucket in buckets:
+        at = datetime.fromisoformat(bucket["at"]).replace(tzinfo=UTC).timestamp()
+        column = columns[int((at - start) // width) // per_slot]
+        for reason, count in bucket["misses"].items():
+            column[reason] = column.get(reason, 0) + count
+    peak = max(sum(c.values()) for c in columns) or 1
+    bar = _CHART_WIDTH / len(columns)
+    rects = []
+    for index, column in enumerate(columns):
+        bottom = float(_CHART_HEIGHT)
+        for reason in timeline["reasons"]:
+            count = column.get(reason, 0)
+            if not count:
+                continue
+            height = _CHART_HEIGHT * count / peak
+            bottom -= height
+            rects.append(
+                f'<rect x="{index * bar:.2f}" y="{bottom:.2f}" width="{max(bar - 1, 1):.2f}"'
+                f' height="{height:.2f}" fill="{REASON_COLOURS.get(reason, "#495057")}"'
+                f' data-reason="{_text(reason)}"><title>{_text(reason)}: {count:,}</title></rect>'
+            )
+    last = datetime.fromtimestamp(start + len(columns) * per_slot * width, UTC)
+    legend = "".join(
+        f'<span class="item">{_swatch(r)}{_text(r)}</span>' for r in timeline["reasons"]
+    )
+    return (
+        f'<svg class="chart" id="timeline" xmlns="http://www.w3.org/2000/svg"'
+        f' viewBox="0 0 {_CHART_WIDTH} {_CHART_HEIGHT + 20}" width="{_CHART_WIDTH}"'
+        f' height="{_CHART_HEIGHT + 20}" role="img"'
+        f' aria-label="misses per {per_slot * width} s, by reason">{"".join(rects)}'
+        f'<text x="0" y="{_CHART_HEIGHT + 15}" font-size="11">{_text(buckets[0]["at"])} UTC</text>'
+        f'<text x="{_CHART_WIDTH}" y="{_CHART_HEIGHT + 15}" font-size="11" text-anchor="end">'
+        f"{last:%Y-%m-%d %H:%M:%S} UTC</text>"
+        f'<text x="4" y="12" font-size="11">peak {peak:,} per {per_slot * width:,} s</text></svg>'
+        f'<p class="legend">{legend}</p>'
+    )

@@ -12,17 +12,22 @@ do, each fault a cause of a miss that session-lens should name:
 - `hard_deletes`: an operator purges a share of deleted sessions with plain SQL;
 - `locks_table`: now and then a maintenance job locks the audit table for a moment.
 
+Each lookup it answers "not found" it logs as the story's service does, one JSON line
+(`event_type` `questdb_data_provider.session_not_found`, the ID and `include_deleted`
+as asked under `data`), to the `miss_log` it is given: what `session-lens triage` reads.
+
 It is the demo's upstream and a fixture for the tests.
 """
 
 import asyncio
 import contextlib
+import json
 import random
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
 import asyncpg
 from aiohttp import web
@@ -73,9 +78,10 @@ def new_session_id(minted: datetime | None = None) -> str:
 class ReferenceService:
     """The service's handlers and its background faults."""
 
-    def __init__(self, pool: asyncpg.Pool, faults: Faults) -> None:
+    def __init__(self, pool: asyncpg.Pool, faults: Faults, miss_log: IO[str] | None = None) -> None:
         self.pool = pool
         self.faults = faults
+        self.miss_log = miss_log
         self.lifecycle = Lifecycle(pool, actor="reference-service")
         self._written: dict[str, float] = {}
         self._lost: set[str] = set()
@@ -128,6 +134,9 @@ class ReferenceService:
         if self.faults.strikes("failing_creations"):
             verify = _half_way
         elif self.faults.strikes("failing_creations"):
+            await self.pool.execute(
+                "INSERT INTO sessions (id, state) VALUES ($1, 'CREATING')", session_id
+            )
             self._spawn(self._slow_creation(session_id))
             return web.json_response({"id": session_id, "state": "CREATING"}, status=202)
         else:
@@ -142,30 +151,38 @@ class ReferenceService:
         return web.json_response(_json(session), status=201)
 
     async def _slow_creation(self, session_id: str) -> None:
-        """A two-step creation: CREATING committed first, ACTIVE a while later."""
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO sessions (id, state) VALUES ($1, 'CREATING')", session_id
-            )
-            await asyncio.sleep(self.faults.slow_creation)
-            await conn.execute("UPDATE sessions SET state = 'ACTIVE' WHERE id = $1", session_id)
+        """The second step of a two-step creation: ACTIVE a while after CREATING was
+        committed (before the 202 went out)."""
+        await asyncio.sleep(self.faults.slow_creation)
+        await self.pool.execute("UPDATE sessions SET state = 'ACTIVE' WHERE id = $1", session_id)
         self._touched(session_id)
 
     async def get(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
-        include_deleted = request.query.get("include_deleted", "").lower() in ("true", "1")
-        if self.faults.on("ignore_include_deleted"):
-            include_deleted = False
+        asked = request.query.get("include_deleted", "").lower() in ("true", "1")
+        include_deleted = asked and not self.faults.on("ignore_include_deleted")
         found = await self.lifecycle.get_session(session_id, include_deleted)
         if not found.found or found.session is None or found.session.state == "CREATING":
-            return _not_found(session_id)
+            return self._missed(session_id, asked)
         lagging = self.faults.on("lagging_replica")
         written = self._written.get(session_id)
         if lagging and written and asyncio.get_running_loop().time() - written < self.faults.lag:
-            return _not_found(session_id)
+            return self._missed(session_id, asked)
         if session_id in self._lost and found.session.state in LIVE_STATES:
-            return _not_found(session_id)
+            return self._missed(session_id, asked)
         return web.json_response(_json(found.session))
+
+    def _missed(self, session_id: str, include_deleted: bool) -> web.Response:
+        """A lookup's 404, logged as the story's service logs it."""
+        if self.miss_log is not None:
+            line = {
+                "timestamp": datetime.now(UTC).isoformat(),
+                "level": "warning",
+                "event_type": "questdb_data_provider.session_not_found",
+                "data": {"session_id": session_id, "include_deleted": include_deleted},
+            }
+            self.miss_log.write(json.dumps(line) + "\n")
+        return _not_found(session_id)
 
     async def list(self, request: web.Request) -> web.Response:
         include_deleted = request.query.get("include_deleted", "").lower() in ("true", "1")

@@ -200,3 +200,125 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,  # admin shutdown, crash recovery
 )
+
+
+TRAIL_ENTRIES = 64
+"""The newest audit entries read per ID for a trail: a lookup older than all of them is
+judged as the oldest of them left it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One audit entry, as a trail keeps it."""
+
+    old_state: str | None
+    new_state: str | None
+    at: datetime
+    trigger: str
+
+
+BOOKKEEPING = frozenset({"migration", "import"})
+"""Triggers of audit entries that record a session found already there, not a change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Trail:
+    """What the lifecycle tables say of one ID over time: its row now and its audit trail,
+    so that a lookup of any past moment can be judged as it would have been then."""
+
+    session_id: str
+    state: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    deleted_at: datetime | None
+    steps: tuple[Step, ...]
+    """Oldest first; at most `TRAIL_ENTRIES`, the newest."""
+    now: datetime
+    horizon: datetime | None
+
+    def evidence_at(self, moment: datetime | None) -> Evidence:
+        """The evidence as the one evidence query would have read it at `moment` (None: now)."""
+        if moment is None or moment >= self.now:
+            return self._evidence(len(self.steps), self.now)
+        done = _steps_until(self.steps, moment)
+        if done == len(self.steps):  # nothing changed since: the row is as it was then
+            return self._evidence(done, moment)
+        if done == 0:
+            return self._before_any_step(moment)
+        last = self.steps[done - 1]
+        state = last.new_state
+        deleted = None
+        if state == "DELETED":
+            deleted = next(s.at for s in reversed(self.steps[:done]) if s.new_state == "DELETED")
+        created = self.created_at or self.steps[0].at
+        return Evidence(
+            state, created if state else None, last.at if state else None, deleted,
+            last.old_state, last.new_state, last.at, last.trigger, moment, self.horizon,
+        )  # fmt: skip
+
+    def _evidence(self, steps: int, now: datetime) -> Evidence:
+        last = self.steps[steps - 1] if steps else None
+        return Evidence(
+            self.state, self.created_at, self.updated_at, self.deleted_at,
+            last.old_state if last else None, last.new_state if last else None,
+            last.at if last else None, last.trigger if last else None, now, self.horizon,
+        )  # fmt: skip
+
+    def _before_any_step(self, moment: datetime) -> Evidence:
+        """Before the first audit entry kept: nothing, unless the row was already there and
+        the first entry only recorded it (a migration's backfill, an import)."""
+        first = self.steps[0] if self.steps else None
+        there = self.created_at is not None and self.created_at <= moment
+        if there and (first is None or first.trigger in BOOKKEEPING):
+            state = first.new_state if first is not None else self.state
+            return Evidence(
+                state, self.created_at, self.created_at, None,
+                None, None, None, None, moment, self.horizon,
+            )  # fmt: skip
+        return Evidence(None, None, None, None, None, None, None, None, moment, self.horizon)
+
+
+def _steps_until(steps: tuple[Step, ...], moment: datetime) -> int:
+    """How many of `steps` (oldest first) had happened by `moment`."""
+    low, high = 0, len(steps)
+    while low < high:
+        middle = (low + high) // 2
+        if steps[middle].at <= moment:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def trails_query(tables: Tables) -> str:
+    """The SQL reading the trails of many IDs at once ($1 text[], $2 the entries per ID)."""
+    return (
+        "SELECT k.key, s.state::text, s.created_at::timestamptz, s.updated_at::timestamptz,"
+        " s.deleted_at::timestamptz, a.olds, a.news, a.ats, a.triggers,"
+        " statement_timestamp(), (SELECT horizon FROM {tracking})"
+        " FROM unnest($1::text[]) AS k(key)"
+        " LEFT JOIN {table} AS s ON s.{id} = k.key"
+        " LEFT JOIN LATERAL ("
+        "  SELECT array_agg(t.old_state ORDER BY t.occurred_at, t.id) AS olds,"
+        "   array_agg(t.new_state ORDER BY t.occurred_at, t.id) AS news,"
+        "   array_agg(t.occurred_at ORDER BY t.occurred_at, t.id) AS ats,"
+        "   array_agg(t.trigger ORDER BY t.occurred_at, t.id) AS triggers"
+        "  FROM (SELECT id, old_state, new_state, occurred_at, trigger FROM {audit}"
+        "   WHERE session_id = k.key ORDER BY occurred_at DESC, id DESC LIMIT $2) AS t"
+        " ) AS a ON true"
+    ).format(**tables.names)
+
+
+async def read_trails(
+    pool: asyncpg.Pool, query: str, session_ids: list[str], timeout: float
+) -> dict[str, Trail]:
+    """The trails of many IDs in one round trip (`query` from `trails_query`); raises a
+    StoreError."""
+    async with _translated(timeout), asyncio.timeout(timeout), pool.acquire() as conn:
+        rows = await conn.fetch(query, session_ids, TRAIL_ENTRIES)
+    trails = {}
+    for row in rows:
+        key, state, created, updated, deleted, olds, news, ats, triggers, now, horizon = row
+        steps = tuple(map(Step, olds, news, ats, triggers)) if ats else ()
+        trails[key] = Trail(key, state, created, updated, deleted, steps, now, horizon)
+    return trails

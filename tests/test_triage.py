@@ -1,0 +1,424 @@
+"""`session-lens triage`: log lines of misses in, the reasons, patterns and verdict out."""
+
+import asyncio
+import gzip
+import io
+import json
+import logging
+import subprocess
+import sys
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from pythonjsonlogger.json import JsonFormatter
+
+from session_lens.config import Config, load_config
+from session_lens.demo import Generator
+from session_lens.lifecycle import Lifecycle
+from session_lens.operate import TriageOptions, run_triage
+from session_lens.reference import FAULTS, Faults, ReferenceService, new_session_id
+from session_lens.triage import Fields
+
+from .conftest import MakeProxy, track_since
+
+CLI = [sys.executable, "-m", "session_lens"]
+EVENT = "questdb_data_provider.session_not_found"
+
+
+def settings(db: str, **more: str) -> Config:
+    return load_config(flags={"database_url": db, **more}, need_upstream=False)
+
+
+async def triage(config: Config, *files: Path | str, **options: Any) -> dict[str, Any]:
+    out = io.StringIO()
+    names = [str(f) for f in files]
+    code = await run_triage(
+        config, TriageOptions(names, options.pop("fields", Fields()), json=True, **options), out
+    )
+    assert code == 0
+    data: dict[str, Any] = json.loads(out.getvalue())
+    return data
+
+
+def reasons(data: dict[str, Any]) -> dict[str, int]:
+    return {row["reason"]: row["misses"] for row in data["reasons"]}
+
+
+def miss_line(session_id: str, at: datetime | None, include_deleted: bool = False) -> str:
+    line: dict[str, Any] = {
+        "event_type": EVENT,
+        "data": {"session_id": session_id, "include_deleted": include_deleted},
+    }
+    if at is not None:
+        line["timestamp"] = at.isoformat()
+    return json.dumps(line)
+
+
+# --- a real run: the reference service behind session-lens, both logging their misses ---
+
+
+async def test_a_real_run_is_triaged_to_the_counts_its_metrics_recorded(
+    db: str, conn: asyncpg.Connection, make_proxy: MakeProxy, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    horizon = datetime.now(UTC) - timedelta(days=1)
+    await track_since(conn, horizon)
+    service_log = tmp_path / "service.log"
+    lens_log = tmp_path / "session-lens.log"
+    # Every fault but the audit table's lock, which makes the hop's own answer `unknown`
+    # (no evidence within its budget): no reason of the lookup's, which a later read has.
+    faults = Faults(enabled=frozenset(FAULTS) - {"locks_table"}, share=0.15)
+    pool = await asyncpg.create_pool(db, min_size=1, max_size=8)
+    handler = logging.FileHandler(lens_log)
+    handler.setFormatter(
+        JsonFormatter(
+            "{levelname}{name}{message}",
+            style="{",
+            rename_fields={"levelname": "level", "name": "logger"},
+            timestamp="time",
+        )
+    )
+    proxy_log = logging.getLogger("session_lens.proxy")
+    level = proxy_log.level
+    proxy_log.addHandler(handler)
+    proxy_log.setLevel(logging.INFO)
+    service = None
+    try:
+        with service_log.open("w") as written:
+            service = await aiohttp_server(ReferenceService(pool, faults, written).app())
+            proxy = await make_proxy(
+                str(service.make_url("")).rstrip("/"),
+                database_url=db,
+                validation="observe",
+                visibility_window="2.5s",
+                upstream_retention="365d",
+            )
+            generator = Generator(proxy.url, rate=150, seed=7, horizon=horizon)
+            stop = asyncio.Event()
+            running = asyncio.create_task(generator.run(until=stop))
+            await asyncio.sleep(8)
+            stop.set()
+            await running  # every lookup under way answered, counted and logged
+            await service.close()  # its slow creations finished or cancelled, before the pool
+    finally:
+        proxy_log.removeHandler(handler)
+        proxy_log.setLevel(level)
+        handler.close()
+        await pool.close()
+
+    recorded = Counter[str]()
+    for metric in proxy.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "session_lens_not_found_total" and sample.value:
+                recorded[sample.labels["reason"]] += int(sample.value)
+    assert len(recorded) >= 9, recorded  # the run produced most reasons
+    config = settings(db, visibility_window="2.5s", upstream_retention="365d")
+
+    from_service = await triage(config, service_log)
+    assert reasons(from_service) == dict(recorded)
+    assert from_service["misses"] == sum(recorded.values())
+    assert from_service["queries"] >= 1
+    assert from_service["bad_input"] == {}
+    invalid = sum(row["count"] for row in from_service["invalid_rules"].values())
+    assert invalid == recorded["invalid_format"]
+
+    from_lens = await triage(config, lens_log)
+    assert reasons(from_lens) == dict(recorded)
+    assert from_lens["from_session_lens"] == sum(recorded.values())
+
+
+# --- patterns, each from a scenario that makes it --------------------------------
+
+
+async def created(conn: asyncpg.Connection, count: int) -> list[tuple[str, datetime]]:
+    """Sessions created now, each with the moment its creation was recorded."""
+    lifecycle = Lifecycle(conn)
+    made = []
+    for _ in range(count):
+        session = await lifecycle.create_session(new_session_id())
+        at = await conn.fetchval(
+            "SELECT max(occurred_at) FROM session_audit WHERE session_id = $1", session.id
+        )
+        made.append((session.id, at))
+    return made
+
+
+async def test_lookups_just_after_creation_are_read_after_write_though_visible_now(
+    db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    sessions = await created(conn, 30)
+    log = tmp_path / "service.log"
+    lines = [miss_line(sid, at + timedelta(seconds=0.3)) for sid, at in sessions[:24]]
+    # A few of another cause: IDs never created, looked up later.
+    lines += [miss_line(new_session_id(), datetime.now(UTC)) for _ in range(6)]
+    log.write_text("\n".join(lines) + "\n")
+    await asyncio.sleep(0.5)  # every session is older than 0.3 s now: visible, were it asked
+    data = await triage(settings(db), log)
+
+    assert reasons(data) == {"not_yet_visible": 24, "never_existed": 6}
+    assert data["verdict"]["kind"] == "systematic"
+    assert data["verdict"]["cause"] == "read_after_write"
+    assert data["verdict"]["line"].startswith(
+        "systematic: 80 % of misses (24 of 30) were lookups within 0.5 s of the session's"
+        " creation or last change (read-after-write)"
+    )
+    pattern = data["patterns"][0]
+    assert pattern["evidence"]["delays"] == {"<=0.5s": 24}
+    # The same IDs looked up now are visible: a lookup now would be another reason.
+    later = tmp_path / "later.log"
+    later.write_text(miss_line(sessions[0][0], datetime.now(UTC)) + "\n")
+    assert reasons(await triage(settings(db, visibility_window="0.1s"), later)) == {
+        "upstream_inconsistent": 1
+    }
+
+
+async def test_a_service_ignoring_include_deleted_is_named(
+    db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    lifecycle = Lifecycle(conn)
+    deleted = []
+    for sid, _ in await created(conn, 12):
+        await lifecycle.stop(sid)
+        await lifecycle.soft_delete(sid)
+        deleted.append(sid)
+    now = datetime.now(UTC)
+    lines = [miss_line(sid, now, include_deleted=True) for sid in deleted for _ in range(3)]
+    lines += [miss_line(deleted[0], now)]  # without the flag: deleted, correctly 404
+    log = tmp_path / "service.log"
+    log.write_text("\n".join(lines) + "\n")
+    data = await triage(settings(db), log)
+
+    assert reasons(data) == {"deleted_not_served": 36, "deleted": 1}
+    assert data["verdict"]["kind"] == "systematic"
+    assert data["verdict"]["line"] == (
+        "systematic: 36 misses (97 %) asked include_deleted=true for deleted sessions"
+        " (12 IDs) and were still refused: the service ignores the flag"
+    )
+
+
+async def test_one_id_looked_up_again_and_again_is_a_client_retrying(
+    db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    start = datetime.now(UTC) - timedelta(minutes=30)
+    retried = new_session_id(start)
+    lines = [miss_line(retried, start + timedelta(seconds=i)) for i in range(400)]
+    others = [new_session_id(start) for _ in range(40)]
+    lines += [miss_line(sid, start + timedelta(seconds=i * 7)) for i, sid in enumerate(others)]
+    log = tmp_path / "service.log"
+    log.write_text("\n".join(lines) + "\n")
+    data = await triage(settings(db), log)
+
+    retries = next(p for p in data["patterns"] if p["cause"] == "retries")
+    assert retries["misses"] == 400
+    assert retries["statement"].startswith("one ID looked up 400 times (91 % of misses),")
+    assert retries["statement"].endswith("each time never_existed: a client retrying")
+    assert retries["examples"] == [retried]
+    assert data["top_ids"][0] == {
+        "session_id": retried,
+        "lookups": 400,
+        "first": start.strftime("%Y-%m-%d %H:%M:%S"),
+        "last": (start + timedelta(seconds=399)).strftime("%Y-%m-%d %H:%M:%S"),
+        "reasons": {"never_existed": 400},
+    }
+    # Never existed holds them all, the retries most: the largest cause is named.
+    assert data["verdict"]["kind"] == "systematic"
+
+
+async def test_misses_packed_into_one_stretch_are_a_burst(
+    db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    start = datetime.now(UTC) - timedelta(hours=3)
+    failed_at = start + timedelta(hours=1)
+    lines = []
+    for i in range(60):  # creations failed while something was down, looked up at once
+        sid = new_session_id(failed_at)
+        await conn.execute(
+            "INSERT INTO session_audit (session_id, occurred_at, old_state, new_state, trigger)"
+            " VALUES ($1, $2, 'CREATING', NULL, 'api')",
+            sid,
+            failed_at + timedelta(seconds=i),
+        )
+        lines.append(miss_line(sid, failed_at + timedelta(seconds=i, milliseconds=500)))
+    for i in range(40):  # the background: IDs never created, all along
+        lines.append(miss_line(new_session_id(start), start + timedelta(minutes=i * 4.5)))
+    log = tmp_path / "service.log"
+    log.write_text("\n".join(lines) + "\n")
+    data = await triage(settings(db), log)
+
+    burst = next(p for p in data["patterns"] if p["cause"] == "burst:creation_failed")
+    assert burst["misses"] == 60
+    first, last = failed_at + timedelta(seconds=0.5), failed_at + timedelta(seconds=59.5)
+    assert burst["statement"].startswith(
+        f"all misses between {first:%Y-%m-%d %H:%M:%S} and {last:%Y-%m-%d %H:%M:%S}"
+        " were creation_failed (creations that failed half-way)"
+    )
+
+
+async def test_misses_of_many_causes_are_called_scattered(
+    db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    lifecycle = Lifecycle(conn)
+    ids = []
+    for sid, _ in await created(conn, 8):  # deleted, looked up without the flag
+        await lifecycle.stop(sid)
+        await lifecycle.soft_delete(sid)
+        ids.append(sid)
+    for sid, _ in await created(conn, 8):  # archived
+        await lifecycle.stop(sid)
+        await lifecycle.archive(sid)
+        ids.append(sid)
+    for sid, _ in await created(conn, 8):  # purged by hand
+        await lifecycle.stop(sid)
+        await conn.execute("DELETE FROM sessions WHERE id = $1", sid)
+        ids.append(sid)
+    now = datetime.now(UTC)  # looked up after all that
+    lines = [miss_line(sid, now) for sid in ids]
+    lines += [miss_line(new_session_id(), now) for _ in range(8)]
+    lines += [miss_line("exec_2025", now) for _ in range(4)]
+    log = tmp_path / "service.log"
+    log.write_text("\n".join(lines) + "\n")
+    data = await triage(settings(db), log)
+
+    assert reasons(data) == {
+        "deleted": 8, "archived": 8, "purged": 8, "never_existed": 8, "invalid_format": 4,
+    }  # fmt: skip
+    assert data["verdict"]["kind"] == "scattered"
+    assert data["verdict"]["line"].startswith(
+        "scattered: no one cause holds most of the 36 misses (the largest,"
+    )
+
+
+# --- reading: bad input, fields, gzip, stdin ----------------------------------------
+
+
+async def test_bad_input_is_counted_with_its_first_lines_and_never_stops_the_triage(
+    db: str, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    lines = [
+        miss_line(new_session_id(), now),
+        "not json at all",
+        "[1, 2]",
+        json.dumps({"event_type": EVENT, "data": {"include_deleted": True}}),
+        json.dumps({"event_type": EVENT, "timestamp": "yesterday-ish",
+                    "data": {"session_id": new_session_id()}}),
+        json.dumps({"event_type": "something_else", "data": {"session_id": "x"}}),
+        miss_line("exec_20251330_020944_4ad060d9", now),
+        miss_line("sess-42", now),
+        '{"event_type": "' + EVENT + '", "data": {"session_id": "exec_2025"',
+        "",
+        miss_line(new_session_id(), None),
+    ]  # fmt: skip
+    log = tmp_path / "mixed.log"
+    log.write_text("\n".join(lines) + "\n")
+    data = await triage(settings(db), log)
+
+    where = str(log)
+    assert data["bad_input"] == {
+        "not_json": {"count": 2, "what": "not JSON", "first": [f"{where}:2", f"{where}:9"]},
+        "not_object": {"count": 1, "what": "JSON, but not an object", "first": [f"{where}:3"]},
+        "no_id": {"count": 1, "what": "a miss without a session ID", "first": [f"{where}:4"]},
+        "bad_time": {
+            "count": 1,
+            "what": "a time that does not parse (judged as of now)",
+            "first": [f"{where}:5"],
+        },
+    }
+    assert data["invalid_rules"] == {
+        "calendar": {"count": 1, "first": [f"{where}:7"]},
+        "pattern": {"count": 1, "first": [f"{where}:8"]},
+    }
+    assert reasons(data) == {"never_existed": 3, "invalid_format": 2}
+    assert data["untimed"] == 2
+    assert data["lines"] == 11
+
+
+async def test_fields_are_found_where_they_are_said_to_be(db: str, tmp_path: Path) -> None:
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    line = {
+        "kind": "lookup.miss",
+        "ctx": {"sid": new_session_id(at), "flags": {"deleted": "true"}},
+        "when": int(at.timestamp() * 1000),
+    }
+    log = tmp_path / "other-shape.log"
+    log.write_text(json.dumps(line) + "\n")
+    fields = Fields(("kind",), "miss", ("ctx", "sid"), ("ctx", "flags", "deleted"), (("when",),))
+    data = await triage(settings(db), log, fields=fields)
+    assert reasons(data) == {"never_existed": 1}
+    assert data["from"] == at.strftime("%Y-%m-%d %H:%M:%S")
+
+
+async def run_cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    process = await asyncio.create_subprocess_exec(
+        *CLI, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await process.communicate(stdin)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+async def test_the_command_reads_gzip_and_stdin_and_says_what_it_found(
+    db: str, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC)
+    plain = "\n".join(miss_line(new_session_id(), now) for _ in range(5)) + "\n"
+    packed = tmp_path / "rotated.log.gz"
+    packed.write_bytes(gzip.compress(plain.encode()))
+    done = await run_cli("triage", str(packed), "-", "--database-url", db, stdin=plain.encode())
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert text.splitlines()[0] == (  # the same 5 IDs from the file and from stdin
+        "systematic: 10 misses (100 %) on 5 IDs were never_existed:"
+        " IDs never created: no row and no audit entry"
+    )
+    assert "10 misses on 5 IDs in 10 lines" in text
+
+    missing = await run_cli("triage", str(tmp_path / "nope.log"), "--database-url", db)
+    assert missing.returncode == 2
+    assert b"nope.log: No such file or directory" in missing.stderr
+    assert b"Traceback" not in missing.stderr
+
+
+# --- every door, one reason -----------------------------------------------------
+
+
+async def test_get_session_gives_the_reason_the_evidence_gives(
+    conn: asyncpg.Connection,
+) -> None:
+    lifecycle = Lifecycle(conn)
+    purged = (await lifecycle.create_session(new_session_id())).id
+    await lifecycle.stop(purged)
+    await conn.execute("DELETE FROM sessions WHERE id = $1", purged)
+    failed = new_session_id()
+    with pytest.raises(Exception, match="creation failed"):
+        await lifecycle.create_session(failed, required=["owner"])
+    before = new_session_id(datetime(2024, 6, 1, tzinfo=UTC))  # the db tracks since 2025
+    never = new_session_id()
+
+    found = {sid: await lifecycle.get_session(sid) for sid in (purged, failed, before, never)}
+    assert {sid: (r.found, r.reason.value) for sid, r in found.items()} == {
+        purged: (False, "purged"),
+        failed: (False, "creation_failed"),
+        before: (False, "predates_tracking"),
+        never: (False, "never_existed"),
+    }
+
+
+def test_explain_takes_only_the_settings_it_uses() -> None:
+    shown = subprocess.run([*CLI, "explain", "--help"], capture_output=True, check=True).stdout
+    text = shown.decode()
+    for flag in ("--listen", "--admin-listen", "--workers", "--upstream-read-timeout",
+                 "--upstream", "--max-connections", "--send-timeout"):  # fmt: skip
+        assert f"{flag} " not in text and f"{flag}\n" not in text, flag
+    for flag in ("--database-url", "--visibility-window", "--creation-timeout", "--config"):
+        assert flag in text
+    refused = subprocess.run(
+        [*CLI, "explain", "exec_20251230_020944_4ad060d9", "--workers", "2"], capture_output=True
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.decode().startswith("session-lens explain: --workers: unknown flag")
+    serve = subprocess.run([*CLI, "serve", "--help"], capture_output=True, check=True).stdout
+    assert b"--workers" in serve and b"--listen" in serve
