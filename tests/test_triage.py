@@ -7,8 +7,10 @@ import json
 import logging
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,12 @@ from session_lens.config import Config, load_config
 from session_lens.demo import Generator
 from session_lens.lifecycle import Lifecycle
 from session_lens.operate import TriageOptions, run_triage
+from session_lens.page import REASON_COLOURS
 from session_lens.reference import FAULTS, Faults, ReferenceService, new_session_id
 from session_lens.triage import Fields
 
 from .conftest import MakeProxy, track_since
+from .test_page import chromium
 
 CLI = [sys.executable, "-m", "session_lens"]
 EVENT = "questdb_data_provider.session_not_found"
@@ -95,6 +99,8 @@ async def test_a_real_run_is_triaged_to_the_counts_its_metrics_recorded(
                 validation="observe",
                 visibility_window="2.5s",
                 upstream_retention="365d",
+                # Time to read the evidence on a busy machine: no miss left `unknown`.
+                classification_budget="5s",
             )
             generator = Generator(proxy.url, rate=150, seed=7, horizon=horizon)
             stop = asyncio.Event()
@@ -118,7 +124,22 @@ async def test_a_real_run_is_triaged_to_the_counts_its_metrics_recorded(
     config = settings(db, visibility_window="2.5s", upstream_retention="365d")
 
     from_service = await triage(config, service_log)
-    assert reasons(from_service) == dict(recorded)
+    found = reasons(from_service)
+    # The hop read its evidence some milliseconds after the service logged its 404: as if
+    # judged at the logged time with a window shorter by as much. A lost session looked up
+    # just then, 2.5 s after its last change, may fall either side; nothing else may differ.
+    moving = ("not_yet_visible", "upstream_inconsistent")
+    assert {r: n for r, n in found.items() if r not in moving} == {
+        r: n for r, n in recorded.items() if r not in moving
+    }
+    assert sum(found.get(r, 0) for r in moving) == sum(recorded[r] for r in moving)
+    shorter = reasons(
+        await triage(
+            settings(db, visibility_window="2.25s", upstream_retention="365d"), service_log
+        )
+    )
+    lost = "upstream_inconsistent"
+    assert found.get(lost, 0) <= recorded[lost] <= shorter.get(lost, 0)
     assert from_service["misses"] == sum(recorded.values())
     assert from_service["queries"] >= 1
     assert from_service["bad_input"] == {}
@@ -422,3 +443,124 @@ def test_explain_takes_only_the_settings_it_uses() -> None:
     assert refused.stderr.decode().startswith("session-lens explain: --workers: unknown flag")
     serve = subprocess.run([*CLI, "serve", "--help"], capture_output=True, check=True).stdout
     assert b"--workers" in serve and b"--listen" in serve
+
+
+# --- the page: one file, the chart drawn by a real browser --------------------------
+
+
+def png_rows(data: bytes) -> tuple[int, list[bytes]]:
+    """Bytes per pixel and the unfiltered rows of an 8-bit RGB or RGBA PNG."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    at, packed, head = 8, b"", b""
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        if kind == b"IHDR":
+            head = body
+        elif kind == b"IDAT":
+            packed += body
+        at += 12 + length
+    width, height = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")
+    assert head[8] == 8 and head[9] in (2, 6), "8-bit RGB or RGBA"
+    step = 3 if head[9] == 2 else 4
+    stride, raw = width * step, zlib.decompress(packed)
+    rows: list[bytes] = []
+    previous = bytearray(stride)
+    for y in range(height):
+        offset = y * (stride + 1)
+        kind, line = raw[offset], bytearray(raw[offset + 1 : offset + 1 + stride])
+        for i in range(stride):
+            left = line[i - step] if i >= step else 0
+            up = previous[i]
+            corner = previous[i - step] if i >= step else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 255
+            elif kind == 2:
+                line[i] = (line[i] + up) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 255
+            elif kind == 4:
+                guess = left + up - corner
+                near = min((abs(guess - left), 0, left), (abs(guess - up), 1, up),
+                           (abs(guess - corner), 2, corner))[2]  # fmt: skip
+                line[i] = (line[i] + near) & 255
+        rows.append(bytes(line))
+        previous = line
+    return step, rows
+
+
+class Page(HTMLParser):
+    """The elements of a page as the browser left them, and its verdict's text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.verdict = ""
+        self._in_verdict = False
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        self._in_verdict = dict(attrs).get("id") == "verdict"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_verdict = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_verdict:
+            self.verdict += data
+
+
+async def browse(*args: str) -> bytes:
+    process = await asyncio.create_subprocess_exec(
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    return out
+
+
+async def test_the_html_report_is_one_page_whose_chart_a_browser_draws(
+    db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    chromium()
+    start = datetime.now(UTC) - timedelta(hours=1)
+    lines = [
+        miss_line(new_session_id(start), start + timedelta(seconds=20 * i)) for i in range(150)
+    ]
+    lines.append(miss_line("<img src=x onerror=alert(1)>", start))
+    log = tmp_path / "service.log"
+    log.write_text("\n".join(lines) + "\n")
+    page = tmp_path / "triage.html"
+    data = await triage(settings(db), log, html=page)
+    html = page.read_text()
+    assert "<script" not in html
+    assert "https://" not in html and "http://" not in html.replace(
+        '"http://www.w3.org/2000/svg"', ""
+    )
+
+    dom = Page(
+        (await browse(f"--user-data-dir={tmp_path / 'a'}", "--dump-dom", page.as_uri())).decode()
+    )
+    rects = [attrs for tag, attrs in dom.tags if tag == "rect"]
+    assert rects and all(float(r["height"] or 0) > 0 for r in rects)
+    assert {r["data-reason"] for r in rects} == {"never_existed", "invalid_format"}
+    assert not [tag for tag, _ in dom.tags if tag in ("script", "img")]
+    assert dom.verdict == data["verdict"]["line"]
+    assert dom.verdict.startswith("systematic: 150 misses (99 %) on 150 IDs were never_existed")
+
+    shot = tmp_path / "shot.png"
+    await browse(
+        f"--user-data-dir={tmp_path / 'b'}", f"--screenshot={shot}", "--window-size=1000,900",
+        "--hide-scrollbars", page.as_uri(),
+    )  # fmt: skip
+    step, rows = png_rows(shot.read_bytes())
+    colour = bytes.fromhex(REASON_COLOURS["never_existed"][1:])
+    drawn = sum(row[i : i + 3] == colour for row in rows for i in range(0, len(row), step))
+    assert drawn > 2000  # the chart's bars on the screen, not only in the markup

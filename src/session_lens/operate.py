@@ -350,7 +350,8 @@ async def run_triage(
                 if size is not None:
                     bar.total = (bar.total or 0) + size
                 for item in reader.read(name, stream, _progress(bar, position)):
-                    await triage.add(item)
+                    if triage.add(item):
+                        await triage.flush()
         await triage.flush()
     except StoreError as exc:
         raise DatabaseError(f"cannot read the lifecycle tables: {exc.detail}") from exc

@@ -54,6 +54,7 @@ RETRIES = 20
 """The fewest lookups of one ID that may be a client retrying."""
 OWN_MESSAGES = {"session not found", "invalid session id"}
 """The messages of session-lens's own miss log lines (logger `session_lens.proxy`)."""
+_decode = json.JSONDecoder().decode
 _REASONS = frozenset(Reason)
 _RULES = frozenset(Rule)
 TIME_KEYS = ("timestamp", "time", "ts", "@timestamp")
@@ -101,6 +102,8 @@ class Lookup:
     rule: Rule | None = None
     own: bool = False
     """From one of session-lens's own log lines."""
+    bad_time: bool = False
+    """Its time did not parse: judged as of now, and counted as bad input."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,16 +189,18 @@ class Reader:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
+                record = _decode(line.decode())  # str: json.loads would guess the encoding
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
                 yield Bad("not_json", where)
                 continue
             if not isinstance(record, dict):
                 yield Bad("not_object", where)
                 continue
-            yield from self._lookup(record, where)
+            found = self._lookup(record, where)
+            if found is not None:
+                yield found
 
-    def _lookup(self, record: dict[str, Any], where: str) -> Iterator[Lookup | Bad]:
+    def _lookup(self, record: dict[str, Any], where: str) -> Lookup | Bad | None:
         fields = self._fields
         own = record.get("logger") == "session_lens.proxy" and record.get("message") in OWN_MESSAGES
         if own:
@@ -204,25 +209,24 @@ class Reader:
         else:
             event = _at(record, fields.event)
             if not isinstance(event, str) or not event.endswith(fields.event_suffix):
-                return
+                return None
             session_id = _at(record, fields.session_id)
             asked = _at(record, fields.include_deleted)
             times = fields.time
         if isinstance(session_id, int) and not isinstance(session_id, bool):
             session_id = str(session_id)
         if not isinstance(session_id, str):
-            yield Bad("no_id", where)
-            return
-        at = None
+            return Bad("no_id", where)
+        at, bad_time = None, False
         for path in times:
             value = _at(record, path)
             if value is not None:
                 try:
                     at = parse_time(value)
                 except (ValueError, OverflowError, OSError):
-                    yield Bad("bad_time", where)
+                    bad_time = True
                 break
-        lookup = Lookup(where, session_id, at, _asked(asked), own=own)
+        lookup = Lookup(where, session_id, at, _asked(asked), own=own, bad_time=bad_time)
         if own:
             logged = record.get("reason")
             if isinstance(logged, str) and logged in _REASONS and logged != Reason.UNKNOWN:
@@ -234,7 +238,7 @@ class Reader:
             rule = self._ids.check(session_id, at)
             if rule is not None:
                 lookup.reason, lookup.rule = Reason.INVALID_FORMAT, lookup.rule or rule
-        yield lookup
+        return lookup
 
 
 @contextmanager
@@ -388,27 +392,35 @@ class Triage:
         self._new_ids: set[str] = set()
         self._trails: OrderedDict[str, Trail] = OrderedDict()
 
-    async def add(self, item: Lookup | Bad) -> None:
-        """Count a bad line, tally a miss whose reason is known, queue one to explain."""
+    def add(self, item: Lookup | Bad) -> bool:
+        """Count a bad line, tally a miss whose reason is known, queue one to explain;
+        True when enough is queued that `flush` is due."""
         if isinstance(item, Bad):
             self.tally.add_bad(item)
-            return
+            return False
+        if item.bad_time:
+            self.tally.add_bad(Bad("bad_time", item.where))
         if item.reason is not None:
             self.tally.add(item, item.reason)
-            return
+            return False
         self._pending.append(item)
         if item.session_id not in self._trails:
             self._new_ids.add(item.session_id)
-        if len(self._new_ids) >= BATCH_IDS or len(self._pending) >= PENDING_LOOKUPS:
-            await self.flush()
+        return len(self._new_ids) >= BATCH_IDS or len(self._pending) >= PENDING_LOOKUPS
 
     async def flush(self) -> None:
-        """Explain what is queued, one query per `BATCH_IDS` IDs not seen lately."""
+        """Explain what is queued: the IDs whose trails are kept from earlier batches without
+        a query, the others `BATCH_IDS` to a query."""
         pending, self._pending, self._new_ids = self._pending, [], set()
-        ids = list(dict.fromkeys(lookup.session_id for lookup in pending))
-        for start in range(0, len(ids), BATCH_IDS):
-            chunk = set(ids[start : start + BATCH_IDS])
-            batch = [lookup for lookup in pending if lookup.session_id in chunk]
+        by_id: dict[str, list[Lookup]] = {}
+        for lookup in pending:
+            by_id.setdefault(lookup.session_id, []).append(lookup)
+        kept = [key for key in by_id if key in self._trails]
+        new = [key for key in by_id if key not in self._trails]
+        chunks = [kept] if kept else []
+        chunks += [new[start : start + BATCH_IDS] for start in range(0, len(new), BATCH_IDS)]
+        for chunk in chunks:
+            batch = [lookup for key in chunk for lookup in by_id[key]]
             known = {key: self._trails[key] for key in chunk if key in self._trails}
             asked = [Asked(b.session_id, b.at, b.include_deleted) for b in batch]
             explained = await self._explainer.explain_lookups(asked, known)
