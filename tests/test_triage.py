@@ -273,7 +273,7 @@ async def test_misses_packed_into_one_stretch_are_a_burst(
     assert burst["misses"] == 60
     first, last = failed_at + timedelta(seconds=0.5), failed_at + timedelta(seconds=59.5)
     assert burst["statement"].startswith(
-        f"all misses between {first:%Y-%m-%d %H:%M:%S} and {last:%Y-%m-%d %H:%M:%S}"
+        f"all 60 misses between {first:%Y-%m-%d %H:%M:%S} and {last:%Y-%m-%d %H:%M:%S} UTC"
         " were creation_failed (creations that failed half-way)"
     )
 

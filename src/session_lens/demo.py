@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import IO
 
 import aiohttp
 import asyncpg
@@ -33,6 +34,9 @@ from .server import serve, start_runner
 
 DEMO_RETENTION_DAYS = 365
 """The reference store's TTL in the demo (its days-partitioned table keeps a year)."""
+
+SERVICE_LOG = "service-misses.log"
+"""Where, in the demo's data directory, the reference service logs its misses."""
 
 MAX_IN_FLIGHT = 64
 """Requests out at once: past this the generator waits, whatever rate it was asked for,
@@ -231,13 +235,15 @@ async def run_demo(config: Config, options: DemoOptions, console: Console | None
     console = console or Console()
     assert config.database_url is not None
     config = _demo_config(config, options.service_listen)
-    async with (
-        asyncpg.create_pool(config.database_url, min_size=1, max_size=8) as pool,
-        _reference_service(pool, options.service_listen),
-    ):
-        horizon = await pool.fetchval("SELECT horizon FROM session_lens_tracking")
-        generator = Generator(f"http://{config.listen}", options.rate, options.seed, horizon)
-        await _through_lens(config, generator, console, options.duration)
+    service_log = config.data_dir / SERVICE_LOG
+    with service_log.open("w") as misses:
+        async with (
+            asyncpg.create_pool(config.database_url, min_size=1, max_size=8) as pool,
+            _reference_service(pool, options.service_listen, misses),
+        ):
+            horizon = await pool.fetchval("SELECT horizon FROM session_lens_tracking")
+            generator = Generator(f"http://{config.listen}", options.rate, options.seed, horizon)
+            await _through_lens(config, generator, console, options.duration)
     missing = _summary(console, generator.traffic, config)
     return 1 if missing and options.duration is not None else 0
 
@@ -256,9 +262,12 @@ def _demo_config(config: Config, service_listen: Address) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def _reference_service(pool: asyncpg.Pool, address: Address) -> AsyncIterator[None]:
-    """The faulty reference service on `address`; raises ListenError when it is taken."""
-    runner = web.AppRunner(ReferenceService(pool, Faults()).app(), access_log=None)
+async def _reference_service(
+    pool: asyncpg.Pool, address: Address, misses: IO[str]
+) -> AsyncIterator[None]:
+    """The faulty reference service on `address`, logging its misses to `misses`; raises
+    ListenError when the address is taken."""
+    runner = web.AppRunner(ReferenceService(pool, Faults(), misses).app(), access_log=None)
     await start_runner(runner, address)
     try:
         yield
@@ -353,6 +362,15 @@ def _summary(console: Console, traffic: Traffic, config: Config) -> list[str]:
         data_dir = shlex.quote(str(config.data_dir))
         command = f"  {_program()} explain {explained} --data-dir {data_dir}"
         if config.upstream_retention is not None:  # the demo's store keeps a year
+            command += f" --upstream-retention {config.upstream_retention}"
+        console.print(command, soft_wrap=True)
+        console.print("Triage every miss the service logged with:")
+        log = shlex.quote(str(config.data_dir / SERVICE_LOG))
+        command = (
+            f"  {_program()} triage {log} --data-dir {data_dir}"
+            f" --visibility-window {config.visibility_window.total_seconds():g}s"
+        )
+        if config.upstream_retention is not None:
             command += f" --upstream-retention {config.upstream_retention}"
         console.print(command, soft_wrap=True)
     if missing:

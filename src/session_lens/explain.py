@@ -591,7 +591,9 @@ class Explainer:
         from one query for all their IDs (those not in `trails` already); raises StoreError.
 
         The same classification as a miss's: a lookup 0.3 s after its session's creation
-        is read-after-write even if the session is visible now.
+        is read-after-write even if the session is visible now. A lookup judged as one
+        before it of the same ID, flag and audit entries was, where time cannot change the
+        reason (deleted, archived, no row), gets that reason without its evidence.
         """
         if self._pool is None:
             raise StoreUnavailable("no database configured")
@@ -603,11 +605,30 @@ class Explainer:
             self.trail_queries += 1
             known.update(read)
         witnessed = await self.witness.reasons(asked) if self.witness is not None else None
+        minted = {key: self._ids.minted_at(key) for key in {a.session_id for a in asked}}
+        alike: dict[tuple[str, bool, int], Reason] = {}
         explained = []
         for index, lookup in enumerate(asked):
-            evidence = known[lookup.session_id].evidence_at(lookup.at)
-            retained = self._retained(lookup.session_id, evidence.now)
-            reason = self._classify(lookup.session_id, evidence, lookup.include_deleted, retained)
+            trail = known[lookup.session_id]
+            key = (lookup.session_id, lookup.include_deleted, trail.steps_by(lookup.at))
+            reason = alike.get(key)
+            evidence = None
+            if reason is None:
+                evidence = trail.evidence_at(lookup.at)
+                born = minted[lookup.session_id]
+                fate = Fate.KEPT
+                if self._retention is not None and born is not None:
+                    fate = self._retention.fate(born, evidence.now)
+                reason = classify(
+                    evidence,
+                    minted_at=born,
+                    include_deleted=lookup.include_deleted,
+                    visibility_window=self._config.visibility_window,
+                    creation_timeout=self._config.creation_timeout,
+                    fate=fate,
+                )
+                if self._retention is None and _timeless(evidence, trail):
+                    alike[key] = reason
             proved = witnessed[index] if witnessed is not None else None
             if proved is not None:  # the store's own evidence, where it proves something
                 reason = proved
@@ -628,6 +649,14 @@ class Explainer:
         self._breaker.succeeded()  # the probe was a trial that went through
         self._metrics.breaker_open.set(0)
         return None
+
+
+def _timeless(evidence: Evidence, trail: Trail) -> bool:
+    """Whether the reason `evidence` gives holds at any moment with the same audit entries
+    behind it: no age is compared (a deletion, an archive, a row gone or never there)."""
+    if evidence.state in (SessionState.DELETED, SessionState.ARCHIVED):
+        return True
+    return evidence.state is None and (evidence.has_audit or trail.state is None)
 
 
 def report_json(report: Report) -> dict[str, Any]:

@@ -247,7 +247,8 @@ def main() -> None:
 
     Environment: SESSION_LENS_DATABASE_URL (migrated), REFERENCE_LISTEN
     (host:port, default 127.0.0.1:8000), REFERENCE_FAULTS (comma-separated, default
-    all; empty for none).
+    all; empty for none), REFERENCE_MISS_LOG (a file its misses are logged to, as JSON
+    lines; default none).
     """
     import os
 
@@ -258,12 +259,17 @@ def main() -> None:
     named = os.environ.get("REFERENCE_FAULTS", ",".join(FAULTS))
     faults = Faults(enabled=frozenset(f.strip() for f in named.split(",") if f.strip()))
 
+    named_log = os.environ.get("REFERENCE_MISS_LOG")
+    miss_log = open(named_log, "a", buffering=1) if named_log else None  # noqa: SIM115
+
     async def app() -> web.Application:
         pool = await asyncpg.create_pool(url, min_size=1, max_size=8)
-        application = ReferenceService(pool, faults).app()
+        application = ReferenceService(pool, faults, miss_log).app()
 
         async def close_pool(_: web.Application) -> None:
             await pool.close()
+            if miss_log is not None:
+                miss_log.close()
 
         application.on_cleanup.append(close_pool)
         return application

@@ -236,6 +236,12 @@ class Trail:
     now: datetime
     horizon: datetime | None
 
+    def steps_by(self, moment: datetime | None) -> int:
+        """How many of the audit entries kept had happened by `moment` (None: now)."""
+        if moment is None or moment >= self.now:
+            return len(self.steps)
+        return _steps_until(self.steps, moment)
+
     def evidence_at(self, moment: datetime | None) -> Evidence:
         """The evidence as the one evidence query would have read it at `moment` (None: now)."""
         if moment is None or moment >= self.now:

@@ -36,9 +36,9 @@ BATCH_IDS = 2000
 """Distinct IDs explained by one query."""
 PENDING_LOOKUPS = 50_000
 """Misses held for explaining before a batch goes out whatever its size."""
-CACHED_TRAILS = 20_000
-"""Trails kept for IDs that come back in later batches."""
-MAX_IDS = 200_000
+CACHED_TRAILS = 100_000
+"""Trails kept for IDs that come back in later batches (some 700 bytes each)."""
+MAX_IDS = 100_000
 """Distinct IDs whose lookups are counted one by one."""
 MAX_BUCKETS = 720
 """The timeline's most buckets: past it, they are merged into wider ones."""
@@ -161,6 +161,8 @@ class Reader:
     def __init__(self, config: Config, fields: Fields) -> None:
         self._fields = fields
         self._ids = config.id_validator
+        self._valid: dict[str, datetime] = {}
+        """IDs found valid, each with the earliest lookup they were valid at."""
         self.lines = 0
 
     def read(
@@ -235,10 +237,23 @@ class Reader:
             if lookup.reason is Reason.INVALID_FORMAT and isinstance(rule, str) and rule in _RULES:
                 lookup.rule = Rule(rule)
         if lookup.reason is None or lookup.reason is Reason.INVALID_FORMAT:
-            rule = self._ids.check(session_id, at)
+            rule = self._check(session_id, at)
             if rule is not None:
                 lookup.reason, lookup.rule = Reason.INVALID_FORMAT, lookup.rule or rule
         return lookup
+
+    def _check(self, session_id: str, at: datetime | None) -> Rule | None:
+        """The rule an ID breaks at the time of its lookup; one minted before a lookup that
+        was valid is not checked again for a later one."""
+        valid_at = self._valid.get(session_id)
+        if valid_at is not None and at is not None and at >= valid_at:
+            return None
+        rule = self._ids.check(session_id, at)
+        if rule is None and at is not None:
+            if len(self._valid) >= MAX_IDS:
+                self._valid.clear()
+            self._valid[session_id] = min(at, valid_at or at)
+        return rule
 
 
 @contextmanager
@@ -435,22 +450,24 @@ class Triage:
 
 # --- the report -------------------------------------------------------------------
 
-MEANING = {
-    Reason.INVALID_FORMAT: "malformed IDs, which no session has: a client bug",
-    Reason.NEVER_EXISTED: "IDs never created: no row and no audit entry",
-    Reason.CREATING: "lookups racing a creation still in progress",
-    Reason.CREATION_FAILED: "creations that failed half-way",
-    Reason.DELETED: "deleted sessions looked up without include_deleted",
-    Reason.DELETED_NOT_SERVED: "deleted sessions asked for with include_deleted=true",
-    Reason.PURGED: "sessions hard-deleted, only the audit trail remembers them",
-    Reason.ARCHIVED: "archived sessions, in cold storage",
-    Reason.NOT_YET_VISIBLE: "live sessions changed moments before: read-after-write lag",
-    Reason.UPSTREAM_INCONSISTENT: "live sessions the service lost",
-    Reason.EXPIRED: "sessions whose partition the store's retention dropped",
-    Reason.PREDATES_TRACKING: "IDs older than the records, no evidence either way",
-    Reason.UNKNOWN: "misses that could not be explained",
+MEANING: dict[str, str] = {
+    "invalid_format": "malformed IDs, which no session has: a client bug",
+    "never_existed": "IDs never created: no row and no audit entry",
+    "creating": "lookups racing a creation still in progress",
+    "creation_failed": "creations that failed half-way",
+    "deleted": "deleted sessions looked up without include_deleted",
+    "deleted_not_served": "deleted sessions asked for with include_deleted=true",
+    "purged": "sessions hard-deleted, only the audit trail remembers them",
+    "archived": "archived sessions, in cold storage",
+    "not_yet_visible": "live sessions changed moments before: read-after-write lag",
+    "upstream_inconsistent": "live sessions the service lost",
+    "expired": "sessions whose partition the store's retention dropped",
+    "predates_tracking": "IDs older than the records, no evidence either way",
+    "store_suspended": "IDs written while the service's table had its WAL suspended",
+    "unknown": "misses that could not be explained",
 }
-"""What the misses of each reason are, as a report says it."""
+"""What the misses of each reason are, as a report says it (by name: the service's store
+brings reasons of its own)."""
 
 READ_AFTER_WRITE = (Reason.NOT_YET_VISIBLE, Reason.CREATING)
 
@@ -458,6 +475,18 @@ READ_AFTER_WRITE = (Reason.NOT_YET_VISIBLE, Reason.CREATING)
 def _pct(part: int, whole: int) -> str:
     share = 100 * part / whole if whole else 0.0
     return f"{share:.0f} %" if share >= 10 or share == 0 else f"{share:.1f} %"
+
+
+def _meaning(reason: Reason) -> str:
+    return MEANING.get(reason.value, reason.value)
+
+
+def _misses(count: int) -> str:
+    return "1 miss" if count == 1 else f"{count:,} misses"
+
+
+def _ids(count: int) -> str:
+    return "1 ID" if count == 1 else f"{count:,} IDs"
 
 
 def _when(moment: datetime | None) -> str | None:
@@ -512,20 +541,20 @@ def _reason_pattern(tally: Tally, reason: Reason, count: int, total: int) -> Pat
     evidence: dict[str, Any] = {"reason": reason.value, "ids": ids}
     if reason is Reason.DELETED_NOT_SERVED:
         statement = (
-            f"{count:,} misses ({_pct(count, total)}) asked include_deleted=true for deleted"
+            f"{_misses(count)} ({_pct(count, total)}) asked include_deleted=true for deleted"
             f" sessions ({ids:,} IDs) and were still refused: the service ignores the flag"
         )
     elif reason is Reason.INVALID_FORMAT:
         rules = ", ".join(f"{rule} {n:,}" for rule, n in tally.rules.most_common())
         evidence["rules"] = {rule.value: n for rule, n in tally.rules.items()}
         statement = (
-            f"{count:,} misses ({_pct(count, total)}) were of malformed IDs ({rules}):"
+            f"{_misses(count)} ({_pct(count, total)}) were of malformed IDs ({rules}):"
             " a client bug, no session has such an ID"
         )
     else:
         statement = (
-            f"{count:,} misses ({_pct(count, total)}) on {ids:,} IDs were {reason.value}:"
-            f" {MEANING[reason]}"
+            f"{_misses(count)} ({_pct(count, total)}) on {_ids(ids)} were {reason.value}:"
+            f" {_meaning(reason)}"
         )
     return Pattern(reason.value, count, statement, evidence, tally.examples.get(reason, []))
 
@@ -608,10 +637,10 @@ def _burst(tally: Tally) -> Pattern | None:
         mine = sum(c[reason] for s, c in tally.buckets.items() if low <= s <= high)
         if mine < 0.9 * inside:
             continue
-        share = "all" if mine == inside else f"{mine:,} of the {inside:,}"
+        share = f"all {inside:,}" if mine == inside else f"{mine:,} of the {inside:,}"
         statement = (
-            f"{share} misses between {_when(first)} and {_when(last)} were {reason.value}"
-            f" ({MEANING[reason]}), and none of that reason came outside that stretch"
+            f"{share} misses between {_when(first)} and {_when(last)} UTC were {reason.value}"
+            f" ({_meaning(reason)}), and no {reason.value} miss came before or after"
         )
         pattern = Pattern(
             f"burst:{reason.value}",
