@@ -18,13 +18,15 @@ import asyncpg
 import pytest
 from pythonjsonlogger.json import JsonFormatter
 
+from session_lens import triage as triage_module
 from session_lens.config import Config, load_config
 from session_lens.demo import Generator
 from session_lens.lifecycle import Lifecycle
 from session_lens.operate import TriageOptions, run_triage
 from session_lens.page import REASON_COLOURS
+from session_lens.reasons import Reason
 from session_lens.reference import FAULTS, Faults, ReferenceService, new_session_id
-from session_lens.triage import Fields
+from session_lens.triage import Fields, Lookup, Tally, report
 
 from .conftest import MakeProxy, track_since
 from .test_page import chromium
@@ -564,3 +566,26 @@ async def test_the_html_report_is_one_page_whose_chart_a_browser_draws(
     colour = bytes.fromhex(REASON_COLOURS["never_existed"][1:])
     drawn = sum(row[i : i + 3] == colour for row in rows for i in range(0, len(row), step))
     assert drawn > 2000  # the chart's bars on the screen, not only in the markup
+
+
+def test_what_is_kept_stays_bounded_whatever_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triage_module, "MAX_IDS", 1000)
+    tally = Tally()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    retried = "exec_20260101_000001_0000beef"
+    for n in range(100_000):  # 100 000 distinct IDs over 40 days, one retried all along
+        at = start + timedelta(seconds=n * 35)
+        tally.add(Lookup("log:1", f"exec_20260101_000000_{n:08x}", at, False), Reason.NEVER_EXISTED)
+        if n % 50 == 0:
+            tally.add(Lookup("log:1", retried, at, False), Reason.NEVER_EXISTED)
+    assert len(tally.ids) <= 1000
+    assert len(tally.buckets) <= triage_module.MAX_BUCKETS
+    assert tally.width == 10800  # widened from 1 s as the log went on: 3 h for 40 days
+    assert tally.ids[retried].count == 2000  # the frequent one is kept, and counted whole
+    assert tally.misses == 102_000
+    data = report(tally, lines=102_000, queries=0)
+    assert data["ids_dropped"] > 90_000
+    retries = next(p for p in data["patterns"] if p["cause"] == "retries")
+    assert retries["evidence"]["ids"][0] == {
+        "session_id": retried, "lookups": 2000, "reasons": {"never_existed": 2000}
+    }  # fmt: skip

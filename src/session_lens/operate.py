@@ -342,6 +342,7 @@ async def run_triage(
     reader = Reader(config, options.fields)
     bar = tqdm(
         unit="B", unit_scale=True, unit_divisor=1024, desc="triage", file=err, delay=1.0,
+        disable=None,
         mininterval=0.5,
     )  # fmt: skip
     try:

@@ -764,7 +764,7 @@ def render_text(data: dict[str, Any]) -> str:
     span = f", {data['from']} to {data['to']} UTC" if data["from"] else ""
     out.append(
         f"{data['misses']:,} misses on {data['ids']:,} IDs in {data['lines']:,} lines{span}"
-        f" ({data['queries']:,} queries)"
+        f" ({data['queries']:,} {'query' if data['queries'] == 1 else 'queries'})"
     )
     if data["untimed"]:
         out.append(f"{data['untimed']:,} misses without a time, judged as of now")

@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--ids", type=int, default=50_000)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="triage-bench-") as scratch:
         where = Path(scratch)
         url = start_embedded(where / "db", delete_on_exit=True).url
@@ -152,6 +153,7 @@ def main() -> None:
         triage_s, triage_rss, out = run([*command, "--database-url", url])
         report = json.loads(out)
         single_s = asyncio.run(one_by_one(url, keys))
+    load_after = os.getloadavg()[0]
     reasons = ", ".join(f"{r['reason']} {r['misses']:,}" for r in report["reasons"])
     bad = sum(b["count"] for b in report["bad_input"].values())
     queries = report["queries"]
@@ -173,6 +175,11 @@ def main() -> None:
     print(
         f"| the {args.ids:,} IDs' evidence one query each (the hop's way) | {single_s:.1f} s"
         f" | - | - | {args.ids:,} | 1,000.0 | - |"
+    )
+    print(
+        f"\nThe machine's load average (1 min) was {load_before:.1f} before the run and"
+        f" {load_after:.1f} after it, on {os.cpu_count()} cores"
+        + (": other work was running beside it." if max(load_before, load_after) > 1.5 else ".")
     )
     print(
         f"\nTargets: 1 000 000 lines in under 60 s ({'met' if triage_s < 60 else 'not met'}),"
