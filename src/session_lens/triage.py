@@ -42,6 +42,8 @@ MAX_IDS = 100_000
 """Distinct IDs whose lookups are counted one by one."""
 MAX_BUCKETS = 720
 """The timeline's most buckets: past it, they are merged into wider ones."""
+PROGRESS_LINES = 1024
+"""Lines read between two reports to the progress bar."""
 FIRST_LINES = 5
 """Line numbers shown for each kind of bad input."""
 SYSTEMATIC = 0.5
@@ -89,6 +91,29 @@ def _at(record: Any, path: Path_) -> Any:
     return record
 
 
+Getter = Callable[[dict[str, Any]], Any]
+
+
+def _getter(path: Path_) -> Getter:
+    """What is at `path` in a JSON object, as a function made once: one key or two are
+    the usual shapes, and each line asks four times."""
+    if len(path) == 1:
+        (key,) = path
+        return lambda record: record.get(key)
+    if len(path) == 2:
+        outer, inner = path
+
+        def two(record: dict[str, Any]) -> Any:
+            found = record.get(outer)
+            return found.get(inner) if isinstance(found, dict) else None
+
+        return two
+    return lambda record: _at(record, path)
+
+
+_OWN_TIME = (_getter(("time",)),)
+
+
 @dataclass(slots=True)
 class Lookup:
     """One miss a log line tells of."""
@@ -130,13 +155,10 @@ def parse_time(value: object) -> datetime | None:
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, str):
-        text = value.strip()
-        try:
-            number = float(text)
-        except ValueError:
-            moment = datetime.fromisoformat(text)
+        if "-" in value or ":" in value:  # a date, not a number (ISO's basic form aside)
+            moment = datetime.fromisoformat(value.strip())
             return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-        value = number
+        value = float(value)
     if isinstance(value, int | float):
         number = float(value)
         if not math.isfinite(number):
@@ -160,6 +182,10 @@ class Reader:
 
     def __init__(self, config: Config, fields: Fields) -> None:
         self._fields = fields
+        self._event, self._id, self._asked = map(
+            _getter, (fields.event, fields.session_id, fields.include_deleted)
+        )
+        self._times = tuple(map(_getter, fields.time))
         self._ids = config.id_validator
         self._valid: dict[str, datetime] = {}
         """IDs found valid, each with the earliest lookup they were valid at."""
@@ -169,7 +195,7 @@ class Reader:
         self, name: str, stream: IO[bytes], progress: Callable[[int], None]
     ) -> Iterator[Lookup | Bad]:
         """What each line of `stream` tells; `progress` is given the bytes read."""
-        number = 0
+        number = read = 0
         while True:
             try:
                 line = stream.readline(MAX_LINE + 1)
@@ -177,10 +203,14 @@ class Reader:
                 yield Bad("unreadable", f"{name}:{number + 1}")
                 return
             if not line:
+                progress(read)
                 return
             number += 1
             self.lines += 1
-            progress(len(line))
+            read += len(line)
+            if number % PROGRESS_LINES == 0:
+                progress(read)
+                read = 0
             where = f"{name}:{number}"
             if len(line) > MAX_LINE and not line.endswith(b"\n"):
                 while (rest := stream.readline(MAX_LINE)) and not rest.endswith(b"\n"):
@@ -188,7 +218,7 @@ class Reader:
                 progress(len(rest))
                 yield Bad("too_long", where)
                 continue
-            if not line.strip():
+            if len(line) < 3 and not line.strip():
                 continue
             try:
                 record = _decode(line.decode())  # str: json.loads would guess the encoding
@@ -203,25 +233,24 @@ class Reader:
                 yield found
 
     def _lookup(self, record: dict[str, Any], where: str) -> Lookup | Bad | None:
-        fields = self._fields
         own = record.get("logger") == "session_lens.proxy" and record.get("message") in OWN_MESSAGES
         if own:
             session_id, asked = record.get("session_id"), record.get("include_deleted")
-            times: tuple[Path_, ...] = (("time",),)
+            times: tuple[Getter, ...] = _OWN_TIME
         else:
-            event = _at(record, fields.event)
-            if not isinstance(event, str) or not event.endswith(fields.event_suffix):
+            event = self._event(record)
+            if not isinstance(event, str) or not event.endswith(self._fields.event_suffix):
                 return None
-            session_id = _at(record, fields.session_id)
-            asked = _at(record, fields.include_deleted)
-            times = fields.time
+            session_id = self._id(record)
+            asked = self._asked(record)
+            times = self._times
         if isinstance(session_id, int) and not isinstance(session_id, bool):
             session_id = str(session_id)
         if not isinstance(session_id, str):
             return Bad("no_id", where)
         at, bad_time = None, False
-        for path in times:
-            value = _at(record, path)
+        for time_of in times:
+            value = time_of(record)
             if value is not None:
                 try:
                     at = parse_time(value)
