@@ -605,16 +605,17 @@ class Explainer:
             self.trail_queries += 1
             known.update(read)
         witnessed = await self.witness.reasons(asked) if self.witness is not None else None
-        minted = {key: self._ids.minted_at(key) for key in {a.session_id for a in asked}}
-        alike: dict[tuple[str, bool, int], Reason] = {}
+        minted: dict[str, datetime | None] = {}
         explained = []
         for index, lookup in enumerate(asked):
             trail = known[lookup.session_id]
-            key = (lookup.session_id, lookup.include_deleted, trail.steps_by(lookup.at))
-            reason = alike.get(key)
+            alike = (lookup.include_deleted, trail.steps_by(lookup.at))
+            reason = trail.judged.get(alike) if self._retention is None else None
             evidence = None
             if reason is None:
                 evidence = trail.evidence_at(lookup.at)
+                if lookup.session_id not in minted:
+                    minted[lookup.session_id] = self._ids.minted_at(lookup.session_id)
                 born = minted[lookup.session_id]
                 fate = Fate.KEPT
                 if self._retention is not None and born is not None:
@@ -628,7 +629,7 @@ class Explainer:
                     fate=fate,
                 )
                 if self._retention is None and _timeless(evidence, trail):
-                    alike[key] = reason
+                    trail.judged[alike] = reason
             proved = witnessed[index] if witnessed is not None else None
             if proved is not None:  # the store's own evidence, where it proves something
                 reason = proved

@@ -11,8 +11,9 @@ Errors from asyncpg or the network become this module's own:
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -235,6 +236,9 @@ class Trail:
     """Oldest first; at most `TRAIL_ENTRIES`, the newest."""
     now: datetime
     horizon: datetime | None
+    judged: dict[tuple[bool, int], Any] = field(default_factory=dict, compare=False, repr=False)
+    """Reasons given to lookups of it that no age decides, by `include_deleted` and the
+    audit entries behind them: the same again for another such lookup."""
 
     def steps_by(self, moment: datetime | None) -> int:
         """How many of the audit entries kept had happened by `moment` (None: now)."""
