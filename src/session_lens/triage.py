@@ -34,7 +34,7 @@ MAX_LINE = 1 << 20
 """A line longer than this is no log line of a lookup: counted as bad and skipped."""
 BATCH_IDS = 2000
 """Distinct IDs explained by one query."""
-PENDING_LOOKUPS = 50_000
+PENDING_LOOKUPS = 20_000
 """Misses held for explaining before a batch goes out whatever its size."""
 CACHED_TRAILS = 100_000
 """Trails kept for IDs that come back in later batches (some 700 bytes each)."""
