@@ -16,12 +16,15 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 from pythonjsonlogger.json import JsonFormatter
 
 from session_lens import triage as triage_module
 from session_lens.config import Config, load_config
 from session_lens.demo import Generator
-from session_lens.lifecycle import Lifecycle
+from session_lens.explain import Explainer
+from session_lens.lifecycle import CreationFailed, Lifecycle
+from session_lens.metrics import Metrics
 from session_lens.operate import TriageOptions, run_triage
 from session_lens.page import REASON_COLOURS
 from session_lens.reasons import Reason
@@ -589,3 +592,70 @@ def test_what_is_kept_stays_bounded_whatever_the_log(monkeypatch: pytest.MonkeyP
     assert retries["evidence"]["ids"][0] == {
         "session_id": retried, "lookups": 2000, "reasons": {"never_existed": 2000}
     }  # fmt: skip
+
+
+async def test_every_door_gives_one_reason_for_one_evidence(
+    db: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    lifecycle = Lifecycle(conn)
+    purged = (await lifecycle.create_session(new_session_id())).id
+    await lifecycle.stop(purged)
+    await conn.execute("DELETE FROM sessions WHERE id = $1", purged)
+    failed = new_session_id()
+    with pytest.raises(CreationFailed):
+        await lifecycle.create_session(failed, required=["owner"])
+    deleted = (await lifecycle.create_session(new_session_id())).id
+    await lifecycle.stop(deleted)
+    await lifecycle.soft_delete(deleted)
+    archived = (await lifecycle.create_session(new_session_id())).id
+    await lifecycle.stop(archived)
+    await lifecycle.archive(archived)
+    ids = [purged, failed, deleted, archived, new_session_id(datetime(2024, 6, 1, tzinfo=UTC)),
+           new_session_id()]  # fmt: skip
+
+    config = settings(db)
+    explainer = Explainer(config, Metrics(CollectorRegistry(), ()), db)
+    await explainer.open()
+    try:
+        hop = [(await explainer.explain_miss(sid, False)).reason.value for sid in ids]
+        explain = [(await explainer.report(sid)).reason.value for sid in ids]
+    finally:
+        await explainer.close()
+    log = tmp_path / "service.log"
+    log.write_text("\n".join(miss_line(sid, datetime.now(UTC)) for sid in ids) + "\n")
+    triaged = {row["session_id"]: next(iter(row["reasons"])) for row in
+               (await triage(config, log, top=len(ids)))["top_ids"]}  # fmt: skip
+    library = [(await lifecycle.get_session(sid)).reason.value for sid in ids]
+
+    expected = ["purged", "creation_failed", "deleted", "archived", "predates_tracking",
+                "never_existed"]  # fmt: skip
+    assert hop == explain == [triaged[sid] for sid in ids] == library == expected
+
+
+async def test_session_lens_own_lines_keep_their_reason_and_an_unknown_is_explained_again(
+    db: str, tmp_path: Path
+) -> None:
+    now = datetime.now(UTC).isoformat()
+
+    def own(message: str, session_id: str, **more: Any) -> str:
+        line = {"level": "INFO", "logger": "session_lens.proxy", "message": message,
+                "session_id": session_id, "time": now, **more}  # fmt: skip
+        return json.dumps(line)
+
+    log = tmp_path / "session-lens.log"
+    log.write_text(
+        "\n".join([
+            own("session not found", new_session_id(), reason="deleted", include_deleted=False),
+            own("session not found", new_session_id(), reason="unknown", include_deleted=False,
+                classifier_error="no answer within the budget"),
+            own("invalid session id", "exec_2025", reason="invalid_format", rule="pattern"),
+            own("upstream error", new_session_id()),
+        ]) + "\n"
+    )  # fmt: skip
+    data = await triage(settings(db), log)
+    # Its own lines were judged when they were logged; the unknown one only now, from the
+    # tables (nothing there: never existed).
+    assert reasons(data) == {"deleted": 1, "never_existed": 1, "invalid_format": 1}
+    assert data["from_session_lens"] == 3
+    assert data["queries"] == 1
+    assert data["invalid_rules"] == {"pattern": {"count": 1, "first": [f"{log}:3"]}}
