@@ -402,6 +402,13 @@ async def test_the_command_reads_gzip_and_stdin_and_says_what_it_found(
     )
     assert "10 misses on 5 IDs in 10 lines" in text
 
+    hostile = tmp_path / "hostile.log"
+    hostile.write_text(miss_line("exec_\x1b[2J\x1b]0;owned\x07", now) + "\n")
+    shown = await run_cli("triage", str(hostile), "--database-url", db)
+    assert shown.returncode == 0, shown.stderr
+    assert b"\x1b" not in shown.stdout and b"\x07" not in shown.stdout
+    assert b"exec_\\x1b[2J" in shown.stdout  # escaped, as text
+
     missing = await run_cli("triage", str(tmp_path / "nope.log"), "--database-url", db)
     assert missing.returncode == 2
     assert b"nope.log: No such file or directory" in missing.stderr

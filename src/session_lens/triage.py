@@ -809,7 +809,7 @@ def render_text(data: dict[str, Any]) -> str:
         for pattern in data["patterns"]:
             out.append(f"  - {pattern['statement']}")
             if pattern["examples"]:
-                out.append(f"    e.g. {', '.join(pattern['examples'])}")
+                out.append(f"    e.g. {', '.join(map(_printable, pattern['examples']))}")
     timeline = data["timeline"]
     if timeline["buckets"]:
         out += ["", f"timeline (one mark per {_span(timeline['bucket_seconds'])},"
@@ -820,7 +820,7 @@ def render_text(data: dict[str, Any]) -> str:
         for row in data["top_ids"]:
             reasons = ", ".join(f"{r} {n:,}" for r, n in row["reasons"].items())
             out.append(
-                f"  {row['session_id']}  {row['lookups']:>7,}  {row['first'] or '-'}"
+                f"  {_printable(row['session_id'])}  {row['lookups']:>7,}  {row['first'] or '-'}"
                 f" .. {row['last'] or '-'}  {reasons}"
             )
     if data["ids_dropped"]:
@@ -835,6 +835,11 @@ def render_text(data: dict[str, Any]) -> str:
                 f" {', '.join(bad['first'])}"
             )
     return "\n".join(out)
+
+
+def _printable(text: str) -> str:
+    """An ID from a log as a terminal may show it: control characters escaped, never run."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _sparklines(timeline: dict[str, Any]) -> list[str]:
