@@ -195,7 +195,7 @@ class EventWriter:
         self._metrics = metrics
         # One statement, one round trip: its own transaction, the actor set for it first.
         self._record_sql = (
-            "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)"
+            "SELECT {record_events}($1, $2, $3, $4, $5, $6, $7)"
             " FROM (SELECT set_config('session_lens.actor', 'session-lens', true)) AS actor"
         ).format(**tables.names)
 
@@ -267,21 +267,24 @@ def _parse(lines: list[tuple[int, bytes]]) -> list[tuple[int, Event | None]]:
 
 def _columns(events: list[Event]) -> list[list[Any]]:
     """The events as the record function's arrays, one a column."""
-    columns: list[list[Any]] = [[], [], [], [], [], [], []]
+    columns: list[list[Any]] = [[] for _ in range(7)]
+    ids, sessions, actions, states, oks, ats, reasons = columns
     for event in events:
         target = TARGET_STATE[event.action]
-        row = (
-            uuid.UUID(event.event_id),
-            event.session_id,
-            event.action.value,
-            target.value if target is not None and event.ok else None,
-            event.ok,
-            datetime.fromtimestamp(event.at, UTC),
-            event.detail or f"request {event.request_id}",
-        )
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
+        ids.append(event.event_id)
+        sessions.append(event.session_id)
+        actions.append(event.action.value)
+        states.append(target.value if target is not None and event.ok else None)
+        oks.append(event.ok)
+        ats.append(_micros(event.at))
+        reasons.append(event.detail or f"request {event.request_id}")
     return columns
+
+
+def _micros(at: float) -> int:
+    """Microseconds since the epoch, rounded as `datetime.fromtimestamp` rounds."""
+    whole = int(at)
+    return whole * 1_000_000 + round((at - whole) * 1_000_000)
 
 
 class Recorder:
