@@ -8,8 +8,10 @@ through it in one database and through `session_lens_record_batch` (one call of
 event and audit entry must be the same.
 """
 
+import json
 import os
 import random
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from session_lens.events import Event
 from session_lens.recorder import _micros
 from session_lens.routes import TARGET_STATE, Action
 from tests.conftest import with_database
@@ -149,3 +152,23 @@ async def test_a_batch_as_a_set_leaves_what_one_event_at_a_time_leaves(db: str) 
         admin = await asyncpg.connect(with_database(db, "postgres"))
         await admin.execute(f'DROP DATABASE IF EXISTS "{twin}" WITH (FORCE)')
         await admin.close()
+
+
+def test_a_spool_line_is_what_json_writes_and_reads_back() -> None:
+    """An event's spool line skips json.dumps where it may; the line is the same."""
+    rng = random.Random(SEED)
+    texts = ["exec_20251230_020944_0000abcd", "req-1", 'a"b', "a\\b", "é", "x\ty", "x\x7fy", ""]
+    for _ in range(2000):
+        detail = rng.choice([None, None, "the upstream answered 503", 'é"'])
+        event = Event.new(
+            rng.choice(texts),
+            rng.choice(list(Action)),
+            rng.choice(texts),
+            ok=detail is None,
+            detail=detail,
+            at=rng.choice([time.time(), rng.uniform(0, 2e9), 1772366400.0000076]),
+        )
+        fields = [event.event_id, event.session_id, event.action.value, event.ok, event.at,
+                  event.request_id, event.detail]  # fmt: skip
+        assert event.line() == json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+        assert Event.parse(event.line()) == event

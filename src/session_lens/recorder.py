@@ -16,6 +16,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -239,9 +240,10 @@ class EventWriter:
         events = sorted(batch, key=lambda event: event.session_id)
         async with pool.acquire() as conn:
             befores = await conn.fetchval(self._record_sql, *_columns(events))
+        counted: Counter[tuple[Action, str]] = Counter()
         for event, before in zip(events, befores, strict=True):
             result = _result(event, before)
-            self._metrics.lifecycle_events[event.action, result].inc()
+            counted[event.action, result] += 1
             if result == "future":
                 log.error(
                     "refused a lifecycle event stamped in the future: is this host's clock right?",
@@ -251,6 +253,8 @@ class EventWriter:
                         "occurred_at": datetime.fromtimestamp(event.at, UTC).isoformat(),
                     },
                 )
+        for (action, result), count in counted.items():
+            self._metrics.lifecycle_events[action, result].inc(count)
 
 
 def _parse(lines: list[tuple[int, bytes]]) -> list[tuple[int, Event | None]]:
@@ -337,6 +341,7 @@ class Recorder:
         self._attempting: asyncio.Future[None] | None = None
         """The write attempt under way, if any."""
         self._pending = 0
+        self._gauges_due = False
         self._outage_since: float | None = None
         self._full = False
         self.last_error: str | None = None
@@ -406,7 +411,10 @@ class Recorder:
         self._pending += 1
         self._fresh.append((start, self._spool.size, event))
         self.in_flight.add(event)
-        self._publish()
+        self._drained.clear()
+        if not self._gauges_due:  # the gauges once a turn of the loop, not once an event
+            self._gauges_due = True
+            asyncio.get_running_loop().call_soon(self._publish)
         self._wake.set()
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -559,6 +567,7 @@ class Recorder:
         await self._drained.wait()
 
     def _publish(self) -> None:
+        self._gauges_due = False
         if self._pending:
             self._drained.clear()
         else:
