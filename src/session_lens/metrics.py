@@ -121,6 +121,13 @@ class Metrics:
             LATENCY_BUCKETS,
             "kind",
         )
+        upstream_responses = declare.counter(
+            "upstream_responses_total",
+            "Answers the upstream gave, by request kind and their status class"
+            " (session-lens' own 502 and 504 are not among them).",
+            "kind",
+            "code",
+        )
         upstream_errors = declare.counter(
             "upstream_errors_total",
             "Requests the upstream failed: connect, reset, timeout, protocol.",
@@ -177,6 +184,9 @@ class Metrics:
         self.requests = {(k, c): requests.labels(k, c) for k in Kind for c in StatusClass}
         self.request_duration = {k: request_duration.labels(k) for k in Kind}
         self.upstream_duration = {k: upstream_duration.labels(k) for k in Kind}
+        self.upstream_responses = {
+            (k, c): upstream_responses.labels(k, c) for k in Kind for c in StatusClass
+        }
         self.upstream_errors = {e: upstream_errors.labels(e) for e in UpstreamError}
         self.classifier_errors = {k: classifier_errors.labels(k) for k in CLASSIFIER_ERRORS}
         self.lifecycle_events = {

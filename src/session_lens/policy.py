@@ -72,6 +72,11 @@ class Policy:
         self.drain.begin()
         self._metrics.inflight.inc()
 
+    def answered(self, exchange: Exchange, status: int) -> None:
+        """The upstream's answer to a request began with `status`: counted as the upstream's."""
+        exchange.status = status
+        self._metrics.upstream_responses[exchange.kind, StatusClass.of(status)].inc()
+
     def finish(self, exchange: Exchange) -> None:
         """Count a request answered: in flight no more, its status and durations."""
         self.drain.finish()
