@@ -86,7 +86,9 @@ def test_the_reasons_panel_shows_exemplars_linked_to_the_explain_page() -> None:
     )
     (link,) = source["datasources"][0]["jsonData"]["exemplarTraceIdDestinations"]
     assert link["name"] == "session_id"
-    assert link["url"].endswith("/sessions/${__value.raw}/explain?at=${__value.time}")
+    assert link["url"].endswith(
+        "/sessions/${__value.raw}/explain?at=${__value.time}&given=${__data.fields.reason}"
+    )
     compose = yaml.safe_load((GRAFANA / "compose.yaml").read_text())
     assert "--enable-feature=exemplar-storage" in compose["services"]["prometheus"]["command"]
 
@@ -337,7 +339,8 @@ async def _exemplars_lead_to_sessions(client: aiohttp.ClientSession, base: str, 
             session_id = exemplar["labels"]["session_id"]
             assert VALID_ID.fullmatch(session_id), (reason, session_id)
             at = round(float(exemplar["timestamp"]) * 1000)  # as Grafana's ${__value.time}
-            url = f"http://127.0.0.1:{admin}/sessions/{session_id}/explain?at={at}"
+            link = f"/sessions/{session_id}/explain?at={at}&given={reason}"
+            url = f"http://127.0.0.1:{admin}{link}"
             async with client.get(url) as response:
                 assert response.status == 200, (reason, session_id, await response.text())
                 report = await response.json()
@@ -346,8 +349,9 @@ async def _exemplars_lead_to_sessions(client: aiohttp.ClientSession, base: str, 
             notes = report["replay_notes"]
             if reason in EVIDENCED:
                 assert report["timeline"], (reason, session_id)
+            assert report["given"] == reason
             if reason == "unknown":  # a timeout or the breaker: said, not replayed
-                assert any("cannot tell" in note for note in notes), report
+                assert any("the miss was given unknown" in note for note in notes), report
                 continue
             # A change committed within moments of the miss may be in the replay and not in
             # what the miss read, or the other way round: then the replay says so.

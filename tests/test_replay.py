@@ -132,6 +132,13 @@ async def test_what_cannot_be_replayed_is_said(
     ]
 
 
+@pytest.mark.usefixtures("paused")
+async def test_an_empty_given_is_none(aiohttp_client: Any, db: str) -> None:
+    """A link whose exemplar's series has no reason label passes `given=`."""
+    report = await asked(aiohttp_client, db, "at=2025-12-30T02:10:30Z&given=")
+    assert report["given"] is None and report["reason"] == "upstream_inconsistent"
+
+
 @pytest.mark.parametrize(
     ("query", "detail"),
     [

@@ -307,7 +307,7 @@ def _moment_asked(request: web.Request) -> tuple[datetime | None, Reason | None]
     at, given = request.query.get("at"), request.query.get("given")
     return (
         None if at is None else moment(at),
-        None if given is None else given_reason(given),
+        given_reason(given) if given else None,  # empty: a link whose series has no reason
     )
 
 
