@@ -21,6 +21,7 @@ from .conftest import free_port
 ROOT = Path(__file__).parent.parent
 GRAFANA = ROOT / "grafana"
 RULES = GRAFANA / "prometheus" / "rules.yml"
+RUNBOOK = ROOT / "docs" / "runbook.md"
 VALID_ID = re.compile(r"exec_\d{8}_\d{6}_[a-f0-9]{8}")
 METRIC = re.compile(r"\b(session_lens[_:][a-z0-9_:]+|up)\b")
 
@@ -107,7 +108,7 @@ def test_every_alert_has_severity_runbook_and_a_unit_test() -> None:
     cases = [case for test in tests["tests"] for case in test.get("alert_rule_test", [])]
     fired = {case["alertname"] for case in cases if case["exp_alerts"]}
     quiet = {case["alertname"] for case in cases if not case["exp_alerts"]}
-    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    runbook = RUNBOOK.read_text()
     sections = {line[3:].strip() for line in runbook.splitlines() if line.startswith("## ")}
     alerts = [rule for rule in rules() if "alert" in rule]
     assert len(alerts) >= 12
@@ -123,6 +124,13 @@ def test_every_alert_has_severity_runbook_and_a_unit_test() -> None:
             assert "{{ $labels.instance }}" in notes["summary"], name
         assert name in fired, f"{name} has no firing unit test"
         assert name in quiet, f"{name} has no unit test where it stays quiet"
+
+
+def test_the_runbook_names_only_panels_the_dashboard_has() -> None:
+    """Italics in the runbook are panel titles, and each is one the dashboard has."""
+    panels = {panel["title"] for panel in dashboard()["panels"]}
+    named = set(re.findall(r"(?<!\*)\*([^*]+)\*(?!\*)", RUNBOOK.read_text()))
+    assert named and named <= panels, named - panels
 
 
 LOCATED = "by (namespace, job, instance"
