@@ -12,7 +12,8 @@ from session_lens.app import create_admin_app
 from session_lens.config import load_config
 from session_lens.explain import Explainer
 from session_lens.metrics import Metrics
-from session_lens.replay import ReplayError, moment
+from session_lens.replay import ReplayError, as_of, moment
+from session_lens.store import AuditEntry, Evidence
 
 from .conftest import VALID_ID, track_since
 from .test_cli import run
@@ -187,3 +188,34 @@ def test_moments_read_as_grafana_and_people_write_them() -> None:
     assert moment("2025-12-30 02:10:30.25") == expected  # no offset: UTC
     with pytest.raises(ReplayError):
         moment("2025-13-30T02:10:30Z")
+
+
+def entry(number: int, at: datetime, old: str | None, new: str | None) -> AuditEntry:
+    return AuditEntry(number, at, old, new, "observed", "session-lens", None)
+
+
+def test_a_timeline_read_in_part_is_said_to_be() -> None:
+    timeline = [entry(1, CREATED, None, "ACTIVE"), entry(2, PAUSED, "ACTIVE", "PAUSED")]
+    now = Evidence("STOPPED", CREATED, PAUSED, None, "PAUSED", "STOPPED", PAUSED, "x", PAUSED, None)
+    later = PAUSED + timedelta(minutes=1)
+    replayed, limits = as_of(now, timeline, later, complete=False)
+    assert replayed.state == "PAUSED" and replayed.now == later
+    assert limits == [
+        "only the first 2 audit entries were read: later ones may have changed the state by then"
+    ]
+    _, limits = as_of(now, timeline, CREATED + timedelta(seconds=30), complete=False)
+    assert limits == []  # a moment inside what was read: nothing is missing
+    _, limits = as_of(now, timeline, CREATED + timedelta(milliseconds=400))
+    assert limits == [
+        "the change at 2025-12-30 02:09:45.000 UTC came 400 ms before the moment: a miss"
+        " explained before it was committed read the records without it"
+    ]
+
+
+def test_a_row_without_audit_entries_stands_for_itself_then() -> None:
+    row = Evidence("ACTIVE", CREATED, CREATED, None, None, None, None, None, PAUSED, None)
+    replayed, limits = as_of(row, [], PAUSED)
+    assert replayed.state == "ACTIVE" and replayed.now == PAUSED
+    assert limits == ["the row has no audit entry: its state now stands for its state then"]
+    before, limits = as_of(row, [], CREATED - timedelta(seconds=1))
+    assert before.state is None and limits == []

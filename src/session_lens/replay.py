@@ -92,12 +92,12 @@ def as_of(
             f" {_ms(at - before[-1].occurred_at)} before the moment: a miss explained before it"
             " was committed read the records without it"
         )
-    if len(before) == len(timeline) and complete and _unchanged_since(evidence, at):
+    if not timeline and evidence.has_row and _unchanged_since(evidence, at):
+        limits.append("the row has no audit entry: its state now stands for its state then")
+        return replace(evidence, now=at, replaying=None), limits
+    if timeline and len(before) == len(timeline) and complete and _unchanged_since(evidence, at):
         return replace(evidence, now=at, replaying=None), limits  # the row then is the row now
     if not before:
-        if evidence.has_row and not timeline and _unchanged_since(evidence, at):
-            limits.append("the row has no audit entry: its state now stands for its state then")
-            return replace(evidence, now=at, replaying=None), limits
         return _nothing(evidence, at), limits
     last = before[-1]
     state = last.new_state
