@@ -210,7 +210,7 @@ def test_the_end_to_end_rules_are_the_shipped_ones_faster() -> None:
     fast = {r.get("alert") or r["record"]: r for g in document["groups"] for r in g["rules"]}
     assert fast["SessionLensMissRatioSpike"]["for"] == "30s"
     assert "[15s]" in fast["session_lens:miss_ratio:rate5m"]["expr"]
-    assert "[180s]" in fast["SessionLensDown"]["expr"]
+    assert "[180s]" in fast["session_lens:target:known"]["expr"]
     assert set(FIRE_UNDER_THE_DEMO) | QUIET_UNDER_THE_DEMO <= fast.keys()
 
 
