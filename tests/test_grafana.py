@@ -126,6 +126,21 @@ def test_every_alert_has_severity_runbook_and_a_unit_test() -> None:
         assert name in quiet, f"{name} has no unit test where it stays quiet"
 
 
+def test_the_readme_lists_every_alert_and_metric() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from session_lens.metrics import PREFIX, Metrics
+
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\s*\| `(SessionLens\w+)` \|", readme, re.M))
+    assert listed == {rule["alert"] for rule in rules() if "alert" in rule}
+    registry = CollectorRegistry()
+    Metrics(registry, ["/r/{session_id}"])
+    families = {family.name.removeprefix(PREFIX) for family in registry.collect()}
+    rows = set(re.findall(r"^\| `([a-z_]+)` \|", readme, re.M))
+    assert {f if f in rows else f"{f}_total" for f in families} <= rows
+
+
 def test_the_runbook_names_only_panels_the_dashboard_has() -> None:
     """Italics in the runbook are panel titles, and each is one the dashboard has."""
     panels = {panel["title"] for panel in dashboard()["panels"]}
