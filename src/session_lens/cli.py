@@ -36,6 +36,7 @@ from .importer import ImportUsage, add_arguments, options_from, run_import
 from .logs import setup_logging
 from .operate import DatabaseError, run_explain, run_migrations, run_prune
 from .prune import BATCH_SIZE
+from .replay import given_reason, moment
 from .retention import Period
 from .server import ListenError, run_fast, serve
 from .workers import WorkersFailed, supervise
@@ -120,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
         "explain", parents=[common], help="the state, audit timeline and reason for one ID"
     )
     explain.add_argument("session_id", metavar="SESSION_ID")
+    explain.add_argument(
+        "--at",
+        metavar="TIME",
+        help="the moment of a miss (ISO 8601, or Unix milliseconds): the evidence as it stood then",
+    )
+    explain.add_argument(
+        "--given", metavar="REASON", help="with --at: the reason that miss was given"
+    )
     add_arguments(
         commands.add_parser(
             "import",
@@ -309,7 +318,11 @@ def _command(args: argparse.Namespace, config: Config) -> Command:
         case "migrate":
             return lambda ready: asyncio.run(run_migrations(ready, dry_run=args.dry_run))
         case "explain":
-            return lambda ready: asyncio.run(run_explain(ready, args.session_id))
+            at = None if args.at is None else _own("--at", moment, args.at)
+            given = None if args.given is None else _own("--given", given_reason, args.given)
+            if given is not None and at is None:
+                raise BadFlag("--given", "goes with --at, the moment of the miss")
+            return lambda ready: asyncio.run(run_explain(ready, args.session_id, at, given))
         case "import":
             importing = options_from(args, config)
             return lambda ready: run_import(ready, importing)
