@@ -11,7 +11,7 @@ import urllib.request
 address = os.environ.get("SESSION_LENS_ADMIN_LISTEN", "127.0.0.1:9464")
 host, _, port = address.rpartition(":")
 host = host.strip("[]")
-if host in ("", "0.0.0.0", "::"):
+if host in ("", "0.0.0.0", "::"):  # noqa: S104 - a wildcard is reached on loopback
     host = "127.0.0.1"
 elif ":" in host:
     host = f"[{host}]"
