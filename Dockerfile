@@ -8,6 +8,7 @@
 #     -e SESSION_LENS_ADMIN_TOKEN=... session-lens
 
 FROM debian:bookworm-slim AS build
+LABEL session-lens.stage="build"
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \

@@ -188,7 +188,9 @@ class Containers:
 
     def remove(self) -> None:
         for name in self.names:
-            subprocess.run([*podman(), "rm", "--force", "--time", "0", name], capture_output=True)
+            subprocess.run(
+                [*podman(), "rm", "--force", "--volumes", "--time", "0", name], capture_output=True
+            )
         for volume in self.volumes:
             subprocess.run([*podman(), "volume", "rm", "--force", volume], capture_output=True)
 

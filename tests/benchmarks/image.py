@@ -107,7 +107,7 @@ class Inside:
 
     def stop(self) -> None:
         if self.name:
-            subprocess.run([*PODMAN, "rm", "--force", self.name], capture_output=True)
+            subprocess.run([*PODMAN, "rm", "--force", "--volumes", self.name], capture_output=True)
             subprocess.run([*PODMAN, "volume", "rm", "--force", self.name], capture_output=True)
             self.name = ""
 
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     args = parser.parse_args()
     require("nginx", "wrk")
+    load_before = os.getloadavg()[0]
     if shutil.which("podman") is None:
         raise SystemExit("podman is not installed (.ci/image installs it)")
 
@@ -140,7 +141,7 @@ def main() -> None:
     try:
         subprocess.run([*PODMAN, "cp", f"{copy}:/opt/session-lens", str(work)], check=True)
     finally:
-        subprocess.run([*PODMAN, "rm", "--force", copy], capture_output=True)
+        subprocess.run([*PODMAN, "rm", "--force", "--volumes", copy], capture_output=True)
     origin, nginx_proxy = free_port(), free_port()
     (work / "nginx.conf").write_text(NGINX.format(dir=work, origin=origin, proxy=nginx_proxy))
     nginx = subprocess.Popen(["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
@@ -166,6 +167,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         subprocess.run([*PODMAN, "rmi", IMAGE], capture_output=True)
 
+    load_after = os.getloadavg()[0]
     print(f"| image `{IMAGE}` | |")
     print("|---|---:|")
     print(f"| size (`podman image inspect`) | {size / 1e6:.0f} MB |")
@@ -181,6 +183,8 @@ def main() -> None:
             f"| {name} | {run.rate:,.0f} | {run.rate / rates['outside'].rate:.0%} |"
             f" {quiet[name].p50:.0f} µs | {quiet[name].p99:.0f} µs |"
         )
+    print()
+    print(f"Load average (1 min) {load_before:.1f} before the run, {load_after:.1f} after it.")
 
 
 if __name__ == "__main__":
