@@ -29,8 +29,7 @@ RUN python3 -m venv /opt/build \
 
 FROM debian:bookworm-slim
 LABEL org.opencontainers.image.title="session-lens" \
-      org.opencontainers.image.description="A sidecar HTTP proxy that explains why a session was not found" \
-      org.opencontainers.image.source="https://github.com/session-lens/session-lens"
+      org.opencontainers.image.description="A sidecar HTTP proxy that explains why a session was not found"
 # The runtime trusts Debian's CAs only (upstream_ca_file adds one for an upstream).
 # hadolint ignore=DL3008
 RUN rm -f /usr/local/share/ca-certificates/* \
