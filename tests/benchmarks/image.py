@@ -71,6 +71,7 @@ class Outside:
              "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
              "--data-dir", str(self.work / "outside"), "--log-level", "error"],
             stderr=subprocess.DEVNULL,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # the image's code
         )  # fmt: skip
         return f"http://127.0.0.1:{port}", ready_within(admin, started, self.process)
 
