@@ -11,7 +11,9 @@ runs as tests/test_image.py runs it (the manifest's user, read-only root, no
 capabilities, its volumes and memory limit) on the host's network, so that no NAT
 stands in the way. nginx is the upstream (the hop part's); each is asked for hits by
 wrk in turns, medians of three runs. Start-to-ready is from the start command to the
-first 200 from /readyz, the median of three starts. The database URL points nowhere
+first 200 from /readyz, the median of three starts. The CPU time session-lens spends
+on a hit is read from /proc (the hop part's way, the process on a core of its own): on
+a shared machine it swings far less than the rates. The database URL points nowhere
 in both: hits never ask it. The image is removed afterwards.
 """
 
@@ -28,7 +30,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tests.benchmarks.hop import HIT, NGINX, in_turns
+from tests.benchmarks.hop import HIT, NGINX, cpu_per_request, in_turns
 from tests.benchmarks.tools import require, wait_for, wrk
 from tests.conftest import free_port
 from tests.test_image import TOKEN, as_the_manifest_says, limits
@@ -87,6 +89,15 @@ class Inside:
     def __init__(self, origin: int) -> None:
         self.origin = origin
         self.name = ""
+
+    @property
+    def pid(self) -> int:
+        """session-lens' process (the container's PID 1) as the host sees it."""
+        found = subprocess.run(
+            [*PODMAN, "inspect", self.name, "--format", "{{.State.Pid}}"],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        return int(found.stdout)
 
     def start(self) -> tuple[str, float]:
         self.name = "session-lens-benchmark-" + uuid.uuid4().hex[:8]
@@ -160,6 +171,10 @@ def main() -> None:
         targets = {"direct": f"http://127.0.0.1:{origin}", **urls}
         rates = in_turns(targets, HIT, 32, args.seconds)
         quiet = in_turns(targets, HIT, 1, max(2, args.seconds // 2))
+        assert outside.process is not None
+        servers = {"outside": (outside.process.pid, urls["outside"])}
+        servers["in the container"] = (inside.pid, urls["in the container"])
+        cpu = cpu_per_request(servers, HIT, args.seconds)
     finally:
         outside.stop()
         inside.stop()
@@ -176,13 +191,14 @@ def main() -> None:
     for name, found in starts.items():
         print(f"| start to ready, {name} (median of 3) | {statistics.median(found):.2f} s |")
     print()
-    print("| hits | req/s at c=32 | of outside | p50 at c=1 | p99 at c=1 |")
-    print("|---|---:|---:|---:|---:|")
+    print("| hits | req/s at c=32 | of outside | p50 at c=1 | p99 at c=1 | CPU per hit |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in targets:
         run = rates[name]
+        used = f"{cpu[name]:.0f} µs" if name in cpu else ""
         print(
             f"| {name} | {run.rate:,.0f} | {run.rate / rates['outside'].rate:.0%} |"
-            f" {quiet[name].p50:.0f} µs | {quiet[name].p99:.0f} µs |"
+            f" {quiet[name].p50:.0f} µs | {quiet[name].p99:.0f} µs | {used} |"
         )
     print()
     print(f"Load average (1 min) {load_before:.1f} before the run, {load_after:.1f} after it.")
