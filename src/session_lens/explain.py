@@ -30,6 +30,7 @@ from .store import (
     Queries,
     StoreError,
     StoreUnavailable,
+    as_it_is,
     read_evidence,
     read_timeline,
 )
@@ -405,7 +406,11 @@ class Explainer:
         """Create the pool; it connects on first use, so a down database does not stop start-up."""
         if self._dsn is not None:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=0, max_size=POOL_SIZE, max_inactive_connection_lifetime=60
+                self._dsn,
+                min_size=0,
+                max_size=POOL_SIZE,
+                max_inactive_connection_lifetime=60,
+                reset=as_it_is,
             )
             self._watch = asyncio.create_task(self._watch_horizon(), name="session-lens horizon")
 

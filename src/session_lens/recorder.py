@@ -29,7 +29,7 @@ from .in_flight import MAX_IN_FLIGHT, InFlight
 from .metrics import Metrics
 from .routes import TARGET_STATE, Action
 from .schema import TRANSITIONS, SessionState, Tables
-from .store import UNREACHABLE, refused_for_itself, remedy
+from .store import UNREACHABLE, as_it_is, refused_for_itself, remedy
 
 log = logging.getLogger("session_lens.recorder")
 
@@ -365,7 +365,9 @@ class Recorder:
                 self._started_at = min(self._started_at, datetime.fromtimestamp(oldest, UTC))
         self._publish()
         if self._dsn is not None:
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=0, max_size=2, reset=as_it_is
+            )
             # Before the first request, when the database lets us in time; else the
             # writer says it as soon as the database is back.
             with contextlib.suppress(TimeoutError, *UNREACHABLE, asyncpg.PostgresError):
