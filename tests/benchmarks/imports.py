@@ -6,8 +6,10 @@ Starts the embedded PostgreSQL in a temporary directory, builds a foreign store 
 own shape there (another database: custom column names, a status mapped by a CASE
 expression) and the same rows as a CSV file, then runs `session-lens import` in a
 subprocess from each into a fresh lifecycle store, and once more from the database
-(every session already known). The memory figure is the import process's peak RSS
-(ru_maxrss, from wait4).
+(every session already known). With the pinned QuestDB jar fetched (`.ci/questdb-jar`),
+the same rows also come from a real QuestDB: a WAL table partitioned by day, the status
+a SYMBOL, the key a VARCHAR, the times TIMESTAMPs. The memory figure is the import
+process's peak RSS (ru_maxrss, from wait4).
 """
 
 import argparse
@@ -24,6 +26,8 @@ import asyncpg
 from session_lens.embedded import start_embedded
 from tests.benchmarks.tools import mib
 from tests.conftest import with_database
+from tests.questdb import QuestDB
+from tests.questdb import missing as questdb_missing
 
 STATUS_TO_STATE = (
     "CASE status WHEN 'live' THEN 'ACTIVE' WHEN 'held' THEN 'PAUSED' WHEN 'gone' THEN 'DELETED'"
@@ -44,10 +48,36 @@ ROWS_SQL = (
 )
 
 
+QUESTDB_ROWS_SQL = (
+    "INSERT INTO service_sessions SELECT"
+    " concat('exec_', to_str(ts, 'yyyyMMdd_HHmmss'), '_', lpad(cast(x AS string), 8, '0')),"
+    " cast(CASE x % 5 WHEN 0 THEN 'live' WHEN 1 THEN 'live' WHEN 2 THEN 'held'"
+    " WHEN 3 THEN 'gone' ELSE 'cold' END AS SYMBOL), ts, dateadd('s', cast(x AS int),"
+    " '2025-06-01T00:00:00Z') FROM (SELECT x, dateadd('s', cast(x AS int),"
+    " '2025-01-01T00:00:00Z') ts FROM long_sequence({rows}))"
+)
+
+
+async def prepare_questdb(url: str, rows: int) -> None:
+    """The same rows in a QuestDB WAL table, applied and visible."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "CREATE TABLE service_sessions (session_key VARCHAR, status SYMBOL, born TIMESTAMP,"
+            " changed TIMESTAMP) TIMESTAMP(born) PARTITION BY DAY WAL"
+        )
+        await conn.execute(QUESTDB_ROWS_SQL.format(rows=rows))
+        # QuestDB tells no one when its write-ahead log is applied: ask until it is.
+        while await conn.fetchval("SELECT count() FROM service_sessions") < rows:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
 async def prepare(url: str, rows: int, csv_path: Path) -> tuple[str, list[str]]:
     """The foreign database filled, the CSV written; the foreign URL and the store URLs."""
     admin = await asyncpg.connect(url)
-    for name in ("foreign_store", "lens_db", "lens_file"):
+    for name in ("foreign_store", "lens_db", "lens_file", "lens_questdb"):
         await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     foreign = with_database(url, "foreign_store")
@@ -66,7 +96,7 @@ async def prepare(url: str, rows: int, csv_path: Path) -> tuple[str, list[str]]:
         header=True,
     )
     await conn.close()
-    return foreign, [with_database(url, "lens_db"), with_database(url, "lens_file")]
+    return foreign, [with_database(url, name) for name in ("lens_db", "lens_file", "lens_questdb")]
 
 
 def run_import(store: str, *source: str) -> tuple[float, int, str]:
@@ -96,9 +126,14 @@ def main() -> None:
     embedded = start_embedded(work, delete_on_exit=True)
     csv_path = work / "sessions.csv"
     started = time.monotonic()
-    foreign, (store_db, store_file) = asyncio.run(prepare(embedded.url, args.rows, csv_path))
+    foreign, stores = asyncio.run(prepare(embedded.url, args.rows, csv_path))
+    store_db, store_file, store_questdb = stores
     built = time.monotonic() - started
-    for store in (store_db, store_file):
+    questdb = None if questdb_missing() else QuestDB(work / "questdb")
+    if questdb is not None:
+        questdb.start()
+        asyncio.run(prepare_questdb(questdb.url, args.rows))
+    for store in stores:
         subprocess.run(
             [sys.executable, "-m", "session_lens", "migrate", "--database-url", store],
             check=True, stdout=subprocess.DEVNULL,
@@ -111,6 +146,9 @@ def main() -> None:
         ("the same database again (all already known)", store_db, ("--from-database", foreign,
          "--query", QUERY)),
     ]  # fmt: skip
+    if questdb is not None:
+        label = f"QuestDB {questdb_version(questdb.url)} (server-side cursor)"
+        runs.insert(1, (label, store_questdb, ("--from-database", questdb.url, "--query", QUERY)))
     print(f"{args.rows:,} sessions (40% ACTIVE, 20% each PAUSED, DELETED, ARCHIVED), built in"
           f" {built:.0f} s; the embedded PostgreSQL {embedded_version(embedded.url)} holds the"
           " foreign store and the lifecycle stores; pages of 5,000 rows.\n")  # fmt: skip
@@ -124,6 +162,10 @@ def main() -> None:
             f"| {label} | {figures['rows read']} | {imported} | {figures['already known']}"
             f" | {took:.1f} s | {args.rows / took:,.0f} | {mib(peak)} |"
         )
+    if questdb is not None:
+        questdb.stop()
+    else:
+        print(f"\nNo QuestDB row: {questdb_missing()}.")
 
 
 def embedded_version(url: str) -> str:
@@ -131,6 +173,17 @@ def embedded_version(url: str) -> str:
         conn = await asyncpg.connect(url)
         try:
             return str(await conn.fetchval("SHOW server_version"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
+def questdb_version(url: str) -> str:
+    async def fetch() -> str:
+        conn = await asyncpg.connect(url)
+        try:
+            return str(await conn.fetchval("SELECT build()")).split(",")[0].split()[-1]
         finally:
             await conn.close()
 
