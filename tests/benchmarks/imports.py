@@ -106,15 +106,17 @@ def run_import(store: str, *source: str) -> tuple[float, int, str]:
         "--lifecycle-source", "observed", "--state-expression", STATUS_TO_STATE, *source,
     ]  # fmt: skip
     started = time.monotonic()
-    with tempfile.TemporaryFile() as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err)
         _, status, usage = os.wait4(process.pid, 0)
         took = time.monotonic() - started
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         printed = out.read().decode()
+        err.seek(0)
+        said = err.read().decode()[-2000:]
     if process.returncode != 0:
-        raise SystemExit(f"the import failed ({process.returncode}):\n{printed}")
+        raise SystemExit(f"the import failed ({process.returncode}):\n{printed}{said}")
     return took, usage.ru_maxrss * 1024, printed
 
 
@@ -127,12 +129,31 @@ def main() -> None:
     csv_path = work / "sessions.csv"
     started = time.monotonic()
     foreign, stores = asyncio.run(prepare(embedded.url, args.rows, csv_path))
-    store_db, store_file, store_questdb = stores
     built = time.monotonic() - started
     questdb = None if questdb_missing() else QuestDB(work / "questdb")
-    if questdb is not None:
-        questdb.start()
-        asyncio.run(prepare_questdb(questdb.url, args.rows))
+    try:
+        if questdb is not None:
+            questdb.start()
+            asyncio.run(prepare_questdb(questdb.url, args.rows))
+        header = (
+            f"{args.rows:,} sessions (40% ACTIVE, 20% each PAUSED, DELETED, ARCHIVED), built in"
+            f" {built:.0f} s; the embedded PostgreSQL {embedded_version(embedded.url)} holds the"
+            " foreign store and the lifecycle stores; pages of 5,000 rows."
+        )
+        compare(args.rows, foreign, stores, csv_path, questdb, header)
+    finally:
+        if questdb is not None:
+            questdb.stop()
+    if questdb is None:
+        print(f"\nNo QuestDB row: {questdb_missing()}.")
+
+
+def compare(
+    rows: int, foreign: str, stores: list[str], csv_path: Path, questdb: QuestDB | None,
+    header: str,
+) -> None:  # fmt: skip
+    """Each source imported into a fresh lifecycle store, and the database once more."""
+    store_db, store_file, store_questdb = stores
     for store in stores:
         subprocess.run(
             [sys.executable, "-m", "session_lens", "migrate", "--database-url", store],
@@ -149,23 +170,22 @@ def main() -> None:
     if questdb is not None:
         label = f"QuestDB {questdb_version(questdb.url)} (server-side cursor)"
         runs.insert(1, (label, store_questdb, ("--from-database", questdb.url, "--query", QUERY)))
-    print(f"{args.rows:,} sessions (40% ACTIVE, 20% each PAUSED, DELETED, ARCHIVED), built in"
-          f" {built:.0f} s; the embedded PostgreSQL {embedded_version(embedded.url)} holds the"
-          " foreign store and the lifecycle stores; pages of 5,000 rows.\n")  # fmt: skip
+    print(header + "\n")
     print("| source | rows | imported | already known | time | rows/s | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    measure(runs, rows)
+
+
+def measure(runs: list[tuple[str, str, tuple[str, ...]]], rows: int) -> None:
+    """One table row per import run."""
     for label, store, source in runs:
         took, peak, printed = run_import(store, *source)
         figures = dict(line.rsplit(None, 1) for line in printed.splitlines() if line[:1].isalpha())
         imported = figures.get("imported", "0")
         print(
             f"| {label} | {figures['rows read']} | {imported} | {figures['already known']}"
-            f" | {took:.1f} s | {args.rows / took:,.0f} | {mib(peak)} |"
+            f" | {took:.1f} s | {rows / took:,.0f} | {mib(peak)} |"
         )
-    if questdb is not None:
-        questdb.stop()
-    else:
-        print(f"\nNo QuestDB row: {questdb_missing()}.")
 
 
 def embedded_version(url: str) -> str:
