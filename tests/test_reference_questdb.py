@@ -1,16 +1,19 @@
 """The QuestDB-backed reference service against a real QuestDB: the store and its faults."""
 
 import asyncio
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from session_lens.demo import QUESTDB_TABLE, QUESTDB_TTL_DAYS
 from session_lens.reference_questdb import (
     QuestDBReferenceService,
     StoreFaults,
@@ -20,6 +23,7 @@ from session_lens.reference_questdb import (
 )
 
 from .questdb import QuestDB
+from .test_demo import CLI, Places, environment
 
 Service = tuple[TestClient[Any, Any], QuestDBReferenceService]
 
@@ -166,3 +170,33 @@ async def test_bad_requests(service: Service) -> None:
     assert await status_of(client, "/api/sessions/sess-42") == 404
     async with client.post(f"/api/sessions/{new_session_id()}/fly") as response:
         assert response.status == 404
+
+
+async def test_the_demo_runs_against_a_questdb(questdb: QuestDB, tmp_path: Path) -> None:
+    places = Places.free(tmp_path / "data")
+    command = [*CLI, "demo", "--questdb", questdb.url, "--duration", "25", "--rate", "20"]
+    result = await asyncio.to_thread(
+        subprocess.run, [*command, *places.flags], capture_output=True, text=True, timeout=180,
+        env=environment(),
+    )  # fmt: skip
+    assert result.returncode in (0, 1), result.stderr[-3000:]  # 1: some reason did not show
+    assert "Traceback" not in result.stderr
+    cells = [[cell.strip() for cell in line.split("│")] for line in result.stdout.splitlines()]
+    seen = {
+        row[1].strip(): int(row[2]) for row in cells if len(row) > 3 and row[2].strip().isdigit()
+    }
+    # The summary (the last table) counts sessions looked up straight after their creation
+    # while QuestDB had not applied it yet, and IDs older than the table's TTL.
+    assert seen["not_yet_visible"] > 0 and seen["expired"] > 0
+    assert "not-found reasons seen" in result.stdout
+    conn = await asyncpg.connect(questdb.url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT partitionBy, ttlValue, walEnabled FROM tables() WHERE table_name = $1",
+            QUESTDB_TABLE,
+        )
+        assert tuple(row) == ("DAY", QUESTDB_TTL_DAYS, True)
+        assert await conn.fetchval(f"SELECT count() FROM {QUESTDB_TABLE}") > 0
+        await conn.execute(f"DROP TABLE {QUESTDB_TABLE}")
+    finally:
+        await conn.close()

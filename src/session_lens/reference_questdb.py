@@ -2,7 +2,8 @@
 
 The story's data provider: one WAL table partitioned by day on the session's creation
 (the moment its ID names), with a TTL; a state change is an `UPDATE` of the row,
-deletion is soft (`state = 'DELETED'`), and `include_deleted` shows a deleted session.
+deletion is soft (`state = 'DELETED'`), `include_deleted` shows a deleted session, and
+an archived one is kept but not served, as the lifecycle library does.
 QuestDB applies every write from its write-ahead log a moment after accepting it, so a
 read straight after a write may not see it yet: that is the store, not a fault.
 
@@ -258,7 +259,9 @@ class QuestDBReferenceService:
         if self.faults.on("ignore_include_deleted"):
             include_deleted = False
         found = await self.find(session_id)
-        if found is None or (found.state is SessionState.DELETED and not include_deleted):
+        if found is None or found.state is SessionState.ARCHIVED:  # kept, never served
+            return _not_found(session_id)
+        if found.state is SessionState.DELETED and not include_deleted:
             return _not_found(session_id)
         return web.json_response(found.json())
 
