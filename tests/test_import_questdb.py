@@ -151,3 +151,32 @@ async def test_questdb_import_interrupted_and_resumed(
         assert {row["state"] for row in states} == {"ACTIVE", "DELETED", "ARCHIVED", "PAUSED"}
     finally:
         await conn.close()
+
+
+async def test_a_column_asyncpg_cannot_decode_is_one_line(
+    db: str, questdb: QuestDB, service_table: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = service_table + "_ip"
+    conn = await asyncpg.connect(questdb.url)
+    try:
+        await conn.execute(
+            f"CREATE TABLE {table} (session_id VARCHAR, ip IPV4, created TIMESTAMP)"
+            " TIMESTAMP(created) PARTITION BY DAY WAL"
+        )
+        await conn.execute(f"INSERT INTO {table} VALUES ('{LIVE}', '10.0.0.1', now())")
+        await visible(conn, table, 1)
+        select = f"SELECT session_id AS id, ip FROM {table}"
+        code, _, err = await asyncio.to_thread(
+            lens, db, "--from-database", questdb.url, "--query", select, capsys=capsys
+        )
+        assert code == 1 and "Traceback" not in err
+        assert "cast such columns to text in --query (QuestDB: IPV4, GEOHASH)" in err
+        cast = f"SELECT session_id AS id, cast(ip AS string) AS ip FROM {table}"
+        code, out, err = await asyncio.to_thread(
+            lens, db, "--from-database", questdb.url, "--query", cast, capsys=capsys
+        )
+        assert code == 0, err
+        assert "imported       1\n" in out
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()

@@ -11,7 +11,11 @@ statement cache and a pool's reset on release all work; a parameter is typed fro
 the column it is compared with, so bind values only in comparisons (`$1::timestamp`
 or a bare `$1` in the select list is taken for a number); `TIMESTAMP` is a timestamp
 without time zone, so its parameters are naive datetimes in UTC (aware ones are
-refused by asyncpg); `table_partitions()` takes the table's name as a literal.
+refused by asyncpg); `table_partitions()` takes the table's name as a literal; a
+`UUID` parameter goes as text. Columns asyncpg cannot read from QuestDB: `IPV4` and
+`GEOHASH` (decoding fails), arrays (their type lookup calls `set_config`, which QuestDB
+lacks); the row query selects `*`, so a table with them needs its own columns named.
+QuestDB drops a connection idle for 5 minutes: the pool lets go of idle ones first.
 
 Failures are `StoreUnavailable` with a `StoreFailure` kind: the caller falls back on
 the lifecycle store's evidence. Nothing here is wired into classification yet.
