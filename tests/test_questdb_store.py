@@ -63,7 +63,7 @@ async def write(url: str, table: str, *rows: tuple[str, str, datetime]) -> None:
     try:
         before = await conn.fetchval(f"SELECT count() FROM {table}")
         await conn.executemany(
-            f"INSERT INTO {table} VALUES ($1, $2, 'x', $3)",
+            f"INSERT INTO {table} (session_id, state, note, created) VALUES ($1, $2, 'x', $3)",
             [(sid, state, at.replace(tzinfo=None)) for sid, state, at in rows],
         )
         deadline = time.monotonic() + 15
@@ -221,3 +221,23 @@ async def test_a_stalled_store_times_out_and_opens_the_breaker(
 def test_names_that_are_not_plain_are_refused() -> None:
     with pytest.raises(ValueError, match="table 'x; DROP TABLE y' is not a plain name"):
         QuestDBSettings("postgresql://q/qdb", "x; DROP TABLE y", "id", "ts")
+
+
+async def test_columns_asyncpg_cannot_read_are_a_query_failure_or_left_out(
+    questdb: QuestDB, table: str
+) -> None:
+    await execute(questdb.url, f"ALTER TABLE {table} ADD COLUMN ip IPV4")
+    await write(questdb.url, table, (id_at(day(2)), "ACTIVE", day(2)))
+    every = QuestDBStore(settings(questdb.url, table, budget=2.0))
+    named = QuestDBStore(settings(questdb.url, table, budget=2.0, columns=("session_id", "state")))
+    for store in (every, named):
+        await store.open()
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            await every.look_up(id_at(day(2)), day(2))
+        assert raised.value.kind is StoreFailure.QUERY
+        found = await named.look_up(id_at(day(2)), day(2))
+        assert found.row == {"session_id": id_at(day(2)), "state": "ACTIVE"}
+    finally:
+        for store in (every, named):
+            await store.close()

@@ -14,7 +14,8 @@ without time zone, so its parameters are naive datetimes in UTC (aware ones are
 refused by asyncpg); `table_partitions()` takes the table's name as a literal; a
 `UUID` parameter goes as text. Columns asyncpg cannot read from QuestDB: `IPV4` and
 `GEOHASH` (decoding fails), arrays (their type lookup calls `set_config`, which QuestDB
-lacks); the row query selects `*`, so a table with them needs its own columns named.
+lacks); the row query reads every column unless `columns` names them, so name them for
+a table that has such columns.
 QuestDB drops a connection idle for 5 minutes: the pool lets go of idle ones first.
 
 Failures are `StoreUnavailable` with a `StoreFailure` kind: the caller falls back on
@@ -98,11 +99,16 @@ class QuestDBSettings:
     slack: timedelta = timedelta(minutes=1)
     """How long after its ID was minted a row may be written (and so, partitioned)."""
     pool_size: int = 4
+    columns: tuple[str, ...] = ()
+    """The row's columns to read; none named: all of them."""
 
     def __post_init__(self) -> None:
-        for what in ("table", "id_column", "timestamp_column"):
-            if not NAME.fullmatch(getattr(self, what)):
-                raise ValueError(f"{what} {getattr(self, what)!r} is not a plain name")
+        names = [("table", self.table), ("id_column", self.id_column)]
+        names += [("timestamp_column", self.timestamp_column)]
+        names += [("column", column) for column in self.columns]
+        for what, name in names:
+            if not NAME.fullmatch(name):
+                raise ValueError(f"{what} {name!r} is not a plain name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +181,7 @@ class QuestDBStore:
     def __post_init__(self) -> None:
         s = self.settings
         self._row_query = (
-            f"SELECT * FROM {s.table} WHERE {s.timestamp_column} >= $1"
+            f"SELECT {', '.join(s.columns) or '*'} FROM {s.table} WHERE {s.timestamp_column} >= $1"
             f" AND {s.timestamp_column} < $2 AND {s.id_column} = $3 LIMIT 1"
         )
         self._tables_query = (
@@ -294,7 +300,7 @@ class QuestDBStore:
                 conn.terminate()  # a stalled link is dropped, never waited for
             self.breaker.failed()
             raise self._failed(StoreFailure.TIMEOUT, f"no answer within {timeout:g} s") from None
-        except asyncpg.PostgresError as exc:
+        except (asyncpg.PostgresError, AssertionError) as exc:  # AssertionError: asyncpg's decoder
             self.breaker.failed()
             raise self._failed(StoreFailure.QUERY, str(exc)) from exc
         except UNREACHABLE as exc:
