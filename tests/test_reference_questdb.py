@@ -130,6 +130,11 @@ async def test_a_dropped_partition_takes_its_sessions(service: Service) -> None:
     await seed(reference.pool, reference.table, days=3, per_day=4)
     oldest = (datetime.now(UTC) - timedelta(days=3)).strftime("exec_%Y%m%d_000000_00000001")
     await eventually(client, f"/api/sessions/{oldest}", 200)
+    deleted = oldest.replace("000000_00000001", "120000_00000003")  # the third: DELETED
+    assert await status_of(client, f"/api/sessions/{deleted}") == 404
+    async with client.get(f"/api/sessions/{deleted}?include_deleted=1") as response:
+        body = await response.json()
+        assert body["state"] == "DELETED" and body["deleted_at"] == body["created_at"]
     dropped = await reference.drop_oldest_partition()
     assert dropped == f"{oldest[5:9]}-{oldest[9:11]}-{oldest[11:13]}"
     await eventually(client, f"/api/sessions/{oldest}", 404)

@@ -112,7 +112,8 @@ async def create_table(conn: asyncpg.Connection, table: str, ttl_days: int) -> N
 
 
 async def seed(conn: asyncpg.Connection, table: str, days: int, per_day: int) -> None:
-    """Sessions of the last `days` days (none today), `per_day` a day, in one INSERT."""
+    """Sessions of the last `days` days (none today), `per_day` a day, in one INSERT: a
+    fifth each ACTIVE, PAUSED, STOPPED, DELETED (since its creation) and ARCHIVED."""
     start = (datetime.now(UTC) - timedelta(days=days)).replace(
         hour=0, minute=0, second=0, microsecond=0, tzinfo=None
     )
@@ -121,7 +122,9 @@ async def seed(conn: asyncpg.Connection, table: str, days: int, per_day: int) ->
     await conn.execute(
         f"INSERT INTO {table_name(table)} SELECT"
         " concat('exec_', to_str(ts, 'yyyyMMdd_HHmmss'), '_', lpad(cast(x AS string), 8, '0')),"
-        " rnd_symbol('ACTIVE', 'PAUSED', 'STOPPED', 'DELETED', 'ARCHIVED'), ts, ts, null"
+        " cast(CASE x % 5 WHEN 0 THEN 'ACTIVE' WHEN 1 THEN 'PAUSED' WHEN 2 THEN 'STOPPED'"
+        " WHEN 3 THEN 'DELETED' ELSE 'ARCHIVED' END AS SYMBOL), ts, ts,"
+        " CASE WHEN x % 5 = 3 THEN ts END"
         f" FROM (SELECT x, dateadd('s', cast((x - 1) * {step} AS int), {origin}) ts"
         f" FROM long_sequence({int(days * per_day)}))",
         timeout=60,
