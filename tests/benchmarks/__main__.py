@@ -1,7 +1,7 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
     python -m tests.benchmarks [--seconds 5] [--only PART,...] [--before DIR]
-        (parts: hop, streaming, misses, recording, import, prune, fleet; --before: a
+        (parts: hop, streaming, misses, recording, import, prune, fleet, questdb; --before: a
         checkout of an earlier commit the hop part measures beside the current one)
 
 Needs nginx, wrk, ab and curl (Debian: nginx-light, wrk, apache2-utils, curl). Each part runs in a
@@ -36,8 +36,9 @@ PARTS = {
     "import": "Importing 1 M sessions from a database and from a file",
     "prune": "Pruning 10 M of 50 M audit entries while the service writes",
     "fleet": "Many sidecars, one PostgreSQL: recording and misses as the fleet grows",
+    "questdb": "The service's QuestDB as evidence: a miss's row query and the metadata refresh",
 }
-MODULES = {"import": "imports"}
+MODULES = {"import": "imports", "questdb": "questdb_store"}
 """Parts whose module is not named like the part (`import` is a keyword)."""
 
 
