@@ -25,6 +25,7 @@ from .config import (
     file_source,
     load_config,
     parse_address,
+    parse_database_url,
     parse_duration,
     positive_duration,
     read_file,
@@ -183,6 +184,11 @@ def _add_demo(demo: argparse.ArgumentParser) -> None:
         help="where the reference session service listens (default 127.0.0.1:8000)",
     )  # fmt: skip
     demo.add_argument("--seed", type=int, help="seed of the traffic generator")
+    demo.add_argument(
+        "--questdb", metavar="URL",
+        help="keep the reference service's sessions in this QuestDB (its PostgreSQL wire URL,"
+        " e.g. postgresql://admin:quest@127.0.0.1:8812/qdb) instead of the embedded PostgreSQL",
+    )  # fmt: skip
 
 
 def _demo_options(args: argparse.Namespace) -> DemoOptions:
@@ -191,6 +197,7 @@ def _demo_options(args: argparse.Namespace) -> DemoOptions:
         "service_listen": parse_address,
         "duration": _demo_duration,
         "rate": _demo_rate,
+        "questdb": parse_database_url,
     }
     values: dict[str, Any] = {}
     problems = []
@@ -204,7 +211,9 @@ def _demo_options(args: argparse.Namespace) -> DemoOptions:
             problems.append(Problem(name, f"flag --{name.replace('_', '-')}", str(exc)))
     if problems:
         raise ConfigError(problems)
-    return DemoOptions(values["duration"], values["rate"], values["service_listen"], args.seed)
+    return DemoOptions(
+        values["duration"], values["rate"], values["service_listen"], args.seed, values["questdb"]
+    )
 
 
 def _demo_duration(text: str) -> float:
