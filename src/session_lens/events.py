@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from .routes import Action
 
 
+def _plain(text: str) -> bool:
+    """Whether JSON writes `text` as it is between its quotes."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One lifecycle change the upstream confirmed (or a creation that did not complete)."""
@@ -39,9 +44,15 @@ class Event:
         return cls(event_id, session_id, action, ok, when, request_id, detail)
 
     def line(self) -> bytes:
-        """The event as one spool line."""
-        fields = [self.event_id, self.session_id, self.action.value, self.ok, self.at,
-                  self.request_id, self.detail]  # fmt: skip
+        """The event as one spool line: a JSON array."""
+        session_id, request_id = self.session_id, self.request_id
+        if self.detail is None and _plain(session_id) and _plain(request_id):
+            # What json.dumps writes for these fields, without its cost on every event.
+            ok = "true" if self.ok else "false"
+            text = f'["{self.event_id}","{session_id}","{self.action.value}",{ok},'
+            return f'{text}{self.at!r},"{request_id}",null]\n'.encode()
+        fields = [self.event_id, session_id, self.action.value, self.ok, self.at,
+                  request_id, self.detail]  # fmt: skip
         return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
 
     @classmethod

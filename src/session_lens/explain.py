@@ -21,6 +21,7 @@ from .events import Event
 from .in_flight import InFlight, overlay
 from .metrics import Metrics
 from .reasons import Reason
+from .replay import as_of, checked
 from .retention import Fate, StoreRetention
 from .schema import SessionState
 from .store import (
@@ -30,6 +31,7 @@ from .store import (
     StoreError,
     StoreUnavailable,
     Trail,
+    as_it_is,
     read_evidence,
     read_timeline,
     read_trails,
@@ -43,6 +45,8 @@ HEALTH_TIMEOUT = 1.0
 EXPLAIN_TIMEOUT = 5.0
 HORIZON_REFRESH = 60.0
 """How often the horizon gauge is read again when nothing else reads it."""
+TIMELINE_LIMIT = 1000
+"""The most audit entries `explain` reads of one ID."""
 MAX_AUDIT_REASON = 200
 TRAILS_TIMEOUT = 30.0
 """The longest a batch of trails may take to read: no one is waiting on an answer."""
@@ -179,10 +183,40 @@ class Report:
     """Events this process has seen and not stored yet, laid over `evidence`."""
     doubt: str | None = None
     """Why no evidence does not mean never existed yet (observed mode): the reason is unknown."""
+    at: datetime | None = None
+    """The moment replayed (the evidence as it stood then); None: now."""
+    given: Reason | None = None
+    """The reason the miss at `at` was given, when the asker knows it (an exemplar's)."""
+    limits: list[str] = field(default_factory=list)
+    """What of the moment the records cannot replay."""
 
     def why(self) -> str:
-        """The reason a miss would get now, in a sentence a person can act on."""
+        """The reason a miss gets (at `at`, or now), in a sentence a person can act on."""
         return self.because(self.reason)
+
+    def replay_notes(self) -> list[str]:
+        """What a replay cannot say, and where the reason given then differs from it."""
+        notes = list(self.limits)
+        given = self.given
+        if self.at is not None and given is None:
+            notes.append(
+                "a replay cannot tell whether the evidence was had in time then: a miss given"
+                " unknown (a timeout, the breaker open, the database down) got unknown whatever"
+                " the records say"
+            )
+        elif given is Reason.UNKNOWN:
+            notes.append(
+                "the miss was given unknown: the evidence was not had in time (a timeout, the"
+                " breaker open, the database down), which cannot be replayed; as the records"
+                f" stood then, it would have been {self.reason}"
+            )
+        elif given is not None and given not in (self.reason, self.reason_with_include_deleted):
+            notes.append(
+                f"the miss was given {given}, the records as replayed give {self.reason}: they"
+                " changed within moments of it (or the sidecar's clock differs from the"
+                " database's)"
+            )
+        return notes
 
     def why_with_include_deleted(self) -> str:
         """The reason a miss asked with `include_deleted=true` would get, in a sentence."""
@@ -321,8 +355,11 @@ _SHOWS: dict[Reason, Callable[[Report], str]] = {
 
 
 def _ago(report: Report, moment: datetime | None) -> str:
-    """How long before the evidence was read `moment` was."""
-    return "at an unknown time" if moment is None else f"{_span(report.evidence.now - moment)} ago"
+    """How long before the evidence was read (or the moment replayed) `moment` was."""
+    if moment is None:
+        return "at an unknown time"
+    span = _span(report.evidence.now - moment)
+    return f"{span} ago" if report.at is None else f"{span} before then"
 
 
 def _latest(report: Report) -> AuditEntry | None:
@@ -398,7 +435,11 @@ class Explainer:
         """Create the pool; it connects on first use, so a down database does not stop start-up."""
         if self._dsn is not None:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=0, max_size=POOL_SIZE, max_inactive_connection_lifetime=60
+                self._dsn,
+                min_size=0,
+                max_size=POOL_SIZE,
+                max_inactive_connection_lifetime=60,
+                reset=as_it_is,
             )
             self._watch = asyncio.create_task(self._watch_horizon(), name="session-lens horizon")
 
@@ -555,18 +596,30 @@ class Explainer:
                 said = problem
             await asyncio.sleep(HORIZON_REFRESH)
 
-    async def report(self, session_id: str) -> Report:
-        """State, audit timeline and the reason a lookup would get now; raises StoreError."""
+    async def report(
+        self, session_id: str, at: datetime | None = None, given: Reason | None = None
+    ) -> Report:
+        """State, audit timeline and the reason a lookup would get now, or got at `at`
+        (the evidence replayed as it stood then); raises StoreError, or ReplayError for
+        an `at` no miss of the ID can have happened at."""
         if self._pool is None:
             raise StoreUnavailable("no database configured")
         events = self._in_flight_of(session_id)  # before the query: see `_explain`
         evidence = await read_evidence(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
-        timeline = await read_timeline(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
+        timeline = await read_timeline(
+            self._pool, self._queries, session_id, EXPLAIN_TIMEOUT, TIMELINE_LIMIT
+        )
         self._saw(evidence)
-        retained = self._retained(session_id, evidence.now)
         minted = self._ids.minted_at(session_id)
         if minted is None:
             raise ValueError(f"{session_id[:64]!r} is not a valid session ID")
+        limits: list[str] = []
+        if at is not None:
+            checked(at, minted, self._config.max_future_skew, evidence.now)
+            complete = len(timeline) < TIMELINE_LIMIT
+            evidence, limits = as_of(evidence, timeline, at, complete)
+            events = [event for event in events if event.at <= at.timestamp()]
+        retained = self._retained(session_id, evidence.now)
         seen = overlay(evidence, events) if events else evidence
         reason, doubt = self._judge(session_id, seen, False, retained)
         asked, doubted = self._judge(session_id, seen, True, retained)
@@ -582,6 +635,9 @@ class Explainer:
             self._config.creation_timeout,
             events,
             doubt or doubted,
+            at,
+            given,
+            limits,
         )
 
     async def explain_lookups(
@@ -666,6 +722,9 @@ def report_json(report: Report) -> dict[str, Any]:
     retained = report.retained
     return {
         "session_id": report.session_id,
+        "at": _iso(report.at),
+        "given": report.given.value if report.given else None,
+        "replay_notes": report.replay_notes(),
         "minted_at": _iso(report.minted_at),
         "tracking_horizon": _iso(evidence.horizon),
         "store_retention": None

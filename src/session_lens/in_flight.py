@@ -32,7 +32,8 @@ class InFlight:
     __slots__ = ("_by_session", "_count", "newest", "overflow")
 
     def __init__(self) -> None:
-        self._by_session: dict[str, list[Event]] = {}
+        self._by_session: dict[str, dict[str, Event]] = {}
+        """Each session's events by ID, in the order they came."""
         self._count = 0
         self.newest = 0.0
         """The time of the newest event ever added (seconds since the epoch)."""
@@ -48,20 +49,19 @@ class InFlight:
         if self._count >= MAX_IN_FLIGHT:
             self.overflow = True
             return
-        self._by_session.setdefault(event.session_id, []).append(event)
-        self._count += 1
+        held = self._by_session.setdefault(event.session_id, {})
+        if event.event_id not in held:
+            held[event.event_id] = event
+            self._count += 1
 
     def stored(self, events: Iterable[Event]) -> None:
         """The database has `events` now."""
         for event in events:
             held = self._by_session.get(event.session_id)
-            if held is None:
+            if held is None or held.pop(event.event_id, None) is None:
                 continue
-            kept = [e for e in held if e.event_id != event.event_id]
-            self._count -= len(held) - len(kept)
-            if kept:
-                self._by_session[event.session_id] = kept
-            else:
+            self._count -= 1
+            if not held:
                 del self._by_session[event.session_id]
 
     def clear(self) -> None:
@@ -72,7 +72,8 @@ class InFlight:
 
     def of(self, session_id: str) -> list[Event]:
         """The events in flight for one session, oldest first."""
-        return sorted(self._by_session.get(session_id, ()), key=lambda e: (e.at, e.event_id))
+        held = self._by_session.get(session_id, {})
+        return sorted(held.values(), key=lambda e: (e.at, e.event_id))
 
 
 def overlay(evidence: Evidence, events: Sequence[Event]) -> Evidence:

@@ -29,6 +29,9 @@ EVENT_RESULTS = (
     "future",
     "unidentified",
 )
+ANSWERED_BY = ("upstream", "session_lens")
+"""Who gave a request's answer: the upstream (read to its end) or session-lens itself
+(an invalid ID, a refusal, a 502 or 504, an answer cut short)."""
 CLASSIFICATION_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 )  # fmt: skip
@@ -111,15 +114,24 @@ class Metrics:
         )
         request_duration = declare.histogram(
             "request_duration_seconds",
-            "Time from a request's arrival to the last byte of its answer.",
+            "Time from a request's arrival to the last byte of its answer; answered_by"
+            " upstream: the requests upstream_duration_seconds times, session_lens: the rest.",
             LATENCY_BUCKETS,
             "kind",
+            "answered_by",
         )
         upstream_duration = declare.histogram(
             "upstream_duration_seconds",
             "Time from sending a request upstream to the last byte of its answer.",
             LATENCY_BUCKETS,
             "kind",
+        )
+        upstream_responses = declare.counter(
+            "upstream_responses_total",
+            "Answers the upstream gave, by request kind and their status class"
+            " (session-lens' own 502 and 504 are not among them).",
+            "kind",
+            "code",
         )
         upstream_errors = declare.counter(
             "upstream_errors_total",
@@ -175,8 +187,13 @@ class Metrics:
         self.not_found = {(r, why): not_found.labels(r, why) for r in routes for why in Reason}
         self.invalid_ids = {(r, rule): invalid_ids.labels(r, rule) for r in routes for rule in Rule}
         self.requests = {(k, c): requests.labels(k, c) for k in Kind for c in StatusClass}
-        self.request_duration = {k: request_duration.labels(k) for k in Kind}
+        self.request_duration = {
+            (k, by): request_duration.labels(k, by) for k in Kind for by in ANSWERED_BY
+        }
         self.upstream_duration = {k: upstream_duration.labels(k) for k in Kind}
+        self.upstream_responses = {
+            (k, c): upstream_responses.labels(k, c) for k in Kind for c in StatusClass
+        }
         self.upstream_errors = {e: upstream_errors.labels(e) for e in UpstreamError}
         self.classifier_errors = {k: classifier_errors.labels(k) for k in CLASSIFIER_ERRORS}
         self.lifecycle_events = {

@@ -32,6 +32,8 @@ from .migrations import (
 )
 from .page import triage_page
 from .prune import Horizon, Preview, PruneError, Pruning, Stage
+from .reasons import Reason
+from .replay import ReplayError
 from .retention import Period
 from .schema import Tables
 from .store import StoreError
@@ -145,8 +147,15 @@ def _versions(versions: Iterable[int]) -> str:
     return ", ".join(f"{v:03d}" for v in versions)
 
 
-async def run_explain(config: Config, session_id: str, out: TextIO = sys.stdout) -> int:
-    """Print what the lifecycle tables say of one ID; returns the exit code."""
+async def run_explain(
+    config: Config,
+    session_id: str,
+    at: datetime | None = None,
+    given: Reason | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Print what the lifecycle tables say of one ID (at the moment `at`, when given);
+    returns the exit code."""
     rule = config.id_validator.check(session_id)
     if rule is not None:
         print(f"{session_id[:64]!r} is not a valid session ID ({rule}): invalid_format", file=out)
@@ -155,9 +164,12 @@ async def run_explain(config: Config, session_id: str, out: TextIO = sys.stdout)
     explainer = Explainer(config, Metrics(CollectorRegistry(), ()), config.database_url)
     await explainer.open()
     try:
-        report = await explainer.report(session_id)
+        report = await explainer.report(session_id, at, given)
     except StoreError as exc:
         raise DatabaseError(f"cannot read the lifecycle tables: {exc.detail}") from exc
+    except ReplayError as exc:
+        print(f"session-lens: --at: {exc}", file=sys.stderr)
+        return 2
     finally:
         await explainer.close()
     print(format_report(report), file=out)
@@ -183,8 +195,13 @@ def format_report(report: Report) -> str:
             lines.append(f"deleted   {_when(evidence.deleted_at)}")
     else:
         lines.append("state     (no row)")
-    lines.append(f"a miss now would be: {report.reason}")
+    if report.at is None:
+        lines.append(f"a miss now would be: {report.reason}")
+    else:
+        given = f" (it was given {report.given})" if report.given else ""
+        lines.append(f"a miss at {_when(report.at)} was: {report.reason}{given}")
     lines.append(f"  {report.why()}")
+    lines.extend(f"  replay: {note}" for note in report.replay_notes())
     note = report.retained.note() if report.retained else None
     if note:
         lines.append(f"  note: {note}")

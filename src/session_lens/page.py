@@ -36,6 +36,7 @@ ol.timeline li.last::before { background: #d9480f; }
 .move { font-weight: 600; }
 .meta { color: #5c6670; }
 .empty { color: #5c6670; }
+ol.timeline li.later { color: #868e96; }
 """
 
 
@@ -93,21 +94,36 @@ def report_page(report: dict[str, Any]) -> str:
                 f" ({_text(retention['fate'])})",
             )
         )
+    lead, why = report["reason"], report["why"]
+    other, other_why = report["reason_with_include_deleted"], report["why_with_include_deleted"]
+    asked, other_asked = "", "asked with <code>include_deleted=true</code>"
+    if report.get("given") == other != lead:  # the miss asked for deleted sessions too
+        lead, why, other, other_why = other, other_why, lead, why
+        asked, other_asked = " with <code>include_deleted=true</code>", "asked without it"
     also = ""
-    if report["reason_with_include_deleted"] != report["reason"]:
-        also = (
-            '<p class="also">asked with <code>include_deleted=true</code>: '
-            f"<code>{_text(report['reason_with_include_deleted'])}</code>,"
-            f" {_text(report['why_with_include_deleted'])}</p>"
+    if other != lead:
+        also = f'<p class="also">{other_asked}: <code>{_text(other)}</code>, {_text(other_why)}</p>'
+    notes = [report["note"], *report.get("replay_notes", ())]
+    note = "".join(f'<p class="note">{_text(text)}</p>' for text in notes if text)
+    at = report.get("at")
+    if at is None:
+        headline = f"A lookup{asked} now would be answered <strong>{_text(lead)}</strong>"
+    else:
+        given = report.get("given")
+        said = f" (it was given <code>{_text(given)}</code>)" if given else ""
+        headline = (
+            f"A lookup{asked} at {_time(at)}, the evidence replayed as it stood then, gets"
+            f" <strong>{_text(lead)}</strong>{said}"
         )
-    note = f'<p class="note">{_text(report["note"])}</p>' if report["note"] else ""
     reason = (
-        f'<section class="reason" id="reason" data-reason="{_text(report["reason"])}">'
-        f"A lookup now would be answered <strong>{_text(report['reason'])}</strong>"
-        f'<p class="why">{_text(report["why"])}</p>{also}{note}</section>'
+        f'<section class="reason" id="reason" data-reason="{_text(lead)}">'
+        f'{headline}<p class="why">{_text(why)}</p>{also}{note}</section>'
     )
+    moment = None if at is None else datetime.fromisoformat(at)
+    shown = [e for e in timeline if moment is None or datetime.fromisoformat(e["at"]) <= moment]
     rows = "".join(
-        _entry(entry, last=number == len(timeline)) for number, entry in enumerate(timeline, 1)
+        _entry(entry, last=number == len(shown), later=number > len(shown))
+        for number, entry in enumerate(timeline, 1)
     )
     history = (
         f'<ol class="timeline">{rows}</ol>'
@@ -137,14 +153,16 @@ def problem_page(title: str, detail: str, session_id: str | None = None) -> str:
     return _document(f"session-lens: {title}", body)
 
 
-def _entry(entry: dict[str, Any], last: bool) -> str:
+def _entry(entry: dict[str, Any], last: bool, later: bool = False) -> str:
     old, new = entry["from"] or "(none)", entry["to"] or "(none)"
     meta = [f"trigger {_text(entry['trigger'])}"] if entry["trigger"] else []
     if entry["actor"]:
         meta.append(f"by {_text(entry['actor'])}")
     reason = f'<div class="why">{_text(entry["reason"])}</div>' if entry["reason"] else ""
+    kind = " class=last" if last else " class=later" if later else ""
+    after = ' <span class="meta">(after the moment replayed)</span>' if later else ""
     return (
-        f"<li{' class=last' if last else ''}>{_time(entry['at'])}"
+        f"<li{kind}>{_time(entry['at'])}{after}"
         f' <span class="move">{_text(old)} → {_text(new)}</span>'
         f' <span class="meta">{", ".join(meta)}</span>{reason}</li>'
     )

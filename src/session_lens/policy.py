@@ -72,6 +72,11 @@ class Policy:
         self.drain.begin()
         self._metrics.inflight.inc()
 
+    def answered(self, exchange: Exchange, status: int) -> None:
+        """The upstream's answer to a request began with `status`: counted as the upstream's."""
+        exchange.status = status
+        self._metrics.upstream_responses[exchange.kind, StatusClass.of(status)].inc()
+
     def finish(self, exchange: Exchange) -> None:
         """Count a request answered: in flight no more, its status and durations."""
         self.drain.finish()
@@ -79,8 +84,11 @@ class Policy:
         kind = exchange.kind
         if exchange.status:
             self._metrics.requests[kind, StatusClass.of(exchange.status)].inc()
-        self._metrics.request_duration[kind].observe(time.perf_counter() - exchange.started)
-        if exchange.upstream_seconds is not None:
+        took = time.perf_counter() - exchange.started
+        if exchange.upstream_seconds is None:
+            self._metrics.request_duration[kind, "session_lens"].observe(took)
+        else:
+            self._metrics.request_duration[kind, "upstream"].observe(took)
             self._metrics.upstream_duration[kind].observe(exchange.upstream_seconds)
 
     # Answers of our own

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from .in_flight import MAX_IN_FLIGHT, InFlight
 from .metrics import Metrics
 from .routes import TARGET_STATE, Action
 from .schema import TRANSITIONS, SessionState, Tables
-from .store import UNREACHABLE, refused_for_itself, remedy
+from .store import UNREACHABLE, as_it_is, refused_for_itself, remedy
 
 log = logging.getLogger("session_lens.recorder")
 
@@ -195,7 +196,7 @@ class EventWriter:
         self._metrics = metrics
         # One statement, one round trip: its own transaction, the actor set for it first.
         self._record_sql = (
-            "SELECT {record_batch}($1, $2, $3, $4, $5, $6, $7)"
+            "SELECT {record_events}($1, $2, $3, $4, $5, $6, $7)"
             " FROM (SELECT set_config('session_lens.actor', 'session-lens', true)) AS actor"
         ).format(**tables.names)
 
@@ -239,9 +240,10 @@ class EventWriter:
         events = sorted(batch, key=lambda event: event.session_id)
         async with pool.acquire() as conn:
             befores = await conn.fetchval(self._record_sql, *_columns(events))
+        counted: Counter[tuple[Action, str]] = Counter()
         for event, before in zip(events, befores, strict=True):
             result = _result(event, before)
-            self._metrics.lifecycle_events[event.action, result].inc()
+            counted[event.action, result] += 1
             if result == "future":
                 log.error(
                     "refused a lifecycle event stamped in the future: is this host's clock right?",
@@ -251,6 +253,8 @@ class EventWriter:
                         "occurred_at": datetime.fromtimestamp(event.at, UTC).isoformat(),
                     },
                 )
+        for (action, result), count in counted.items():
+            self._metrics.lifecycle_events[action, result].inc(count)
 
 
 def _parse(lines: list[tuple[int, bytes]]) -> list[tuple[int, Event | None]]:
@@ -267,21 +271,24 @@ def _parse(lines: list[tuple[int, bytes]]) -> list[tuple[int, Event | None]]:
 
 def _columns(events: list[Event]) -> list[list[Any]]:
     """The events as the record function's arrays, one a column."""
-    columns: list[list[Any]] = [[], [], [], [], [], [], []]
+    columns: list[list[Any]] = [[] for _ in range(7)]
+    ids, sessions, actions, states, oks, ats, reasons = columns
     for event in events:
         target = TARGET_STATE[event.action]
-        row = (
-            uuid.UUID(event.event_id),
-            event.session_id,
-            event.action.value,
-            target.value if target is not None and event.ok else None,
-            event.ok,
-            datetime.fromtimestamp(event.at, UTC),
-            event.detail or f"request {event.request_id}",
-        )
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
+        ids.append(event.event_id)
+        sessions.append(event.session_id)
+        actions.append(event.action.value)
+        states.append(target.value if target is not None and event.ok else None)
+        oks.append(event.ok)
+        ats.append(_micros(event.at))
+        reasons.append(event.detail or f"request {event.request_id}")
     return columns
+
+
+def _micros(at: float) -> int:
+    """Microseconds since the epoch, rounded as `datetime.fromtimestamp` rounds."""
+    whole = int(at)
+    return whole * 1_000_000 + round((at - whole) * 1_000_000)
 
 
 class Recorder:
@@ -334,6 +341,7 @@ class Recorder:
         self._attempting: asyncio.Future[None] | None = None
         """The write attempt under way, if any."""
         self._pending = 0
+        self._gauges_due = False
         self._outage_since: float | None = None
         self._full = False
         self.last_error: str | None = None
@@ -357,7 +365,9 @@ class Recorder:
                 self._started_at = min(self._started_at, datetime.fromtimestamp(oldest, UTC))
         self._publish()
         if self._dsn is not None:
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=0, max_size=2)
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=0, max_size=2, reset=as_it_is
+            )
             # Before the first request, when the database lets us in time; else the
             # writer says it as soon as the database is back.
             with contextlib.suppress(TimeoutError, *UNREACHABLE, asyncpg.PostgresError):
@@ -403,7 +413,10 @@ class Recorder:
         self._pending += 1
         self._fresh.append((start, self._spool.size, event))
         self.in_flight.add(event)
-        self._publish()
+        self._drained.clear()
+        if not self._gauges_due:  # the gauges once a turn of the loop, not once an event
+            self._gauges_due = True
+            asyncio.get_running_loop().call_soon(self._publish)
         self._wake.set()
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -556,6 +569,7 @@ class Recorder:
         await self._drained.wait()
 
     def _publish(self) -> None:
+        self._gauges_due = False
         if self._pending:
             self._drained.clear()
         else:

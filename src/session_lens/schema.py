@@ -64,6 +64,7 @@ class Tables:
             "events": quote_ident(prefix + "session_lens_events"),
             "record": quote_ident(prefix + "session_lens_record"),
             "record_batch": quote_ident(prefix + "session_lens_record_batch"),
+            "record_events": quote_ident(prefix + "session_lens_record_events"),
             "tracking": quote_ident(prefix + "session_lens_tracking"),
             "replays": quote_ident(prefix + "session_lens_replays"),
             "audit_session_idx": quote_ident(prefix + "session_audit_session_id_idx"),

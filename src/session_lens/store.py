@@ -139,6 +139,12 @@ async def read_timeline(
     return [AuditEntry(*row.values()) for row in rows]
 
 
+async def as_it_is(conn: asyncpg.Connection) -> None:
+    """A pool's `reset`: nothing. Its connections run single statements that leave no
+    session state (settings and locks are the transaction's), so the default reset's
+    round trip (`RESET ALL`, `UNLISTEN *`, ...) on every release buys nothing."""
+
+
 async def _fetch(
     pool: asyncpg.Pool, timeout: float, query: str, *args: object
 ) -> asyncpg.Record | None:

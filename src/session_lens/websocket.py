@@ -306,6 +306,7 @@ class WebSocketRelay:
         except aiohttp.WSServerHandshakeError as exc:
             # The upstream answered, but not with 101: its answer goes back whole.
             given = exc.headers or CIMultiDict()
+            self._policy.answered(exchange, exc.status)
             return await _relay_refusal(request, exchange, exc.status, given, answer.body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             if request.transport is None or request.transport.is_closing():
@@ -323,7 +324,7 @@ class WebSocketRelay:
         client.relay_headers(_end_to_end(answer.headers, _HANDSHAKE))
         try:
             await client.prepare(request)
-            exchange.status = 101
+            self._policy.answered(exchange, 101)
             await bridge(client, upstream, self._policy.drain.started)
         finally:
             await upstream.close()

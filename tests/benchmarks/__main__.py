@@ -1,8 +1,9 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
     python -m tests.benchmarks [--seconds 5] [--only PART,...] [--before DIR]
-        (parts: hop, streaming, misses, recording, import, prune, fleet, triage; --before: a
-        checkout of an earlier commit the hop part measures beside the current one)
+        (parts: hop, streaming, misses, recording, import, prune, fleet, image, questdb,
+        triage;
+        --before: a checkout of an earlier commit the hop part measures beside the current one)
 
 Needs nginx, wrk, ab and curl (Debian: nginx-light, wrk, apache2-utils, curl). Each part runs in a
 process of its own, one after the other, and prints markdown; this collects
@@ -36,9 +37,11 @@ PARTS = {
     "import": "Importing 1 M sessions from a database and from a file",
     "prune": "Pruning 10 M of 50 M audit entries while the service writes",
     "fleet": "Many sidecars, one PostgreSQL: recording and misses as the fleet grows",
+    "image": "The image: size, build, start, and the hop in a container",
+    "questdb": "The service's QuestDB as evidence: a miss's row query and the metadata refresh",
     "triage": "Triage of 1 M log lines over 50 000 IDs",
 }
-MODULES = {"import": "imports"}
+MODULES = {"import": "imports", "questdb": "questdb_store"}
 """Parts whose module is not named like the part (`import` is a keyword)."""
 
 
@@ -96,6 +99,7 @@ def main() -> None:
             + (["--before", args.before] if args.before else []),
             "recording": ["--seconds", str(args.seconds * 2)],
             "fleet": ["--seconds", str(args.seconds)],
+            "image": ["--seconds", str(args.seconds)],
         }.get(part, [])
         print(f"-- {part}", file=sys.stderr, flush=True)
         started = time.monotonic()

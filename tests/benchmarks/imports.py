@@ -6,8 +6,10 @@ Starts the embedded PostgreSQL in a temporary directory, builds a foreign store 
 own shape there (another database: custom column names, a status mapped by a CASE
 expression) and the same rows as a CSV file, then runs `session-lens import` in a
 subprocess from each into a fresh lifecycle store, and once more from the database
-(every session already known). The memory figure is the import process's peak RSS
-(ru_maxrss, from wait4).
+(every session already known). With the pinned QuestDB jar fetched (`.ci/questdb-jar`),
+the same rows also come from a real QuestDB: a WAL table partitioned by day, the status
+a SYMBOL, the key a VARCHAR, the times TIMESTAMPs. The memory figure is the import
+process's peak RSS (ru_maxrss, from wait4).
 """
 
 import argparse
@@ -24,6 +26,8 @@ import asyncpg
 from session_lens.embedded import start_embedded
 from tests.benchmarks.tools import mib
 from tests.conftest import with_database
+from tests.questdb import QuestDB
+from tests.questdb import missing as questdb_missing
 
 STATUS_TO_STATE = (
     "CASE status WHEN 'live' THEN 'ACTIVE' WHEN 'held' THEN 'PAUSED' WHEN 'gone' THEN 'DELETED'"
@@ -44,10 +48,36 @@ ROWS_SQL = (
 )
 
 
+QUESTDB_ROWS_SQL = (
+    "INSERT INTO service_sessions SELECT"
+    " concat('exec_', to_str(ts, 'yyyyMMdd_HHmmss'), '_', lpad(cast(x AS string), 8, '0')),"
+    " cast(CASE x % 5 WHEN 0 THEN 'live' WHEN 1 THEN 'live' WHEN 2 THEN 'held'"
+    " WHEN 3 THEN 'gone' ELSE 'cold' END AS SYMBOL), ts, dateadd('s', cast(x AS int),"
+    " '2025-06-01T00:00:00Z') FROM (SELECT x, dateadd('s', cast(x AS int),"
+    " '2025-01-01T00:00:00Z') ts FROM long_sequence({rows}))"
+)
+
+
+async def prepare_questdb(url: str, rows: int) -> None:
+    """The same rows in a QuestDB WAL table, applied and visible."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "CREATE TABLE service_sessions (session_key VARCHAR, status SYMBOL, born TIMESTAMP,"
+            " changed TIMESTAMP) TIMESTAMP(born) PARTITION BY DAY WAL"
+        )
+        await conn.execute(QUESTDB_ROWS_SQL.format(rows=rows))
+        # QuestDB tells no one when its write-ahead log is applied: ask until it is.
+        while await conn.fetchval("SELECT count() FROM service_sessions") < rows:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
 async def prepare(url: str, rows: int, csv_path: Path) -> tuple[str, list[str]]:
     """The foreign database filled, the CSV written; the foreign URL and the store URLs."""
     admin = await asyncpg.connect(url)
-    for name in ("foreign_store", "lens_db", "lens_file"):
+    for name in ("foreign_store", "lens_db", "lens_file", "lens_questdb"):
         await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     foreign = with_database(url, "foreign_store")
@@ -66,7 +96,7 @@ async def prepare(url: str, rows: int, csv_path: Path) -> tuple[str, list[str]]:
         header=True,
     )
     await conn.close()
-    return foreign, [with_database(url, "lens_db"), with_database(url, "lens_file")]
+    return foreign, [with_database(url, name) for name in ("lens_db", "lens_file", "lens_questdb")]
 
 
 def run_import(store: str, *source: str) -> tuple[float, int, str]:
@@ -76,15 +106,17 @@ def run_import(store: str, *source: str) -> tuple[float, int, str]:
         "--lifecycle-source", "observed", "--state-expression", STATUS_TO_STATE, *source,
     ]  # fmt: skip
     started = time.monotonic()
-    with tempfile.TemporaryFile() as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.DEVNULL)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err)
         _, status, usage = os.wait4(process.pid, 0)
         took = time.monotonic() - started
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         printed = out.read().decode()
+        err.seek(0)
+        said = err.read().decode()[-2000:]
     if process.returncode != 0:
-        raise SystemExit(f"the import failed ({process.returncode}):\n{printed}")
+        raise SystemExit(f"the import failed ({process.returncode}):\n{printed}{said}")
     return took, usage.ru_maxrss * 1024, printed
 
 
@@ -96,9 +128,33 @@ def main() -> None:
     embedded = start_embedded(work, delete_on_exit=True)
     csv_path = work / "sessions.csv"
     started = time.monotonic()
-    foreign, (store_db, store_file) = asyncio.run(prepare(embedded.url, args.rows, csv_path))
+    foreign, stores = asyncio.run(prepare(embedded.url, args.rows, csv_path))
     built = time.monotonic() - started
-    for store in (store_db, store_file):
+    questdb = None if questdb_missing() else QuestDB(work / "questdb")
+    try:
+        if questdb is not None:
+            questdb.start()
+            asyncio.run(prepare_questdb(questdb.url, args.rows))
+        header = (
+            f"{args.rows:,} sessions (40% ACTIVE, 20% each PAUSED, DELETED, ARCHIVED), built in"
+            f" {built:.0f} s; the embedded PostgreSQL {embedded_version(embedded.url)} holds the"
+            " foreign store and the lifecycle stores; pages of 5,000 rows."
+        )
+        compare(args.rows, foreign, stores, csv_path, questdb, header)
+    finally:
+        if questdb is not None:
+            questdb.stop()
+    if questdb is None:
+        print(f"\nNo QuestDB row: {questdb_missing()}.")
+
+
+def compare(
+    rows: int, foreign: str, stores: list[str], csv_path: Path, questdb: QuestDB | None,
+    header: str,
+) -> None:  # fmt: skip
+    """Each source imported into a fresh lifecycle store, and the database once more."""
+    store_db, store_file, store_questdb = stores
+    for store in stores:
         subprocess.run(
             [sys.executable, "-m", "session_lens", "migrate", "--database-url", store],
             check=True, stdout=subprocess.DEVNULL,
@@ -111,18 +167,24 @@ def main() -> None:
         ("the same database again (all already known)", store_db, ("--from-database", foreign,
          "--query", QUERY)),
     ]  # fmt: skip
-    print(f"{args.rows:,} sessions (40% ACTIVE, 20% each PAUSED, DELETED, ARCHIVED), built in"
-          f" {built:.0f} s; the embedded PostgreSQL {embedded_version(embedded.url)} holds the"
-          " foreign store and the lifecycle stores; pages of 5,000 rows.\n")  # fmt: skip
+    if questdb is not None:
+        label = f"QuestDB {questdb_version(questdb.url)} (server-side cursor)"
+        runs.insert(1, (label, store_questdb, ("--from-database", questdb.url, "--query", QUERY)))
+    print(header + "\n")
     print("| source | rows | imported | already known | time | rows/s | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    measure(runs, rows)
+
+
+def measure(runs: list[tuple[str, str, tuple[str, ...]]], rows: int) -> None:
+    """One table row per import run."""
     for label, store, source in runs:
         took, peak, printed = run_import(store, *source)
         figures = dict(line.rsplit(None, 1) for line in printed.splitlines() if line[:1].isalpha())
         imported = figures.get("imported", "0")
         print(
             f"| {label} | {figures['rows read']} | {imported} | {figures['already known']}"
-            f" | {took:.1f} s | {args.rows / took:,.0f} | {mib(peak)} |"
+            f" | {took:.1f} s | {rows / took:,.0f} | {mib(peak)} |"
         )
 
 
@@ -131,6 +193,17 @@ def embedded_version(url: str) -> str:
         conn = await asyncpg.connect(url)
         try:
             return str(await conn.fetchval("SHOW server_version"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
+def questdb_version(url: str) -> str:
+    async def fetch() -> str:
+        conn = await asyncpg.connect(url)
+        try:
+            return str(await conn.fetchval("SELECT build()")).split(",")[0].split()[-1]
         finally:
             await conn.close()
 

@@ -6,9 +6,9 @@ Needs `nginx` and `wrk` (Debian: nginx-light, wrk). nginx is the upstream: it an
 `POST /api/sessions` (a create) with `201 {"id": …}`, the ID the request named in
 `X-Id`, and `POST /api/sessions/{id}/pause` with a small JSON body. wrk sends each
 kind with a new ID every request, at c=1 and c=16, straight to nginx, then through
-session-lens with recording off (`lifecycle_source = database`) and on (`observed`:
-the create's ID read from the answer, every event spooled and written to the embedded
-PostgreSQL); medians of three turns, the three paths taking turns.
+session-lens in database mode (`lifecycle_source = database`: nothing recorded) and in
+observed mode (the create's ID read from the answer, every event spooled and written to
+the embedded PostgreSQL); medians of three turns, the three paths taking turns.
 """
 
 import argparse
@@ -89,7 +89,7 @@ def main() -> None:
     try:
         wait_for(upstream)
         paths = {"direct to nginx": upstream}
-        for source, label in (("database", "recording off"), ("observed", "recording on")):
+        for source, label in (("database", "database mode"), ("observed", "observed mode")):
             process, url = lens(upstream, work / source, source)
             processes.append(process)
             paths[f"session-lens, {label}"] = url
@@ -106,12 +106,12 @@ def main() -> None:
             process.wait()
         nginx.terminate()
         nginx.wait()
-    print("| requests | c | path | req/s | p50 | p99 | req/s against recording off |")
+    print("| requests | c | path | req/s | p50 | p99 | req/s against database mode |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for (kind, connections, name), figures in runs.items():
         rate, p50, p99 = (statistics.median(column) for column in zip(*figures, strict=True))
         off = statistics.median(
-            f[0] for f in runs[kind, connections, "session-lens, recording off"]
+            f[0] for f in runs[kind, connections, "session-lens, database mode"]
         )
         print(
             f"| {kind} | {connections} | {name} | {rate:.0f} | {p50:.0f} µs | {p99:.0f} µs"

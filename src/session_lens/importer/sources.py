@@ -149,6 +149,11 @@ class DatabaseSource(Source):
             raise ImportFailed(f"lost {mask_url(self._url)}: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise ImportFailed(f"reading {mask_url(self._url)} failed: {exc}") from exc
+        except AssertionError as exc:  # asyncpg's decoder, on a type sent in another shape
+            raise ImportFailed(
+                f"reading {mask_url(self._url)} failed: a value that cannot be decoded ({exc});"
+                " cast such columns to text in --query (QuestDB: IPV4, GEOHASH)"
+            ) from exc
         if page:
             yield page, len(page)
 

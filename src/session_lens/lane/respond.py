@@ -106,7 +106,7 @@ class Responder:
         whether the client's connection closes after it."""
         exchange = request.exchange
         assert exchange is not None
-        exchange.status = upstream.status
+        self._lane.policy.answered(exchange, upstream.status)
         outcome = self._lane.policy.lookups.count(exchange, upstream.status)
         framed = upstream.framing is _LENGTH
         fields, named = end_to_end(upstream.fields, upstream.names, upstream.named, framed)

@@ -1,0 +1,243 @@
+"""The service's QuestDB as evidence, against a real QuestDB: metadata, the row, failures."""
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from session_lens.explain import Breaker
+from session_lens.questdb_store import (
+    QuestDBSettings,
+    QuestDBStore,
+    StoreFailure,
+    StoreUnavailable,
+    TableMeta,
+    WalState,
+)
+from session_lens.retention import Period, Unit
+
+from .conftest import Forwarder
+from .questdb import QuestDB
+
+DAY = timedelta(days=1)
+
+
+@pytest.fixture
+async def table(questdb: QuestDB) -> AsyncIterator[str]:
+    """A service's sessions: WAL, by day, TTL 30 days; rows three and two days ago."""
+    name = "sessions_" + uuid.uuid4().hex[:12]
+    await execute(
+        questdb.url,
+        f"CREATE TABLE {name} (session_id SYMBOL, state SYMBOL, note VARCHAR, created TIMESTAMP)"
+        " TIMESTAMP(created) PARTITION BY DAY TTL 30 DAYS WAL",
+    )
+    try:
+        yield name
+    finally:
+        await execute(questdb.url, f"DROP TABLE IF EXISTS {name}")
+
+
+async def execute(url: str, sql: str) -> None:
+    """One statement on a connection of its own (QuestDB drops connections idle for 5 min)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def day(ago: int) -> datetime:
+    return (datetime.now(UTC) - ago * DAY).replace(hour=12, minute=0, second=0, microsecond=0)
+
+
+def id_at(moment: datetime, suffix: str = "0000000a") -> str:
+    return moment.strftime("exec_%Y%m%d_%H%M%S_") + suffix
+
+
+async def write(url: str, table: str, *rows: tuple[str, str, datetime]) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        before = await conn.fetchval(f"SELECT count() FROM {table}")
+        await conn.executemany(
+            f"INSERT INTO {table} (session_id, state, note, created) VALUES ($1, $2, 'x', $3)",
+            [(sid, state, at.replace(tzinfo=None)) for sid, state, at in rows],
+        )
+        deadline = time.monotonic() + 15
+        while await conn.fetchval(f"SELECT count() FROM {table}") < before + len(rows):
+            assert time.monotonic() < deadline, "the rows never became visible"
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+def settings(url: str, table: str, **more: object) -> QuestDBSettings:
+    return QuestDBSettings(url, table, "session_id", "created", **more)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def store(questdb: QuestDB, table: str) -> AsyncIterator[QuestDBStore]:
+    await write(questdb.url, table, (id_at(day(3)), "ACTIVE", day(3)))
+    await write(questdb.url, table, (id_at(day(2)), "DELETED", day(2)))
+    found = QuestDBStore(settings(questdb.url, table, refresh=0.2, budget=2.0))
+    await found.open()
+    try:
+        yield found
+    finally:
+        await found.close()
+
+
+async def test_metadata_says_ttl_partitions_and_wal(store: QuestDBStore) -> None:
+    meta = store.meta
+    assert meta is not None
+    assert meta.partition_by is Unit.DAY and meta.ttl == Period(30, Unit.DAY)
+    assert meta.partitions == {f"{day(3):%Y-%m-%d}", f"{day(2):%Y-%m-%d}"}
+    assert meta.oldest == f"{day(3):%Y-%m-%d}"
+    assert meta.wal is not None and not meta.wal.suspended and meta.wal.pending == 0
+
+
+async def test_the_row_in_its_partition(store: QuestDBStore) -> None:
+    found = await store.look_up(id_at(day(2)), day(2))
+    assert found.partitions == (f"{day(2):%Y-%m-%d}",) and found.present == (True,)
+    assert found.row is not None
+    assert found.row["state"] == "DELETED" and found.row["created"] == day(2).replace(tzinfo=None)
+    assert not found.before_oldest
+
+
+async def test_absent_from_a_partition_that_is_there(store: QuestDBStore) -> None:
+    found = await store.look_up(id_at(day(2), "000000ff"), day(2))
+    assert found.present == (True,) and found.row is None  # never written
+
+
+async def test_a_partition_dropped_or_never_there(questdb: QuestDB, store: QuestDBStore) -> None:
+    older = await store.look_up(id_at(day(5)), day(5))
+    assert older.present == (False,) and older.before_oldest and older.row is None
+    between = await store.look_up(id_at(day(1)), day(1))  # after the oldest, no partition
+    assert between.present == (False,) and not between.before_oldest
+    await execute(
+        questdb.url, f"ALTER TABLE {store.settings.table} DROP PARTITION LIST '{day(3):%Y-%m-%d}'"
+    )
+    meta = await until(store, lambda m: f"{day(3):%Y-%m-%d}" not in m.partitions)
+    assert meta.oldest == f"{day(2):%Y-%m-%d}"
+    gone = await store.look_up(id_at(day(3)), day(3))
+    assert gone.present == (False,) and gone.before_oldest and gone.row is None
+
+
+async def test_near_a_partition_end_the_next_one_is_read_too(
+    questdb: QuestDB, store: QuestDBStore
+) -> None:
+    minted = day(2).replace(hour=23, minute=59, second=30)
+    session_id = id_at(minted, "000000bb")
+    written = minted + timedelta(minutes=2)  # past midnight: in the next day's partition
+    await write(questdb.url, store.settings.table, (session_id, "ACTIVE", written))
+    await until(store, lambda m: f"{day(1):%Y-%m-%d}" in m.partitions)
+    found = await store.look_up(session_id, minted)
+    assert found.partitions == (f"{day(2):%Y-%m-%d}", f"{day(1):%Y-%m-%d}")
+    assert found.present == (True, True) and found.row is not None
+
+
+async def until(store: QuestDBStore, holds: Callable[[TableMeta], bool]) -> TableMeta:
+    """Wait until the refreshed metadata shows what `holds` looks for."""
+    deadline = time.monotonic() + 15
+    while store.meta is None or not holds(store.meta):
+        assert time.monotonic() < deadline, f"the metadata never showed it: {store.meta}"
+        await asyncio.sleep(0.05)
+    return store.meta
+
+
+async def test_a_suspended_wal_and_its_pending_transactions(
+    questdb: QuestDB, store: QuestDBStore
+) -> None:
+    conn = await asyncpg.connect(questdb.url)
+    table = store.settings.table
+    try:
+        await conn.execute(f"ALTER TABLE {table} SUSPEND WAL")
+        try:
+            fresh = datetime.now(UTC).replace(microsecond=0)
+            for n in range(3):
+                await conn.execute(
+                    f"INSERT INTO {table} VALUES ($1, 'ACTIVE', 'x', $2)",
+                    id_at(fresh, f"0000000{n}"), fresh.replace(tzinfo=None),
+                )  # fmt: skip
+            meta = await until(
+                store, lambda m: bool(m.wal and m.wal.suspended and m.wal.pending >= 3)
+            )
+            assert meta.wal == WalState(True, meta.wal.writer_txn, meta.wal.writer_txn + 3)
+            found = await store.look_up(id_at(fresh, "00000000"), fresh)
+            assert found.row is None and found.meta.wal is not None and found.meta.wal.suspended
+        finally:
+            await conn.execute(f"ALTER TABLE {table} RESUME WAL")
+    finally:
+        await conn.close()
+    await until(store, lambda m: bool(m.wal and not m.wal.suspended and m.wal.pending == 0))
+    found = await store.look_up(id_at(fresh, "00000000"), fresh)
+    assert found.row is not None  # resumed: the row the service wrote is there
+
+
+async def test_a_store_that_is_not_there(table: str) -> None:
+    store = QuestDBStore(settings("postgresql://admin:quest@127.0.0.1:1/qdb", table, budget=1.0))
+    await store.open()
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            await store.look_up(id_at(day(2)), day(2))
+        assert raised.value.kind is StoreFailure.UNAVAILABLE
+        with pytest.raises(StoreUnavailable):
+            await store.refresh()
+        assert store.failures[StoreFailure.UNAVAILABLE] >= 2 and store.problem
+    finally:
+        await store.close()
+
+
+async def test_a_stalled_store_times_out_and_opens_the_breaker(
+    questdb: QuestDB, table: str
+) -> None:
+    await write(questdb.url, table, (id_at(day(2)), "ACTIVE", day(2)))
+    link = Forwarder(questdb.url)
+    url = await link.start()
+    store = QuestDBStore(settings(url, table, budget=0.2, refresh=60), Breaker(failures=2))
+    await store.open()
+    try:
+        assert store.meta is not None
+        assert (await store.look_up(id_at(day(2)), day(2))).row is not None
+        link.stall()
+        kinds = []
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as raised:
+                await store.look_up(id_at(day(2)), day(2))
+            assert time.monotonic() - started < 1.0  # within its budget, whatever the store does
+            kinds.append(raised.value.kind)
+        assert kinds == [StoreFailure.TIMEOUT, StoreFailure.TIMEOUT, StoreFailure.BREAKER_OPEN]
+        assert store.problem is not None and store.problem.startswith("timeout")
+    finally:
+        link.restore()
+        await store.close()
+        await link.close()
+
+
+def test_names_that_are_not_plain_are_refused() -> None:
+    with pytest.raises(ValueError, match="table 'x; DROP TABLE y' is not a plain name"):
+        QuestDBSettings("postgresql://q/qdb", "x; DROP TABLE y", "id", "ts")
+
+
+async def test_columns_asyncpg_cannot_read_are_a_query_failure_or_left_out(
+    questdb: QuestDB, table: str
+) -> None:
+    await execute(questdb.url, f"ALTER TABLE {table} ADD COLUMN ip IPV4")
+    await write(questdb.url, table, (id_at(day(2)), "ACTIVE", day(2)))
+    every = QuestDBStore(settings(questdb.url, table, budget=2.0))
+    named = QuestDBStore(settings(questdb.url, table, budget=2.0, columns=("session_id", "state")))
+    for store in (every, named):
+        await store.open()
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            await every.look_up(id_at(day(2)), day(2))
+        assert raised.value.kind is StoreFailure.QUERY
+        found = await named.look_up(id_at(day(2)), day(2))
+        assert found.row == {"session_id": id_at(day(2)), "state": "ACTIVE"}
+    finally:
+        for store in (every, named):
+            await store.close()
