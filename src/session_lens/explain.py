@@ -646,8 +646,9 @@ class Explainer:
         """Why each of many logged lookups found nothing, judged as of when it was made,
         from one query for all their IDs (those not in `trails` already); raises StoreError.
 
-        The same classification as a miss's: a lookup 0.3 s after its session's creation
-        is read-after-write even if the session is visible now. A lookup judged as one
+        The same classification as a miss's, on the evidence replayed to the lookup's moment
+        as `report(at=...)` replays it: a lookup 0.3 s after its session's creation is
+        read-after-write even if the session is visible now. A lookup judged as one
         before it of the same ID, flag and audit entries was, where time cannot change the
         reason (deleted, archived, no row), gets that reason without its evidence.
         """
@@ -669,7 +670,9 @@ class Explainer:
             reason = trail.judged.get(alike) if self._retention is None else None
             evidence = None
             if reason is None:
-                evidence = trail.evidence_at(lookup.at)
+                evidence = trail.evidence()
+                if lookup.at is not None and lookup.at < trail.now:  # as `explain --at` does
+                    evidence = as_of(evidence, trail.entries, lookup.at, trail.complete)[0]
                 if lookup.session_id not in minted:
                     minted[lookup.session_id] = self._ids.minted_at(lookup.session_id)
                 born = minted[lookup.session_id]

@@ -215,95 +215,50 @@ judged as the oldest of them left it."""
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
-    """One audit entry, as a trail keeps it."""
-
-    old_state: str | None
-    new_state: str | None
-    at: datetime
-    trigger: str
-
-
-BOOKKEEPING = frozenset({"migration", "import"})
-"""Triggers of audit entries that record a session found already there, not a change."""
-
-
-@dataclass(frozen=True, slots=True)
 class Trail:
-    """What the lifecycle tables say of one ID over time: its row now and its audit trail,
-    so that a lookup of any past moment can be judged as it would have been then."""
+    """What the lifecycle tables say of one ID over time: its row now and its newest audit
+    entries, from which `replay.as_of` tells the evidence at any past moment."""
 
     session_id: str
     state: str | None
     created_at: datetime | None
     updated_at: datetime | None
     deleted_at: datetime | None
-    steps: tuple[Step, ...]
-    """Oldest first; at most `TRAIL_ENTRIES`, the newest."""
+    entries: list[AuditEntry]
+    """Oldest first; at most `TRAIL_ENTRIES`, the newest (their actor and reason not read)."""
     now: datetime
     horizon: datetime | None
     judged: dict[tuple[bool, int], Any] = field(default_factory=dict, compare=False, repr=False)
     """Reasons given to lookups of it that no age decides, by `include_deleted` and the
     audit entries behind them: the same again for another such lookup."""
 
+    @property
+    def complete(self) -> bool:
+        """Whether `entries` holds the ID's whole audit trail."""
+        return len(self.entries) < TRAIL_ENTRIES
+
     def steps_by(self, moment: datetime | None) -> int:
         """How many of the audit entries kept had happened by `moment` (None: now)."""
         if moment is None or moment >= self.now:
-            return len(self.steps)
-        return _steps_until(self.steps, moment)
+            return len(self.entries)
+        low, high = 0, len(self.entries)
+        while low < high:
+            middle = (low + high) // 2
+            if self.entries[middle].occurred_at <= moment:
+                low = middle + 1
+            else:
+                high = middle
+        return low
 
-    def evidence_at(self, moment: datetime | None) -> Evidence:
-        """The evidence as the one evidence query would have read it at `moment` (None: now)."""
-        if moment is None or moment >= self.now:
-            return self._evidence(len(self.steps), self.now)
-        done = _steps_until(self.steps, moment)
-        if done == len(self.steps):  # nothing changed since: the row is as it was then
-            return self._evidence(done, moment)
-        if done == 0:
-            return self._before_any_step(moment)
-        last = self.steps[done - 1]
-        state = last.new_state
-        deleted = None
-        if state == "DELETED":
-            deleted = next(s.at for s in reversed(self.steps[:done]) if s.new_state == "DELETED")
-        created = self.created_at or self.steps[0].at
-        return Evidence(
-            state, created if state else None, last.at if state else None, deleted,
-            last.old_state, last.new_state, last.at, last.trigger, moment, self.horizon,
-        )  # fmt: skip
-
-    def _evidence(self, steps: int, now: datetime) -> Evidence:
-        last = self.steps[steps - 1] if steps else None
+    def evidence(self) -> Evidence:
+        """The evidence now, as the one evidence query reads it."""
+        last = self.entries[-1] if self.entries else None
         return Evidence(
             self.state, self.created_at, self.updated_at, self.deleted_at,
             last.old_state if last else None, last.new_state if last else None,
-            last.at if last else None, last.trigger if last else None, now, self.horizon,
+            last.occurred_at if last else None, last.trigger if last else None,
+            self.now, self.horizon,
         )  # fmt: skip
-
-    def _before_any_step(self, moment: datetime) -> Evidence:
-        """Before the first audit entry kept: nothing, unless the row was already there and
-        the first entry only recorded it (a migration's backfill, an import)."""
-        first = self.steps[0] if self.steps else None
-        there = self.created_at is not None and self.created_at <= moment
-        if there and (first is None or first.trigger in BOOKKEEPING):
-            state = first.new_state if first is not None else self.state
-            return Evidence(
-                state, self.created_at, self.created_at, None,
-                None, None, None, None, moment, self.horizon,
-            )  # fmt: skip
-        return Evidence(None, None, None, None, None, None, None, None, moment, self.horizon)
-
-
-def _steps_until(steps: tuple[Step, ...], moment: datetime) -> int:
-    """How many of `steps` (oldest first) had happened by `moment`."""
-    low, high = 0, len(steps)
-    while low < high:
-        middle = (low + high) // 2
-        if steps[middle].at <= moment:
-            low = middle + 1
-        else:
-            high = middle
-    return low
 
 
 def trails_query(tables: Tables) -> str:
@@ -335,6 +290,11 @@ async def read_trails(
     trails = {}
     for row in rows:
         key, state, created, updated, deleted, olds, news, ats, triggers, now, horizon = row
-        steps = tuple(map(Step, olds, news, ats, triggers)) if ats else ()
-        trails[key] = Trail(key, state, created, updated, deleted, steps, now, horizon)
+        entries = [
+            AuditEntry(0, at, old, new, trigger, "", None)
+            for old, new, at, trigger in zip(
+                olds or (), news or (), ats or (), triggers or (), strict=True
+            )
+        ]
+        trails[key] = Trail(key, state, created, updated, deleted, entries, now, horizon)
     return trails
