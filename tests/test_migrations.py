@@ -131,18 +131,45 @@ async def test_configured_table_and_id_column(empty_db: str) -> None:
         await conn.close()
 
 
-async def test_a_failed_migration_changes_nothing(empty_db: str) -> None:
+async def test_an_expression_the_table_cannot_take_changes_nothing(empty_db: str) -> None:
     conn = await asyncpg.connect(empty_db)
     try:
         await conn.execute("CREATE TABLE sessions (id text PRIMARY KEY, kind text)")
         await conn.execute(f"INSERT INTO sessions VALUES ('{SID}', 'odd')")
-        with pytest.raises(MigrationError, match="migration 001 failed"):
-            await migrate(conn, Tables(), "CASE WHEN kind = 'odd' THEN 'WEIRD' END")
+        with pytest.raises(MigrationError, match="migration 001 failed: backfill_state"):
+            await migrate(conn, Tables(), "CASE WHEN sort = 'odd' THEN 'ACTIVE' END")
         columns = await conn.fetch(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'sessions'"
         )
         assert sorted(c["column_name"] for c in columns) == ["id", "kind"]
         assert await conn.fetchval("SELECT to_regclass('session_audit')") is None
+    finally:
+        await conn.close()
+
+
+async def test_a_state_outside_the_model_stops_the_backfill_at_its_batch(empty_db: str) -> None:
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await conn.execute("CREATE TABLE sessions (id text PRIMARY KEY, kind text)")
+        await conn.execute(
+            "INSERT INTO sessions SELECT 'exec_20251230_020944_' || lpad(to_hex(g), 8, '0'),"
+            " CASE WHEN g = 250 THEN 'odd' END FROM generate_series(1, 300) AS g"
+        )
+        weird = "CASE WHEN kind = 'odd' THEN 'WEIRD' ELSE 'ACTIVE' END"
+        with pytest.raises(
+            MigrationError, match="gave 'WEIRD' for row 'exec_20251230_020944_000000fa'"
+        ):
+            await migrate(conn, Tables(), weird, batch_size=100)
+        # The batches before it are kept; the one holding the row rolled back.
+        assert await conn.fetchval("SELECT count(state) FROM sessions") == 200
+        assert await conn.fetchval("SELECT count(*) FROM session_audit") == 200
+        fixed = "CASE WHEN kind = 'odd' THEN 'STOPPED' ELSE 'ACTIVE' END"
+        assert await migrate(conn, Tables(), fixed, batch_size=100) == []
+        assert await conn.fetchval("SELECT count(state) FROM sessions") == 300
+        audit = await conn.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT session_id) AS ids FROM session_audit"
+        )
+        assert (audit["n"], audit["ids"]) == (300, 300)
     finally:
         await conn.close()
 
@@ -379,6 +406,11 @@ async def _schema(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
     return {what: [tuple(row) for row in await conn.fetch(sql)] for what, sql in queries.items()}
 
 
+def _before_009(functions: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The functions but the guard, which 009 defines again."""
+    return [f for f in functions if f[0] != "session_lens_guard"]
+
+
 async def _checksums(conn: asyncpg.Connection) -> dict[int, str | None]:
     rows = await conn.fetch("SELECT version, checksum FROM session_lens_migrations")
     return {row["version"]: row["checksum"] for row in rows}
@@ -450,10 +482,11 @@ async def test_earlier_texts_are_brought_forward(
             uuid.uuid4(),
             SID,
         )
-        functions = (await _schema(conn))["functions"]
+        functions = _before_009((await _schema(conn))["functions"])
         # The merge's 004 differs from the released one in a comment only.
-        assert (functions != (await _schema(fresh))["functions"]) == (history != "004 of 136ec9b")
-        assert await migrate(conn, Tables()) == [6, 7]
+        theirs = _before_009((await _schema(fresh))["functions"])
+        assert (functions != theirs) == (history != "004 of 136ec9b")
+        assert await migrate(conn, Tables()) == [6, 7, 9]
         assert await _schema(conn) == await _schema(fresh)
         recorded = await _checksums(conn)
         assert {v: c for v, c in recorded.items() if v != 5} == RELEASED
@@ -504,7 +537,7 @@ def test_dry_run_before_checksums_says_what_it_records(empty_db: str) -> None:
     result = _session_lens("migrate", "--database-url", empty_db)
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
-        "checksums recorded for 001, 002, 003, 004\napplied 006, 007; 0 rows backfilled\n"
+        "checksums recorded for 001, 002, 003, 004\napplied 006, 007, 009; 0 rows backfilled\n"
     )
 
 
