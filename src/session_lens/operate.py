@@ -268,7 +268,7 @@ async def _print_plan(
 def _print_backfill(found: Plan, batches: Batches, out: TextIO) -> None:
     rows = found.rows_to_backfill
     if not found.table_exists:
-        print(f"\n-- step backfill: {found.rows} rows: the table is created empty: no backfill", file=out)
+        print("\n-- step backfill: the table is created empty: no backfill", file=out)
         return
     if not rows:
         print("\n-- step backfill: no row to backfill", file=out)

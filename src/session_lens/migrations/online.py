@@ -400,8 +400,11 @@ def needs(tables: Tables, row: str = "") -> str:
     )
 
 
-def minted(key: str) -> str:
-    """SQL: the time the ID `key` was minted, in the zone `$2`; NULL for another ID."""
+def minted(key: str, zone: str = "$2::text") -> str:
+    """SQL: the time the ID `key` was minted, read in `zone`; NULL for another ID.
+
+    Never an error, whatever the key: a backfill batch must not fail on a row.
+    """
     day = f"(to_date(substr({key}, 6, 6) || '01', 'YYYYMMDD') + (substr({key}, 12, 2)::int - 1))"
     at = (
         f"({day}::timestamp + make_interval(hours => substr({key}, 15, 2)::int,"
@@ -409,7 +412,7 @@ def minted(key: str) -> str:
     )
     return (
         f"CASE WHEN {key} ~ '{SESSION_ID}' AND to_char({day}, 'DD') = substr({key}, 12, 2)"
-        f" THEN {at} AT TIME ZONE $2::text END"
+        f" THEN {at} AT TIME ZONE {zone} END"
     )
 
 
