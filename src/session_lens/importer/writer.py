@@ -38,9 +38,7 @@ SETTINGS = (
     " set_config('session_lens.actor', $1, true),"
     " set_config('session_lens.reason', $2, true)"
 )
-IMPORT_PAGE = (
-    "SELECT o_row, o_outcome, o_detail FROM pg_temp.session_lens_import_page($1, $2)"
-)
+IMPORT_PAGE = "SELECT o_row, o_outcome, o_detail FROM pg_temp.session_lens_import_page($1, $2)"
 
 
 def page_functions(tables: Tables, columns: Sequence[Column], expression: str, v16: bool) -> str:
