@@ -1,7 +1,7 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
     python -m tests.benchmarks [--seconds 5] [--only PART,...] [--before DIR]
-        (parts: hop, streaming, misses, recording, import, prune, fleet; --before: a
+        (parts: hop, streaming, misses, recording, import, prune, fleet, migrate; --before: a
         checkout of an earlier commit the hop part measures beside the current one)
 
 Needs nginx, wrk, ab and curl (Debian: nginx-light, wrk, apache2-utils, curl). Each part runs in a
@@ -36,6 +36,7 @@ PARTS = {
     "import": "Importing 1 M sessions from a database and from a file",
     "prune": "Pruning 10 M of 50 M audit entries while the service writes",
     "fleet": "Many sidecars, one PostgreSQL: recording and misses as the fleet grows",
+    "migrate": "Migrating a live table of 10 M sessions while its service reads and writes",
 }
 MODULES = {"import": "imports"}
 """Parts whose module is not named like the part (`import` is a keyword)."""

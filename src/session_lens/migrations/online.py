@@ -468,7 +468,7 @@ async def backfill_sql(
     """
     names = tables.names
     key = f"t.{names['id']}::text"
-    mint = "b.sl_minted"
+    mint = "t.sl_minted"
     given = (
         await as_time(conn, tables, online.created_at, "backfill_created_at")
         if online.created_at is not None
@@ -501,11 +501,9 @@ async def backfill_sql(
     new_state = f"CASE WHEN t.state::text IN ({names['states']}) THEN t.state ELSE ({state}) END"
     template = (
         "WITH batch AS ("
-        " SELECT t.{id} AS sl_key, {minted} AS sl_minted"
-        " FROM {table} AS t WHERE ({needs}) {after} ORDER BY t.{id} LIMIT $1 FOR UPDATE"
-        "), timed AS ("
-        " SELECT b.sl_key, b.sl_minted, {created} AS sl_created, {refused_created} AS sl_refused"
-        " FROM batch AS b JOIN {table} AS t ON t.{id} = b.sl_key"
+        " SELECT t.{id} AS sl_key, {created} AS sl_created, {refused_created} AS sl_refused"
+        " FROM (SELECT t.*, {minted} AS sl_minted FROM {table} AS t"
+        "  WHERE ({needs}) {after} ORDER BY t.{id} LIMIT $1 FOR UPDATE) AS t"
         "), filled AS ("
         " UPDATE {table} AS t"
         " SET state = {new_state},"
@@ -513,7 +511,7 @@ async def backfill_sql(
         "  updated_at = coalesce(t.updated_at, {updated}),"
         "  deleted_at = CASE WHEN ({new_state}) = 'DELETED'"
         "   THEN coalesce(t.deleted_at, t.updated_at, {updated}) ELSE t.deleted_at END"
-        " FROM timed AS b WHERE t.{id} = b.sl_key"
+        " FROM batch AS b WHERE t.{id} = b.sl_key"
         " RETURNING t.{id} AS key, t.state AS state, t.updated_at AS at,"
         "  t.state::text IN ({states}) AS ok, b.sl_refused OR {refused_updated} AS refused"
         "), audited AS ("
@@ -588,9 +586,12 @@ async def backfill(
         async def one(after: object = last) -> asyncpg.Record:
             async with conn.transaction():
                 await _lock_timeout(conn, online)
+                # The batch's rows by their key, never a scan of the whole table per batch.
                 await conn.execute(
                     "SELECT set_config('TimeZone', 'UTC', true),"
-                    " set_config('session_lens.audited', 'on', true)"
+                    " set_config('session_lens.audited', 'on', true),"
+                    " set_config('enable_hashjoin', 'off', true),"
+                    " set_config('enable_mergejoin', 'off', true)"
                 )
                 if after is None:
                     row = await conn.fetchrow(batch.first, batch_size, online.id_timezone)
