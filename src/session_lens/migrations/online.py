@@ -223,8 +223,9 @@ async def _retrying(
             holders = await _holders(conn, table)
             if time.monotonic() - started > online.give_up_after.total_seconds():
                 raise LockNotGranted(step, tries, holders) from None
+            shown = table.replace('"', "")
             online.say(
-                f"{step}: lock on {table} not granted within"
+                f"{step}: lock on {shown} not granted within"
                 f" {_seconds(online.lock_timeout)} ({holders}); trying again in {delay:g}s"
             )
             await asyncio.sleep(delay)
