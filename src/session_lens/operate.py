@@ -135,7 +135,8 @@ async def _run_migrations(
             return bar.update  # type: ignore[no-any-return]
 
         started = time.perf_counter()
-        stop.install()
+        if not quiet:  # quiet: before `serve`, which must not start on a run stopped short
+            stop.install()
         try:
             applied = await migrate(
                 conn, tables, config.backfill_state,
@@ -160,7 +161,8 @@ async def _run_migrations(
         except MigrationChanged as exc:
             raise DatabaseError(str(exc)) from exc
         finally:
-            stop.remove()
+            if not quiet:
+                stop.remove()
             for bar in bars:
                 bar.close()
         if not quiet and found.unrecorded:
@@ -209,7 +211,7 @@ def _stopped(exc: MigrationStopped, bars: list[tqdm]) -> str:
         bar = bars[-1]
         done = f"{bar.n:,} of {bar.total:,} rows backfilled, each batch committed"
     else:
-        done = f"stopped after {exc.done}, committed"
+        done = f"{exc.done} done and committed"
     return f"stopped: {done}; run `session-lens migrate` again to continue where it stopped"
 
 
