@@ -285,6 +285,45 @@ def test_times_that_are_not_times_are_refused(
     assert found[ids[6]][1] == datetime(2025, 12, 30, 12, 0, tzinfo=UTC)
 
 
+def test_a_store_s_special_values_are_refused_too(
+    db: str, foreign: str, capsys: pytest.CaptureFixture[str]
+) -> None:  # fmt: skip
+    """A timestamp column may hold `infinity`; a text column may hold `epoch`."""
+    infinite, far, spoken = (f"exec_20250101_000000_0000001{n}" for n in range(3))
+
+    async def more() -> None:
+        conn = await asyncpg.connect(foreign)
+        try:
+            await conn.execute("ALTER TABLE service_sessions ADD COLUMN said text")
+            await conn.execute(
+                "INSERT INTO service_sessions (session_key, status, born, said) VALUES"
+                " ($1, 'live', 'infinity', NULL), ($2, 'live', '2024-01-01', NULL),"
+                " ($3, 'live', NULL, 'epoch')",
+                infinite,
+                far,
+                spoken,
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(more())
+    code, out, err = lens(
+        db, "--from-database", foreign, "--state-expression", STATUS_TO_STATE, "--query",
+        "SELECT session_key AS id, status, coalesce(born::text, said) AS created_at"
+        " FROM service_sessions ORDER BY session_key",
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "rows read      7\nimported       4\nalready known  0\nrefused        3\n" in out
+    refused = [line.strip() for line in out.splitlines() if line.startswith("  row ")]
+    assert refused == [
+        f"row 5: {infinite}: created_at 'infinity' is not a timestamp (ISO 8601)",
+        f"row 6: {far}: created_at '2024-01-01 00:00:00' is more than a day off the time the"
+        " ID was minted (2025-01-01 00:00:00)",
+        f"row 7: {spoken}: created_at 'epoch' is not a timestamp (ISO 8601)",
+    ]
+
+
 def test_a_time_given_in_another_zone_is_checked_against_the_ids_zone(
     db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:  # fmt: skip
