@@ -191,9 +191,12 @@ async def test_a_long_transaction_holding_the_table_is_waited_out(empty_db: str)
             await c.close()
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-async def test_stopped_half_way_the_rerun_finishes(empty_db: str, how: signal.Signals) -> None:
-    rows, batch = 200_000, 2_000
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL, "twice"])
+async def test_stopped_half_way_the_rerun_finishes(
+    empty_db: str, how: signal.Signals | str
+) -> None:
+    # Twice: the batches long, so that the second signal comes while one runs.
+    rows, batch = 200_000, 20_000 if how == "twice" else 2_000
     conn = await asyncpg.connect(empty_db)
     try:
         await create_legacy(conn, rows)
@@ -206,16 +209,28 @@ async def test_stopped_half_way_the_rerun_finishes(empty_db: str, how: signal.Si
             if await conn.fetchval("SELECT to_regclass('session_audit')") is None:
                 return False
             done = await conn.fetchval("SELECT count(*) FROM session_audit")
-            return bool(done >= 20 * batch)
+            return bool(done >= 40_000)
 
         await until(backfilling)
-        run.process.send_signal(how)
+        if how == "twice":  # Ctrl-C, and again before the batch is done: at once
+            run.process.send_signal(signal.SIGINT)
+            await asyncio.sleep(0.02)  # a batch takes longer
+            run.process.send_signal(signal.SIGINT)
+        else:
+            run.process.send_signal(how)
         code = await run.exited(timeout=60)
         done = await conn.fetchval("SELECT count(*) FROM session_audit")
         given = await conn.fetchval("SELECT count(state) FROM sessions")
         assert done == given and done % batch == 0 and done < rows  # whole batches, committed
         if how == signal.SIGKILL:
             assert code == -signal.SIGKILL
+        elif how == "twice":
+            assert code == 130, run.said
+            assert (
+                "stopped at once: the batch or step in flight was rolled back, everything before"
+                " it is kept; run `session-lens migrate` again to continue"
+            ) in run.said
+            assert "again to stop at once" in run.said and "Traceback" not in run.said
         else:
             assert code == 130, run.said
             assert re.search(

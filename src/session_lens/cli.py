@@ -298,7 +298,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED if args.command == "prune" else 0  # prune said how far it got
+        # prune and migrate said how far they got
+        return EXIT_INTERRUPTED if args.command in ("prune", "migrate") else 0
 
 
 Parsed = TypeVar("Parsed")
