@@ -252,6 +252,24 @@ async def test_stopped_half_way_the_rerun_finishes(
         await conn.close()
 
 
+async def test_not_null_is_set_without_a_scan(empty_db: str) -> None:
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await create_legacy(conn, 1_000)
+        said: list[str] = []
+        await conn.execute("SET client_min_messages = debug1")
+        conn.add_log_listener(lambda _, message: said.append(message.message))
+        await migrate(conn, Tables())
+        proved = [m for m in said if "are sufficient to prove that it does not contain nulls" in m]
+        assert sorted(re.findall(r'"sessions\.(\w+)"', " ".join(proved))) == [
+            "created_at",
+            "state",
+            "updated_at",
+        ]
+    finally:
+        await conn.close()
+
+
 async def test_an_index_left_invalid_is_rebuilt(empty_db: str) -> None:
     conn = await asyncpg.connect(empty_db)
     try:

@@ -343,12 +343,12 @@ def _constraints(tables: Tables, checked: bool | None) -> list[Step]:
         f"ALTER TABLE {table} VALIDATE CONSTRAINT {name};"
         for name in [*(n for n, _ in helpers), STATE_CHECK]
     ]
+    # Two statements: the CHECKs must still be there when SET NOT NULL looks for them.
     finish = [
         f"ALTER TABLE {table} "
         + ", ".join(f"ALTER COLUMN {column} SET NOT NULL" for column in NOT_NULL)
-        + ", "
-        + ", ".join(f"DROP CONSTRAINT {name}" for name, _ in helpers)
-        + ";"
+        + ";",
+        f"ALTER TABLE {table} " + ", ".join(f"DROP CONSTRAINT {name}" for name, _ in helpers) + ";",
     ]
     return [
         Step("constraints added", "ACCESS EXCLUSIVE, milliseconds: NOT VALID, no scan", tuple(add)),
