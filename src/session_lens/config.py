@@ -598,6 +598,25 @@ class Config:
     backfill_state: str = _setting(
         "'ACTIVE'", sql_expression, "SQL expression giving existing rows their state"
     )
+    backfill_created_at: str | None = _setting(
+        None,
+        sql_expression,
+        "SQL expression giving existing rows their creation time (e.g. the table's own column)",
+        note="the time the ID was minted, in id_timezone",
+    )
+    """Existing rows' creation time as SQL over the row; None: when the ID was minted."""
+    backfill_updated_at: str | None = _setting(
+        None,
+        sql_expression,
+        "SQL expression giving existing rows the time they last changed",
+        note="their creation time",
+    )
+    """Existing rows' last change as SQL over the row; None: their creation time."""
+    lock_timeout: timedelta = _setting(
+        timedelta(seconds=2),
+        positive_duration,
+        "longest wait of migrate for a lock on the sessions table (its service waits as long)",
+    )
     repeated_parameter: Repeated = _setting(
         Repeated.FIRST,
         _choice(Repeated),

@@ -1,8 +1,9 @@
 """The whole benchmark suite in one run, written to docs/benchmarks.md.
 
     python -m tests.benchmarks [--seconds 5] [--only PART,...] [--before DIR]
-        (parts: hop, streaming, misses, recording, import, prune, fleet, image, questdb;
-        --before: a checkout of an earlier commit the hop part measures beside the current one)
+        (parts: hop, streaming, misses, recording, import, prune, fleet, image, questdb,
+        migrate; --before: a checkout of an earlier commit the hop part measures beside the
+        current one)
 
 Needs nginx, wrk, ab and curl (Debian: nginx-light, wrk, apache2-utils, curl). Each part runs in a
 process of its own, one after the other, and prints markdown; this collects
@@ -38,6 +39,7 @@ PARTS = {
     "fleet": "Many sidecars, one PostgreSQL: recording and misses as the fleet grows",
     "image": "The image: size, build, start, and the hop in a container",
     "questdb": "The service's QuestDB as evidence: a miss's row query and the metadata refresh",
+    "migrate": "Migrating a live table of 10 M sessions while its service reads and writes",
 }
 MODULES = {"import": "imports", "questdb": "questdb_store"}
 """Parts whose module is not named like the part (`import` is a keyword)."""
