@@ -105,7 +105,6 @@ def audit(db: str) -> list[tuple[Any, ...]]:
 def test_from_a_foreign_store(
     db: str, foreign: str, capsys: pytest.CaptureFixture[str]
 ) -> None:  # fmt: skip
-    before = datetime.now(UTC)
     code, out, err = lens(
         db, "--from-database", foreign, "--query", QUERY, "--state-expression", STATUS_TO_STATE,
         capsys=capsys,
@@ -116,8 +115,9 @@ def test_from_a_foreign_store(
     assert found[LIVE] == ("ACTIVE", at(0), at(1), None)  # a naive timestamp is read as UTC
     assert found[GONE] == ("DELETED", at(0), at(2), at(3))
     assert found[COLD] == ("ARCHIVED", at(0), at(4), None)
-    state, created, updated, deleted = found[PAUSED]  # no timestamps: the import's moment
-    assert state == "PAUSED" and deleted is None and created == updated >= before
+    # No timestamps: the time its ID was minted, never the import's moment.
+    assert found[PAUSED] == ("PAUSED", BORN, BORN, None)
+    updated = BORN
     assert audit(db) == [
         (LIVE, None, "ACTIVE", "import", at(1)),
         (GONE, None, "DELETED", "import", at(2)),
@@ -234,11 +234,118 @@ def test_bad_rows_are_reported_and_skipped(
         "line 3: 'exec_20251399_000000_00000001': invalid ID (calendar)",
         f"line 4: {GONE}: state 'gone\\nfor good' is not one of"
         " CREATING ACTIVE PAUSED STOPPED DELETED ARCHIVED",
-        f"line 6: {COLD}: created_at 'yesterday-ish' is not a timestamp",
+        f"line 6: {COLD}: created_at 'yesterday-ish' is not a timestamp (ISO 8601)",
         "line 7: has 2 fields, the header 3",
         "line 9: exec_20250101_000000_0000000b: the state expression gave NULL",
     ]
     assert set(sessions(db)) == {LIVE, "exec_20250101_000000_0000000a"}
+
+
+@pytest.mark.parametrize("name", ["sessions.csv", "sessions.jsonl"])
+def test_times_that_are_not_times_are_refused(
+    db: str, tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:  # fmt: skip
+    """PostgreSQL reads `yesterday` or `epoch` as a time; an import must not."""
+    ids = [f"exec_20251230_020944_0000000{n}" for n in range(8)]
+    rows = [
+        {"id": ids[0], "created_at": "2025-12-30T02:09:44Z"},
+        {"id": ids[1], "created_at": "yesterday"},
+        {"id": ids[2], "created_at": "now"},
+        {"id": ids[3], "created_at": "epoch"},
+        {"id": ids[4], "created_at": "infinity"},
+        {"id": ids[5], "created_at": "2024-12-30T02:09:44Z"},  # a year before its ID
+        {"id": ids[6], "created_at": "2025-12-30 13:00:00+01:00"},  # the same day: fine
+        {"id": ids[7], "created_at": "2025-12-30T02:09:44Z", "updated_at": "tomorrow"},
+    ]
+    path = tmp_path / name
+    write_source(path, [{"updated_at": None, **row} for row in rows])
+    code, out, err = lens(db, "--from-file", str(path), capsys=capsys)
+    assert code == 0, err
+    assert "rows read      8\nimported       2\nalready known  0\nrefused        6\n" in out
+    header = 1 if name.endswith(".csv") else 0  # the line of row n is n + 1 + header
+    refused = [line.strip() for line in out.splitlines() if line.startswith("  line ")]
+    assert refused == [
+        f"line {n + 1 + header}: {ids[n]}: {why}"
+        for n, why in [
+            (1, "created_at 'yesterday' is not a timestamp (ISO 8601)"),
+            (2, "created_at 'now' is not a timestamp (ISO 8601)"),
+            (3, "created_at 'epoch' is not a timestamp (ISO 8601)"),
+            (4, "created_at 'infinity' is not a timestamp (ISO 8601)"),
+            (
+                5,
+                "created_at '2024-12-30T02:09:44Z' is more than a day off the time the ID"
+                " was minted (2025-12-30 02:09:44)",
+            ),
+            (7, "updated_at 'tomorrow' is not a timestamp (ISO 8601)"),
+        ]
+    ]
+    found = sessions(db)
+    assert set(found) == {ids[0], ids[6]}
+    assert found[ids[0]][1] == datetime(2025, 12, 30, 2, 9, 44, tzinfo=UTC)
+    assert found[ids[6]][1] == datetime(2025, 12, 30, 12, 0, tzinfo=UTC)
+
+
+def test_a_store_s_special_values_are_refused_too(
+    db: str, foreign: str, capsys: pytest.CaptureFixture[str]
+) -> None:  # fmt: skip
+    """A timestamp column may hold `infinity`; a text column may hold `epoch`."""
+    infinite, far, spoken = (f"exec_20250101_000000_0000001{n}" for n in range(3))
+
+    async def more() -> None:
+        conn = await asyncpg.connect(foreign)
+        try:
+            await conn.execute("ALTER TABLE service_sessions ADD COLUMN said text")
+            await conn.execute(
+                "INSERT INTO service_sessions (session_key, status, born, said) VALUES"
+                " ($1, 'live', 'infinity', NULL), ($2, 'live', '2024-01-01', NULL),"
+                " ($3, 'live', NULL, 'epoch')",
+                infinite,
+                far,
+                spoken,
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(more())
+    code, out, err = lens(
+        db, "--from-database", foreign, "--state-expression", STATUS_TO_STATE, "--query",
+        "SELECT session_key AS id, status, coalesce(born::text, said) AS created_at"
+        " FROM service_sessions ORDER BY session_key",
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "rows read      7\nimported       4\nalready known  0\nrefused        3\n" in out
+    refused = [line.strip() for line in out.splitlines() if line.startswith("  row ")]
+    assert refused == [
+        f"row 5: {infinite}: created_at 'infinity' is not a timestamp (ISO 8601)",
+        f"row 6: {far}: created_at '2024-01-01 00:00:00' is more than a day off the time the"
+        " ID was minted (2025-01-01 00:00:00)",
+        f"row 7: {spoken}: created_at 'epoch' is not a timestamp (ISO 8601)",
+    ]
+
+
+def test_a_time_given_in_another_zone_is_checked_against_the_ids_zone(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # fmt: skip
+    """IDs minted in Tokyo: 09:00 there is midnight UTC, so 2025-12-29 00:30 UTC is fine."""
+    path = tmp_path / "sessions.csv"
+    path.write_text(
+        "id,created_at\n"
+        "exec_20251230_090000_00000001,2025-12-29T00:30:00Z\n"
+        "exec_20251230_090000_00000002,2025-12-28T23:00:00Z\n"
+    )
+    code = main(
+        ["import", "--database-url", db, "--lifecycle-source", "observed",
+         "--id-timezone", "Asia/Tokyo", "--from-file", str(path)],
+        environ={},
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "imported       1\n" in out
+    assert (
+        "line 3: exec_20251230_090000_00000002: created_at '2025-12-28T23:00:00Z' is more than"
+        " a day off the time the ID was minted (2025-12-30 09:00:00)"
+    ) in out
 
 
 def test_a_row_the_state_expression_cannot_take(

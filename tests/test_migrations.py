@@ -131,18 +131,45 @@ async def test_configured_table_and_id_column(empty_db: str) -> None:
         await conn.close()
 
 
-async def test_a_failed_migration_changes_nothing(empty_db: str) -> None:
+async def test_an_expression_the_table_cannot_take_changes_nothing(empty_db: str) -> None:
     conn = await asyncpg.connect(empty_db)
     try:
         await conn.execute("CREATE TABLE sessions (id text PRIMARY KEY, kind text)")
         await conn.execute(f"INSERT INTO sessions VALUES ('{SID}', 'odd')")
-        with pytest.raises(MigrationError, match="migration 001 failed"):
-            await migrate(conn, Tables(), "CASE WHEN kind = 'odd' THEN 'WEIRD' END")
+        with pytest.raises(MigrationError, match="migration 001 failed: backfill_state"):
+            await migrate(conn, Tables(), "CASE WHEN sort = 'odd' THEN 'ACTIVE' END")
         columns = await conn.fetch(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'sessions'"
         )
         assert sorted(c["column_name"] for c in columns) == ["id", "kind"]
         assert await conn.fetchval("SELECT to_regclass('session_audit')") is None
+    finally:
+        await conn.close()
+
+
+async def test_a_state_outside_the_model_stops_the_backfill_at_its_batch(empty_db: str) -> None:
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await conn.execute("CREATE TABLE sessions (id text PRIMARY KEY, kind text)")
+        await conn.execute(
+            "INSERT INTO sessions SELECT 'exec_20251230_020944_' || lpad(to_hex(g), 8, '0'),"
+            " CASE WHEN g = 250 THEN 'odd' END FROM generate_series(1, 300) AS g"
+        )
+        weird = "CASE WHEN kind = 'odd' THEN 'WEIRD' ELSE 'ACTIVE' END"
+        with pytest.raises(
+            MigrationError, match="gave 'WEIRD' for row 'exec_20251230_020944_000000fa'"
+        ):
+            await migrate(conn, Tables(), weird, batch_size=100)
+        # The batches before it are kept; the one holding the row rolled back.
+        assert await conn.fetchval("SELECT count(state) FROM sessions") == 200
+        assert await conn.fetchval("SELECT count(*) FROM session_audit") == 200
+        fixed = "CASE WHEN kind = 'odd' THEN 'STOPPED' ELSE 'ACTIVE' END"
+        assert await migrate(conn, Tables(), fixed, batch_size=100) == []
+        assert await conn.fetchval("SELECT count(state) FROM sessions") == 300
+        audit = await conn.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT session_id) AS ids FROM session_audit"
+        )
+        assert (audit["n"], audit["ids"]) == (300, 300)
     finally:
         await conn.close()
 
@@ -437,7 +464,9 @@ async def test_a_fresh_database_records_checksums(empty_db: str) -> None:
         await conn.close()
 
 
-REDEFINED_BY_008 = {"session_lens_guard", "session_lens_audit", "session_lens_record_events"}
+REDEFINED_LATER = {"session_lens_guard", "session_lens_audit", "session_lens_record_events"}
+"""What 008 (the guard, the audit trigger, a function of its own) and 009 (the guard)
+define again."""
 
 
 @pytest.mark.parametrize("history", HISTORIES)
@@ -453,14 +482,14 @@ async def test_earlier_texts_are_brought_forward(
             uuid.uuid4(),
             SID,
         )
-        # The merge's 004 differs from the released one in a comment only (008
-        # defines the triggers' functions again and one of its own).
+        # The merge's 004 differs from the released one in a comment only (008 and
+        # 009 define some of the functions again, and 008 one of its own).
         functions, released = [
-            [f for f in (await _schema(db))["functions"] if f[0] not in REDEFINED_BY_008]
+            [f for f in (await _schema(db))["functions"] if f[0] not in REDEFINED_LATER]
             for db in (conn, fresh)
         ]
         assert (functions != released) == (history != "004 of 136ec9b")
-        assert await migrate(conn, Tables()) == [6, 7, 8]
+        assert await migrate(conn, Tables()) == [6, 7, 8, 9]
         assert await _schema(conn) == await _schema(fresh)
         recorded = await _checksums(conn)
         assert {v: c for v, c in recorded.items() if v != 5} == RELEASED
@@ -511,7 +540,7 @@ def test_dry_run_before_checksums_says_what_it_records(empty_db: str) -> None:
     result = _session_lens("migrate", "--database-url", empty_db)
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
-        "checksums recorded for 001, 002, 003, 004\napplied 006, 007, 008; 0 rows backfilled\n"
+        "checksums recorded for 001, 002, 003, 004\napplied 006, 007, 008, 009; 0 rows backfilled\n"
     )
 
 

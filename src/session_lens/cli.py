@@ -36,7 +36,9 @@ from .demo import DemoOptions, run_demo
 from .embedded import EmbeddedError, start_embedded
 from .importer import ImportUsage, add_arguments, options_from, run_import
 from .logs import setup_logging
+from .migrations import BATCH_SIZE as MIGRATE_BATCH
 from .operate import (
+    Batches,
     DatabaseError,
     TriageOptions,
     run_explain,
@@ -127,8 +129,17 @@ def _parser() -> argparse.ArgumentParser:
         help="bring the sessions table up to the lifecycle model",
     )
     migrate.add_argument(
-        "--dry-run", action="store_true", help="print the SQL and the row counts, change nothing"
-    )
+        "--dry-run", action="store_true",
+        help="print each step, the lock it takes, its SQL and the batches; change nothing",
+    )  # fmt: skip
+    migrate.add_argument(
+        "--batch-size", type=_positive, default=MIGRATE_BATCH, metavar="N",
+        help=f"rows backfilled per transaction (default {MIGRATE_BATCH:,})",
+    )  # fmt: skip
+    migrate.add_argument(
+        "--batch-pause", default="0", metavar="DURATION",
+        help="pause between backfill batches, for the service's latency: 50ms, 1s (default 0)",
+    )  # fmt: skip
     explain = commands.add_parser(
         "explain",
         parents=[_settings("explain")],
@@ -382,7 +393,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED if args.command == "prune" else 0  # prune said how far it got
+        # prune and migrate said how far they got
+        return EXIT_INTERRUPTED if args.command in ("prune", "migrate") else 0
 
 
 Parsed = TypeVar("Parsed")
@@ -401,7 +413,12 @@ def _command(args: argparse.Namespace, config: Config) -> Command:
     """The command to run, its own flags checked; raises BadFlag or ImportUsage."""
     match args.command:
         case "migrate":
-            return lambda ready: asyncio.run(run_migrations(ready, dry_run=args.dry_run))
+            batches = Batches(
+                args.batch_size, _own("--batch-pause", parse_duration, args.batch_pause)
+            )
+            return lambda ready: asyncio.run(
+                run_migrations(ready, dry_run=args.dry_run, batches=batches)
+            )
         case "explain":
             at = None if args.at is None else _own("--at", moment, args.at)
             given = None if args.given is None else _own("--given", given_reason, args.given)

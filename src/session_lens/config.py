@@ -598,6 +598,25 @@ class Config:
     backfill_state: str = _setting(
         "'ACTIVE'", sql_expression, "SQL expression giving existing rows their state"
     )
+    backfill_created_at: str | None = _setting(
+        None,
+        sql_expression,
+        "SQL expression giving existing rows their creation time (e.g. the table's own column)",
+        note="the time the ID was minted, in id_timezone",
+    )
+    """Existing rows' creation time as SQL over the row; None: when the ID was minted."""
+    backfill_updated_at: str | None = _setting(
+        None,
+        sql_expression,
+        "SQL expression giving existing rows the time they last changed",
+        note="their creation time",
+    )
+    """Existing rows' last change as SQL over the row; None: their creation time."""
+    lock_timeout: timedelta = _setting(
+        timedelta(seconds=2),
+        positive_duration,
+        "longest wait of migrate for a lock on the sessions table (its service waits as long)",
+    )
     repeated_parameter: Repeated = _setting(
         Repeated.FIRST,
         _choice(Repeated),
@@ -778,7 +797,14 @@ CLASSIFICATION_SETTINGS = (
 COMMAND_SETTINGS: Mapping[str, tuple[str, ...]] = {
     "explain": STORE_SETTINGS + CLASSIFICATION_SETTINGS,
     "triage": STORE_SETTINGS + CLASSIFICATION_SETTINGS,
-    "migrate": (*STORE_SETTINGS, "backfill_state"),
+    "migrate": (
+        *STORE_SETTINGS,
+        "backfill_state",
+        "backfill_created_at",
+        "backfill_updated_at",
+        "lock_timeout",
+        "id_timezone",
+    ),
     "prune": STORE_SETTINGS,
     "import": (*STORE_SETTINGS, "max_future_skew", "id_timezone", "lifecycle_source"),
 }

@@ -3,6 +3,7 @@ person to read."""
 
 import asyncio
 import json
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -10,7 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -20,16 +21,19 @@ from .config import Config, mask_url
 from .explain import Explainer, Report
 from .metrics import Metrics
 from .migrations import (
+    BATCH_SIZE,
     MIGRATIONS,
     MigrationChanged,
     MigrationError,
+    MigrationStopped,
+    Online,
     Plan,
     Progress,
-    backfill_sql,
     migrate,
     plan,
     qualified,
 )
+from .migrations.online import backfill_sql, online_steps, split_first
 from .page import triage_page
 from .prune import Horizon, Preview, PruneError, Pruning, Stage
 from .reasons import Reason
@@ -60,57 +64,173 @@ async def _connect(config: Config) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
+EXIT_STOPPED = 130
+
+
+@dataclass(frozen=True, slots=True)
+class Batches:
+    """The migrate command's own flags: how the backfill goes."""
+
+    size: int = BATCH_SIZE
+    pause: timedelta = timedelta(0)
+
+
 async def run_migrations(
-    config: Config, *, dry_run: bool = False, quiet: bool = False, out: TextIO = sys.stdout
+    config: Config,
+    *,
+    dry_run: bool = False,
+    quiet: bool = False,
+    out: TextIO = sys.stdout,
+    batches: Batches = Batches(),
 ) -> int:
     """Apply pending migrations (or, dry, show them); returns the exit code."""
     try:
-        return await _run_migrations(config, dry_run, quiet, out)
+        return await _run_migrations(config, dry_run, quiet, out, batches)
     except asyncpg.PostgresError as exc:
         raise DatabaseError(f"cannot migrate {config.sessions_table}: {exc}") from exc
 
 
-async def _run_migrations(config: Config, dry_run: bool, quiet: bool, out: TextIO) -> int:
+def _online(
+    config: Config, batches: Batches, say: Callable[[str], None], stop: Callable[[], bool]
+) -> Online:
+    return Online(
+        lock_timeout=config.lock_timeout,
+        batch_pause=batches.pause,
+        created_at=config.backfill_created_at,
+        updated_at=config.backfill_updated_at,
+        id_timezone=str(config.id_timezone),
+        say=say,
+        stopping=stop,
+    )
+
+
+async def _run_migrations(
+    config: Config, dry_run: bool, quiet: bool, out: TextIO, batches: Batches
+) -> int:
     tables = config.tables
+    bars: list[tqdm] = []
+
+    def say(line: str) -> None:
+        if quiet:
+            return
+        if bars and not bars[-1].disable:
+            bars[-1].write(f"session-lens: {line}", file=sys.stderr)
+        else:
+            print(f"session-lens: {line}", file=sys.stderr)
+
+    stop = _Stop(say)
+    online = _online(config, batches, say, stop.asked)
     async with _connect(config) as conn:
         tables = await qualified(conn, tables)
-        found = await plan(conn, tables)
+        found = await plan(conn, tables, online=online)
         if found.refused is not None:
             raise DatabaseError(str(found.refused)) from found.refused
         if dry_run:
-            _print_plan(found, tables, config.backfill_state, out)
+            await _print_plan(conn, found, tables, config.backfill_state, online, batches, out)
             return 0
-        if not found.pending and not found.unrecorded:
+        if found.up_to_date:
             if not quiet:
                 print(f"up to date: version {max(found.applied):03d}", file=out)
             return 0
 
-        bars: list[tqdm] = []
-
         def progress(total: int) -> Progress:
-            bar = tqdm(total=total, unit="rows", desc="backfill", disable=quiet, file=sys.stderr)
+            bar = tqdm(
+                total=total, unit="rows", unit_scale=True, desc="backfill",
+                disable=quiet, file=sys.stderr,
+            )  # fmt: skip
             bars.append(bar)
             return bar.update  # type: ignore[no-any-return]
 
+        started = time.perf_counter()
+        if not quiet:  # quiet: before `serve`, which must not start on a run stopped short
+            stop.install()
         try:
-            applied = await migrate(conn, tables, config.backfill_state, on_backfill=progress)
+            applied = await migrate(
+                conn, tables, config.backfill_state,
+                batch_size=batches.size, on_backfill=progress, online=online,
+            )  # fmt: skip
+        except MigrationStopped as exc:
+            for bar in bars:
+                bar.close()
+            print(f"session-lens: {_stopped(exc, bars)}", file=sys.stderr)
+            return EXIT_STOPPED
+        except asyncio.CancelledError:
+            for bar in bars:
+                bar.close()
+            print(
+                "session-lens: stopped at once: the batch or step in flight was rolled back,"
+                " everything before it is kept; run `session-lens migrate` again to continue",
+                file=sys.stderr,
+            )
+            return EXIT_STOPPED
         except MigrationError as exc:
-            raise DatabaseError(f"{exc}; nothing was changed") from exc
+            raise DatabaseError(f"{exc}; run it again once that is fixed") from exc
         except MigrationChanged as exc:
             raise DatabaseError(str(exc)) from exc
         finally:
+            if not quiet:
+                stop.remove()
             for bar in bars:
                 bar.close()
         if not quiet and found.unrecorded:
             print(f"checksums recorded for {_versions(found.unrecorded)}", file=out)
-        if not quiet and applied:
-            print(
-                f"applied {_versions(applied)}; {found.rows_to_backfill} rows backfilled", file=out
-            )
+        if not quiet:
+            done = f"applied {_versions(applied)}; " if applied else "finished; "
+            rows = sum(bar.n for bar in bars)
+            took = f" in {time.perf_counter() - started:.1f} s" if rows else ""
+            print(f"{done}{rows} rows backfilled{took}", file=out)
     return 0
 
 
-def _print_plan(found: Plan, tables: Tables, state_expression: str, out: TextIO) -> None:
+class _Stop:
+    """SIGINT or SIGTERM: stop after the current batch or step; a second: at once."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self._say = say
+        self._asked = False
+        self._task: asyncio.Task[Any] | None = None
+
+    def asked(self) -> bool:
+        return self._asked
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._signalled)
+
+    def remove(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+    def _signalled(self) -> None:
+        if self._asked:
+            if self._task is not None:
+                self._task.cancel()
+            return
+        self._asked = True
+        self._say("stopping after the current batch or step (again to stop at once)")
+
+
+def _stopped(exc: MigrationStopped, bars: list[tqdm]) -> str:
+    if bars:
+        bar = bars[-1]
+        done = f"{bar.n:,} of {bar.total:,} rows backfilled, each batch committed"
+    else:
+        done = f"{exc.done} done and committed"
+    return f"stopped: {done}; run `session-lens migrate` again to continue where it stopped"
+
+
+async def _print_plan(
+    conn: asyncpg.Connection,
+    found: Plan,
+    tables: Tables,
+    state_expression: str,
+    online: Online,
+    batches: Batches,
+    out: TextIO,
+) -> None:
     table = tables.sessions
     if not found.table_exists:
         print(f"-- {table} does not exist: it will be created", file=out)
@@ -122,25 +242,54 @@ def _print_plan(found: Plan, tables: Tables, state_expression: str, out: TextIO)
             " their released checksums will be recorded",
             file=out,
         )
-    if not found.pending:
+    if found.up_to_date:
         print(f"-- up to date: version {max(found.applied):03d}; nothing to do", file=out)
         return
-    first, rest = backfill_sql(tables, state_expression)
+    timeout = f"lock_timeout {online.lock_timeout.total_seconds():g}s, retried with backoff"
+    steps = list(found.unfinished)
     for migration in MIGRATIONS:
         if migration not in found.pending:
             continue
         before, after = migration.render(tables)
-        print(f"-- migration {migration.version:03d} {migration.name}", file=out)
+        print(f"\n-- migration {migration.version:03d} {migration.name}: one transaction,"
+              f" {timeout}", file=out)  # fmt: skip
         print(before.strip(), file=out)
-        if after and not found.table_exists:  # created here, empty: nothing to backfill
-            print(f"\n-- {tables.sessions} is created empty: no backfill\n", file=out)
-            print(after.strip(), file=out)
-        elif after:
-            batches = "-- backfill, batch after batch ($1 rows each; $2 the last key done):"
-            print(f"\n{batches}", file=out)
-            print(first + ";", file=out)
-            print(rest + ";\n", file=out)
-            print(after.strip(), file=out)
+        if after:
+            print("\n".join(split_first(after, tables).now), file=out)
+            steps = online_steps(tables, after)
+    for step in steps:
+        if step.name == "backfill":
+            _print_backfill(found, batches, out)
+            if not found.table_exists or not found.rows_to_backfill:
+                continue
+            try:
+                batch = await backfill_sql(conn, tables, state_expression, online)
+            except ValueError as exc:
+                raise DatabaseError(str(exc)) from exc
+            print(batch.first + ";", file=out)
+            print(batch.rest + ";", file=out)
+            continue
+        how = "alone, not in a transaction" if step.alone else f"one transaction, {timeout}"
+        print(f"\n-- step {step.name}: {how}; locks {table}: {step.lock}", file=out)
+        print("\n".join(step.sql), file=out)
+
+
+def _print_backfill(found: Plan, batches: Batches, out: TextIO) -> None:
+    rows = found.rows_to_backfill
+    if not found.table_exists:
+        print("\n-- step backfill: the table is created empty: no backfill", file=out)
+        return
+    if not rows:
+        print("\n-- step backfill: no row to backfill", file=out)
+        return
+    count = -(-rows // batches.size)
+    pause = batches.pause.total_seconds()
+    print(
+        f"\n-- step backfill: {rows} rows in {count} batches of {batches.size},"
+        f" each its own transaction ({pause:g}s between): ROW EXCLUSIVE, the batch's rows"
+        " locked while it runs; $1 the batch size, $2 the IDs' zone, $3 the last key done",
+        file=out,
+    )
 
 
 def _versions(versions: Iterable[int]) -> str:

@@ -2,8 +2,8 @@
 
     python -m tests.benchmarks [--seconds 5] [--only PART,...] [--before DIR]
         (parts: hop, streaming, misses, recording, import, prune, fleet, image, questdb,
-        triage;
-        --before: a checkout of an earlier commit the hop part measures beside the current one)
+        migrate, triage; --before: a checkout of an earlier commit the hop part measures
+        beside the current one)
 
 Needs nginx, wrk, ab and curl (Debian: nginx-light, wrk, apache2-utils, curl). Each part runs in a
 process of its own, one after the other, and prints markdown; this collects
@@ -39,6 +39,7 @@ PARTS = {
     "fleet": "Many sidecars, one PostgreSQL: recording and misses as the fleet grows",
     "image": "The image: size, build, start, and the hop in a container",
     "questdb": "The service's QuestDB as evidence: a miss's row query and the metadata refresh",
+    "migrate": "Migrating a live table of 10 M sessions while its service reads and writes",
     "triage": "Triage of 1 M log lines over 50 000 IDs",
 }
 MODULES = {"import": "imports", "questdb": "questdb_store"}

@@ -6,9 +6,12 @@
 -- row by row, a row it fails on refused.
 --
 -- A template that writer.py fills in: identifiers quoted, the state expression as
--- given, each timestamp column of the source as text (NULL when it has none).
+-- given, each timestamp column of the source as text (NULL when it has none), and
+-- {minted}: the time the row's ID was minted, read in the zone `zone`.
+-- Timestamps are ISO 8601 or the database's own types, and a creation time more than
+-- a day off the ID's minted time is refused; without one, the ID's minted time it is.
 
-CREATE OR REPLACE FUNCTION pg_temp.session_lens_import_page(careful boolean)
+CREATE OR REPLACE FUNCTION pg_temp.session_lens_import_page(careful boolean, zone text)
 RETURNS TABLE (o_row bigint, o_outcome text, o_detail text)
 LANGUAGE plpgsql AS $sl$
 #variable_conflict use_column
@@ -19,10 +22,12 @@ BEGIN
     FOR r IN
         SELECT p.*,
                CASE WHEN p.sl_bad IS NULL
-                    THEN coalesce(p.created_at::timestamptz, p.updated_at::timestamptz, now())
+                    THEN coalesce(p.created_at::timestamptz, p.sl_minted,
+                                  p.updated_at::timestamptz, now())
                END AS sl_created,
                CASE WHEN p.sl_bad IS NULL
-                    THEN coalesce(p.updated_at::timestamptz, p.created_at::timestamptz, now())
+                    THEN coalesce(p.updated_at::timestamptz, p.created_at::timestamptz,
+                                  p.sl_minted, now())
                END AS sl_updated
         FROM (
             SELECT q.*,
@@ -31,7 +36,8 @@ BEGIN
                         WHEN NOT pg_temp.session_lens_timestamp_ok(q.deleted_at) THEN 'deleted_at'
                    END AS sl_bad,
                    EXISTS (SELECT 1 FROM {audit} AS a WHERE a.session_id = q.sl_id)
-                       AS sl_known
+                       AS sl_known,
+                   {minted} AS sl_minted
             FROM (
                 SELECT s.{row} AS sl_n, s.{source_id}::text AS sl_id,
                        CASE WHEN careful THEN NULL ELSE ({expression})::text END AS sl_state,
@@ -61,9 +67,17 @@ BEGIN
         END IF;
         IF r.sl_bad IS NOT NULL THEN
             o_row := r.sl_n; o_outcome := 'refused';
-            o_detail := format('%s %L is not a timestamp', r.sl_bad, CASE r.sl_bad
+            o_detail := format('%s %L is not a timestamp (ISO 8601)', r.sl_bad, CASE r.sl_bad
                 WHEN 'created_at' THEN r.created_at WHEN 'updated_at' THEN r.updated_at
                 ELSE r.deleted_at END);
+            RETURN NEXT; CONTINUE;
+        END IF;
+        IF r.created_at IS NOT NULL AND r.sl_minted IS NOT NULL
+           AND abs(extract(epoch FROM r.created_at::timestamptz - r.sl_minted)) > 86400 THEN
+            o_row := r.sl_n; o_outcome := 'refused';
+            o_detail := format('created_at %L is more than a day off the time the ID was'
+                               ' minted (%s)', r.created_at,
+                               to_char(r.sl_minted AT TIME ZONE zone, 'YYYY-MM-DD HH24:MI:SS'));
             RETURN NEXT; CONTINUE;
         END IF;
         IF r.sl_known THEN

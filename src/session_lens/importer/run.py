@@ -93,7 +93,8 @@ async def _store(conn: asyncpg.Connection, config: Config, options: Options) -> 
             " run `session-lens migrate` first"
         )
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
-    return Store(conn, tables, f"imported {stamp} UTC from {options.label}")
+    reason = f"imported {stamp} UTC from {options.label}"
+    return Store(conn, tables, reason, str(config.id_timezone))
 
 
 async def _open(options: Options, store_conn: asyncpg.Connection) -> Source:

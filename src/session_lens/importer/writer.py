@@ -14,6 +14,7 @@ from importlib import resources
 
 import asyncpg
 
+from ..migrations.online import minted
 from ..schema import SessionState, Tables, quote_ident
 from .errors import ImportUsage
 from .sources import ID_COLUMNS, LOST, PAGE_TIMEOUT, Column, Row
@@ -37,7 +38,7 @@ SETTINGS = (
     " set_config('session_lens.actor', $1, true),"
     " set_config('session_lens.reason', $2, true)"
 )
-IMPORT_PAGE = "SELECT o_row, o_outcome, o_detail FROM pg_temp.session_lens_import_page($1)"
+IMPORT_PAGE = "SELECT o_row, o_outcome, o_detail FROM pg_temp.session_lens_import_page($1, $2)"
 
 
 def page_functions(tables: Tables, columns: Sequence[Column], expression: str, v16: bool) -> str:
@@ -55,6 +56,7 @@ def page_functions(tables: Tables, columns: Sequence[Column], expression: str, v
         source_id=quote_ident(source_id),
         expression=expression,
         state_names=" ".join(SessionState),
+        minted=minted("q.sl_id", "zone"),
         **{name: raw(name) for name in TIMESTAMP_COLUMNS},
     )
     return (TIMESTAMP_OK if v16 else TIMESTAMP_OK_BEFORE_16) + page
@@ -63,10 +65,11 @@ def page_functions(tables: Tables, columns: Sequence[Column], expression: str, v
 class Store:
     """The lifecycle store as the import writes it: one page, one transaction."""
 
-    def __init__(self, conn: asyncpg.Connection, tables: Tables, reason: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, tables: Tables, reason: str, zone: str) -> None:
         self._conn = conn
         self._tables = tables
         self._reason = reason
+        self._zone = zone
         self._columns: tuple[Column, ...] = ()
         self._actor = _actor()
 
@@ -113,7 +116,7 @@ class Store:
                 columns=[ROW, *(c.name for c in self._columns)],
                 timeout=PAGE_TIMEOUT,
             )
-            results = await conn.fetch(IMPORT_PAGE, careful, timeout=PAGE_TIMEOUT)
+            results = await conn.fetch(IMPORT_PAGE, careful, self._zone, timeout=PAGE_TIMEOUT)
         except BaseException:
             if not conn.is_closed():  # when it is, the server has rolled back already
                 # A connection cut mid-COPY may refuse even the rollback ("another

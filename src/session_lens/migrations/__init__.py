@@ -1,10 +1,12 @@
 """Versioned, idempotent, transactional schema migrations and their runner.
 
 Each `NNN_name.sql` file beside this module is one version. Its text is a
-template of quoted identifiers (see `Tables.names`); a line `-- @backfill`
-splits it where existing rows get their state, in batches, each with an audit
-entry of trigger `migration`. One advisory lock keeps two runners apart; each
-version commits whole or not at all.
+template of quoted identifiers (see `Tables.names`). One advisory lock keeps two
+runners apart; each version commits whole or not at all, in one short transaction
+under `lock_timeout`. The version whose text has a line `-- @backfill` (001) is
+the one that takes the service's live table: what of it would hold that table for
+long (its triggers, defaults, the backfill, NOT NULL, the CHECK, the state index)
+is done by `online.py` instead, the online way, once every version is in.
 
 A released version's text never changes: `RELEASED` holds its sha256, the
 versions table the checksum of the text each database applied, and a run where
@@ -14,10 +16,13 @@ the texts 001-004 had before (`EARLIER`) differ from those only in what 006
 defines again. Version 005 is not used: it named a recording change that was
 folded into 004.
 
-    MigrationError     a version failed; nothing of it was kept
+    MigrationError     a version failed; nothing of it was kept (a step on the live
+                       table failed: the steps and batches before it are kept)
+    MigrationStopped   asked to stop: what was committed stays, the next run goes on
     MigrationChanged   a text is not the released one, or not the one applied
 """
 
+import asyncio
 import hashlib
 import re
 from collections.abc import Callable, Sequence
@@ -27,10 +32,44 @@ from importlib import resources
 import asyncpg
 
 from ..schema import Tables
+from .online import (
+    BackfillRefused,
+    LockNotGranted,
+    MigrationStopped,
+    Online,
+    Step,
+    backfill,
+    finishing,
+    locked,
+    needs,
+    run_step,
+    split_first,
+)
+
+__all__ = [
+    "BATCH_SIZE",
+    "EARLIER",
+    "MIGRATIONS",
+    "RELEASED",
+    "Migration",
+    "MigrationChanged",
+    "MigrationError",
+    "MigrationStopped",
+    "Online",
+    "Plan",
+    "Progress",
+    "Step",
+    "checksum",
+    "migrate",
+    "plan",
+    "qualified",
+]
 
 LOCK_KEY = 0x5E551_0E15  # "session lens": one advisory lock for every runner
 BACKFILL_MARK = "-- @backfill"
 BATCH_SIZE = 10_000
+ONLINE = Online()
+"""The online steps' defaults."""
 
 RELEASED: dict[int, str] = {
     1: "0012c49558a727d8181f3fa1b47bfba68a86d88f10236ade95d8c8f3973c9440",
@@ -40,6 +79,7 @@ RELEASED: dict[int, str] = {
     6: "ad3819581fc4c097ea74d8c7111ecd526cb14b90fd6a7450775cbbb52196ca4a",
     7: "d6c4a079be7fc2e07e2d580e4770aa61ab08242c2f9485edfb88aa1e6356696f",
     8: "c1f84847048655e6c920ff3ea89aeb706ab9e90edef122f8af3027ff9ced6a5d",
+    9: "4479c312fad0ba555f4fea7abf058df85472f7594221af9ae390f27935bb9532",
 }
 """The sha256 of each released version's text; a version joins when it is released."""
 
@@ -136,44 +176,6 @@ def _load() -> tuple[Migration, ...]:
 MIGRATIONS = _load()
 
 
-def backfill_sql(tables: Tables, state_expression: str) -> tuple[str, str]:
-    """The first and the following batch statements: state, timestamps, audit entries."""
-    names = tables.names
-    template = (
-        "WITH batch AS ("
-        " SELECT {id} AS sl_key FROM {table} WHERE ({needs}) {after}"
-        " ORDER BY {id} LIMIT $1 FOR UPDATE"
-        "), filled AS ("
-        " UPDATE {table} AS t"
-        " SET state = CASE WHEN t.state::text IN ({states}) THEN t.state ELSE ({expr}) END,"
-        " created_at = coalesce(t.created_at, clock_timestamp()),"
-        " updated_at = coalesce(t.updated_at, clock_timestamp()),"
-        " deleted_at = CASE WHEN ({expr}) = 'DELETED'"
-        "  THEN coalesce(t.deleted_at, clock_timestamp()) ELSE t.deleted_at END"
-        " FROM batch WHERE t.{id} = batch.sl_key"
-        " RETURNING t.{id} AS key, t.state AS state"
-        "), audited AS ("
-        " INSERT INTO {audit} (session_id, old_state, new_state, trigger, actor, reason)"
-        " SELECT key::text, NULL, state, 'migration', session_user, 'backfill' FROM filled"
-        ")"
-        " SELECT count(*) AS rows, (array_agg(key ORDER BY key DESC))[1] AS last FROM filled"
-    )
-    first = template.format(after="", expr=state_expression, needs=_needs(tables), **names)
-    rest = template.format(
-        after=f"AND {names['id']} > $2", expr=state_expression, needs=_needs(tables), **names
-    )
-    return first, rest
-
-
-def _needs(tables: Tables) -> str:
-    """Rows the backfill must touch: no state of the model, or no timestamps."""
-    names = tables.names
-    return (
-        f"state IS NULL OR state::text NOT IN ({names['states']})"
-        " OR created_at IS NULL OR updated_at IS NULL"
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What a migration run would do."""
@@ -187,10 +189,21 @@ class Plan:
     """Versions applied before checksums were kept: the run records their released ones."""
     refused: MigrationChanged | None = None
     """Why the run would be refused, applying nothing."""
+    unfinished: tuple[Step, ...] = ()
+    """Steps on the service's table an earlier run left undone (it stopped half-way)."""
+
+    @property
+    def up_to_date(self) -> bool:
+        """Whether there is nothing to do."""
+        return not (self.pending or self.unrecorded or self.unfinished)
 
 
 async def plan(
-    conn: asyncpg.Connection, tables: Tables, *, migrations: Sequence[Migration] = MIGRATIONS
+    conn: asyncpg.Connection,
+    tables: Tables,
+    *,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    online: Online = ONLINE,
 ) -> Plan:
     """Look, change nothing: which versions are pending and how many rows they touch."""
     tables = await qualified(conn, tables)
@@ -218,11 +231,20 @@ async def plan(
             names["table"],
         )
         to_fill = (
-            await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE {_needs(tables)}")
+            await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE {needs(tables)}")
             if has_all
             else total
         )
-    return Plan(applied, pending, exists, total, to_fill, unrecorded, refused)
+    unfinished: tuple[Step, ...] = ()
+    first = _first(migrations)
+    if first is not None and first.version in recorded and exists:
+        unfinished = tuple(await finishing(conn, tables, first.render(tables)[1], online))
+    return Plan(applied, pending, exists, total, to_fill, unrecorded, refused, unfinished)
+
+
+def _first(migrations: Sequence[Migration]) -> Migration | None:
+    """The version whose text has a backfill: its steps on the table are done online."""
+    return next((m for m in migrations if BACKFILL_MARK in m.template), None)
 
 
 async def _recorded(conn: asyncpg.Connection, versions: str) -> dict[int, str | None]:
@@ -286,20 +308,70 @@ async def migrate(
     batch_size: int = BATCH_SIZE,
     on_backfill: Callable[[int], Progress] | None = None,
     migrations: Sequence[Migration] = MIGRATIONS,
+    online: Online = ONLINE,
 ) -> list[int]:
-    """Apply every pending version; returns those applied. Safe to run again, and at once."""
+    """Apply every pending version, then the steps on the live table; returns the versions.
+
+    Safe to run again, and at once. Raises MigrationStopped when `online.stopping`
+    says so (after a batch or a step: what was committed stays, the next run goes on).
+    """
     applied = []
     tables = await qualified(conn, tables)
-    # One lock for the whole run, so two runners cannot interleave versions.
-    await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+    first = _first(migrations)
+    # One lock for the whole run, so two runners cannot interleave versions. Asked
+    # for again and again, not waited for: a waiting statement's snapshot would hold
+    # up the other runner's CREATE INDEX CONCURRENTLY, which waits for every snapshot.
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
     try:
         await _bookkeeping(conn, tables, migrations)
+        if first is not None:
+            await _check_expression(conn, tables, state_expression, first)
         for migration in migrations:
-            if await _apply(conn, tables, migration, state_expression, batch_size, on_backfill):
+            if await _apply(conn, tables, migration, online):
                 applied.append(migration.version)
+            if online.stopping():
+                raise MigrationStopped(f"version {migration.version:03d}", 0, 0)
+        if first is not None and await _applied(conn, tables, first):
+            await _finish(conn, tables, first, state_expression, batch_size, on_backfill, online)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
     return applied
+
+
+async def _applied(conn: asyncpg.Connection, tables: Tables, migration: Migration) -> bool:
+    return bool(
+        await conn.fetchval(
+            f"SELECT 1 FROM {tables.names['versions']} WHERE version = $1", migration.version
+        )
+    )
+
+
+async def _check_expression(
+    conn: asyncpg.Connection, tables: Tables, state_expression: str, first: Migration
+) -> None:
+    """Refuse a state expression the existing table cannot take, before anything changes."""
+    table = tables.names["table"]
+    if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+        return
+    if await _applied(conn, tables, first):
+        columns = ""
+    else:  # its own columns, as the expression will see them
+        columns = ", NULL::text AS state, NULL::timestamptz AS created_at,"
+        columns += " NULL::timestamptz AS updated_at, NULL::timestamptz AS deleted_at"
+        has = await conn.fetch(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1)"
+            " AND attnum > 0 AND NOT attisdropped",
+            table,
+        )
+        if {"state", "created_at", "updated_at", "deleted_at"} & {r["attname"] for r in has}:
+            columns = ""
+    try:
+        await conn.prepare(
+            f"SELECT ({state_expression})::text FROM (SELECT *{columns} FROM {table}) AS t"
+        )
+    except asyncpg.PostgresError as exc:
+        raise MigrationError(first.version, f"backfill_state {state_expression!r}: {exc}") from exc
 
 
 async def _bookkeeping(
@@ -328,59 +400,65 @@ async def _bookkeeping(
 
 
 async def _apply(
-    conn: asyncpg.Connection,
-    tables: Tables,
-    migration: Migration,
-    state_expression: str,
-    batch_size: int,
-    on_backfill: Callable[[int], Progress] | None,
+    conn: asyncpg.Connection, tables: Tables, migration: Migration, online: Online
 ) -> bool:
+    """One version in one short transaction, under lock_timeout: its text, or for the
+    version with a backfill, all but what `finishing` does on the live table."""
     names = tables.names
-    async with conn.transaction():
-        done = await conn.fetchval(
-            f"SELECT 1 FROM {names['versions']} WHERE version = $1", migration.version
+    if await _applied(conn, tables, migration):
+        return False
+    before, after = migration.render(tables)
+    sql = [before, *split_first(after, tables).now] if after else [before]
+    record = (
+        f"INSERT INTO {names['versions']} (version, name, checksum) VALUES"
+        f" ({migration.version}, {_literal(migration.name)}, {_literal(migration.checksum)})"
+        " ON CONFLICT DO NOTHING"
+    )
+    try:
+        await locked(
+            conn, f"migration {migration.version:03d}", [*sql, record], names["table"], online
         )
-        if done:
-            return False
-        before, after = migration.render(tables)
-        try:
-            await conn.execute(before)
-            if after:
-                await _backfill(conn, tables, state_expression, batch_size, on_backfill)
-                await conn.execute(after)
-        except (asyncpg.PostgresError, _BackfillIncomplete) as exc:
-            raise MigrationError(migration.version, str(exc)) from exc
-        await conn.execute(
-            f"INSERT INTO {names['versions']} (version, name, checksum) VALUES ($1, $2, $3)",
-            migration.version,
-            migration.name,
-            migration.checksum,
-        )
+    except (asyncpg.PostgresError, LockNotGranted) as exc:
+        raise MigrationError(migration.version, str(exc)) from exc
     return True
 
 
-async def _backfill(
+def _literal(text: str) -> str:
+    """A quoted SQL literal of a name or checksum (letters, digits, _ only)."""
+    assert re.fullmatch(r"\w+", text), text
+    return f"'{text}'"
+
+
+async def _finish(
     conn: asyncpg.Connection,
     tables: Tables,
+    first: Migration,
     state_expression: str,
     batch_size: int,
     on_backfill: Callable[[int], Progress] | None,
+    online: Online,
 ) -> None:
-    names = tables.names
-    total = await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE {_needs(tables)}")
-    if not total:
-        return
-    advance = on_backfill(total) if on_backfill else None
-    first, rest = backfill_sql(tables, state_expression)
-    row = await conn.fetchrow(first, batch_size)
-    while row["rows"]:
-        if advance:
-            advance(row["rows"])
-        row = await conn.fetchrow(rest, batch_size, row["last"])
-    left = await conn.fetchval(f"SELECT count(*) FROM {names['table']} WHERE {_needs(tables)}")
-    if left:
-        raise _BackfillIncomplete(f"backfill_state gave no state of the model for {left} rows")
-
-
-class _BackfillIncomplete(Exception):
-    pass
+    """The steps on the service's table that are not done yet, each found from the catalog."""
+    after = first.render(tables)[1]
+    for step in await finishing(conn, tables, after, online):
+        try:
+            if step.name == "backfill":
+                done = await backfill(
+                    conn, tables, state_expression, online, batch_size, on_backfill
+                )
+                if done.refused:
+                    online.say(
+                        f"backfill: {done.refused} rows' given timestamps refused (not a"
+                        " time, or more than a day off the ID's minted time): dated by"
+                        " their IDs instead, e.g. " + ", ".join(done.examples)
+                    )
+            else:
+                await run_step(conn, tables, step, online)
+        except BackfillRefused as exc:
+            raise MigrationError(first.version, f"{exc}; the batches before it are kept") from exc
+        except (ValueError, LockNotGranted) as exc:
+            raise MigrationError(first.version, str(exc)) from exc
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(first.version, f"{step.name}: {exc}") from exc
+        if online.stopping():
+            raise MigrationStopped(step.name, 0, 0)
