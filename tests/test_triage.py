@@ -409,6 +409,17 @@ async def test_the_command_reads_gzip_and_stdin_and_says_what_it_found(
     assert b"\x1b" not in shown.stdout and b"\x07" not in shown.stdout
     assert b"exec_\\x1b[2J" in shown.stdout  # escaped, as text
 
+    # Nine minutes of misses drawn in at most 100 marks: each mark says its own span.
+    spread = tmp_path / "spread.log"
+    spread.write_text(
+        "\n".join(miss_line(new_session_id(), now + timedelta(minutes=m)) for m in range(10))
+    )
+    drawn = await run_cli("triage", str(spread), "--database-url", db)
+    assert drawn.returncode == 0, drawn.stderr
+    header = next(line for line in drawn.stdout.decode().splitlines() if "one mark per" in line)
+    assert header.startswith("timeline (one mark per 6 s,"), header
+    assert "1 miss without a time" not in drawn.stdout.decode()
+
     missing = await run_cli("triage", str(tmp_path / "nope.log"), "--database-url", db)
     assert missing.returncode == 2
     assert b"nope.log: No such file or directory" in missing.stderr

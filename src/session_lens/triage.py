@@ -577,7 +577,8 @@ def _reason_pattern(tally: Tally, reason: Reason, count: int, total: int) -> Pat
         rules = ", ".join(f"{rule} {n:,}" for rule, n in tally.rules.most_common())
         evidence["rules"] = {rule.value: n for rule, n in tally.rules.items()}
         statement = (
-            f"{_misses(count)} ({_pct(count, total)}) were of malformed IDs ({rules}):"
+            f"{_misses(count)} ({_pct(count, total)}) {'was' if count == 1 else 'were'}"
+            f" of malformed IDs ({rules}):"
             " a client bug, no session has such an ID"
         )
     else:
@@ -792,11 +793,11 @@ def render_text(data: dict[str, Any]) -> str:
     out = [data["verdict"]["line"], ""]
     span = f", {data['from']} to {data['to']} UTC" if data["from"] else ""
     out.append(
-        f"{data['misses']:,} misses on {data['ids']:,} IDs in {data['lines']:,} lines{span}"
+        f"{_misses(data['misses'])} on {_ids(data['ids'])} in {data['lines']:,} lines{span}"
         f" ({data['queries']:,} {'query' if data['queries'] == 1 else 'queries'})"
     )
     if data["untimed"]:
-        out.append(f"{data['untimed']:,} misses without a time, judged as of now")
+        out.append(f"{_misses(data['untimed'])} without a time, judged as of now")
     if data["reasons"]:
         out += ["", "reasons"]
         width = max(len(r["reason"]) for r in data["reasons"])
@@ -812,9 +813,10 @@ def render_text(data: dict[str, Any]) -> str:
                 out.append(f"    e.g. {', '.join(map(_printable, pattern['examples']))}")
     timeline = data["timeline"]
     if timeline["buckets"]:
-        out += ["", f"timeline (one mark per {_span(timeline['bucket_seconds'])},"
+        each, lines = _sparklines(timeline)
+        out += ["", f"timeline (one mark per {_span(each)},"
                 f" from {timeline['buckets'][0]['at']} UTC)"]  # fmt: skip
-        out += _sparklines(timeline)
+        out += lines
     if data["top_ids"]:
         out += ["", "most looked-up IDs"]
         for row in data["top_ids"]:
@@ -842,7 +844,8 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-def _sparklines(timeline: dict[str, Any]) -> list[str]:
+def _sparklines(timeline: dict[str, Any]) -> tuple[int, list[str]]:
+    """The seconds each mark stands for, and a line of marks per reason."""
     buckets = timeline["buckets"]
     width = timeline["bucket_seconds"]
     start = datetime.fromisoformat(buckets[0]["at"]).timestamp()
@@ -861,7 +864,7 @@ def _sparklines(timeline: dict[str, Any]) -> list[str]:
         peak = max(marks) or 1
         line = "".join(BARS[math.ceil(8 * m / peak)] if m else BARS[0] for m in marks)
         lines.append(f"  {name:<{label}}  |{line}|  peak {peak:,}")
-    return lines
+    return width * per_column, lines
 
 
 def inputs_readable(names: Iterable[str]) -> list[str]:
