@@ -228,6 +228,9 @@ async def _readyz(request: web.Request) -> web.Response:
     }
     if recorder is not _NOT_OBSERVING:
         checks["recorder"] = "ok" if recorder is None else recorder
+    questdb = request.app[EXPLAINER].questdb
+    if questdb is not None:  # evidence only: without it the lifecycle tables decide alone
+        checks["questdb"] = "ok" if questdb.problem is None else f"down: {questdb.problem}"
     workers = request.app[WORKERS]
     listening = None if workers is None else workers()
     if listening is not None:

@@ -1,7 +1,14 @@
-"""Why a valid lookup found nothing: a pure function of the evidence."""
+"""Why a valid lookup found nothing: a pure function of the evidence.
+
+Two sources: the lifecycle tables (`Evidence`) and, where configured, the service's
+own QuestDB (`StoreEvidence`). What the store says of its own table decides first;
+where it cannot say (no store, a store that did not answer, absence it cannot prove)
+the lifecycle evidence decides as it always has.
+"""
 
 from datetime import datetime, timedelta
 
+from .questdb_store import StoreEvidence
 from .reasons import Reason
 from .retention import Fate
 from .schema import LIVE_STATES, SessionState
@@ -16,14 +23,20 @@ def classify(
     visibility_window: timedelta,
     creation_timeout: timedelta,
     fate: Fate = Fate.KEPT,
+    store: StoreEvidence | None = None,
 ) -> Reason:
-    """The reason the upstream answered "not found", from the lifecycle row and audit trail.
+    """The reason the upstream answered "not found", from the lifecycle row and audit trail,
+    and the service's own store when it answered.
 
     `minted_at` is the moment the ID names (None for a malformed ID forwarded in
-    observe mode: no such session can exist); `fate` what the store's own retention
-    has done to the partition it was created in.
+    observe mode: no such session can exist); `fate` what the configured retention
+    says of the partition it was created in, used only where the store was not asked.
     """
-    if fate is Fate.DROPPED:
+    if store is not None:
+        decided = _from_store(store, evidence, minted_at, include_deleted, visibility_window)
+        if decided is not None:
+            return decided
+    elif fate is Fate.DROPPED:
         return Reason.EXPIRED
     state = evidence.state
     if state is None:
@@ -75,3 +88,36 @@ def _live(evidence: Evidence, visibility_window: timedelta) -> Reason:
     if changed is not None and evidence.now - changed < visibility_window:
         return Reason.NOT_YET_VISIBLE
     return Reason.UPSTREAM_INCONSISTENT
+
+
+def _from_store(
+    store: StoreEvidence,
+    evidence: Evidence,
+    minted_at: datetime | None,
+    include_deleted: bool,
+    visibility_window: timedelta,
+) -> Reason | None:
+    """What the store's own table proves; None where it proves nothing."""
+    if store.row is not None:  # there, and the upstream said 404 all the same
+        state = store.row.get("state") or evidence.state
+        if state == SessionState.DELETED:
+            return Reason.DELETED_NOT_SERVED if include_deleted else Reason.DELETED
+        if state == SessionState.ARCHIVED:
+            return Reason.ARCHIVED
+        if state == SessionState.CREATING:  # the lifecycle row knows since when, if any
+            return None if evidence.has_row else Reason.CREATING
+        return Reason.UPSTREAM_INCONSISTENT
+    wal = store.meta.wal
+    if wal is not None and wal.suspended:
+        return Reason.STORE_SUSPENDED
+    pending = wal is not None and wal.pending > 0  # its row may be among what is not applied
+    if pending and minted_at is not None and evidence.now - minted_at < visibility_window:
+        return Reason.NOT_YET_VISIBLE
+    if store.gone:
+        return Reason.EXPIRED
+    if pending or not any(store.present):
+        return None  # absence not proved: not applied yet, or past the newest partition
+    if evidence.has_row or evidence.has_audit:
+        return None  # the lifecycle records hold more than absence: they say how it went
+    # No DELETE in QuestDB: a row absent from a partition still there was never written.
+    return Reason.NEVER_EXISTED

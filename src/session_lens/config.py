@@ -655,6 +655,22 @@ class Config:
     )
     """The service's store's own TTL; None: it keeps everything."""
     upstream_partition: Unit = _setting(Unit.DAY, _choice(Unit), "the store's partition size")
+    questdb_url: str | None = _setting(
+        None,
+        parse_database_url,
+        "PGWire URL of the service's own QuestDB, read as evidence",
+        note="the store is not asked",
+        mask=mask_url,
+    )
+    """The service's QuestDB (postgresql://admin:quest@host:8812/qdb); None: not asked."""
+    questdb_table: str = _setting("sessions", _column, "the service's sessions table in QuestDB")
+    questdb_id_column: str = _setting("id", _column, "its session ID column")
+    questdb_timestamp_column: str = _setting(
+        "created_at", _column, "its designated timestamp: when the session was created"
+    )
+    questdb_budget: timedelta = _setting(
+        timedelta(milliseconds=50), positive_duration, "time a miss's row query in QuestDB may take"
+    )
     lifecycle_source: LifecycleSource = _setting(
         LifecycleSource.DATABASE,
         _choice(LifecycleSource),

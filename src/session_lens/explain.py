@@ -15,11 +15,14 @@ from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 
+from .breaker import Breaker
 from .classify import classify, creating_since, last_change
 from .config import Config
 from .events import Event
 from .in_flight import InFlight, overlay
 from .metrics import Metrics
+from .questdb_store import QuestDBSettings, QuestDBStore, StoreEvidence, TableMeta
+from .questdb_store import StoreUnavailable as QuestDBUnavailable
 from .reasons import Reason
 from .replay import as_of, checked
 from .retention import Fate, StoreRetention
@@ -45,53 +48,14 @@ HEALTH_TIMEOUT = 1.0
 EXPLAIN_TIMEOUT = 5.0
 HORIZON_REFRESH = 60.0
 """How often the horizon gauge is read again when nothing else reads it."""
+STORE_SHARE = 0.8
+"""The share of the classification budget a miss waits for the service's store."""
 TIMELINE_LIMIT = 1000
 """The most audit entries `explain` reads of one ID."""
 MAX_AUDIT_REASON = 200
 TRAILS_TIMEOUT = 30.0
 """The longest a batch of trails may take to read: no one is waiting on an answer."""
 """The most of an audit entry's reason a sentence of `explain` quotes."""
-
-
-class Breaker:
-    """Opens after `failures` failures in a row; after `cooldown` lets one trial through."""
-
-    def __init__(
-        self, failures: int = 5, cooldown: float = 5.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._threshold = failures
-        self._cooldown = cooldown
-        self._clock = clock
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._trial = False
-
-    @property
-    def is_open(self) -> bool:
-        """Whether calls are being refused (a trial may still be let through)."""
-        return self._opened_at is not None
-
-    def allow(self) -> bool:
-        """Whether a call may go to the database now."""
-        if self._opened_at is None:
-            return True
-        if self._trial or self._clock() - self._opened_at < self._cooldown:
-            return False
-        self._trial = True
-        return True
-
-    def succeeded(self) -> None:
-        """A call went through: close."""
-        self._failures = 0
-        self._opened_at = None
-        self._trial = False
-
-    def failed(self) -> None:
-        """A call failed: count it, and open (again) at the threshold or after a failed trial."""
-        self._failures += 1
-        if self._trial or self._failures >= self._threshold:
-            self._opened_at = self._clock()
-        self._trial = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +69,8 @@ class Explanation:
     """What the reason cannot say: a partition at the store's retention boundary."""
     cause: str | None = None
     """Why an `unknown` is unknown, as `classifier_errors_total` names it."""
+    store: StoreEvidence | None = None
+    """What the service's own store said of the ID, when it was asked and answered."""
 
     def lifecycle(self) -> dict[str, Any] | None:
         """The evidence as the JSON members a response carries."""
@@ -189,6 +155,10 @@ class Report:
     """The reason the miss at `at` was given, when the asker knows it (an exemplar's)."""
     limits: list[str] = field(default_factory=list)
     """What of the moment the records cannot replay."""
+    store: StoreEvidence | None = None
+    """What the service's own store says of the ID now (not asked for a replay)."""
+    store_problem: str | None = None
+    """Why the service's store, configured, gave no evidence."""
 
     def why(self) -> str:
         """The reason a miss gets (at `at`, or now), in a sentence a person can act on."""
@@ -231,6 +201,14 @@ class Report:
 
 
 def _expired(report: Report) -> str:
+    store = report.store
+    if store is not None:
+        oldest = store.meta.oldest
+        ttl = f", its TTL {store.meta.ttl}" if store.meta.ttl else ""
+        return (
+            f"in the partition {store.partitions[0]}, which the service's store no longer has"
+            f" (its oldest is {oldest or 'none'}{ttl}): dropped, and the row with it"
+        )
     retained = report.retained
     if retained is None:
         return _unknown(report)
@@ -251,6 +229,13 @@ def _predates_tracking(report: Report) -> str:
 
 
 def _never_existed(report: Report) -> str:
+    store = report.store
+    if store is not None and store.row is None and any(store.present):
+        return (
+            f"not in its partition {', '.join(store.partitions)} of the service's store, which"
+            " is there with every write applied: never written (the store deletes no row"
+            " but with its partition)"
+        )
     return (
         f"after tracking began on {_when(report.evidence.horizon)}, and never recorded:"
         " no row and no audit entry"
@@ -311,7 +296,27 @@ def _archived(report: Report) -> str:
     return f"archived{when}: moved to cold storage, where the upstream does not look"
 
 
+def _store_suspended(report: Report) -> str:
+    store = report.store
+    wal = store.meta.wal if store is not None else None
+    if wal is None:
+        return _unknown(report)
+    error = f" ({wal.error})" if wal.error else ""
+    return (
+        f"not in the service's store, whose write-ahead log is suspended{error} with"
+        f" {wal.pending} transactions accepted and not applied: writes succeed but none is"
+        " visible until RESUME WAL"
+    )
+
+
 def _not_yet_visible(report: Report) -> str:
+    store = report.store
+    if store is not None and store.row is None and store.meta.wal is not None:
+        return (
+            f"{_ago(report, report.minted_at)}, not in the service's store yet, which has"
+            f" {store.meta.wal.pending} transactions accepted and not applied, within the"
+            f" visibility window ({_span(report.visibility_window)}): its row is on its way"
+        )
     changed = last_change(report.evidence)
     return (
         f"{report.evidence.state} after a change at {_when(changed)}{_by(_latest(report))},"
@@ -321,6 +326,14 @@ def _not_yet_visible(report: Report) -> str:
 
 
 def _upstream_inconsistent(report: Report) -> str:
+    store = report.store
+    if store is not None and store.row is not None:
+        state = store.row.get("state") or report.evidence.state or "no state"
+        return (
+            f"its row is in the service's store ({state}, partition"
+            f" {', '.join(store.partitions)}): the upstream answered 404 for a session its"
+            " own store holds"
+        )
     changed = last_change(report.evidence)
     return (
         f"{report.evidence.state} since {_when(changed)}{_by(_latest(report))},"
@@ -350,6 +363,7 @@ _SHOWS: dict[Reason, Callable[[Report], str]] = {
     Reason.PURGED: _purged,
     Reason.ARCHIVED: _archived,
     Reason.NOT_YET_VISIBLE: _not_yet_visible,
+    Reason.STORE_SUSPENDED: _store_suspended,
     Reason.UPSTREAM_INCONSISTENT: _upstream_inconsistent,
 }
 
@@ -419,6 +433,8 @@ class Explainer:
         self._ids = config.id_validator
         self._retention = config.store_retention
         self._pool: asyncpg.Pool | None = None
+        self.questdb = _questdb(config, metrics)
+        """The service's own store, asked beside the lifecycle tables; None: not configured."""
         self._pending: dict[tuple[str, bool], asyncio.Task[Explanation]] = {}
         self._watch: asyncio.Task[None] | None = None
         self.horizon: datetime | None = None
@@ -433,6 +449,8 @@ class Explainer:
 
     async def open(self) -> None:
         """Create the pool; it connects on first use, so a down database does not stop start-up."""
+        if self.questdb is not None:
+            await self.questdb.open()
         if self._dsn is not None:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
@@ -449,6 +467,8 @@ class Explainer:
             task.cancel()
         if self._pool is not None:
             await self._pool.close()
+        if self.questdb is not None:
+            await self.questdb.close()
 
     async def explain_miss(
         self, session_id: str, include_deleted: bool, exemplar: dict[str, str] | None = None
@@ -460,7 +480,7 @@ class Explainer:
         started = time.perf_counter()
         try:
             retained = self._retained(session_id, datetime.now(UTC))
-            if retained is not None and retained.fate is Fate.DROPPED:
+            if retained is not None and retained.fate is Fate.DROPPED and self.questdb is None:
                 return Explanation(Reason.EXPIRED)  # the ID alone says so: no query
             key = (session_id, include_deleted)
             task = self._pending.get(key)
@@ -490,25 +510,48 @@ class Explainer:
         # The events in flight as the query starts: one stored while it runs is in these
         # or in what it reads, never in neither.
         in_flight = self._in_flight_of(session_id)
+        # The store's answer is waited for only while the budget leaves room for the
+        # lifecycle evidence to decide alone.
+        deadline = asyncio.get_running_loop().time() + self._budget * STORE_SHARE
+        asked = asyncio.create_task(self._ask_store(session_id))
         try:
             evidence = await read_evidence(self._pool, self._queries, session_id, self._budget)
         except StoreError as exc:
+            asked.cancel()
             self._breaker.failed()
             self._metrics.breaker_open.set(self._breaker.is_open)
             return Explanation(Reason.UNKNOWN, error=exc.detail, cause=exc.kind)
         self._breaker.succeeded()
         self._metrics.breaker_open.set(0)
         self._saw(evidence)
+        try:
+            async with asyncio.timeout_at(deadline):
+                store = await asked
+        except TimeoutError:
+            self._metrics.questdb_errors["timeout"].inc()
+            store = None
         retained = self._retained(session_id, evidence.now)
         try:
             seen = overlay(evidence, in_flight) if in_flight else evidence
-            reason, doubt = self._judge(session_id, seen, include_deleted, retained)
-            note = doubt or (retained.note() if retained else None)
-            return Explanation(reason, seen, note=note)
+            reason, doubt = self._judge(session_id, seen, include_deleted, retained, store)
+            note = doubt or (retained.note() if retained and store is None else None)
+            return Explanation(reason, seen, note=note, store=store)
         except (TypeError, ValueError) as exc:  # evidence of a shape nobody planned for
             log.error("cannot classify", extra={"session_id": session_id, "error": repr(exc)})
             error = f"unclassifiable evidence: {exc}"
             return Explanation(Reason.UNKNOWN, evidence, error=error, cause="query")
+
+    async def _ask_store(self, session_id: str) -> StoreEvidence | None:
+        """The service's store's evidence on the ID; None when it is not configured or gave
+        none (counted by kind; the store logs the first failure of a run)."""
+        minted = self._ids.minted_at(session_id)
+        if self.questdb is None or minted is None:
+            return None
+        try:
+            return await self.questdb.look_up(session_id, minted)
+        except QuestDBUnavailable as exc:
+            self._metrics.questdb_errors[exc.kind.value].inc()
+            return None
 
     def _in_flight_of(self, session_id: str) -> list[Event]:
         """This process's events in flight for the ID, oldest first."""
@@ -520,11 +563,16 @@ class Explainer:
         seen: Evidence,
         include_deleted: bool,
         retained: Retained | None,
+        store: StoreEvidence | None = None,
     ) -> tuple[Reason, str | None]:
         """The reason `seen` gives, and, where it would be `never_existed` though evidence
         may be on its way, `unknown` with why."""
-        reason = self._classify(session_id, seen, include_deleted, retained)
-        if reason is Reason.NEVER_EXISTED and (doubt := self._doubt(session_id, seen)):
+        reason = self._classify(session_id, seen, include_deleted, retained, store)
+        if (
+            reason is Reason.NEVER_EXISTED
+            and store is None  # the store's own table proves absence, whatever is in flight
+            and (doubt := self._doubt(session_id, seen))
+        ):
             return Reason.UNKNOWN, doubt
         return reason, None
 
@@ -563,6 +611,7 @@ class Explainer:
         evidence: Evidence,
         include_deleted: bool,
         retained: Retained | None,
+        store: StoreEvidence | None,
     ) -> Reason:
         return classify(
             evidence,
@@ -571,6 +620,7 @@ class Explainer:
             visibility_window=self._config.visibility_window,
             creation_timeout=self._config.creation_timeout,
             fate=retained.fate if retained else Fate.KEPT,
+            store=store,
         )
 
     def _saw(self, evidence: Evidence) -> None:
@@ -619,10 +669,17 @@ class Explainer:
             complete = len(timeline) < TIMELINE_LIMIT
             evidence, limits = as_of(evidence, timeline, at, complete)
             events = [event for event in events if event.at <= at.timestamp()]
+        store, store_problem = None, None
+        if self.questdb is not None and at is None:  # the store tells of now, not of then
+            try:
+                await self.questdb.refresh()
+                store = await self.questdb.look_up(session_id, minted)
+            except QuestDBUnavailable as exc:
+                store_problem = f"{exc.kind.value}: {exc.detail}"
         retained = self._retained(session_id, evidence.now)
         seen = overlay(evidence, events) if events else evidence
-        reason, doubt = self._judge(session_id, seen, False, retained)
-        asked, doubted = self._judge(session_id, seen, True, retained)
+        reason, doubt = self._judge(session_id, seen, False, retained, store)
+        asked, doubted = self._judge(session_id, seen, True, retained, store)
         return Report(
             session_id,
             minted,
@@ -638,6 +695,8 @@ class Explainer:
             at,
             given,
             limits,
+            store,
+            store_problem,
         )
 
     async def explain_lookups(
@@ -756,7 +815,9 @@ def report_json(report: Report) -> dict[str, Any]:
             }
             for event in report.in_flight
         ],
-        "note": retained.note() if retained else None,
+        "note": retained.note() if retained and report.store is None else None,
+        "questdb": store_json(report.store),
+        "questdb_problem": report.store_problem,
         "timeline": [
             {
                 "at": _iso(entry.occurred_at),
@@ -771,6 +832,41 @@ def report_json(report: Report) -> dict[str, Any]:
     }
 
 
+def store_json(store: StoreEvidence | None) -> dict[str, Any] | None:
+    """What the service's store said of an ID, as JSON members."""
+    if store is None:
+        return None
+    meta, wal = store.meta, store.meta.wal
+    return {
+        "partitions": [
+            {"name": name, "present": here}
+            for name, here in zip(store.partitions, store.present, strict=True)
+        ],
+        "oldest_partition": meta.oldest,
+        "ttl": None if meta.ttl is None else str(meta.ttl),
+        "row": None if store.row is None else {k: _plain(v) for k, v in store.row.items()},
+        "wal": None
+        if wal is None
+        else {
+            "suspended": wal.suspended,
+            "pending": wal.pending,
+            "writer_txn": wal.writer_txn,
+            "sequencer_txn": wal.sequencer_txn,
+            "error": wal.error or None,
+        },
+        "read_at": _iso(meta.read_at),
+    }
+
+
+def _plain(value: object) -> object:
+    """A row's value as JSON holds it: times as ISO 8601 (QuestDB's are UTC), the rest text."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
 
@@ -780,3 +876,23 @@ def _when(moment: datetime | None) -> str:
     if moment is None:
         return "(unknown)"
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _questdb(config: Config, metrics: Metrics) -> QuestDBStore | None:
+    """The service's QuestDB as configured, its WAL state into the gauges; None: not asked."""
+    if config.questdb_url is None:
+        return None
+    settings = QuestDBSettings(
+        config.questdb_url,
+        config.questdb_table,
+        config.questdb_id_column,
+        config.questdb_timestamp_column,
+        budget=config.questdb_budget.total_seconds(),
+    )
+
+    def gauge(meta: TableMeta) -> None:
+        wal = meta.wal
+        metrics.questdb_wal_suspended.set(int(wal is not None and wal.suspended))
+        metrics.questdb_wal_pending.set(0 if wal is None else wal.pending)
+
+    return QuestDBStore(settings, on_meta=gauge)

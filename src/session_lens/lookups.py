@@ -42,6 +42,8 @@ _REASON_DETAIL = {
     Reason.PURGED: "the session was hard-deleted",
     Reason.ARCHIVED: "the session was archived",
     Reason.NOT_YET_VISIBLE: "the session changed moments ago and is not visible upstream yet",
+    Reason.STORE_SUSPENDED: "the service's store accepts writes but shows none of them:"
+    " its write-ahead log is suspended",
     Reason.UPSTREAM_INCONSISTENT: "the session is live, but the upstream did not find it",
     Reason.EXPIRED: "the store's own retention has dropped the partition the session was in",
     Reason.PREDATES_TRACKING: "the session is older than session-lens' records:"

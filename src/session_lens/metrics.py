@@ -17,6 +17,8 @@ from .routes import Action
 
 PREFIX = "session_lens_"
 CLASSIFIER_ERRORS = ("timeout", "unavailable", "query", "breaker_open")
+QUESTDB_ERRORS = ("timeout", "unavailable", "query", "breaker_open", "no_table")
+"""The kinds of `StoreFailure` of the QuestDB store, as labels."""
 EVENT_RESULTS = (
     "recorded",
     "unexpected_transition",
@@ -158,6 +160,23 @@ class Metrics:
             "1 while the circuit breaker keeps the classifier off the database.",
             "livemax",
         )
+        questdb_errors = declare.counter(
+            "questdb_errors_total",
+            "Asks of the service's QuestDB that gave no evidence: timeout, unavailable, query,"
+            " breaker_open, no_table; the lifecycle evidence decided alone.",
+            "kind",
+        )
+        self.questdb_wal_suspended = declare.gauge(
+            "questdb_wal_suspended",
+            "1 while the service's QuestDB table has its write-ahead log suspended: writes"
+            " are accepted and none becomes visible.",
+            "livemax",
+        )
+        self.questdb_wal_pending = declare.gauge(
+            "questdb_wal_pending_transactions",
+            "Transactions the service's QuestDB table has accepted and not applied yet.",
+            "livemax",
+        )
         lifecycle_events = declare.counter(
             "lifecycle_events_total",
             "Observed lifecycle events by action and what became of them.",
@@ -196,6 +215,7 @@ class Metrics:
         }
         self.upstream_errors = {e: upstream_errors.labels(e) for e in UpstreamError}
         self.classifier_errors = {k: classifier_errors.labels(k) for k in CLASSIFIER_ERRORS}
+        self.questdb_errors = {k: questdb_errors.labels(k) for k in QUESTDB_ERRORS}
         self.lifecycle_events = {
             (a, r): lifecycle_events.labels(a, r) for a in Action for r in EVENT_RESULTS
         }

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
 from .config import Config, mask_url
-from .explain import Explainer, Report
+from .explain import Explainer, Report, store_json
 from .metrics import Metrics
 from .migrations import (
     BATCH_SIZE,
@@ -34,7 +34,7 @@ from .migrations import (
     qualified,
 )
 from .migrations.online import backfill_sql, online_steps, split_first
-from .page import triage_page
+from .page import store_summary, triage_page
 from .prune import Horizon, Preview, PruneError, Pruning, Stage
 from .reasons import Reason
 from .replay import ReplayError
@@ -336,6 +336,8 @@ def format_report(report: Report) -> str:
             f"store     {retained.retention}: partition from {_when(retained.partition_start)}"
             f" {retained.fate}"
         )
+    if report.store is not None or report.store_problem is not None:
+        lines.append(f"questdb   {store_summary(store_json(report.store), report.store_problem)}")
     if evidence.has_row:
         lines.append(f"state     {evidence.state}")
         lines.append(f"created   {_when(evidence.created_at)}")
@@ -351,7 +353,7 @@ def format_report(report: Report) -> str:
         lines.append(f"a miss at {_when(report.at)} was: {report.reason}{given}")
     lines.append(f"  {report.why()}")
     lines.extend(f"  replay: {note}" for note in report.replay_notes())
-    note = report.retained.note() if report.retained else None
+    note = report.retained.note() if report.retained and report.store is None else None
     if note:
         lines.append(f"  note: {note}")
     if report.reason_with_include_deleted != report.reason:

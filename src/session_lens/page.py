@@ -5,6 +5,7 @@ goes through `html.escape`; the page carries no script, and its security policy
 allows none.
 """
 
+import json
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
@@ -94,6 +95,10 @@ def report_page(report: dict[str, Any]) -> str:
                 f" ({_text(retention['fate'])})",
             )
         )
+    if report.get("questdb") is not None or report.get("questdb_problem") is not None:
+        facts.append(
+            ("questdb", _text(store_summary(report["questdb"], report["questdb_problem"])))
+        )
     lead, why = report["reason"], report["why"]
     other, other_why = report["reason_with_include_deleted"], report["why_with_include_deleted"]
     asked, other_asked = "", "asked with <code>include_deleted=true</code>"
@@ -175,6 +180,23 @@ def _document(title: str, body: str) -> str:
         f"<title>{_text(title)}</title><style>{_STYLE}</style></head>"
         f"<body>{body}</body></html>"
     )
+
+
+def store_summary(store: dict[str, Any] | None, problem: str | None) -> str:
+    """The store's evidence in one line, from `store_json`'s members."""
+    if store is None:
+        return f"not asked: {problem}" if problem else "not asked"
+    parts = ", ".join(
+        f"{part['name']} {'present' if part['present'] else 'gone'}" for part in store["partitions"]
+    )
+    row = store["row"]
+    found = "row absent" if row is None else "row " + json.dumps(row, sort_keys=True, default=str)
+    wal = store["wal"]
+    log_state = "not a WAL table"
+    if wal is not None:
+        log_state = "WAL suspended" if wal["suspended"] else "WAL applying"
+        log_state += f", {wal['pending']} transactions pending"
+    return f"partition {parts} (oldest {store['oldest_partition']}); {found}; {log_state}"
 
 
 def _time(iso: str | None) -> str:

@@ -19,7 +19,7 @@ a table that has such columns.
 QuestDB drops a connection idle for 5 minutes: the pool lets go of idle ones first.
 
 Failures are `StoreUnavailable` with a `StoreFailure` kind: the caller falls back on
-the lifecycle store's evidence. Nothing here is wired into classification yet.
+the lifecycle store's evidence (`classify` says what the evidence proves).
 """
 
 import asyncio
@@ -35,8 +35,8 @@ from typing import Any
 
 import asyncpg
 
+from .breaker import Breaker
 from .config import mask_url
-from .explain import Breaker
 from .retention import Period, StoreRetention, Unit
 
 log = logging.getLogger("session_lens.questdb_store")
@@ -163,6 +163,15 @@ class StoreEvidence:
     """The row, read in the partitions present; None when absent."""
     meta: TableMeta
 
+    @property
+    def gone(self) -> bool:
+        """Whether the ID's partition is gone: older than the oldest, or missing between
+        partitions that are there (dropped); one past the newest may just not be written yet."""
+        if self.before_oldest:
+            return True
+        partitions = self.meta.partitions
+        return not any(self.present) and bool(partitions) and self.partitions[0] < max(partitions)
+
 
 @dataclass
 class QuestDBStore:
@@ -175,6 +184,8 @@ class QuestDBStore:
     failures: dict[StoreFailure, int] = field(default_factory=dict)
     problem: str | None = None
     """What is wrong now (for /readyz), None while the store answers."""
+    on_meta: Callable[[TableMeta], None] | None = None
+    """Called with each metadata read (the WAL gauges)."""
     _pool: asyncpg.Pool | None = None
     _task: "asyncio.Task[None] | None" = None
 
@@ -245,6 +256,8 @@ class QuestDBStore:
             unit, ttl, state, frozenset(names), names[0] if names else None,
             datetime.now(UTC), self.clock() - started,
         )  # fmt: skip
+        if self.on_meta is not None:
+            self.on_meta(self.meta)
         return self.meta
 
     async def _read_meta(self, conn: asyncpg.Connection) -> tuple[Any, Any, Any]:

@@ -19,6 +19,7 @@ class Reason(StrEnum):
     PURGED = "purged"
     ARCHIVED = "archived"
     NOT_YET_VISIBLE = "not_yet_visible"
+    STORE_SUSPENDED = "store_suspended"
     UPSTREAM_INCONSISTENT = "upstream_inconsistent"
     EXPIRED = "expired"
     PREDATES_TRACKING = "predates_tracking"
