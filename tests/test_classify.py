@@ -5,8 +5,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from session_lens.classify import classify
+from session_lens.questdb_store import StoreEvidence, TableMeta, WalState
 from session_lens.reasons import Reason
-from session_lens.retention import Fate
+from session_lens.retention import Fate, Unit
 from session_lens.store import Evidence
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -110,3 +111,95 @@ def test_a_dropped_partition_is_expired_evidence_or_not(found: Evidence) -> None
     assert reason_of(found, True, minted_at=BEFORE, fate=Fate.BOUNDARY) is reason_of(
         found, True, minted_at=BEFORE
     )
+
+
+# The service's own store as a second source: what it says of its table decides first.
+
+
+APPLIED = WalState(False, 7, 7)
+TWO = ("2025-12-31", "2026-01-01")
+"""An ID minted near its partition's end names the next one too."""
+
+
+def store(
+    row: dict[str, object] | None = None,
+    present: tuple[bool, ...] = (True,),
+    wal: WalState | None = APPLIED,
+    partitions: tuple[str, ...] = ("2025-12-31",),
+    oldest: str = "2025-12-01",
+    before_oldest: bool = False,
+) -> StoreEvidence:
+    meta = TableMeta(
+        Unit.DAY, None, wal, frozenset({oldest, "2026-01-01"}), oldest, NOW, 0.001
+    )  # fmt: skip
+    return StoreEvidence(partitions, present, before_oldest, row, meta)
+
+
+def store_reason(
+    said: StoreEvidence,
+    found: Evidence | None = None,
+    include_deleted: bool = False,
+    minted_at: datetime = AFTER,
+    fate: Fate = Fate.KEPT,
+) -> Reason:
+    return classify(
+        found or evidence(),
+        minted_at=minted_at,
+        include_deleted=include_deleted,
+        visibility_window=5 * SECOND,
+        creation_timeout=30 * SECOND,
+        fate=fate,
+        store=said,
+    )
+
+
+@pytest.mark.parametrize(
+    ("said", "found", "include_deleted", "reason"),
+    [
+        # The row is there, the upstream said 404: its state decides.
+        (store(row={"state": "DELETED"}), None, False, Reason.DELETED),
+        (store(row={"state": "DELETED"}), None, True, Reason.DELETED_NOT_SERVED),
+        (store(row={"state": "ARCHIVED"}), None, False, Reason.ARCHIVED),
+        (store(row={"state": "ACTIVE"}), None, False, Reason.UPSTREAM_INCONSISTENT),
+        (store(row={"id": "x"}), evidence("DELETED"), False, Reason.DELETED),  # no state column
+        (store(row={"id": "x"}), None, False, Reason.UPSTREAM_INCONSISTENT),
+        # Suspended: whatever the lifecycle records say, the store shows no new row.
+        (store(wal=WalState(True, 7, 9)), None, False, Reason.STORE_SUSPENDED),
+        (store(wal=WalState(True, 7, 9)), evidence("ACTIVE"), False, Reason.STORE_SUSPENDED),
+        # Its partition gone: expired, with no partition of doubt.
+        (store(present=(False,), before_oldest=True), None, False, Reason.EXPIRED),
+        (store(present=(False,)), evidence("ACTIVE"), False, Reason.EXPIRED),  # dropped between
+        # The partition there, every write applied, no row: never written.
+        (store(), None, False, Reason.NEVER_EXISTED),
+        (store(present=(True, False), partitions=TWO), None, False, Reason.NEVER_EXISTED),
+        # Absent but the lifecycle records know more: they say how it went.
+        (store(), evidence(None, last=("CREATING", None)), False, Reason.CREATION_FAILED),
+        # Past the newest partition: nothing written there yet, nothing proved.
+        (store(present=(False,), partitions=("2026-01-02",)), None, False, Reason.NEVER_EXISTED),
+    ],
+)
+def test_what_the_store_says_decides(
+    said: StoreEvidence, found: Evidence | None, include_deleted: bool, reason: Reason
+) -> None:
+    assert store_reason(said, found, include_deleted) is reason
+
+
+def test_absence_in_a_present_partition_proves_never_existed_before_the_horizon() -> None:
+    assert reason_of(evidence(), minted_at=BEFORE) is Reason.PREDATES_TRACKING
+    assert store_reason(store(), minted_at=BEFORE) is Reason.NEVER_EXISTED
+
+
+def test_pending_transactions_make_a_young_session_not_yet_visible() -> None:
+    pending = store(wal=WalState(False, 7, 9))
+    assert store_reason(pending, minted_at=NOW - SECOND) is Reason.NOT_YET_VISIBLE
+    # Older than the window: absence is not proved while writes are pending.
+    assert store_reason(pending, minted_at=BEFORE) is Reason.PREDATES_TRACKING
+    assert store_reason(pending, minted_at=AFTER) is Reason.NEVER_EXISTED  # the lifecycle's say
+
+
+def test_the_store_replaces_the_configured_retention() -> None:
+    # The configured TTL says dropped; the store holds the row: the row decides.
+    assert store_reason(store(row={"state": "ACTIVE"}), fate=Fate.DROPPED) is (
+        Reason.UPSTREAM_INCONSISTENT
+    )
+    assert reason_of(evidence("ACTIVE"), fate=Fate.DROPPED) is Reason.EXPIRED
