@@ -196,6 +196,7 @@ QUIET_UNDER_THE_DEMO = {
     "SessionLensAbsent",
     "SessionLensUpstreamErrors",  # the hop itself never fails in the demo
     "SessionLensSpoolGrowing",  # database mode: no spool
+    "SessionLensStoreWalSuspended",  # the embedded store has no write-ahead log
     "SessionLensEventsDropped",
     "SessionLensMissesPredateTracking",  # a few percent of misses, far below a quarter
 }

@@ -47,6 +47,9 @@ its store drops whole partitions (`expired`), never single rows."""
 SERVICE_LOG = "service-misses.log"
 """Where, in the demo's data directory, the reference service logs its misses."""
 
+EMBEDDED_NEVER = frozenset({Reason.STORE_SUSPENDED})
+"""Reasons the embedded service never causes: its store has no write-ahead log to suspend."""
+
 MAX_IN_FLIGHT = 64
 """Requests out at once: past this the generator waits, whatever rate it was asked for,
 so a rate the machine cannot keep adds no tasks, memory or shutdown time."""
@@ -267,7 +270,7 @@ async def run_demo(config: Config, options: DemoOptions, console: Console | None
                     f"http://{config.listen}", options.rate, options.seed, horizon, retention
                 )
                 await _through_lens(config, generator, console, options.duration)
-    never = QUESTDB_NEVER if options.questdb_url else frozenset()
+    never = QUESTDB_NEVER if options.questdb_url else EMBEDDED_NEVER
     missing = _summary(console, generator.traffic, config, never)
     return 1 if missing and options.duration is not None else 0
 
@@ -279,6 +282,8 @@ def _demo_config(config: Config, options: DemoOptions) -> Config:
     if options.questdb_url is not None:
         # Its store is QuestDB: what happens to sessions is seen in the traffic.
         config = replace(config, lifecycle_source=LifecycleSource.OBSERVED)
+        if config.questdb_url is None:  # and the store itself is evidence
+            config = replace(config, questdb_url=options.questdb_url, questdb_table=QUESTDB_TABLE)
         retention = QUESTDB_TTL_DAYS
     if config.sources.get("upstream_retention", "default") == "default":
         # The reference store keeps its TTL's days: IDs older than that read expired.
