@@ -25,6 +25,7 @@ from session_lens.reference_questdb import QuestDBReferenceService, StoreFaults,
 
 from .conftest import MakeProxy, ProxyUnderTest, track_since
 from .questdb import QuestDB, free_port
+from .test_cli import run
 
 ROUTE = "/api/sessions/{session_id}"
 DAYS, PER_DAY = 4, 10
@@ -275,3 +276,21 @@ async def test_a_store_that_is_down_leaves_the_lifecycle_evidence_to_decide(
     out = io.StringIO()
     assert await run_explain(config, unseen(2), out=out) == 0
     assert "questdb   not asked: unavailable" in out.getvalue()
+
+
+def test_check_config_shows_the_store_and_what_it_found(stack: Stack, questdb: QuestDB) -> None:
+    result = run(
+        "check-config", "--upstream", stack.url, "--questdb-url", questdb.url,
+        "--questdb-table", stack.table,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f'questdb_table = "{stack.table}"' in result.stdout
+    assert "admin:***@" in result.stdout and ":quest@" not in result.stdout
+    found = result.stdout.splitlines()[-1]
+    assert found.startswith(f"# questdb postgresql://admin:***@127.0.0.1:{questdb.pg_port}/qdb")
+    assert f"partitioned by day, TTL 30d, {DAYS} partitions" in found
+    assert "WAL applying, 0 transactions pending" in found
+    nowhere = f"postgresql://admin:quest@127.0.0.1:{free_port()}/qdb"
+    result = run("check-config", "--upstream", stack.url, "--questdb-url", nowhere)
+    assert result.returncode == 0 and result.stderr == ""
+    assert "not reachable (unavailable: " in result.stdout.splitlines()[-1]

@@ -41,6 +41,7 @@ from .operate import (
     Batches,
     DatabaseError,
     TriageOptions,
+    questdb_found,
     run_explain,
     run_migrations,
     run_prune,
@@ -384,6 +385,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_CONFIG
     if args.command == "check-config":
         print(describe(config))
+        found = asyncio.run(questdb_found(config))
+        if found is not None:
+            print(found)
         return 0
     quiet_demo = args.command == "demo" and config.sources.get("log_level") == "default"
     setup_logging(LogLevel.WARNING if quiet_demo else config.log_level)

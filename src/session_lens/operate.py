@@ -3,6 +3,7 @@ person to read."""
 
 import asyncio
 import json
+import logging
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from .migrations import (
 from .migrations.online import backfill_sql, online_steps, split_first
 from .page import store_summary, triage_page
 from .prune import Horizon, Preview, PruneError, Pruning, Stage
+from .questdb_store import QuestDBSettings, QuestDBStore
 from .reasons import Reason
 from .replay import ReplayError
 from .retention import Period
@@ -550,3 +552,40 @@ def _progress(bar: tqdm, position: Callable[[], int] | None) -> Callable[[int], 
         bar.update(start + position() - bar.n)
 
     return compressed
+
+
+async def questdb_found(config: Config) -> str | None:
+    """What the service's QuestDB says of its table, as TOML comment lines; None when no
+    store is configured. `check-config` prints it."""
+    if config.questdb_url is None:
+        return None
+    settings = QuestDBSettings(
+        config.questdb_url,
+        config.questdb_table,
+        config.questdb_id_column,
+        config.questdb_timestamp_column,
+    )
+    store = QuestDBStore(settings)
+    logger = logging.getLogger("session_lens.questdb_store")
+    logger.disabled = True  # its problem is said here, once
+    try:
+        await store.open()
+        meta = store.meta
+    finally:
+        await store.close()
+        logger.disabled = False
+    where = f"# questdb {mask_url(config.questdb_url)}, table {config.questdb_table}"
+    if meta is None:
+        return f"{where}: not reachable ({store.problem})"
+    partitioning = "not partitioned" if meta.partition_by is None else f"by {meta.partition_by}"
+    ttl = "no TTL" if meta.ttl is None else f"TTL {meta.ttl}"
+    wal = "not a WAL table"
+    if meta.wal is not None:
+        wal = "WAL suspended" if meta.wal.suspended else "WAL applying"
+        wal += f", {meta.wal.pending} transactions pending"
+        wal += f" ({meta.wal.error})" if meta.wal.error else ""
+    newest = max(meta.partitions, default=None)
+    return (
+        f"{where}: partitioned {partitioning}, {ttl}, {len(meta.partitions)} partitions"
+        f" ({meta.oldest} to {newest}); {wal}"
+    )
