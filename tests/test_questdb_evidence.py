@@ -199,8 +199,14 @@ async def test_a_dropped_partition_is_expired_from_what_the_store_says(
 
 
 async def test_a_suspended_wal_then_resumed(
-    stack: Stack, db: str, questdb: QuestDB, make_proxy: MakeProxy, aiohttp_client: Any
+    stack: Stack,
+    db: str,
+    questdb: QuestDB,
+    make_proxy: MakeProxy,
+    aiohttp_client: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "session_lens")
     settings = flags(stack.url, db, questdb.url, stack.table)
     proxy = await hop(make_proxy, settings)
     assert proxy.runner is not None
@@ -217,6 +223,9 @@ async def test_a_suspended_wal_then_resumed(
             body = await reason_becomes(proxy, session_id, "store_suspended")
             assert body["reason"] == "store_suspended"
         assert counted(proxy, "store_suspended") >= 3
+        logged = [r for r in caplog.records if getattr(r, "reason", None) == "store_suspended"]
+        assert logged and all(r.questdb["wal"]["suspended"] for r in logged)  # type: ignore[attr-defined]
+        assert {r.session_id for r in logged} == set(created)  # type: ignore[attr-defined]
         assert proxy.metric("session_lens_questdb_wal_suspended") == 1
         assert proxy.metric("session_lens_questdb_wal_pending_transactions") >= 3
         report, printed = await explained(proxy, settings, created[0])

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 
 from .config import Config, Disclose, NotFoundBody, Repeated, Validation
 from .exchange import Exchange, id_header, ms_since, short_id
-from .explain import Explainer, Explanation
+from .explain import Explainer, Explanation, store_json
 from .ids import MAX_ID_LENGTH
 from .metrics import Metrics
 from .problems import PROBLEM_JSON, Answer, phrase, problem_answer
@@ -206,6 +206,7 @@ class Lookups:
                 "include_deleted": include_deleted,
                 "status": status,
                 "lifecycle": explanation.lifecycle(),
+                "questdb": store_json(explanation.store),
                 "classifier_error": explanation.error,
                 "note": explanation.note,
                 "upstream_ms": ms_since(sent),
