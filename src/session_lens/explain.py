@@ -49,7 +49,10 @@ EXPLAIN_TIMEOUT = 5.0
 HORIZON_REFRESH = 60.0
 """How often the horizon gauge is read again when nothing else reads it."""
 STORE_SHARE = 0.8
-"""The share of the classification budget a miss waits for the service's store."""
+"""The most of the classification budget the service's store's row query may take..."""
+STORE_WAIT = 0.9
+"""...and a miss waits for it: the store's own timeout strikes first (and counts in its
+breaker), and the lifecycle evidence still decides within the budget."""
 TIMELINE_LIMIT = 1000
 """The most audit entries `explain` reads of one ID."""
 MAX_AUDIT_REASON = 200
@@ -311,7 +314,7 @@ def _store_suspended(report: Report) -> str:
 
 def _not_yet_visible(report: Report) -> str:
     store = report.store
-    if store is not None and store.row is None and store.meta.wal is not None:
+    if store is not None and store.row is None and store.meta.wal and store.meta.wal.pending:
         return (
             f"{_ago(report, report.minted_at)}, not in the service's store yet, which has"
             f" {store.meta.wal.pending} transactions accepted and not applied, within the"
@@ -512,7 +515,7 @@ class Explainer:
         in_flight = self._in_flight_of(session_id)
         # The store's answer is waited for only while the budget leaves room for the
         # lifecycle evidence to decide alone.
-        deadline = asyncio.get_running_loop().time() + self._budget * STORE_SHARE
+        deadline = asyncio.get_running_loop().time() + self._budget * STORE_WAIT
         asked = asyncio.create_task(self._ask_store(session_id))
         try:
             evidence = await read_evidence(self._pool, self._queries, session_id, self._budget)
@@ -887,7 +890,10 @@ def _questdb(config: Config, metrics: Metrics) -> QuestDBStore | None:
         config.questdb_table,
         config.questdb_id_column,
         config.questdb_timestamp_column,
-        budget=config.questdb_budget.total_seconds(),
+        budget=min(
+            config.questdb_budget.total_seconds(),
+            config.classification_budget.total_seconds() * STORE_SHARE,
+        ),
     )
 
     def gauge(meta: TableMeta) -> None:

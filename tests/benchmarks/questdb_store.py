@@ -8,6 +8,11 @@ query of a miss (an ID absent from a partition that is there), of a hit, and the
 metadata refresh (`tables()`, `table_partitions()`, `wal_tables()`), each beside the
 floor of a round trip on the same pool (`SELECT 1`), in one run. Then misses from 16
 tasks at once, for a rate.
+
+Then a whole miss as the hop explains it, `Explainer.explain_miss`, open loop at
+`--rate` a second, with the store as evidence and without it (the lifecycle tables
+alone, in an embedded PostgreSQL, migrated and empty: the IDs have no lifecycle
+record), taking turns for `--rounds` rounds of `--seconds`.
 """
 
 import argparse
@@ -21,8 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
+from session_lens.config import load_config
+from session_lens.embedded import start_embedded
+from session_lens.explain import Explainer
+from session_lens.metrics import Metrics
+from session_lens.migrations import migrate
 from session_lens.questdb_store import QuestDBSettings, QuestDBStore
+from session_lens.schema import Tables
 from tests.questdb import QuestDB
 from tests.questdb import missing as questdb_missing
 
@@ -71,7 +83,7 @@ def row(label: str, took: list[float], floor: list[float]) -> str:
     return f"| {label} | {len(took):,} | {p50:.2f} ms | {p99:.2f} ms | {p50 / f50:.1f} |"
 
 
-async def measure(url: str, rows: int, days: int, misses: int) -> None:
+async def measure(url: str, rows: int, days: int, misses: int) -> datetime:
     origin = await build(url, rows, days)
     settings = QuestDBSettings(url, "sessions", "session_id", "created", budget=1.0, refresh=3600)
     store = QuestDBStore(settings)
@@ -130,6 +142,99 @@ async def measure(url: str, rows: int, days: int, misses: int) -> None:
     print(row("a hit: the row query finding the row", hits, floors))
     print(row("the metadata refresh (three queries)", refreshes, floors))
     print(f"\nMisses from 16 tasks at once: {rate:,.0f} a second.")
+    return origin
+
+
+async def open_loop(explainer: Explainer, ids: list[str], rate: float) -> tuple[list[float], float]:
+    """Milliseconds of each miss sent at `rate` a second whatever the answers; achieved rate."""
+    loop = asyncio.get_running_loop()
+    took: list[float] = []
+
+    async def one(session_id: str) -> None:
+        started = time.perf_counter()
+        await explainer.explain_miss(session_id, False)
+        took.append((time.perf_counter() - started) * 1000)
+
+    tasks = []
+    start = loop.time()
+    for n, session_id in enumerate(ids):
+        delay = start + n / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(session_id)))
+    await asyncio.gather(*tasks)
+    return took, len(ids) / (loop.time() - start)
+
+
+async def whole_misses(
+    url: str, lifecycle: str, origin: datetime, days: int, rate: float, seconds: float, rounds: int
+) -> None:
+    conn = await asyncpg.connect(lifecycle)
+    try:
+        await migrate(conn, Tables())
+    finally:
+        await conn.close()
+    flags = {"upstream": "http://127.0.0.1:1", "database_url": lifecycle}
+    store = {"questdb_url": url, "questdb_table": "sessions", "questdb_id_column": "session_id",
+             "questdb_timestamp_column": "created"}  # fmt: skip
+    kinds = {"without the store": load_config(flags=flags),
+             "with the store": load_config(flags={**flags, **store})}  # fmt: skip
+    explainers = {kind: Explainer(config, Metrics(CollectorRegistry(), ()), lifecycle)
+                  for kind, config in kinds.items()}  # fmt: skip
+    reasons: dict[str, dict[str, int]] = {kind: {} for kind in kinds}
+    took: dict[str, list[float]] = {kind: [] for kind in kinds}
+    achieved: dict[str, list[float]] = {kind: [] for kind in kinds}
+    hours = days * 24 - 2
+
+    def ids(count: int, salt: int) -> list[str]:
+        minted = [
+            origin + timedelta(hours=(n * 7 + salt) % hours, seconds=n % 3600) for n in range(count)
+        ]
+        return [m.strftime("exec_%Y%m%d_%H%M%S_") + f"f{n:07x}" for n, m in enumerate(minted)]
+
+    for explainer in explainers.values():
+        await explainer.open()
+    try:
+        for kind, explainer in explainers.items():  # warm, and the reasons each gives
+            for session_id in ids(200, 0):
+                reason = (await explainer.explain_miss(session_id, False)).reason.value
+                reasons[kind][reason] = reasons[kind].get(reason, 0) + 1
+        for round_ in range(rounds):
+            for kind, explainer in explainers.items():
+                times, got = await open_loop(explainer, ids(int(rate * seconds), round_ + 1), rate)
+                took[kind] += times
+                achieved[kind].append(got)
+        asked = explainers["with the store"].questdb
+        assert asked is not None
+        refresh = await timed(50, lambda _: asked.refresh())
+    finally:
+        for explainer in explainers.values():
+            await explainer.close()
+    print(
+        f"\n`Explainer.explain_miss` open loop at {rate:,.0f}/s, {rounds} rounds of"
+        f" {seconds:g} s each, taking turns; IDs absent from partitions that are there,"
+        " no lifecycle record.\n"
+    )
+    print(
+        "| miss explained | misses | achieved | p50 | p99 | max | p50 / without"
+        " | p99 / without | reasons |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    base = took["without the store"]
+    b50, b99 = statistics.median(base), statistics.quantiles(base, n=100)[98]
+    for kind, times in took.items():
+        p50, p99 = statistics.median(times), statistics.quantiles(times, n=100)[98]
+        said = ", ".join(f"{r} {c}" for r, c in sorted(reasons[kind].items()))
+        print(
+            f"| {kind} | {len(times):,} | {min(achieved[kind]):,.0f}/s | {p50:.2f} ms"
+            f" | {p99:.2f} ms | {max(times):.2f} ms | {p50 / b50:.2f} | {p99 / b99:.2f}"
+            f" | {said} |"
+        )
+    r50, r99 = statistics.median(refresh), statistics.quantiles(refresh, n=100)[98]
+    print(
+        "\nThe metadata refresh (three queries, every 5 s), the hop idle:"
+        f" p50 {r50:.2f} ms, p99 {r99:.2f} ms."
+    )
 
 
 def main() -> None:
@@ -137,6 +242,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--days", type=int, default=60)
     parser.add_argument("--misses", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     why = questdb_missing()
     if why is not None:
@@ -144,7 +252,13 @@ def main() -> None:
     server = QuestDB(Path(tempfile.mkdtemp(prefix="session-lens-questdb-")))
     server.start()
     try:
-        asyncio.run(measure(server.url, args.rows, args.days, args.misses))
+        lifecycle = start_embedded(Path(tempfile.mkdtemp()), delete_on_exit=True).url
+        origin = asyncio.run(measure(server.url, args.rows, args.days, args.misses))
+        asyncio.run(
+            whole_misses(
+                server.url, lifecycle, origin, args.days, args.rate, args.seconds, args.rounds
+            )
+        )
     finally:
         server.stop()
 
