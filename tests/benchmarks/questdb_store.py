@@ -145,15 +145,19 @@ async def measure(url: str, rows: int, days: int, misses: int) -> datetime:
     return origin
 
 
-async def open_loop(explainer: Explainer, ids: list[str], rate: float) -> tuple[list[float], float]:
-    """Milliseconds of each miss sent at `rate` a second whatever the answers; achieved rate."""
+async def open_loop(
+    explainer: Explainer, ids: list[str], rate: float, reasons: dict[str, int]
+) -> tuple[list[float], float]:
+    """Milliseconds of each miss sent at `rate` a second whatever the answers (their
+    reasons counted into `reasons`); the rate achieved."""
     loop = asyncio.get_running_loop()
     took: list[float] = []
 
     async def one(session_id: str) -> None:
         started = time.perf_counter()
-        await explainer.explain_miss(session_id, False)
+        reason = (await explainer.explain_miss(session_id, False)).reason.value
         took.append((time.perf_counter() - started) * 1000)
+        reasons[reason] = reasons.get(reason, 0) + 1
 
     tasks = []
     start = loop.time()
@@ -179,7 +183,8 @@ async def whole_misses(
              "questdb_timestamp_column": "created"}  # fmt: skip
     kinds = {"without the store": load_config(flags=flags),
              "with the store": load_config(flags={**flags, **store})}  # fmt: skip
-    explainers = {kind: Explainer(config, Metrics(CollectorRegistry(), ()), lifecycle)
+    registries = {kind: CollectorRegistry() for kind in kinds}
+    explainers = {kind: Explainer(config, Metrics(registries[kind], ()), lifecycle)
                   for kind, config in kinds.items()}  # fmt: skip
     reasons: dict[str, dict[str, int]] = {kind: {} for kind in kinds}
     took: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -195,21 +200,26 @@ async def whole_misses(
     for explainer in explainers.values():
         await explainer.open()
     try:
-        for kind, explainer in explainers.items():  # warm, and the reasons each gives
+        for explainer in explainers.values():  # warm
             for session_id in ids(200, 0):
-                reason = (await explainer.explain_miss(session_id, False)).reason.value
-                reasons[kind][reason] = reasons[kind].get(reason, 0) + 1
+                await explainer.explain_miss(session_id, False)
         for round_ in range(rounds):
             for kind, explainer in explainers.items():
-                times, got = await open_loop(explainer, ids(int(rate * seconds), round_ + 1), rate)
+                misses = ids(int(rate * seconds), round_ + 1)
+                times, got = await open_loop(explainer, misses, rate, reasons[kind])
                 took[kind] += times
                 achieved[kind].append(got)
-        asked = explainers["with the store"].questdb
-        assert asked is not None
-        refresh = await timed(50, lambda _: asked.refresh())
     finally:
         for explainer in explainers.values():
             await explainer.close()
+    # The refresh alone, on a store of its own (the hop's may have its breaker open).
+    settings = QuestDBSettings(url, "sessions", "session_id", "created", budget=1.0, refresh=3600)
+    alone = QuestDBStore(settings)
+    await alone.open()
+    try:
+        refresh = await timed(50, lambda _: alone.refresh())
+    finally:
+        await alone.close()
     print(
         f"\n`Explainer.explain_miss` open loop at {rate:,.0f}/s, {rounds} rounds of"
         f" {seconds:g} s each, taking turns; IDs absent from partitions that are there,"
@@ -230,6 +240,14 @@ async def whole_misses(
             f" | {p99:.2f} ms | {max(times):.2f} ms | {p50 / b50:.2f} | {p99 / b99:.2f}"
             f" | {said} |"
         )
+    failed = {
+        sample.labels["kind"]: int(sample.value)
+        for family in registries["with the store"].collect()
+        if family.name == "session_lens_questdb_errors"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.value
+    }
+    print(f"\n`questdb_errors_total` with the store: {failed or 'none'}.")
     r50, r99 = statistics.median(refresh), statistics.quantiles(refresh, n=100)[98]
     print(
         "\nThe metadata refresh (three queries, every 5 s), the hop idle:"
