@@ -457,7 +457,8 @@ def test_explain_takes_only_the_settings_it_uses() -> None:
     for flag in ("--listen", "--admin-listen", "--workers", "--upstream-read-timeout",
                  "--upstream", "--max-connections", "--send-timeout"):  # fmt: skip
         assert f"{flag} " not in text and f"{flag}\n" not in text, flag
-    for flag in ("--database-url", "--visibility-window", "--creation-timeout", "--config"):
+    for flag in ("--database-url", "--visibility-window", "--creation-timeout", "--config",
+                 "--questdb-url", "--questdb-table"):  # fmt: skip
         assert flag in text
     refused = subprocess.run(
         [*CLI, "explain", "exec_20251230_020944_4ad060d9", "--workers", "2"], capture_output=True

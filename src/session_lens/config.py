@@ -810,8 +810,16 @@ CLASSIFICATION_SETTINGS = (
     "lifecycle_source",
 )
 """What explaining a miss takes besides the store: the ID's rules and the reasons' limits."""
+QUESTDB_SETTINGS = (
+    "questdb_url",
+    "questdb_table",
+    "questdb_id_column",
+    "questdb_timestamp_column",
+    "questdb_budget",
+)
+"""The service's own QuestDB, read as evidence beside the lifecycle store."""
 COMMAND_SETTINGS: Mapping[str, tuple[str, ...]] = {
-    "explain": STORE_SETTINGS + CLASSIFICATION_SETTINGS,
+    "explain": STORE_SETTINGS + CLASSIFICATION_SETTINGS + QUESTDB_SETTINGS,
     "triage": STORE_SETTINGS + CLASSIFICATION_SETTINGS,
     "migrate": (
         *STORE_SETTINGS,
