@@ -163,6 +163,8 @@ async def test_until_ctrl_c_ends_with_the_summary_and_exit_0(tmp_path: Path) -> 
     assert "upstream_inconsistent" in text.split("not seen this time: ")[1]
     command = explain_command(text)
     assert command[:4] == [sys.executable, "-m", "session_lens", "explain"]
+    # judged with the demo's own window, as the hop judged its misses
+    assert command[command.index("--visibility-window") + 1] == "2.5s"
     run_as_printed(command)
 
 

@@ -412,23 +412,19 @@ def _summary(
     console.print(f"{traffic.seen['lookup']} lookups, {traffic.errors} client errors")
     explained = next((e for r, e in traffic.examples.items() if r != "invalid_format"), None)
     data_dir = shlex.quote(str(config.data_dir))
+    # Judged as the demo judged: its window, and the year its store keeps.
+    window = config.visibility_window.total_seconds()
+    judged = f" --data-dir {data_dir} --visibility-window {window:g}s"
+    if config.upstream_retention is not None:
+        judged += f" --upstream-retention {config.upstream_retention}"
     if explained:
         console.print("Look at any of them with:")
-        command = f"  {_program()} explain {explained} --data-dir {data_dir}"
-        if config.upstream_retention is not None:  # the demo's store keeps a year
-            command += f" --upstream-retention {config.upstream_retention}"
-        console.print(command, soft_wrap=True)
+        console.print(f"  {_program()} explain {explained}{judged}", soft_wrap=True)
     service_log = config.data_dir / SERVICE_LOG
     if explained and service_log.exists() and service_log.stat().st_size:
         console.print("Triage every miss the service logged with:")
         log = shlex.quote(str(service_log))
-        command = (
-            f"  {_program()} triage {log} --data-dir {data_dir}"
-            f" --visibility-window {config.visibility_window.total_seconds():g}s"
-        )
-        if config.upstream_retention is not None:
-            command += f" --upstream-retention {config.upstream_retention}"
-        console.print(command, soft_wrap=True)
+        console.print(f"  {_program()} triage {log}{judged}", soft_wrap=True)
     if missing:
         console.print(f"not seen this time: {', '.join(missing)} (run longer: --duration 30)")
     else:
