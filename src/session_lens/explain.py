@@ -21,7 +21,7 @@ from .config import Config
 from .events import Event
 from .in_flight import InFlight, overlay
 from .metrics import Metrics
-from .questdb_store import QuestDBSettings, QuestDBStore, StoreEvidence, TableMeta
+from .questdb_store import QuestDBStore, StoreEvidence, TableMeta, configured
 from .questdb_store import StoreUnavailable as QuestDBUnavailable
 from .reasons import Reason
 from .replay import as_of, checked
@@ -883,18 +883,13 @@ def _when(moment: datetime | None) -> str:
 
 def _questdb(config: Config, metrics: Metrics) -> QuestDBStore | None:
     """The service's QuestDB as configured, its WAL state into the gauges; None: not asked."""
-    if config.questdb_url is None:
-        return None
-    settings = QuestDBSettings(
-        config.questdb_url,
-        config.questdb_table,
-        config.questdb_id_column,
-        config.questdb_timestamp_column,
-        budget=min(
-            config.questdb_budget.total_seconds(),
-            config.classification_budget.total_seconds() * STORE_SHARE,
-        ),
+    budget = min(
+        config.questdb_budget.total_seconds(),
+        config.classification_budget.total_seconds() * STORE_SHARE,
     )
+    settings = configured(config, budget=budget)
+    if settings is None:
+        return None
 
     def gauge(meta: TableMeta) -> None:
         wal = meta.wal

@@ -37,7 +37,7 @@ from .migrations import (
 from .migrations.online import backfill_sql, online_steps, split_first
 from .page import store_summary, triage_page
 from .prune import Horizon, Preview, PruneError, Pruning, Stage
-from .questdb_store import QuestDBSettings, QuestDBStore
+from .questdb_store import QuestDBStore, configured
 from .reasons import Reason
 from .replay import ReplayError
 from .retention import Period
@@ -557,14 +557,9 @@ def _progress(bar: tqdm, position: Callable[[], int] | None) -> Callable[[int], 
 async def questdb_found(config: Config) -> str | None:
     """What the service's QuestDB says of its table, as TOML comment lines; None when no
     store is configured. `check-config` prints it."""
-    if config.questdb_url is None:
+    settings = configured(config)
+    if settings is None:
         return None
-    settings = QuestDBSettings(
-        config.questdb_url,
-        config.questdb_table,
-        config.questdb_id_column,
-        config.questdb_timestamp_column,
-    )
     store = QuestDBStore(settings)
     logger = logging.getLogger("session_lens.questdb_store")
     logger.disabled = True  # its problem is said here, once
@@ -574,7 +569,7 @@ async def questdb_found(config: Config) -> str | None:
     finally:
         await store.close()
         logger.disabled = False
-    where = f"# questdb {mask_url(config.questdb_url)}, table {config.questdb_table}"
+    where = f"# questdb {mask_url(settings.url)}, table {settings.table}"
     if meta is None:
         return f"{where}: not reachable ({store.problem})"
     partitioning = "not partitioned" if meta.partition_by is None else f"by {meta.partition_by}"

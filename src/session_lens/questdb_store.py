@@ -36,7 +36,7 @@ from typing import Any
 import asyncpg
 
 from .breaker import Breaker
-from .config import mask_url
+from .config import Config, mask_url
 from .retention import Period, StoreRetention, Unit
 
 log = logging.getLogger("session_lens.questdb_store")
@@ -109,6 +109,19 @@ class QuestDBSettings:
         for what, name in names:
             if not NAME.fullmatch(name):
                 raise ValueError(f"{what} {name!r} is not a plain name")
+
+
+def configured(config: Config, **more: Any) -> QuestDBSettings | None:
+    """The store `config` names, with `more` of its settings; None when it names none."""
+    if config.questdb_url is None:
+        return None
+    return QuestDBSettings(
+        config.questdb_url,
+        config.questdb_table,
+        config.questdb_id_column,
+        config.questdb_timestamp_column,
+        **more,
+    )
 
 
 @dataclass(frozen=True, slots=True)
