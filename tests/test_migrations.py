@@ -465,8 +465,7 @@ async def test_a_fresh_database_records_checksums(empty_db: str) -> None:
 
 
 REDEFINED_LATER = {"session_lens_guard", "session_lens_audit", "session_lens_record_events"}
-"""What 008 (the guard, the audit trigger, a function of its own) and 009 (the guard)
-define again."""
+"""What 008 (the audit trigger, a function of its own) and 009 (the guard) define again."""
 
 
 @pytest.mark.parametrize("history", HISTORIES)

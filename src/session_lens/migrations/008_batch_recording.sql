@@ -6,39 +6,10 @@
 -- event leaves (its events row, the sessions row, its audit entry, the result)
 -- is what {record} would leave.
 
--- The triggers read their settings only when they act; a writer that audits
--- itself (`session_lens.audited`) costs the audit trigger one setting read a row,
--- and `session_lens.row_times` makes the guard take the time the writer set
--- (`updated_at`), row by row, in place of `session_lens.occurred_at`.
-CREATE OR REPLACE FUNCTION {guard}() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    at timestamptz;
-BEGIN
-    IF NEW.state IS DISTINCT FROM OLD.state THEN
-        IF (OLD.state || '>' || NEW.state) NOT IN ({transitions})
-           AND coalesce(current_setting('session_lens.any_transition', true), '') <> 'on' THEN
-            RAISE EXCEPTION 'illegal transition % -> %', OLD.state, NEW.state
-                USING ERRCODE = 'check_violation',
-                      DETAIL = OLD.state || '>' || NEW.state;
-        END IF;
-        IF coalesce(current_setting('session_lens.row_times', true), '') = 'on' THEN
-            at := NEW.updated_at;
-        ELSE
-            at := coalesce(
-                nullif(current_setting('session_lens.occurred_at', true), '')::timestamptz,
-                clock_timestamp());
-        END IF;
-        NEW.updated_at := at;
-        IF NEW.state = 'DELETED' THEN
-            NEW.deleted_at := coalesce(NEW.deleted_at, at);
-        ELSIF OLD.state = 'DELETED' AND NEW.state <> 'ARCHIVED' THEN
-            NEW.deleted_at := NULL;
-        END IF;
-    END IF;
-    RETURN NEW;
-END
-$$;
-
+-- The audit trigger reads its settings only when it acts: a writer that audits
+-- itself (`session_lens.audited`) costs it one setting read a row. The guard takes
+-- the time the writer set (`updated_at`), row by row, under `session_lens.row_times`:
+-- 009 defines it so.
 CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     how text;

@@ -2,8 +2,9 @@
 -- The triggers are in place before the backfill has reached every row: a row without
 -- a state of the model yet (one the backfill has not come to: no state, or one of the
 -- service's own) takes its first state with the timestamps its writer gives, so that
--- the backfill dates it by its own age, not by the migration's clock. Everything else
--- is as 008 defined it.
+-- the backfill dates it by its own age, not by the migration's clock. Under
+-- `session_lens.row_times` (a batch recorded as a set, 008) a changed state takes the
+-- time its writer set, row by row. Everything else is as 002 defined it.
 
 CREATE OR REPLACE FUNCTION {guard}() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE

@@ -78,8 +78,8 @@ RELEASED: dict[int, str] = {
     4: "e181bb243f1a26b19fc8c063905c9bec5963e6a7b5827d7e8fb056e7d91a6284",
     6: "ad3819581fc4c097ea74d8c7111ecd526cb14b90fd6a7450775cbbb52196ca4a",
     7: "d6c4a079be7fc2e07e2d580e4770aa61ab08242c2f9485edfb88aa1e6356696f",
-    8: "c1f84847048655e6c920ff3ea89aeb706ab9e90edef122f8af3027ff9ced6a5d",
-    9: "4479c312fad0ba555f4fea7abf058df85472f7594221af9ae390f27935bb9532",
+    8: "b48373e33e12ed964367f26fa8e500e3b09e5304bc72bea6d9c4f7533bf1b03f",
+    9: "00cda17c59079705335d465dd68515a87f796bf92ab4c2ae8559dc5495b604d7",
 }
 """The sha256 of each released version's text; a version joins when it is released."""
 
