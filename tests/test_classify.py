@@ -1,14 +1,15 @@
 """The pure classifier: evidence in, reason out."""
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from session_lens.classify import classify
-from session_lens.questdb_store import StoreEvidence, TableMeta, WalState
+from session_lens.evidence.classify import Rules, Said, classify, foregone
+from session_lens.evidence.questdb import StoreEvidence, TableMeta, WalState
+from session_lens.evidence.retention import Fate, Period, Retained, StoreRetention, Unit
+from session_lens.evidence.tables import Evidence
 from session_lens.reasons import Reason
-from session_lens.retention import Fate, Unit
-from session_lens.store import Evidence
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 SECOND = timedelta(seconds=1)
@@ -45,14 +46,17 @@ def reason_of(
     minted_at: datetime | None = AFTER,
     fate: Fate = Fate.KEPT,
 ) -> Reason:
-    return classify(
-        found,
-        minted_at=minted_at,
-        include_deleted=include_deleted,
-        visibility_window=5 * SECOND,
-        creation_timeout=30 * SECOND,
-        fate=fate,
-    )
+    return classify(Said(found, minted_at, retained(fate)), include_deleted, RULES).reason
+
+
+RULES = Rules(visibility_window=5 * SECOND, creation_timeout=30 * SECOND)
+
+
+def retained(fate: Fate) -> Retained | None:
+    """Where the configured retention leaves an ID: `fate`, in a partition ending now."""
+    if fate is Fate.KEPT:
+        return None
+    return Retained(StoreRetention(Period(1, Unit.DAY)), NOW - timedelta(days=1), NOW, fate)
 
 
 @pytest.mark.parametrize(
@@ -142,15 +146,8 @@ def store_reason(
     minted_at: datetime = AFTER,
     fate: Fate = Fate.KEPT,
 ) -> Reason:
-    return classify(
-        found or evidence(),
-        minted_at=minted_at,
-        include_deleted=include_deleted,
-        visibility_window=5 * SECOND,
-        creation_timeout=30 * SECOND,
-        fate=fate,
-        store=said,
-    )
+    sources = Said(found or evidence(), minted_at, retained(fate), said)
+    return classify(sources, include_deleted, RULES).reason
 
 
 @pytest.mark.parametrize(
@@ -203,3 +200,57 @@ def test_the_store_replaces_the_configured_retention() -> None:
         Reason.UPSTREAM_INCONSISTENT
     )
     assert reason_of(evidence("ACTIVE"), fate=Fate.DROPPED) is Reason.EXPIRED
+
+
+OBSERVED = Rules(visibility_window=5 * SECOND, creation_timeout=30 * SECOND, observed=True)
+
+
+def test_in_observed_mode_an_absence_events_may_fill_is_unknown_with_why() -> None:
+    young = classify(Said(evidence(), NOW - SECOND), False, OBSERVED)
+    assert young.reason is Reason.UNKNOWN
+    assert young.note is not None and "visibility window" in young.note
+    replaying = replace(evidence(), replaying=NOW - timedelta(minutes=1))
+    during = classify(Said(replaying, NOW - timedelta(minutes=2)), False, OBSERVED)
+    assert during.reason is Reason.UNKNOWN and "replaying" in (during.note or "")
+    after = classify(Said(replaying, NOW - SECOND * 30), False, OBSERVED)  # minted after it
+    assert after.reason is Reason.NEVER_EXISTED and after.note is None
+    unindexed = Said(evidence(), AFTER, unindexed_until=NOW.timestamp())
+    assert classify(unindexed, False, OBSERVED).reason is Reason.UNKNOWN
+    # Database mode: what the tables say is all there is.
+    assert classify(Said(evidence(), NOW - SECOND), False, RULES).reason is Reason.NEVER_EXISTED
+    # The store's own table proves absence, whatever may be in flight.
+    assert classify(Said(evidence(), NOW - SECOND, store=store()), False, OBSERVED).reason is (
+        Reason.NEVER_EXISTED
+    )
+
+
+def test_a_partition_the_retention_dropped_is_foregone_unless_the_store_is_asked() -> None:
+    assert foregone(retained(Fate.DROPPED), store_asked=False) is Reason.EXPIRED
+    assert foregone(retained(Fate.DROPPED), store_asked=True) is None
+    assert foregone(retained(Fate.BOUNDARY), store_asked=False) is None
+    assert foregone(None, store_asked=False) is None
+    boundary = classify(Said(evidence("ACTIVE"), AFTER, retained(Fate.BOUNDARY)), False, RULES)
+    assert boundary.note is not None and "retention boundary" in boundary.note
+
+
+@pytest.mark.parametrize(
+    ("said", "found", "reason"),
+    [
+        # Absent now from a partition still there, nothing pending: absent then.
+        (store(), None, Reason.NEVER_EXISTED),
+        # Suspended or pending now: the row may be among what is not applied.
+        (store(wal=WalState(True, 7, 9)), None, Reason.PREDATES_TRACKING),
+        (store(wal=WalState(False, 7, 9)), None, Reason.PREDATES_TRACKING),
+        # Its partition gone now: it may have been there then.
+        (store(present=(False,), before_oldest=True), None, Reason.PREDATES_TRACKING),
+        # Held now, and the lifecycle records know nothing: written and not served.
+        (store(row={"state": "ACTIVE"}), None, Reason.UPSTREAM_INCONSISTENT),
+        # The lifecycle records, replayed to the moment, say how it went then.
+        (store(row={"state": "DELETED"}), evidence("ACTIVE", age=SECOND), Reason.NOT_YET_VISIBLE),
+    ],
+)
+def test_a_store_read_after_the_lookup_proves_only_what_held_then(
+    said: StoreEvidence, found: Evidence | None, reason: Reason
+) -> None:
+    sources = Said(found or evidence(), BEFORE, store=said, store_read_later=True)
+    assert classify(sources, False, RULES).reason is reason

@@ -11,8 +11,8 @@ import aiohttp
 import asyncpg
 import pytest
 
+from session_lens.evidence.retention import Fate, Period, StoreRetention, Unit
 from session_lens.migrations import migrate
-from session_lens.retention import Fate, Period, StoreRetention, Unit
 from session_lens.schema import Tables
 
 from .conftest import MakeProxy, ProxyUnderTest, Upstream, free_port

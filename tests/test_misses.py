@@ -319,7 +319,7 @@ async def test_database_stopped_mid_run_and_back(
 
 
 async def test_classification_query_uses_indexes_only(conn: asyncpg.Connection) -> None:
-    from session_lens.store import Queries
+    from session_lens.evidence.tables import Queries
 
     await conn.execute(
         "INSERT INTO sessions (id) SELECT 'exec_20250101_000000_' || lpad(to_hex(g), 8, '0')"

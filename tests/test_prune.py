@@ -17,10 +17,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from session_lens.config import Config, load_config
+from session_lens.evidence.retention import Period
 from session_lens.metrics import Metrics
 from session_lens.operate import run_prune
 from session_lens.recorder import Event, Recorder
-from session_lens.retention import Period
 from session_lens.routes import Action
 
 from .conftest import TRACKED_SINCE, MakeProxy, ProxyUnderTest, Upstream

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,8 +21,9 @@ from session_lens.app import EXPLAINER, create_admin_app
 from session_lens.config import load_config
 from session_lens.explain import report_json
 from session_lens.lookups import REASON_HEADER
-from session_lens.operate import run_explain
+from session_lens.operate import TriageOptions, run_explain, run_triage
 from session_lens.reference_questdb import QuestDBReferenceService, StoreFaults, create_table, seed
+from session_lens.triage import Fields
 
 from .conftest import MakeProxy, ProxyUnderTest, track_since
 from .questdb import QuestDB, free_port
@@ -258,7 +260,7 @@ async def test_a_store_that_is_down_leaves_the_lifecycle_evidence_to_decide(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     nowhere = f"postgresql://admin:quest@127.0.0.1:{free_port()}/qdb"
-    caplog.set_level(logging.WARNING, "session_lens.questdb_store")
+    caplog.set_level(logging.WARNING, "session_lens.evidence.questdb")
     settings = flags(stack.url, db, nowhere, stack.table)
     proxy = await hop(make_proxy, settings)
     for _ in range(3):
@@ -303,3 +305,60 @@ def test_check_config_shows_the_store_and_what_it_found(stack: Stack, questdb: Q
     result = run("check-config", "--upstream", stack.url, "--questdb-url", nowhere)
     assert result.returncode == 0 and result.stderr == ""
     assert "not reachable (unavailable: " in result.stdout.splitlines()[-1]
+
+
+async def test_triage_takes_from_the_store_what_held_at_each_lookup(
+    stack: Stack, questdb: QuestDB, db: str, tmp_path: Path
+) -> None:
+    """A log of misses triaged with the store as evidence: sessions the store holds that the
+    lifecycle records know nothing of, looked up in one stretch, and IDs no one wrote."""
+    start = datetime.now(UTC) - timedelta(hours=3)
+    burst_at = start + timedelta(hours=1)
+    held = [seeded(days, state) for days in (2, 3) for state in STATES]
+    lines = [miss_line(sid, burst_at + timedelta(seconds=i)) for i, sid in enumerate(held * 2)]
+    day = datetime.now(UTC) - timedelta(days=2)
+    absent = [day.strftime("exec_%Y%m%d_%H%M%S_") + f"ffff{i:04x}" for i in range(12)]
+    lines += [miss_line(sid, start + timedelta(minutes=i * 15)) for i, sid in enumerate(absent)]
+    log = tmp_path / "service.log"
+    log.write_text("\n".join(lines) + "\n")
+
+    # The lifecycle records alone: tracked since long before, they know none of these IDs.
+    plain = {"database_url": db}
+    assert (await triaged(plain, log))["reasons"] == {"never_existed": len(held) * 2 + 12}
+    conn = await asyncpg.connect(db)
+    try:
+        await track_since(conn, datetime.now(UTC))  # now: not a word on any of them
+    finally:
+        await conn.close()
+    alone = await triaged(plain, log)
+    assert alone["reasons"] == {"predates_tracking": len(held) * 2 + 12}
+
+    store = {**plain, "questdb_url": questdb.url, "questdb_table": stack.table}
+    data = await triaged(store, log)
+    assert data["reasons"] == {"upstream_inconsistent": len(held) * 2, "never_existed": 12}
+    burst = next(p for p in data["patterns"] if p["cause"] == "burst:upstream_inconsistent")
+    assert "write-ahead log is suspended" in burst["statement"]
+
+    # The store down: the lifecycle records decide alone, as before.
+    down = {**store, "questdb_url": f"postgresql://admin:quest@127.0.0.1:{free_port()}/qdb"}
+    assert (await triaged(down, log))["reasons"] == alone["reasons"]
+
+
+STATES = ("ACTIVE", "PAUSED", "STOPPED", "DELETED", "ARCHIVED")
+
+
+def miss_line(session_id: str, at: datetime) -> str:
+    data = {"session_id": session_id, "include_deleted": False}
+    return json.dumps(
+        {"event_type": "session_not_found", "timestamp": at.isoformat(), "data": data}
+    )
+
+
+async def triaged(settings: dict[str, str], log: Path) -> dict[str, Any]:
+    """`triage --json` on `log` with `settings`; its reasons as a mapping."""
+    out = io.StringIO()
+    config = load_config(flags=settings, need_upstream=False)
+    assert await run_triage(config, TriageOptions([str(log)], Fields(), json=True), out) == 0
+    data: dict[str, Any] = json.loads(out.getvalue())
+    data["reasons"] = {row["reason"]: row["misses"] for row in data["reasons"]}
+    return data

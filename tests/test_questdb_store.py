@@ -9,8 +9,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from session_lens.explain import Breaker
-from session_lens.questdb_store import (
+from session_lens.evidence.questdb import (
     QuestDBSettings,
     QuestDBStore,
     StoreFailure,
@@ -18,7 +17,8 @@ from session_lens.questdb_store import (
     TableMeta,
     WalState,
 )
-from session_lens.retention import Period, Unit
+from session_lens.evidence.retention import Period, Unit
+from session_lens.explain import Breaker
 
 from .conftest import Forwarder
 from .questdb import QuestDB

@@ -10,10 +10,10 @@ from prometheus_client import CollectorRegistry
 
 from session_lens.app import create_admin_app
 from session_lens.config import load_config
+from session_lens.evidence.replay import ReplayError, as_of, moment
+from session_lens.evidence.tables import AuditEntry, Evidence
 from session_lens.explain import Explainer
 from session_lens.metrics import Metrics
-from session_lens.replay import ReplayError, as_of, moment
-from session_lens.store import AuditEntry, Evidence
 
 from .conftest import VALID_ID, track_since
 from .test_cli import run

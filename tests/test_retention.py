@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from session_lens.retention import Fate, Period, StoreRetention, Unit
+from session_lens.evidence.retention import Fate, Period, StoreRetention, Unit
 
 
 def at(text: str) -> datetime:

@@ -15,6 +15,8 @@ from prometheus_client.exposition import choose_encoder
 from .admin_site import guard_admin
 from .config import Config
 from .drain import Drain
+from .evidence.replay import ReplayError, given_reason, moment
+from .evidence.tables import StoreError
 from .explain import Explainer, report_json
 from .hop import MAX_HEADER_BYTES, Target
 from .lane import Lane
@@ -24,8 +26,6 @@ from .page import HTML, SECURITY_POLICY, prefers_html, problem_page, report_page
 from .policy import Policy
 from .reasons import Reason
 from .recorder import Recorder, recorder_for
-from .replay import ReplayError, given_reason, moment
-from .store import StoreError
 from .websocket import WebSocketRelay, take_back_added
 
 POLICY = web.AppKey("policy", Policy)

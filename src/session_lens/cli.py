@@ -34,6 +34,8 @@ from .config import (
 )
 from .demo import DemoOptions, run_demo
 from .embedded import EmbeddedError, start_embedded
+from .evidence.replay import given_reason, moment
+from .evidence.retention import Period
 from .importer import ImportUsage, add_arguments, options_from, run_import
 from .logs import setup_logging
 from .migrations import BATCH_SIZE as MIGRATE_BATCH
@@ -48,8 +50,6 @@ from .operate import (
     run_triage,
 )
 from .prune import BATCH_SIZE
-from .replay import given_reason, moment
-from .retention import Period
 from .server import ListenError, run_fast, serve
 from .triage import Fields, dotted, inputs_readable
 from .workers import WorkersFailed, supervise

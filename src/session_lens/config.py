@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .evidence.retention import Period, StoreRetention, Unit
 from .ids import IdValidator
-from .retention import Period, StoreRetention, Unit
 from .routes import (
     DEFAULT_LIFECYCLE_ROUTES,
     LifecycleRoute,
@@ -820,7 +820,7 @@ QUESTDB_SETTINGS = (
 """The service's own QuestDB, read as evidence beside the lifecycle store."""
 COMMAND_SETTINGS: Mapping[str, tuple[str, ...]] = {
     "explain": STORE_SETTINGS + CLASSIFICATION_SETTINGS + QUESTDB_SETTINGS,
-    "triage": STORE_SETTINGS + CLASSIFICATION_SETTINGS,
+    "triage": STORE_SETTINGS + CLASSIFICATION_SETTINGS + QUESTDB_SETTINGS,
     "migrate": (
         *STORE_SETTINGS,
         "backfill_state",

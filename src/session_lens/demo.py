@@ -29,10 +29,10 @@ from rich.live import Live
 from rich.table import Table
 
 from .config import Address, Config, LifecycleSource
+from .evidence.retention import Period, Unit
 from .reasons import Reason
 from .reference import Faults, ReferenceService, new_session_id
 from .reference_questdb import QuestDBReferenceService, StoreFaults, create_table, seed
-from .retention import Period, Unit
 from .server import serve, start_runner
 
 DEMO_RETENTION_DAYS = 365

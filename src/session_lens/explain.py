@@ -9,37 +9,38 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import asyncpg
 
-from .breaker import Breaker
-from .classify import classify, creating_since, last_change
+from . import spoken
 from .config import Config
 from .events import Event
-from .in_flight import InFlight, overlay
-from .metrics import Metrics
-from .questdb_store import QuestDBStore, StoreEvidence, TableMeta, configured
-from .questdb_store import StoreUnavailable as QuestDBUnavailable
-from .reasons import Reason
-from .replay import as_of, checked
-from .retention import Fate, StoreRetention
-from .schema import SessionState
-from .store import (
+from .evidence.breaker import Breaker
+from .evidence.classify import Rules, Said, Verdict, classify, creating_since, foregone, last_change
+from .evidence.in_flight import InFlight, overlay
+from .evidence.questdb import QuestDBStore, StoreEvidence, TableMeta, configured
+from .evidence.questdb import StoreUnavailable as QuestDBUnavailable
+from .evidence.replay import as_of, checked
+from .evidence.retention import Retained
+from .evidence.tables import (
     AuditEntry,
     Evidence,
     Queries,
     StoreError,
     StoreUnavailable,
     Trail,
-    as_it_is,
     read_evidence,
     read_timeline,
     read_trails,
     trails_query,
 )
+from .metrics import Metrics
+from .pg import as_it_is
+from .reasons import Reason
+from .schema import SessionState
 
 log = logging.getLogger("session_lens.explain")
 
@@ -85,10 +86,14 @@ class Explanation:
             last = {
                 "from": found.last_old_state,
                 "to": found.last_new_state,
-                "at": _iso(found.last_at),
+                "at": spoken.iso(found.last_at),
                 "trigger": found.last_trigger,
             }
-        return {"state": found.state, "deleted_at": _iso(found.deleted_at), "last_transition": last}
+        return {
+            "state": found.state,
+            "deleted_at": spoken.iso(found.deleted_at),
+            "last_transition": last,
+        }
 
 
 class Asked(NamedTuple):
@@ -98,41 +103,6 @@ class Asked(NamedTuple):
     at: datetime | None
     """When it was made (None: not said, judged as of now)."""
     include_deleted: bool
-
-
-class StoreWitness(Protocol):
-    """The service's own store as evidence beside the lifecycle store's (QuestDB: its
-    partitions, TTL and suspended WAL tables), asked about many lookups at once."""
-
-    async def reasons(self, asked: Sequence[Asked]) -> list[Reason | None]:
-        """For each lookup, the reason the store's evidence proves, or None where it
-        proves nothing and the lifecycle store's evidence decides alone."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class Retained:
-    """Where an ID stands against the store's retention."""
-
-    retention: StoreRetention
-    partition_start: datetime
-    partition_end: datetime
-    fate: Fate
-
-    @classmethod
-    def of(cls, retention: StoreRetention, minted_at: datetime, now: datetime) -> "Retained":
-        """The partition an ID was created in, and whether the store has dropped it by `now`."""
-        start, end = retention.partition_of(minted_at)
-        return cls(retention, start, end, retention.fate(minted_at, now))
-
-    def note(self) -> str | None:
-        """A sentence for a partition that may or may not be gone."""
-        if self.fate is not Fate.BOUNDARY:
-            return None
-        return (
-            f"its partition ({_iso(self.partition_start)} to {_iso(self.partition_end)}) is at"
-            f" the store's retention boundary ({self.retention}): it may or may not be dropped yet"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +167,7 @@ class Report:
 
     def because(self, reason: Reason) -> str:
         """What the evidence gathered for this ID shows of `reason`, in one sentence."""
-        return f"minted {_when(self.minted_at)}, {_SHOWS.get(reason, _unknown)(self)}"
+        return f"minted {spoken.when(self.minted_at)}, {_SHOWS.get(reason, _unknown)(self)}"
 
 
 # What each reason's evidence shows: the sentence after "minted <when>, ".
@@ -216,7 +186,7 @@ def _expired(report: Report) -> str:
     if retained is None:
         return _unknown(report)
     return (
-        f"in the partition from {_when(retained.partition_start)}, which the store's"
+        f"in the partition from {spoken.when(retained.partition_start)}, which the store's"
         f" retention ({retained.retention}) has dropped by now"
     )
 
@@ -226,7 +196,7 @@ def _predates_tracking(report: Report) -> str:
     since = (
         "and no tracking horizon is recorded"
         if horizon is None
-        else f"before tracking began on {_when(horizon)}"
+        else f"before tracking began on {spoken.when(horizon)}"
     )
     return f"{since}: no evidence either way (import the service's store to know more)"
 
@@ -240,7 +210,7 @@ def _never_existed(report: Report) -> str:
             " but with its partition)"
         )
     return (
-        f"after tracking began on {_when(report.evidence.horizon)}, and never recorded:"
+        f"after tracking began on {spoken.when(report.evidence.horizon)}, and never recorded:"
         " no row and no audit entry"
     )
 
@@ -248,8 +218,8 @@ def _never_existed(report: Report) -> str:
 def _creating(report: Report) -> str:
     since = creating_since(report.evidence)
     return (
-        f"CREATING since {_when(since)}, {_ago(report, since)}, within the creation timeout"
-        f" ({_span(report.creation_timeout)}): the lookup raced the creation"
+        f"CREATING since {spoken.when(since)}, {_ago(report, since)}, within the creation timeout"
+        f" ({spoken.span(report.creation_timeout)}): the lookup raced the creation"
     )
 
 
@@ -258,10 +228,12 @@ def _creation_failed(report: Report) -> str:
     if evidence.has_row:
         since = creating_since(evidence)
         return (
-            f"CREATING since {_when(since)}, {_ago(report, since)}, longer than the creation"
-            f" timeout ({_span(report.creation_timeout)}): the creation never completed"
+            f"CREATING since {spoken.when(since)}, {_ago(report, since)}, longer than the creation"
+            f" timeout ({spoken.span(report.creation_timeout)}): the creation never completed"
         )
-    return f"its creation failed at {_when(evidence.last_at)}{_by(_latest(report))}, no row left"
+    return (
+        f"its creation failed at {spoken.when(evidence.last_at)}{_by(_latest(report))}, no row left"
+    )
 
 
 def _deleted(report: Report) -> str:
@@ -280,8 +252,10 @@ def _deleted_not_served(report: Report) -> str:
 
 def _purged(report: Report) -> str:
     evidence = report.evidence
-    first = f"first recorded {_when(report.timeline[0].occurred_at)}, " if report.timeline else ""
-    last = f"{_when(evidence.last_at)}{_by(_latest(report))}"
+    first = (
+        f"first recorded {spoken.when(report.timeline[0].occurred_at)}, " if report.timeline else ""
+    )
+    last = f"{spoken.when(evidence.last_at)}{_by(_latest(report))}"
     if evidence.last_new_state is not None:  # gone without a word: TRUNCATE, a table swapped
         return (
             f"{first}left {evidence.last_new_state} by the last audit entry ({last}) but without"
@@ -295,7 +269,7 @@ def _purged(report: Report) -> str:
 
 def _archived(report: Report) -> str:
     entry = _entry_into(report, SessionState.ARCHIVED)
-    when = "" if entry is None else f" at {_when(entry.occurred_at)}{_by(entry)}"
+    when = "" if entry is None else f" at {spoken.when(entry.occurred_at)}{_by(entry)}"
     return f"archived{when}: moved to cold storage, where the upstream does not look"
 
 
@@ -318,13 +292,13 @@ def _not_yet_visible(report: Report) -> str:
         return (
             f"{_ago(report, report.minted_at)}, not in the service's store yet, which has"
             f" {store.meta.wal.pending} transactions accepted and not applied, within the"
-            f" visibility window ({_span(report.visibility_window)}): its row is on its way"
+            f" visibility window ({spoken.span(report.visibility_window)}): its row is on its way"
         )
     changed = last_change(report.evidence)
     return (
-        f"{report.evidence.state} after a change at {_when(changed)}{_by(_latest(report))},"
+        f"{report.evidence.state} after a change at {spoken.when(changed)}{_by(_latest(report))},"
         f" {_ago(report, changed)}, within the visibility window"
-        f" ({_span(report.visibility_window)}): the upstream's store may not show it yet"
+        f" ({spoken.span(report.visibility_window)}): the upstream's store may not show it yet"
     )
 
 
@@ -339,9 +313,9 @@ def _upstream_inconsistent(report: Report) -> str:
         )
     changed = last_change(report.evidence)
     return (
-        f"{report.evidence.state} since {_when(changed)}{_by(_latest(report))},"
+        f"{report.evidence.state} since {spoken.when(changed)}{_by(_latest(report))},"
         f" {_ago(report, changed)}, past the visibility window"
-        f" ({_span(report.visibility_window)}): the records say it is live, so a 404 means"
+        f" ({spoken.span(report.visibility_window)}): the records say it is live, so a 404 means"
         " the upstream lost it"
     )
 
@@ -375,7 +349,7 @@ def _ago(report: Report, moment: datetime | None) -> str:
     """How long before the evidence was read (or the moment replayed) `moment` was."""
     if moment is None:
         return "at an unknown time"
-    span = _span(report.evidence.now - moment)
+    span = spoken.span(report.evidence.now - moment)
     return f"{span} ago" if report.at is None else f"{span} before then"
 
 
@@ -395,10 +369,10 @@ def _deletion(report: Report) -> str:
     evidence = report.evidence
     entry = _entry_into(report, SessionState.DELETED)
     deleted = evidence.deleted_at or (entry.occurred_at if entry else None)
-    said = f"deleted at {_when(deleted)}{_by(entry)}"
+    said = f"deleted at {spoken.when(deleted)}{_by(entry)}"
     if deleted is None or evidence.created_at is None or deleted < evidence.created_at:
         return said
-    return f"{said}, {_span(deleted - evidence.created_at)} after its creation"
+    return f"{said}, {spoken.span(deleted - evidence.created_at)} after its creation"
 
 
 def _by(entry: AuditEntry | None) -> str:
@@ -411,22 +385,19 @@ def _by(entry: AuditEntry | None) -> str:
     return f" by {entry.actor} ({entry.trigger}{': ' + reason if reason else ''})"
 
 
-def _span(length: timedelta) -> str:
-    """A length of time as a person says it: 0.4 s, 45 s, 10 min, 1 h, 3 days."""
-    seconds = length.total_seconds()
-    for unit, size in (("day", 86_400), ("h", 3600), ("min", 60)):
-        if seconds >= 2 * size or (seconds >= size and seconds % size == 0):
-            count = round(seconds / size)
-            return f"{count} {unit}s" if unit == "day" and count != 1 else f"{count} {unit}"
-    return f"{round(seconds, 1):g} s" if seconds < 10 else f"{round(seconds)} s"
-
-
 class Explainer:
     """The classifier's side of the database: a lazy pool, a budget, a breaker."""
 
     def __init__(
-        self, config: Config, metrics: Metrics, dsn: str | None, breaker: Breaker | None = None
+        self,
+        config: Config,
+        metrics: Metrics,
+        dsn: str | None,
+        breaker: Breaker | None = None,
+        store_budget: float | None = None,
     ) -> None:
+        """`store_budget`: seconds the service's store may take per ID (None: a share of the
+        classification budget, as a miss on the hop affords; commands may wait longer)."""
         self._config = config
         self._metrics = metrics
         self._dsn = dsn
@@ -435,8 +406,9 @@ class Explainer:
         self._breaker = breaker or Breaker()
         self._ids = config.id_validator
         self._retention = config.store_retention
+        self._rules = Rules(config.visibility_window, config.creation_timeout, config.observes)
         self._pool: asyncpg.Pool | None = None
-        self.questdb = _questdb(config, metrics)
+        self.questdb = _questdb(config, metrics, store_budget)
         """The service's own store, asked beside the lifecycle tables; None: not configured."""
         self._pending: dict[tuple[str, bool], asyncio.Task[Explanation]] = {}
         self._watch: asyncio.Task[None] | None = None
@@ -444,8 +416,6 @@ class Explainer:
         """The tracking horizon as last read from the database."""
         self.in_flight: InFlight | None = None
         """This process's recorder's events not stored yet (observed mode): evidence too."""
-        self.witness: StoreWitness | None = None
-        """The service's own store as evidence, where it is configured."""
         self._trails = trails_query(config.tables)
         self.trail_queries = 0
         """How many queries `explain_lookups` has made."""
@@ -483,8 +453,9 @@ class Explainer:
         started = time.perf_counter()
         try:
             retained = self._retained(session_id, datetime.now(UTC))
-            if retained is not None and retained.fate is Fate.DROPPED and self.questdb is None:
-                return Explanation(Reason.EXPIRED)  # the ID alone says so: no query
+            foregone_reason = foregone(retained, store_asked=self.questdb is not None)
+            if foregone_reason is not None:
+                return Explanation(foregone_reason)  # the ID alone says so: no query
             key = (session_id, include_deleted)
             task = self._pending.get(key)
             if task is None:
@@ -536,9 +507,8 @@ class Explainer:
         retained = self._retained(session_id, evidence.now)
         try:
             seen = overlay(evidence, in_flight) if in_flight else evidence
-            reason, doubt = self._judge(session_id, seen, include_deleted, retained, store)
-            note = doubt or (retained.note() if retained and store is None else None)
-            return Explanation(reason, seen, note=note, store=store)
+            verdict = self._judge(session_id, seen, include_deleted, retained, store)
+            return Explanation(verdict.reason, seen, note=verdict.note, store=store)
         except (TypeError, ValueError) as exc:  # evidence of a shape nobody planned for
             log.error("cannot classify", extra={"session_id": session_id, "error": repr(exc)})
             error = f"unclassifiable evidence: {exc}"
@@ -567,64 +537,18 @@ class Explainer:
         include_deleted: bool,
         retained: Retained | None,
         store: StoreEvidence | None = None,
-    ) -> tuple[Reason, str | None]:
-        """The reason `seen` gives, and, where it would be `never_existed` though evidence
-        may be on its way, `unknown` with why."""
-        reason = self._classify(session_id, seen, include_deleted, retained, store)
-        if (
-            reason is Reason.NEVER_EXISTED
-            and store is None  # the store's own table proves absence, whatever is in flight
-            and (doubt := self._doubt(session_id, seen))
-        ):
-            return Reason.UNKNOWN, doubt
-        return reason, None
-
-    def _doubt(self, session_id: str, evidence: Evidence) -> str | None:
-        """Why, in observed mode, an ID without evidence may yet have some on its way
-        (so it is not said to have never existed); None when nothing suggests it."""
-        minted = self._ids.minted_at(session_id)
-        if not self._config.observes or minted is None:
-            return None
-        window = self._config.visibility_window
-        if evidence.now - minted < window:
-            return (
-                f"it was {_span(max(evidence.now - minted, timedelta(0)))} old,"
-                f" within the visibility window ({_span(window)}): its creation may still be on"
-                " its way from another sidecar"
-            )
-        if evidence.replaying is not None and minted <= evidence.replaying:
-            return (
-                "a sidecar is replaying spooled events up to"
-                f" {_when(evidence.replaying)}: this ID's may be among them"
-            )
+    ) -> Verdict:
+        """What `classify` makes of the sources' evidence on the ID."""
         in_flight = self.in_flight
-        if in_flight is not None and in_flight.overflow and minted.timestamp() <= in_flight.newest:
-            return "more events are in flight here than are indexed: this ID's may be among them"
-        return None
+        unindexed = in_flight.newest if in_flight is not None and in_flight.overflow else None
+        said = Said(seen, self._ids.minted_at(session_id), retained, store, unindexed)
+        return classify(said, include_deleted, self._rules)
 
     def _retained(self, session_id: str, now: datetime) -> Retained | None:
         if self._retention is None:
             return None
         minted = self._ids.minted_at(session_id)
         return None if minted is None else Retained.of(self._retention, minted, now)
-
-    def _classify(
-        self,
-        session_id: str,
-        evidence: Evidence,
-        include_deleted: bool,
-        retained: Retained | None,
-        store: StoreEvidence | None,
-    ) -> Reason:
-        return classify(
-            evidence,
-            minted_at=self._ids.minted_at(session_id),
-            include_deleted=include_deleted,
-            visibility_window=self._config.visibility_window,
-            creation_timeout=self._config.creation_timeout,
-            fate=retained.fate if retained else Fate.KEPT,
-            store=store,
-        )
 
     def _saw(self, evidence: Evidence) -> None:
         """Keep the horizon (and its gauge) as the database last gave it."""
@@ -681,20 +605,20 @@ class Explainer:
                 store_problem = f"{exc.kind.value}: {exc.detail}"
         retained = self._retained(session_id, evidence.now)
         seen = overlay(evidence, events) if events else evidence
-        reason, doubt = self._judge(session_id, seen, False, retained, store)
-        asked, doubted = self._judge(session_id, seen, True, retained, store)
+        plain = self._judge(session_id, seen, False, retained, store)
+        asked = self._judge(session_id, seen, True, retained, store)
         return Report(
             session_id,
             minted,
             seen,
             timeline,
-            reason,
-            asked,
+            plain.reason,
+            asked.reason,
             retained,
             self._config.visibility_window,
             self._config.creation_timeout,
             events,
-            doubt or doubted,
+            next((v.note for v in (plain, asked) if v.reason is Reason.UNKNOWN), None),
             at,
             given,
             limits,
@@ -723,13 +647,16 @@ class Explainer:
             self._metrics.classification_queries.inc()
             self.trail_queries += 1
             known.update(read)
-        witnessed = await self.witness.reasons(asked) if self.witness is not None else None
+        witnessed = await self._store_now(asked)
+        rules = replace(self._rules, observed=False)  # the records have the lookup's moment
         minted: dict[str, datetime | None] = {}
         explained = []
         for index, lookup in enumerate(asked):
             trail = known[lookup.session_id]
+            store = witnessed[index] if witnessed is not None else None
             alike = (lookup.include_deleted, trail.steps_by(lookup.at))
-            reason = trail.judged.get(alike) if self._retention is None else None
+            timeless = self._retention is None and store is None
+            reason = trail.judged.get(alike) if timeless else None
             evidence = None
             if reason is None:
                 evidence = trail.evidence()
@@ -738,24 +665,31 @@ class Explainer:
                 if lookup.session_id not in minted:
                     minted[lookup.session_id] = self._ids.minted_at(lookup.session_id)
                 born = minted[lookup.session_id]
-                fate = Fate.KEPT
+                retained = None
                 if self._retention is not None and born is not None:
-                    fate = self._retention.fate(born, evidence.now)
-                reason = classify(
-                    evidence,
-                    minted_at=born,
-                    include_deleted=lookup.include_deleted,
-                    visibility_window=self._config.visibility_window,
-                    creation_timeout=self._config.creation_timeout,
-                    fate=fate,
-                )
-                if self._retention is None and _timeless(evidence, trail):
+                    retained = Retained.of(self._retention, born, evidence.now)
+                said = Said(evidence, born, retained, store, store_read_later=True)
+                reason = classify(said, lookup.include_deleted, rules).reason
+                if timeless and _timeless(evidence, trail):
                     trail.judged[alike] = reason
-            proved = witnessed[index] if witnessed is not None else None
-            if proved is not None:  # the store's own evidence, where it proves something
-                reason = proved
             explained.append(Explanation(reason, evidence))
         return explained
+
+    async def _store_now(self, asked: Sequence[Asked]) -> list[StoreEvidence | None] | None:
+        """What the service's store says now of each lookup's ID (None where it gave no
+        answer), asked once per ID, as many at a time as its pool holds; None: no store."""
+        store = self.questdb
+        if store is None:
+            return None
+        said: dict[str, StoreEvidence | None] = {}
+        room = asyncio.Semaphore(store.settings.pool_size)
+
+        async def ask(session_id: str) -> None:
+            async with room:
+                said[session_id] = await self._ask_store(session_id)
+
+        await asyncio.gather(*(ask(i) for i in {a.session_id for a in asked}))
+        return [said[a.session_id] for a in asked]
 
     async def health(self) -> str | None:
         """None when the lifecycle tables answer, else what is wrong."""
@@ -787,31 +721,31 @@ def report_json(report: Report) -> dict[str, Any]:
     retained = report.retained
     return {
         "session_id": report.session_id,
-        "at": _iso(report.at),
+        "at": spoken.iso(report.at),
         "given": report.given.value if report.given else None,
         "replay_notes": report.replay_notes(),
-        "minted_at": _iso(report.minted_at),
-        "tracking_horizon": _iso(evidence.horizon),
+        "minted_at": spoken.iso(report.minted_at),
+        "tracking_horizon": spoken.iso(evidence.horizon),
         "store_retention": None
         if retained is None
         else {
             "ttl": str(retained.retention.ttl),
             "partition": retained.retention.partition.value,
-            "partition_start": _iso(retained.partition_start),
-            "partition_end": _iso(retained.partition_end),
+            "partition_start": spoken.iso(retained.partition_start),
+            "partition_end": spoken.iso(retained.partition_end),
             "fate": retained.fate.value,
         },
         "state": evidence.state,
-        "created_at": _iso(evidence.created_at),
-        "updated_at": _iso(evidence.updated_at),
-        "deleted_at": _iso(evidence.deleted_at),
+        "created_at": spoken.iso(evidence.created_at),
+        "updated_at": spoken.iso(evidence.updated_at),
+        "deleted_at": spoken.iso(evidence.deleted_at),
         "reason": report.reason.value,
         "reason_with_include_deleted": report.reason_with_include_deleted.value,
         "why": report.why(),
         "why_with_include_deleted": report.why_with_include_deleted(),
         "in_flight": [
             {
-                "at": _iso(datetime.fromtimestamp(event.at, UTC)),
+                "at": spoken.iso(datetime.fromtimestamp(event.at, UTC)),
                 "action": event.action.value,
                 "ok": event.ok,
                 "request_id": event.request_id,
@@ -823,7 +757,7 @@ def report_json(report: Report) -> dict[str, Any]:
         "questdb_problem": report.store_problem,
         "timeline": [
             {
-                "at": _iso(entry.occurred_at),
+                "at": spoken.iso(entry.occurred_at),
                 "from": entry.old_state,
                 "to": entry.new_state,
                 "trigger": entry.trigger,
@@ -857,7 +791,7 @@ def store_json(store: StoreEvidence | None) -> dict[str, Any] | None:
             "sequencer_txn": wal.sequencer_txn,
             "error": wal.error or None,
         },
-        "read_at": _iso(meta.read_at),
+        "read_at": spoken.iso(meta.read_at),
     }
 
 
@@ -870,23 +804,13 @@ def _plain(value: object) -> object:
     return str(value)
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
-
-
-def _when(moment: datetime | None) -> str:
-    """A moment as a person reads it, in UTC to the second."""
-    if moment is None:
-        return "(unknown)"
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _questdb(config: Config, metrics: Metrics) -> QuestDBStore | None:
+def _questdb(config: Config, metrics: Metrics, budget: float | None) -> QuestDBStore | None:
     """The service's QuestDB as configured, its WAL state into the gauges; None: not asked."""
-    budget = min(
-        config.questdb_budget.total_seconds(),
-        config.classification_budget.total_seconds() * STORE_SHARE,
-    )
+    if budget is None:
+        budget = min(
+            config.questdb_budget.total_seconds(),
+            config.classification_budget.total_seconds() * STORE_SHARE,
+        )
     settings = configured(config, budget=budget)
     if settings is None:
         return None

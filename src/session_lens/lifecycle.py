@@ -14,10 +14,10 @@ from typing import Any
 
 import asyncpg
 
-from .classify import classify
+from .evidence.classify import Rules, Said, classify
+from .evidence.tables import Evidence, Queries
 from .ids import IdValidator
 from .schema import TRANSITIONS, SessionState, Tables, quote_ident
-from .store import Evidence, Queries
 
 
 class LifecycleError(Exception):
@@ -107,8 +107,7 @@ class Lifecycle:
         self._actor = actor
         self._validator = IdValidator(max_future_skew, id_timezone)
         self._evidence = Queries(self._tables).evidence
-        self._visibility_window = visibility_window
-        self._creation_timeout = creation_timeout
+        self._rules = Rules(visibility_window, creation_timeout)
         names = self._tables.names
         columns = "{id}::text, state, created_at, updated_at, deleted_at".format(**names)
         self._select = f"SELECT {columns} FROM {names['table']} WHERE {names['id']} = $1"
@@ -229,14 +228,9 @@ class Lifecycle:
                 if evidence.has_row:  # created between the two reads
                     row = await conn.fetchrow(self._select, session_id)
         if row is None:
-            reason = classify(
-                evidence,
-                minted_at=self._validator.minted_at(session_id),
-                include_deleted=include_deleted,
-                visibility_window=self._visibility_window,
-                creation_timeout=self._creation_timeout,
-            )
-            return LookupResult(False, None, LookupReason(reason.value))
+            said = Said(evidence, self._validator.minted_at(session_id))
+            verdict = classify(said, include_deleted, self._rules)
+            return LookupResult(False, None, LookupReason(verdict.reason.value))
         session = _session(row)
         if session.state is SessionState.ARCHIVED:
             return LookupResult(False, session, LookupReason.ARCHIVED)

@@ -19,6 +19,10 @@ from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
 from .config import Config, mask_url
+from .evidence.questdb import QuestDBStore, configured
+from .evidence.replay import ReplayError
+from .evidence.retention import Period
+from .evidence.tables import StoreError
 from .explain import Explainer, Report, store_json
 from .metrics import Metrics
 from .migrations import (
@@ -37,15 +41,14 @@ from .migrations import (
 from .migrations.online import backfill_sql, online_steps, split_first
 from .page import store_summary, triage_page
 from .prune import Horizon, Preview, PruneError, Pruning, Stage
-from .questdb_store import QuestDBStore, configured
 from .reasons import Reason
-from .replay import ReplayError
-from .retention import Period
 from .schema import Tables
-from .store import StoreError
 from .triage import Fields, Reader, Triage, opened, render_text, report
 
 CONNECT_TIMEOUT = 10.0
+STORE_PATIENCE = 5.0
+"""Seconds `explain` and `triage` wait for the service's store per ID: no one's request
+waits on them, as a miss's does."""
 
 
 class DatabaseError(Exception):
@@ -312,7 +315,9 @@ async def run_explain(
         print(f"{session_id[:64]!r} is not a valid session ID ({rule}): invalid_format", file=out)
         print(f"  {config.id_validator.broken(session_id, rule)}", file=out)
         return 2
-    explainer = Explainer(config, Metrics(CollectorRegistry(), ()), config.database_url)
+    explainer = Explainer(
+        config, Metrics(CollectorRegistry(), ()), config.database_url, store_budget=STORE_PATIENCE
+    )
     await explainer.open()
     try:
         report = await explainer.report(session_id, at, given)
@@ -506,7 +511,9 @@ async def run_triage(
     config: Config, options: TriageOptions, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
     """Read the log files, explain their misses, print the report; returns the exit code."""
-    explainer = Explainer(config, Metrics(CollectorRegistry(), ()), config.database_url)
+    explainer = Explainer(
+        config, Metrics(CollectorRegistry(), ()), config.database_url, store_budget=STORE_PATIENCE
+    )
     await explainer.open()
     triage = Triage(explainer)
     reader = Reader(config, options.fields)
@@ -561,7 +568,7 @@ async def questdb_found(config: Config) -> str | None:
     if settings is None:
         return None
     store = QuestDBStore(settings)
-    logger = logging.getLogger("session_lens.questdb_store")
+    logger = logging.getLogger("session_lens.evidence.questdb")
     logger.disabled = True  # its problem is said here, once
     try:
         await store.open()

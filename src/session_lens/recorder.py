@@ -25,11 +25,11 @@ import asyncpg
 
 from .config import Config
 from .events import Event
-from .in_flight import MAX_IN_FLIGHT, InFlight
+from .evidence.in_flight import MAX_IN_FLIGHT, InFlight
 from .metrics import Metrics
+from .pg import UNREACHABLE, as_it_is, refused_for_itself, remedy
 from .routes import TARGET_STATE, Action
 from .schema import TRANSITIONS, SessionState, Tables
-from .store import UNREACHABLE, as_it_is, refused_for_itself, remedy
 
 log = logging.getLogger("session_lens.recorder")
 

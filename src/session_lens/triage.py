@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from .classify import last_change
 from .config import Config
+from .evidence.classify import last_change
+from .evidence.tables import Trail
 from .explain import Asked, Explainer, Explanation
 from .reasons import Reason, Rule
-from .store import Trail
 
 MAX_LINE = 1 << 20
 """A line longer than this is no log line of a lookup: counted as bad and skipped."""
@@ -648,6 +648,17 @@ def _retries(retried: list[tuple[str, PerId]], total: int, typical: int) -> Patt
     return Pattern("retries", lookups, statement, evidence, [key for key, _ in retried[:3]])
 
 
+BURST_CAUSE = {
+    Reason.UPSTREAM_INCONSISTENT: (
+        ": sessions written and not served for a stretch, as a store does that accepts"
+        " writes and shows none of them (a QuestDB table whose write-ahead log is suspended,"
+        " or applied late)"
+    ),
+    Reason.STORE_SUSPENDED: ": the service's store showed no new row until its WAL resumed",
+}
+"""What a burst of a reason most likely was."""
+
+
 def _burst(tally: Tally) -> Pattern | None:
     """One reason packed into a stretch of the log much shorter than the log itself."""
     if len(tally.buckets) < 2:
@@ -671,6 +682,7 @@ def _burst(tally: Tally) -> Pattern | None:
         statement = (
             f"{share} misses between {_when(first)} and {_when(last)} UTC were {reason.value}"
             f" ({_meaning(reason)}), and no {reason.value} miss came before or after"
+            + BURST_CAUSE.get(reason, "")
         )
         pattern = Pattern(
             f"burst:{reason.value}",

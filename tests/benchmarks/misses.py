@@ -51,11 +51,11 @@ from tqdm import tqdm
 
 from session_lens.config import load_config
 from session_lens.embedded import start_embedded
+from session_lens.evidence.tables import Queries
 from session_lens.explain import POOL_SIZE, Explainer
 from session_lens.metrics import Metrics
 from session_lens.operate import run_migrations
 from session_lens.schema import Tables
-from session_lens.store import Queries
 from tests.benchmarks.tools import mib, micros, percentile
 from tests.conftest import with_database
 

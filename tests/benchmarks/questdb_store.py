@@ -30,10 +30,10 @@ from prometheus_client import CollectorRegistry
 
 from session_lens.config import load_config
 from session_lens.embedded import start_embedded
+from session_lens.evidence.questdb import QuestDBSettings, QuestDBStore
 from session_lens.explain import Explainer
 from session_lens.metrics import Metrics
 from session_lens.migrations import migrate
-from session_lens.questdb_store import QuestDBSettings, QuestDBStore
 from session_lens.schema import Tables
 from tests.questdb import QuestDB
 from tests.questdb import missing as questdb_missing

@@ -33,9 +33,9 @@ from pathlib import Path
 import asyncpg
 
 from session_lens.embedded import start_embedded
+from session_lens.evidence.tables import Queries
 from session_lens.migrations import migrate
 from session_lens.schema import Tables
-from session_lens.store import Queries
 from tests.benchmarks.tools import mib
 
 FLOOR = """

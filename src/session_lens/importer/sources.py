@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from ..config import mask_url
-from ..store import UNREACHABLE
+from ..pg import UNREACHABLE
 from .errors import ImportFailed, ImportUsage
 from .options import PAGE_SIZE
 

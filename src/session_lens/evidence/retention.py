@@ -127,6 +127,32 @@ class StoreRetention:
         return f"TTL {self.ttl}, partitioned by {self.partition}"
 
 
+@dataclass(frozen=True, slots=True)
+class Retained:
+    """Where an ID stands against the store's retention."""
+
+    retention: StoreRetention
+    partition_start: datetime
+    partition_end: datetime
+    fate: Fate
+
+    @classmethod
+    def of(cls, retention: StoreRetention, minted_at: datetime, now: datetime) -> "Retained":
+        """The partition an ID was created in, and whether the store has dropped it by `now`."""
+        start, end = retention.partition_of(minted_at)
+        return cls(retention, start, end, retention.fate(minted_at, now))
+
+    def note(self) -> str | None:
+        """A sentence for a partition that may or may not be gone."""
+        if self.fate is not Fate.BOUNDARY:
+            return None
+        start, end = self.partition_start.isoformat(), self.partition_end.isoformat()
+        return (
+            f"its partition ({start} to {end}) is at the store's retention boundary"
+            f" ({self.retention}): it may or may not be dropped yet"
+        )
+
+
 def _add_months(moment: datetime, months: int) -> datetime:
     """Calendar arithmetic: the same day of another month, clamped to its last day."""
     index = moment.year * 12 + moment.month - 1 + months

@@ -15,11 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from ..events import Event
+from ..routes import TARGET_STATE, Action
+from ..schema import SessionState
 from .classify import last_change
-from .events import Event
-from .routes import TARGET_STATE, Action
-from .schema import SessionState
-from .store import Evidence
+from .tables import Evidence
 
 MAX_IN_FLIGHT = 100_000
 IN_FLIGHT_TRIGGER = "observed, not stored yet"

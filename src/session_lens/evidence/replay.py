@@ -14,9 +14,9 @@ import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from .reasons import Reason
-from .schema import SessionState
-from .store import AuditEntry, Evidence
+from ..reasons import Reason
+from ..schema import SessionState
+from .tables import AuditEntry, Evidence
 
 CLOSE = timedelta(seconds=1)
 """A change this close before the moment may not have been committed when the miss was

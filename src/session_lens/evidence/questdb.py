@@ -35,11 +35,11 @@ from typing import Any
 
 import asyncpg
 
+from ..config import Config, mask_url
 from .breaker import Breaker
-from .config import Config, mask_url
 from .retention import Period, StoreRetention, Unit
 
-log = logging.getLogger("session_lens.questdb_store")
+log = logging.getLogger("session_lens.evidence.questdb")
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,126}")
 PARTITION_UNITS = {
