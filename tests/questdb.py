@@ -68,6 +68,8 @@ class QuestDB:
     pg_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     process: "subprocess.Popen[bytes] | None" = None
+    settings: dict[str, str] = field(default_factory=dict)
+    """More server settings, as QuestDB reads them from its environment (`QDB_...`)."""
 
     @property
     def url(self) -> str:
@@ -94,6 +96,7 @@ class QuestDB:
             "QDB_SHARED_WORKER_COUNT": "1",
             # `ALTER TABLE ... SUSPEND WAL`, the fault the tests cause, needs dev mode.
             "QDB_DEV_MODE_ENABLED": "true",
+            **self.settings,
         }
         command = ["java", f"-Xmx{HEAP}", "-cp", str(jar), "io.questdb.ServerMain"]
         log = (self.data_dir / "server.log").open("ab")

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -250,6 +250,68 @@ async def test_a_suspended_wal_then_resumed(
     assert explainer.questdb is not None
     await explainer.questdb.refresh()
     assert proxy.metric("session_lens_questdb_wal_suspended") == 0
+
+
+@pytest.fixture(scope="module")
+def unapplied(tmp_path_factory: pytest.TempPathFactory, questdb: QuestDB) -> Iterator[QuestDB]:
+    """A second QuestDB that applies no write-ahead log: every write is accepted and stays
+    pending, no table suspended (QuestDB's `cairo.wal.apply.enabled=false`)."""
+    server = QuestDB(
+        tmp_path_factory.mktemp("questdb-unapplied"),
+        settings={"QDB_CAIRO_WAL_APPLY_ENABLED": "false"},
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_pending_transactions_make_a_fresh_session_not_yet_visible(
+    unapplied: QuestDB,
+    db: str,
+    make_proxy: MakeProxy,
+    aiohttp_server: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "session_lens")
+    pool = await asyncpg.create_pool(unapplied.url, min_size=1, max_size=4)
+    await create_table(pool, "sessions", ttl_days=30)
+    service = QuestDBReferenceService(pool, StoreFaults(enabled=frozenset()), "sessions")
+    server = await aiohttp_server(service.app())
+    try:
+        upstream = str(server.make_url("")).rstrip("/")
+        settings = {**flags(upstream, db, unapplied.url, "sessions"), "visibility_window": "2m"}
+        proxy = await hop(make_proxy, settings)
+        created = []
+        async with aiohttp.ClientSession() as client:
+            for _ in range(3):
+                async with client.post(f"{proxy.url}/api/sessions", json={}) as response:
+                    assert response.status == 201  # accepted; applied, never
+                    created.append((await response.json())["id"])
+        for session_id in created:
+            body = await reason_becomes(proxy, session_id, "not_yet_visible")
+            assert body["reason"] == "not_yet_visible"
+        assert counted(proxy, "not_yet_visible") >= 3
+        logged = [r for r in caplog.records if getattr(r, "reason", None) == "not_yet_visible"]
+        wal = [r.questdb["wal"] for r in logged]  # type: ignore[attr-defined]
+        assert wal and all(w["suspended"] is False and w["pending"] >= 3 for w in wal)
+        assert proxy.metric("session_lens_questdb_wal_suspended") == 0
+        assert proxy.metric("session_lens_questdb_wal_pending_transactions") >= 3
+        report, printed = await explained(proxy, settings, created[0])
+        assert report["reason"] == "not_yet_visible"
+        assert report["questdb"]["wal"]["pending"] >= 3 and report["questdb"]["row"] is None
+        assert "transactions accepted and not applied" in report["why"]
+        assert "not_yet_visible" in printed
+        # Older than the window, its absence is not proved while writes are pending: the
+        # lifecycle records decide (nothing of it there: tracked since long before).
+        old = datetime.now(UTC) - timedelta(hours=1)
+        assert (await miss(proxy, old.strftime("exec_%Y%m%d_%H%M%S_ffff0000")))[1] == (
+            "never_existed"
+        )
+    finally:
+        await server.close()
+        await pool.close()
 
 
 async def test_a_store_that_is_down_leaves_the_lifecycle_evidence_to_decide(

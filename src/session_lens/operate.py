@@ -205,9 +205,13 @@ class _Stop:
             loop.add_signal_handler(signum, self._signalled)
 
     def remove(self) -> None:
+        """Give the signals back; once a stop was asked, a second one coming as the command
+        ends has nothing left to stop, and is ignored rather than killing it."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+            if self._asked:
+                signal.signal(signum, signal.SIG_IGN)
 
     def _signalled(self) -> None:
         if self._asked:
