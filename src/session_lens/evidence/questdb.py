@@ -103,6 +103,7 @@ class QuestDBSettings:
     slack: timedelta = timedelta(minutes=1)
     """How long after its ID was minted a row may be written (and so, partitioned)."""
     pool_size: int = 4
+    """Connections held at once: misses asking beyond them wait, within their budget."""
     columns: tuple[str, ...] = ()
     """The row's columns to read; none named: all of them."""
 
@@ -124,7 +125,7 @@ def configured(config: Config, **more: Any) -> QuestDBSettings | None:
         config.questdb_table,
         config.questdb_id_column,
         config.questdb_timestamp_column,
-        **more,
+        **{"pool_size": config.questdb_pool_size, **more},
     )
 
 
