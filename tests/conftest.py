@@ -451,6 +451,8 @@ class Forwarder:
         self._flowing.set()
         self.up = True
         self.cuts = 0
+        self.connections = 0
+        """Connections accepted so far."""
 
     async def start(self) -> str:
         """Listen on loopback; the database URL through this link."""
@@ -482,6 +484,7 @@ class Forwarder:
             await self._server.wait_closed()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         if not self.up:
             writer.transport.abort()
             return

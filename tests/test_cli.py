@@ -548,3 +548,21 @@ async def test_a_second_ctrl_c_stops_at_once(upstream: Upstream, db: str, worker
     ) in log
     assert '"message": "stopping at once"' in log
     assert "Traceback" not in log and '"level": "ERROR"' not in log
+
+
+def test_the_commands_that_ask_questdb_take_its_pool_size() -> None:
+    for command in ("serve", "explain", "triage", "check-config"):
+        result = run(command, "--help")
+        assert "--questdb-pool-size" in result.stdout, command
+    assert "--questdb-pool-size" not in run("migrate", "--help").stdout
+    result = run("explain", "--questdb-pool-size", "0", "exec_20260101_000000_0000000a")
+    assert (result.returncode, result.stderr) == (
+        2,
+        "session-lens: questdb_pool_size: '0' is not a whole number from 1 to 64"
+        " (from flag --questdb-pool-size)\n",
+    )
+    result = run("triage", "lookups.jsonl", env={"SESSION_LENS_QUESTDB_POOL_SIZE": "lots"})
+    assert result.returncode == 2 and result.stderr == (
+        "session-lens: questdb_pool_size: 'lots' is not a whole number from 1 to 64"
+        " (from env SESSION_LENS_QUESTDB_POOL_SIZE)\n"
+    )

@@ -1,4 +1,5 @@
 import re
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from session_lens.config import (
     parse_duration,
     read_file,
 )
+from session_lens.evidence.questdb import configured
 
 UP = {"upstream": "http://127.0.0.1:8000"}
 
@@ -251,3 +253,27 @@ def test_readme_table_lists_every_setting_as_declared() -> None:
         assert re.match(re.escape(setting.default_text) + r"($|[ ;,])", shown), (
             f"{setting.name}: the README says {default!r}, the default is {setting.default_text!r}"
         )
+
+
+def test_questdb_pool_size_from_each_source_and_into_the_store() -> None:
+    assert load_config(flags=UP).questdb_pool_size == 4
+    assert load_config(file={**UP, "questdb_pool_size": 12}).questdb_pool_size == 12
+    environ = {"SESSION_LENS_QUESTDB_POOL_SIZE": " 7 "}
+    config = load_config(environ=environ, flags={**UP, "questdb_url": "postgresql://q/qdb"})
+    assert config.questdb_pool_size == 7
+    settings = configured(config)
+    assert settings is not None and settings.pool_size == 7
+    assert configured(config, pool_size=1) == replace(settings, pool_size=1)
+
+
+@pytest.mark.parametrize("raw", ["0", "65", "-1", "2.5", "four", "", "٤", True, 8.0])
+def test_questdb_pool_size_out_of_bounds_or_not_a_count(raw: object) -> None:
+    [env] = problems(environ={"SESSION_LENS_QUESTDB_POOL_SIZE": str(raw)}, flags=UP)
+    assert env == (
+        f"questdb_pool_size: {str(raw)!r} is not a whole number from 1 to 64"
+        " (from env SESSION_LENS_QUESTDB_POOL_SIZE)"
+    )
+    [file] = problems(file={**UP, "questdb_pool_size": raw}, file_name="file lens.toml")
+    assert file == (
+        f"questdb_pool_size: {raw!r} is not a whole number from 1 to 64 (from file lens.toml)"
+    )

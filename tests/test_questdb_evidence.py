@@ -4,6 +4,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -354,10 +355,11 @@ async def test_a_store_that_is_down_leaves_the_lifecycle_evidence_to_decide(
 def test_check_config_shows_the_store_and_what_it_found(stack: Stack, questdb: QuestDB) -> None:
     result = run(
         "check-config", "--upstream", stack.url, "--questdb-url", questdb.url,
-        "--questdb-table", stack.table,
+        "--questdb-table", stack.table, "--questdb-pool-size", "3",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f'questdb_table = "{stack.table}"' in result.stdout
+    assert re.search(r"^questdb_pool_size = 3 +# flag --questdb-pool-size$", result.stdout, re.M)
     assert "admin:***@" in result.stdout and ":quest@" not in result.stdout
     found = result.stdout.splitlines()[-1]
     assert found.startswith(f"# questdb postgresql://admin:***@127.0.0.1:{questdb.pg_port}/qdb")

@@ -1,10 +1,12 @@
 """The service's QuestDB as evidence, against a real QuestDB: metadata, the row, failures."""
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -72,6 +74,26 @@ async def write(url: str, table: str, *rows: tuple[str, str, datetime]) -> None:
             await asyncio.sleep(0.05)
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """What the event loop is told of errors nobody handled: among them, a future whose
+    exception was never retrieved (asyncio says so when the future is collected)."""
+    loop = asyncio.get_running_loop()
+    before = loop.get_exception_handler()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: seen.append(context))
+    try:
+        yield seen
+    finally:
+        loop.set_exception_handler(before)
+
+
+def unhandled(seen: list[dict[str, Any]]) -> list[str]:
+    """The loop's error messages so far, every dropped future collected first."""
+    gc.collect()
+    return [f"{c['message']}: {c.get('exception')!r}" for c in seen]
 
 
 def settings(url: str, table: str, **more: object) -> QuestDBSettings:
@@ -177,7 +199,7 @@ async def test_a_suspended_wal_and_its_pending_transactions(
     assert found.row is not None  # resumed: the row the service wrote is there
 
 
-async def test_a_store_that_is_not_there(table: str) -> None:
+async def test_a_store_that_is_not_there(table: str, loop_errors: list[dict[str, Any]]) -> None:
     store = QuestDBStore(settings("postgresql://admin:quest@127.0.0.1:1/qdb", table, budget=1.0))
     await store.open()
     try:
@@ -189,10 +211,11 @@ async def test_a_store_that_is_not_there(table: str) -> None:
         assert store.failures[StoreFailure.UNAVAILABLE] >= 2 and store.problem
     finally:
         await store.close()
+    assert unhandled(loop_errors) == []
 
 
 async def test_a_stalled_store_times_out_and_opens_the_breaker(
-    questdb: QuestDB, table: str
+    questdb: QuestDB, table: str, loop_errors: list[dict[str, Any]]
 ) -> None:
     await write(questdb.url, table, (id_at(day(2)), "ACTIVE", day(2)))
     link = Forwarder(questdb.url)
@@ -216,6 +239,74 @@ async def test_a_stalled_store_times_out_and_opens_the_breaker(
         link.restore()
         await store.close()
         await link.close()
+    assert unhandled(loop_errors) == []
+
+
+async def test_a_caller_giving_up_waits_on_nothing_and_leaves_nothing_behind(
+    questdb: QuestDB, table: str, loop_errors: list[dict[str, Any]]
+) -> None:
+    """The miss's own budget strikes before the store's: the query is dropped at once,
+    not left to wait for the server to confirm a cancel over a stalled link."""
+    await write(questdb.url, table, (id_at(day(2)), "ACTIVE", day(2)))
+    link = Forwarder(questdb.url)
+    url = await link.start()
+    store = QuestDBStore(settings(url, table, budget=5.0, refresh=60))
+    await store.open()
+
+    async def given_up() -> None:
+        async with asyncio.timeout(0.2):
+            await store.look_up(id_at(day(2)), day(2))
+
+    asked = None
+    try:
+        assert (await store.look_up(id_at(day(2)), day(2))).row is not None
+        for _ in range(2):  # the connection the pool had, then a new one
+            link.stall()
+            started = time.monotonic()
+            asked = asyncio.create_task(given_up())
+            finished, _ = await asyncio.wait({asked}, timeout=3.0)
+            assert asked in finished, "the look-up is still waiting on the stalled link"
+            assert isinstance(asked.exception(), TimeoutError)
+            assert time.monotonic() - started < 1.0
+            link.restore()
+            found = await store.look_up(id_at(day(2)), day(2))  # the store is whole again
+            assert found.row is not None and store.problem is None
+    finally:
+        if asked is not None and not asked.done():
+            asked.cancel()
+            await asyncio.wait({asked})
+        link.restore()
+        await store.close()
+        await link.close()
+    assert unhandled(loop_errors) == []
+
+
+async def test_the_pool_holds_as_many_connections_as_it_is_given(
+    questdb: QuestDB, table: str, loop_errors: list[dict[str, Any]]
+) -> None:
+    await write(questdb.url, table, (id_at(day(2)), "ACTIVE", day(2)))
+    opened = {}
+    for size in (2, 5):
+        link = Forwarder(questdb.url)
+        url = await link.start()
+        store = QuestDBStore(settings(url, table, budget=1.0, refresh=60, pool_size=size))
+        await store.open()  # one connection, to read the metadata
+        try:
+            link.stall()  # each miss holds its connection for the whole budget
+            asked = [store.look_up(id_at(day(2)), day(2)) for _ in range(8)]
+            misses = asyncio.gather(*asked, return_exceptions=True)
+            # Halfway through the budget every miss has a connection or waits for one:
+            # a connection to the link is made as soon as the pool asks for it.
+            await asyncio.sleep(0.5)
+            opened[size] = link.connections
+            said = await misses
+            assert {type(s) for s in said} == {StoreUnavailable}
+        finally:
+            link.restore()
+            await store.close()
+            await link.close()
+    assert opened == {2: 2, 5: 5}
+    assert unhandled(loop_errors) == []
 
 
 def test_names_that_are_not_plain_are_refused() -> None:
@@ -224,7 +315,7 @@ def test_names_that_are_not_plain_are_refused() -> None:
 
 
 async def test_columns_asyncpg_cannot_read_are_a_query_failure_or_left_out(
-    questdb: QuestDB, table: str
+    questdb: QuestDB, table: str, loop_errors: list[dict[str, Any]]
 ) -> None:
     await execute(questdb.url, f"ALTER TABLE {table} ADD COLUMN ip IPV4")
     await write(questdb.url, table, (id_at(day(2)), "ACTIVE", day(2)))
@@ -241,3 +332,28 @@ async def test_columns_asyncpg_cannot_read_are_a_query_failure_or_left_out(
     finally:
         for store in (every, named):
             await store.close()
+    assert unhandled(loop_errors) == []
+
+
+async def test_a_refused_query_keeps_its_connection(
+    questdb: QuestDB, table: str, loop_errors: list[dict[str, Any]]
+) -> None:
+    """QuestDB says no and stays ready: the connection goes back to the pool as it is."""
+    await write(questdb.url, table, (id_at(day(2)), "ACTIVE", day(2)))
+    link = Forwarder(questdb.url)
+    url = await link.start()
+    store = QuestDBStore(settings(url, table, budget=2.0, refresh=60, pool_size=1))
+    await store.open()
+    try:
+        for _ in range(3):  # a column the table lacks
+            with pytest.raises(StoreUnavailable) as raised:
+                await store._ask(
+                    lambda conn: conn.fetchval(f"SELECT nothing FROM {table}", timeout=2.0), 2.0
+                )
+            assert raised.value.kind is StoreFailure.QUERY
+        assert (await store.look_up(id_at(day(2)), day(2))).row is not None
+        assert link.connections == 1
+    finally:
+        await store.close()
+        await link.close()
+    assert unhandled(loop_errors) == []

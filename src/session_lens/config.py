@@ -671,6 +671,9 @@ class Config:
     questdb_budget: timedelta = _setting(
         timedelta(milliseconds=50), positive_duration, "time a miss's row query in QuestDB may take"
     )
+    questdb_pool_size: int = _setting(
+        4, _count(1, 64), "the most connections to QuestDB at once, per process"
+    )
     lifecycle_source: LifecycleSource = _setting(
         LifecycleSource.DATABASE,
         _choice(LifecycleSource),
@@ -816,6 +819,7 @@ QUESTDB_SETTINGS = (
     "questdb_id_column",
     "questdb_timestamp_column",
     "questdb_budget",
+    "questdb_pool_size",
 )
 """The service's own QuestDB, read as evidence beside the lifecycle store."""
 COMMAND_SETTINGS: Mapping[str, tuple[str, ...]] = {

@@ -7,16 +7,20 @@ looks for the ID's row in the partition its minted time names (and the next one
 when the ID was minted within `slack` of that partition's end), within `budget`.
 
 What asyncpg meets on QuestDB's wire protocol (9.3): prepared statements, the
-statement cache and a pool's reset on release all work; a parameter is typed from
-the column it is compared with, so bind values only in comparisons (`$1::timestamp`
-or a bare `$1` in the select list is taken for a number); `TIMESTAMP` is a timestamp
-without time zone, so its parameters are naive datetimes in UTC (aware ones are
-refused by asyncpg); `table_partitions()` takes the table's name as a literal; a
+statement cache and a pool's reset on release all work (the store skips the reset);
+a parameter is typed from the column it is compared with, so bind values only in
+comparisons (`$1::timestamp` or a bare `$1` in the select list is taken for a number);
+`TIMESTAMP` is a timestamp without time zone, so its parameters are naive datetimes in
+UTC (aware ones are refused by asyncpg); `table_partitions()` takes the table's name as a literal; a
 `UUID` parameter goes as text. Columns asyncpg cannot read from QuestDB: `IPV4` and
 `GEOHASH` (decoding fails), arrays (their type lookup calls `set_config`, which QuestDB
 lacks); the row query reads every column unless `columns` names them, so name them for
 a table that has such columns.
 QuestDB drops a connection idle for 5 minutes: the pool lets go of idle ones first.
+A connection goes back to the pool as it is (the store sets nothing on it), so a
+release costs no round trip; one whose query did not answer, by the budget or because
+the caller gave up, is terminated: asyncpg would otherwise send a cancel and wait,
+shielded from the caller, for the server to confirm it.
 
 Failures are `StoreUnavailable` with a `StoreFailure` kind: the caller falls back on
 the lifecycle store's evidence (`classify` says what the evidence proves).
@@ -99,6 +103,7 @@ class QuestDBSettings:
     slack: timedelta = timedelta(minutes=1)
     """How long after its ID was minted a row may be written (and so, partitioned)."""
     pool_size: int = 4
+    """Connections held at once: misses asking beyond them wait, within their budget."""
     columns: tuple[str, ...] = ()
     """The row's columns to read; none named: all of them."""
 
@@ -120,7 +125,7 @@ def configured(config: Config, **more: Any) -> QuestDBSettings | None:
         config.questdb_table,
         config.questdb_id_column,
         config.questdb_timestamp_column,
-        **more,
+        **{"pool_size": config.questdb_pool_size, **more},
     )
 
 
@@ -226,6 +231,7 @@ class QuestDBStore:
             timeout=max(1.0, self.settings.budget),
             # QuestDB closes a connection idle for 5 minutes: leave well before it does.
             max_inactive_connection_lifetime=60.0,
+            reset=_nothing_to_reset,
         )
         await self._pool
         with contextlib.suppress(StoreUnavailable):
@@ -317,16 +323,17 @@ class QuestDBStore:
             raise self._failed(StoreFailure.BREAKER_OPEN, self.problem or "", count_only=True)
         deadline = asyncio.get_running_loop().time() + timeout
         conn = None
+        answered = False
         try:
             async with asyncio.timeout_at(deadline):
                 conn = await self._pool.acquire()
                 result = await work(conn)
+            answered = True
         except TimeoutError:
-            if conn is not None:
-                conn.terminate()  # a stalled link is dropped, never waited for
             self.breaker.failed()
             raise self._failed(StoreFailure.TIMEOUT, f"no answer within {timeout:g} s") from None
         except (asyncpg.PostgresError, AssertionError) as exc:  # AssertionError: asyncpg's decoder
+            answered = isinstance(exc, asyncpg.PostgresError)  # refused, and ready for more
             self.breaker.failed()
             raise self._failed(StoreFailure.QUERY, str(exc)) from exc
         except UNREACHABLE as exc:
@@ -334,7 +341,12 @@ class QuestDBStore:
             raise self._failed(StoreFailure.UNAVAILABLE, str(exc) or type(exc).__name__) from exc
         finally:
             if conn is not None:
-                await self._pool.release(conn)
+                if not answered:
+                    # Timed out, or the caller gave up (cancelled): a query is still out.
+                    # Released as it is, the pool would wait (shielded from the caller)
+                    # for the server to confirm a cancel, on a link that may be stalled.
+                    conn.terminate()
+                await self._pool.release(conn)  # terminated, or idle: nothing to wait for
         self.breaker.succeeded()
         if self.problem is not None:
             log.warning("questdb store answers again", extra={"store": self._where})
@@ -357,6 +369,11 @@ class QuestDBStore:
             )
             self.problem = f"{kind.value}: {detail}"
         return StoreUnavailable(kind, detail)
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """A released connection is kept as it is: the store only reads, and sets nothing
+    (asyncpg's reset would cost a round trip per miss, outside any budget)."""
 
 
 Span = tuple[str, datetime, datetime]
