@@ -376,7 +376,6 @@ async def test_a_suspended_wal_fires_and_resolves_in_a_real_prometheus(
             ):
                 assert time.monotonic() < deadline, "the alert never resolved"
                 await asyncio.sleep(1)
-            assert max(moments) < time.time()
             for expr in (pending, suspended):
                 (series,) = await run.query(expr)
                 assert series["metric"]["instance"] == run.located["instance"]
