@@ -327,6 +327,9 @@ async def under_prometheus(tmp_path: Path, *flags: str) -> AsyncIterator[Watched
             if process.poll() is None:
                 process.terminate()
                 process.wait(20)
+        for pipe in (demo.stdout, demo.stderr):  # unread when a test failed: no leaked file
+            if pipe is not None:
+                pipe.close()
 
 
 async def test_demo_feeds_every_panel_and_rule_in_a_real_prometheus(tmp_path: Path) -> None:
@@ -363,12 +366,12 @@ async def test_a_suspended_wal_fires_and_resolves_in_a_real_prometheus(
         async with under_prometheus(tmp_path, "--questdb", questdb.url, "--seed", "7") as run:
             fired = await run.until_fired({WAL_ALERT}, within=75)
             assert {"SessionLensDown", "SessionLensAbsent"}.isdisjoint(fired), sorted(fired)
-            # Each moment it fired, the panel showed the table suspended, with transactions
-            # accepted and not applied.
+            # Each moment it fired, the panel showed the table suspended; meanwhile it had
+            # transactions accepted and not applied.
             moments = [float(t) for s in await run.query(f"{firing}[5m]") for t, _ in s["values"]]
-            shown = [(await run.query(pending, t), await run.query(suspended, t)) for t in moments]
-            assert all(float(wal[0]["value"][1]) == 1 for _, wal in shown), shown
-            assert any(float(txns[0]["value"][1]) > 0 for txns, _ in shown), shown
+            shown = [await run.query(suspended, t) for t in moments]
+            assert all(wal and float(wal[0]["value"][1]) == 1 for wal in shown), shown
+            assert await run.query(f"max_over_time(({pending})[5m:1s]) > 0")
             # Resumed: the gauge back at 0 and the alert no longer firing.
             deadline = time.monotonic() + 30
             while await run.query(firing) or await run.query(
