@@ -9,14 +9,20 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import yaml
 
+from session_lens.demo import QUESTDB_TABLE
+
 from .conftest import free_port
+from .questdb import QuestDB
 
 ROOT = Path(__file__).parent.parent
 GRAFANA = ROOT / "grafana"
@@ -171,8 +177,12 @@ def test_dockerfile_is_lint_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-async def _query(client: aiohttp.ClientSession, base: str, expr: str) -> list[Any]:
-    async with client.get(f"{base}/api/v1/query", params={"query": expr}) as response:
+async def _query(
+    client: aiohttp.ClientSession, base: str, expr: str, at: float | None = None
+) -> list[Any]:
+    """What Prometheus answers to `expr`, now or `at` that Unix time."""
+    params = {"query": expr} if at is None else {"query": expr, "time": str(at)}
+    async with client.get(f"{base}/api/v1/query", params=params) as response:
         body = await response.json()
     assert body["status"] == "success", (expr, body)
     result: list[Any] = body["data"]["result"]
@@ -239,7 +249,49 @@ async def _fired(client: aiohttp.ClientSession, base: str) -> dict[str, list[dic
     return seen
 
 
-async def test_demo_feeds_every_panel_and_rule_in_a_real_prometheus(tmp_path: Path) -> None:
+@dataclass
+class Watched:
+    """A `session-lens demo` a real Prometheus scrapes, evaluating the rules made faster."""
+
+    client: aiohttp.ClientSession
+    prometheus: str
+    admin: int
+    demo: "subprocess.Popen[bytes]"
+
+    @property
+    def located(self) -> dict[str, str]:
+        """The labels Prometheus gives what it scraped from the demo."""
+        return {"job": "session-lens", "instance": f"127.0.0.1:{self.admin}"}
+
+    async def query(self, expr: str, at: float | None = None) -> list[Any]:
+        return await _query(self.client, self.prometheus, expr, at)
+
+    async def until_fired(self, names: set[str], within: float) -> dict[str, list[dict[str, str]]]:
+        """Every alert that fired so far, once all of `names` have."""
+        deadline = time.monotonic() + within
+        fired: dict[str, list[dict[str, str]]] = {}
+        while not names <= fired.keys():
+            # The demo runs; Prometheus scrapes it and evaluates the rules every second.
+            assert self.demo.poll() is None, "the demo ended too soon"
+            assert time.monotonic() < deadline, f"fired: {sorted(fired)}"
+            await asyncio.sleep(3)
+            with contextlib.suppress(aiohttp.ClientError):
+                fired = await _fired(self.client, self.prometheus)
+        for name in names:
+            assert all(self.located.items() <= a.items() for a in fired[name]), name
+        return fired
+
+    async def stop(self) -> str:
+        """Stop the demo as Ctrl-C does; what it printed."""
+        self.demo.terminate()
+        out, err = await asyncio.to_thread(self.demo.communicate, timeout=60)
+        assert self.demo.returncode == 0, out.decode()[-2000:] + err.decode()[-2000:]
+        return out.decode()
+
+
+@contextlib.asynccontextmanager
+async def under_prometheus(tmp_path: Path, *flags: str) -> AsyncIterator[Watched]:
+    """`session-lens demo` with `flags`, scraped every second by a real Prometheus."""
     prometheus = tool("prometheus")
     listen, admin, service, web_port = free_port(), free_port(), free_port(), free_port()
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(faster(RULES.read_text())))
@@ -256,7 +308,7 @@ async def test_demo_feeds_every_panel_and_rule_in_a_real_prometheus(tmp_path: Pa
         )
     )  # fmt: skip
     demo = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
-        [sys.executable, "-m", "session_lens", "demo", "--duration", "100", "--seed", "7",
+        [sys.executable, "-m", "session_lens", "demo", *flags,
          "--listen", f"127.0.0.1:{listen}", "--admin-listen", f"127.0.0.1:{admin}",
          "--service-listen", f"127.0.0.1:{service}", "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -267,38 +319,83 @@ async def test_demo_feeds_every_panel_and_rule_in_a_real_prometheus(tmp_path: Pa
          "--enable-feature=exemplar-storage"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    base = f"http://127.0.0.1:{web_port}"
     try:
         async with aiohttp.ClientSession() as client:
-            deadline = time.monotonic() + 90
-            fired: dict[str, list[dict[str, str]]] = {}
-            while not set(FIRE_UNDER_THE_DEMO) <= fired.keys():
-                # The demo runs; Prometheus scrapes it and evaluates the rules every second.
-                assert time.monotonic() < deadline, f"fired: {sorted(fired)}"
-                await asyncio.sleep(3)
-                with contextlib.suppress(aiohttp.ClientError):
-                    fired = await _fired(client, base)
-            for name, where in FIRE_UNDER_THE_DEMO.items():
-                assert any(where.items() <= alert.items() for alert in fired[name]), (name, fired)
-                where_from = {"job": "session-lens", "instance": f"127.0.0.1:{admin}"}
-                assert all(where_from.items() <= a.items() for a in fired[name]), name
-            assert QUIET_UNDER_THE_DEMO.isdisjoint(fired), sorted(fired)
-            await _panels_show_data_never_nan(client, base)
-            for rule in rules():
-                if "record" in rule:
-                    assert await _query(client, base, rule["record"]), rule["record"]
-                for name in set(METRIC.findall(rule["expr"])):
-                    assert await _query(client, base, name), f"{name} in {rule}"
-            await _exemplars_lead_to_sessions(client, base, admin)
-        demo.terminate()  # Ctrl-C: it stops and sums up
-        out, err = await asyncio.to_thread(demo.communicate, timeout=60)
-        assert demo.returncode == 0, out.decode()[-2000:] + err.decode()[-2000:]
-        assert "every reason appeared" in out.decode()
+            yield Watched(client, f"http://127.0.0.1:{web_port}", admin, demo)
     finally:
         for process in (demo, server):
             if process.poll() is None:
                 process.terminate()
                 process.wait(20)
+        for pipe in (demo.stdout, demo.stderr):  # unread when a test failed: no leaked file
+            if pipe is not None:
+                pipe.close()
+
+
+async def test_demo_feeds_every_panel_and_rule_in_a_real_prometheus(tmp_path: Path) -> None:
+    async with under_prometheus(tmp_path, "--duration", "100", "--seed", "7") as run:
+        client, base = run.client, run.prometheus
+        fired = await run.until_fired(set(FIRE_UNDER_THE_DEMO), within=90)
+        for name, where in FIRE_UNDER_THE_DEMO.items():
+            assert any(where.items() <= alert.items() for alert in fired[name]), (name, fired)
+        assert QUIET_UNDER_THE_DEMO.isdisjoint(fired), sorted(fired)
+        await _panels_show_data_never_nan(client, base)
+        for rule in rules():
+            if "record" in rule:
+                assert await run.query(rule["record"]), rule["record"]
+            for name in set(METRIC.findall(rule["expr"])):
+                assert await run.query(name), f"{name} in {rule}"
+        await _exemplars_lead_to_sessions(client, base, run.admin)
+        assert "every reason appeared" in await run.stop()  # Ctrl-C: it stops and sums up
+
+
+WAL_ALERT = "SessionLensStoreWalSuspended"
+WAL_PANEL = "QuestDB store: WAL"
+
+
+async def test_a_suspended_wal_fires_and_resolves_in_a_real_prometheus(
+    tmp_path: Path, questdb: QuestDB
+) -> None:
+    """The demo's service keeps its sessions in a real QuestDB and now and then suspends the
+    table's WAL: the alert fires where the demo runs, and ends once the WAL is resumed."""
+    firing = f'ALERTS{{alertname="{WAL_ALERT}",alertstate="firing"}}'
+    panel = next(p for p in dashboard()["panels"] if p["title"] == WAL_PANEL)
+    pending, suspended = (as_run(target["expr"]) for target in panel["targets"])
+    assert "pending" in pending and "suspended" in suspended
+    try:
+        async with under_prometheus(tmp_path, "--questdb", questdb.url, "--seed", "7") as run:
+            fired = await run.until_fired({WAL_ALERT}, within=75)
+            assert {"SessionLensDown", "SessionLensAbsent"}.isdisjoint(fired), sorted(fired)
+            # Each moment it fired, the panel showed the table suspended; meanwhile it had
+            # transactions accepted and not applied.
+            moments = [float(t) for s in await run.query(f"{firing}[5m]") for t, _ in s["values"]]
+            shown = [await run.query(suspended, t) for t in moments]
+            assert all(wal and float(wal[0]["value"][1]) == 1 for wal in shown), shown
+            assert await run.query(f"max_over_time(({pending})[5m:1s]) > 0")
+            # Resumed: the gauge back at 0 and the alert no longer firing.
+            deadline = time.monotonic() + 30
+            while await run.query(firing) or await run.query(
+                "session_lens_questdb_wal_suspended > 0"
+            ):
+                assert time.monotonic() < deadline, "the alert never resolved"
+                await asyncio.sleep(1)
+            for expr in (pending, suspended):
+                (series,) = await run.query(expr)
+                assert series["metric"]["instance"] == run.located["instance"]
+                assert series["value"][1] not in ("NaN", "+Inf", "-Inf"), expr
+            await run.stop()
+        conn = await asyncpg.connect(questdb.url)
+        try:  # the demo leaves its table resumed
+            query = "SELECT suspended FROM wal_tables() WHERE name = $1"
+            assert await conn.fetchval(query, QUESTDB_TABLE) is False
+        finally:
+            await conn.close()
+    finally:
+        conn = await asyncpg.connect(questdb.url)
+        try:
+            await conn.execute(f"DROP TABLE IF EXISTS {QUESTDB_TABLE}")
+        finally:
+            await conn.close()
 
 
 async def _panels_show_data_never_nan(client: aiohttp.ClientSession, base: str) -> None:

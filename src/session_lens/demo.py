@@ -29,6 +29,7 @@ from rich.live import Live
 from rich.table import Table
 
 from .config import Address, Config, LifecycleSource
+from .evidence.questdb import META_REFRESH
 from .evidence.retention import Period, Unit
 from .reasons import Reason
 from .reference import Faults, ReferenceService, new_session_id
@@ -40,6 +41,9 @@ DEMO_RETENTION_DAYS = 365
 
 QUESTDB_TABLE = "session_lens_demo_sessions"
 QUESTDB_TTL_DAYS = 30
+WAL_SUSPENSION = META_REFRESH + 1.0
+"""How long the QuestDB-backed service suspends its table's WAL: longer than session-lens
+reads the table's metadata apart, so every suspension shows in the WAL gauges."""
 QUESTDB_NEVER = frozenset({Reason.CREATING, Reason.CREATION_FAILED, Reason.PURGED})
 """Reasons the QuestDB-backed service never causes: its creations are one INSERT, and
 its store drops whole partitions (`expired`), never single rows."""
@@ -289,7 +293,7 @@ def _demo_config(config: Config, options: DemoOptions) -> Config:
         # The reference store keeps its TTL's days: IDs older than that read expired.
         config = replace(config, upstream_retention=Period(retention, Unit.DAY))
     if config.sources.get("visibility_window", "default") == "default":
-        # The reference replica lags 1.5 s (the QuestDB apply pauses 1 s, or 4 s when
+        # The reference replica lags 1.5 s (the QuestDB apply pauses 1 s, or 6 s when
         # suspended): a window a little wider shows both not_yet_visible and, for
         # sessions lost or held longer, upstream_inconsistent soon.
         config = replace(config, visibility_window=timedelta(seconds=2.5))
@@ -317,7 +321,8 @@ async def _questdb_service(questdb_url: str, address: Address) -> AsyncIterator[
         await create_table(pool, QUESTDB_TABLE, QUESTDB_TTL_DAYS)
         if not await pool.fetchval(f"SELECT count() FROM {QUESTDB_TABLE}"):  # noqa: S608
             await seed(pool, QUESTDB_TABLE, days=QUESTDB_TTL_DAYS, per_day=200)
-        service = QuestDBReferenceService(pool, StoreFaults(), QUESTDB_TABLE)
+        faults = StoreFaults(suspend_for=WAL_SUSPENSION)
+        service = QuestDBReferenceService(pool, faults, QUESTDB_TABLE)
         runner = web.AppRunner(service.app(), access_log=None)
         await start_runner(runner, address)
         try:

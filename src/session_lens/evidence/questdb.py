@@ -64,6 +64,8 @@ PARTITION_NAMES = {
 TTL_UNITS = {"HOUR": "h", "DAY": "d", "WEEK": "w", "MONTH": "M", "YEAR": "y"}
 EVER = (datetime(1970, 1, 1, tzinfo=UTC), datetime(2262, 1, 1, tzinfo=UTC))
 """The bounds of an unpartitioned table's one span."""
+META_REFRESH = 5.0
+"""Seconds between two reads of the table's metadata (its partitions, its WAL state)."""
 UNREACHABLE = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError)
 
 
@@ -96,7 +98,7 @@ class QuestDBSettings:
     timestamp_column: str
     budget: float = 0.05
     """Seconds one row query may take."""
-    refresh: float = 5.0
+    refresh: float = META_REFRESH
     """Seconds between two reads of the metadata."""
     meta_timeout: float = 2.0
     """Seconds one read of the metadata (three queries) may take."""
