@@ -199,6 +199,26 @@ async def test_a_suspended_wal_and_its_pending_transactions(
     assert found.row is not None  # resumed: the row the service wrote is there
 
 
+async def test_the_metadata_is_read_while_misses_have_the_breaker_open(
+    questdb: QuestDB, store: QuestDBStore
+) -> None:
+    """Row queries timing out open the breaker; the WAL state (its gauges, its alert) is
+    still read every few seconds, and a read of it does not close the breaker."""
+    while not store.breaker.is_open:
+        store.breaker.failed()
+    with pytest.raises(StoreUnavailable) as raised:
+        await store.look_up(id_at(day(2)), day(2))
+    assert raised.value.kind is StoreFailure.BREAKER_OPEN
+    table = store.settings.table
+    await execute(questdb.url, f"ALTER TABLE {table} SUSPEND WAL")
+    try:
+        meta = await store.refresh()
+        assert meta.wal is not None and meta.wal.suspended
+        assert store.breaker.is_open
+    finally:
+        await execute(questdb.url, f"ALTER TABLE {table} RESUME WAL")
+
+
 async def test_a_store_that_is_not_there(table: str, loop_errors: list[dict[str, Any]]) -> None:
     store = QuestDBStore(settings("postgresql://admin:quest@127.0.0.1:1/qdb", table, budget=1.0))
     await store.open()

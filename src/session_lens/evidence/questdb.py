@@ -257,8 +257,10 @@ class QuestDBStore:
     async def refresh(self) -> TableMeta:
         """Read the table's metadata now, and keep it."""
         started = self.clock()
+        # Not behind the breaker: misses that time out must not stop the WAL gauges (and
+        # the alert on a suspended table) from being read, every few seconds, bounded.
         tables, partitions, wal = await self._ask(
-            self._read_meta, timeout=self.settings.meta_timeout
+            self._read_meta, timeout=self.settings.meta_timeout, gated=False
         )
         if tables is None:
             raise self._failed(StoreFailure.NO_TABLE, f"no table {self.settings.table}")
@@ -317,11 +319,15 @@ class QuestDBStore:
         names = tuple(name for name, _, _ in spans)
         return StoreEvidence(names, present, before_oldest, row, meta)
 
-    async def _ask(self, work: Callable[[asyncpg.Connection], Any], timeout: float) -> Any:
-        """One use of a pooled connection, bounded, behind the breaker; failures translated."""
+    async def _ask(
+        self, work: Callable[[asyncpg.Connection], Any], timeout: float, gated: bool = True
+    ) -> Any:
+        """One use of a pooled connection, bounded, behind the breaker unless not `gated`
+        (then it neither asks the breaker nor tells it how it went); failures translated."""
+        breaker = self.breaker if gated else Breaker()
         if self._pool is None:
             raise StoreUnavailable(StoreFailure.UNAVAILABLE, "not opened")
-        if not self.breaker.allow():
+        if not breaker.allow():
             raise self._failed(StoreFailure.BREAKER_OPEN, self.problem or "", count_only=True)
         deadline = asyncio.get_running_loop().time() + timeout
         conn = None
@@ -332,14 +338,14 @@ class QuestDBStore:
                 result = await work(conn)
             answered = True
         except TimeoutError:
-            self.breaker.failed()
+            breaker.failed()
             raise self._failed(StoreFailure.TIMEOUT, f"no answer within {timeout:g} s") from None
         except (asyncpg.PostgresError, AssertionError) as exc:  # AssertionError: asyncpg's decoder
             answered = isinstance(exc, asyncpg.PostgresError)  # refused, and ready for more
-            self.breaker.failed()
+            breaker.failed()
             raise self._failed(StoreFailure.QUERY, str(exc)) from exc
         except UNREACHABLE as exc:
-            self.breaker.failed()
+            breaker.failed()
             raise self._failed(StoreFailure.UNAVAILABLE, str(exc) or type(exc).__name__) from exc
         finally:
             if conn is not None:
@@ -349,8 +355,8 @@ class QuestDBStore:
                     # for the server to confirm a cancel, on a link that may be stalled.
                     conn.terminate()
                 await self._pool.release(conn)  # terminated, or idle: nothing to wait for
-        self.breaker.succeeded()
-        if self.problem is not None:
+        breaker.succeeded()
+        if self.problem is not None and not self.breaker.is_open:
             log.warning("questdb store answers again", extra={"store": self._where})
             self.problem = None
         return result
