@@ -177,6 +177,7 @@ def table(runs: dict[tuple[str, int, str], list[tuple[float, float, float]]]) ->
 
 def with_service(work: Path, seconds: int) -> None:
     """The reference service as the upstream: creates, database mode against observed."""
+    work.mkdir()
     database = start_embedded(work / "pg", delete_on_exit=True)
     urls = asyncio.run(databases(database.url, ["lens_database", "own_store", "lens_observed"]))
     script = work / "service-create.lua"
@@ -242,6 +243,7 @@ def steps(work: Path, seconds: int) -> None:
     """CPU per create of the session-lens process, step by step (see `--steps`)."""
     from tests.benchmarks.hop import cpu_seconds
 
+    work.mkdir(exist_ok=True)
     port = free_port()
     (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=port))
     script = work / "create.lua"
@@ -297,10 +299,11 @@ def main() -> None:
         steps(work, args.seconds)
         return
     if args.upstream != "nginx":
-        with_service(work, args.seconds)
+        print("With the reference service as the upstream:\n")
+        with_service(work / "service", args.seconds)
         if args.upstream == "service":
             return
-        print()
+        print("\nWith nginx as the upstream, answering from memory:\n")
     port = free_port()
     (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=port))
     scripts = {"create": work / "create.lua", "pause": work / "pause.lua"}
@@ -324,6 +327,9 @@ def main() -> None:
         nginx.terminate()
         nginx.wait()
     table(runs)
+    if args.upstream == "both":
+        print("\nWhere observed mode's CPU goes (`--steps`):\n")
+        steps(work / "steps", args.seconds)
 
 
 if __name__ == "__main__":
