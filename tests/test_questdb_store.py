@@ -161,6 +161,30 @@ async def test_near_a_partition_end_the_next_one_is_read_too(
     assert found.present == (True, True) and found.row is not None
 
 
+async def test_the_row_is_looked_for_within_the_slack_of_its_minted_second(
+    questdb: QuestDB, table: str
+) -> None:
+    """Stamped a little before the second its ID names (another clock) or up to the slack
+    after it: found; stamped later than the slack: outside what is looked at."""
+    minted = day(2).replace(hour=12, minute=0, second=0)
+    early, late, later = (id_at(minted, f"000000c{n}") for n in range(3))
+    await write(
+        questdb.url, table,
+        (early, "ACTIVE", minted - timedelta(seconds=30)),
+        (late, "ACTIVE", minted + timedelta(minutes=4, seconds=59)),
+        (later, "ACTIVE", minted + timedelta(minutes=6)),
+    )  # fmt: skip
+    store = QuestDBStore(settings(questdb.url, table, slack=timedelta(minutes=5)))
+    await store.open()
+    try:
+        await until(store, lambda m: f"{day(2):%Y-%m-%d}" in m.partitions)
+        assert (await store.look_up(early, minted)).row is not None
+        assert (await store.look_up(late, minted)).row is not None
+        assert (await store.look_up(later, minted)).row is None
+    finally:
+        await store.close()
+
+
 async def until(store: QuestDBStore, holds: Callable[[TableMeta], bool]) -> TableMeta:
     """Wait until the refreshed metadata shows what `holds` looks for."""
     deadline = time.monotonic() + 15

@@ -674,6 +674,11 @@ class Config:
     questdb_pool_size: int = _setting(
         4, _count(1, 64), "the most connections to QuestDB at once, per process"
     )
+    questdb_slack: timedelta = _setting(
+        timedelta(minutes=10),
+        positive_duration,
+        "how far from the second its ID names a session's row is stamped in QuestDB",
+    )
     lifecycle_source: LifecycleSource = _setting(
         LifecycleSource.DATABASE,
         _choice(LifecycleSource),
@@ -820,6 +825,7 @@ QUESTDB_SETTINGS = (
     "questdb_timestamp_column",
     "questdb_budget",
     "questdb_pool_size",
+    "questdb_slack",
 )
 """The service's own QuestDB, read as evidence beside the lifecycle store."""
 COMMAND_SETTINGS: Mapping[str, tuple[str, ...]] = {

@@ -3,8 +3,10 @@
 Two reads. The table's metadata (its partitioning and TTL from `tables()`, the
 partitions present from `table_partitions()`, its write-ahead log from `wal_tables()`)
 is read every `refresh` seconds by a task of its own and kept. On a miss, one query
-looks for the ID's row in the partition its minted time names (and the next one
-when the ID was minted within `slack` of that partition's end), within `budget`.
+looks for the ID's row within `slack` of the second its ID names, by the designated
+timestamp (QuestDB finds that interval by binary search: a few rows read, not a
+partition), in the partition that second falls in and the next one when it is within
+`slack` of that partition's end, within `budget`.
 
 What asyncpg meets on QuestDB's wire protocol (9.3): prepared statements, the
 statement cache and a pool's reset on release all work (the store skips the reset);
@@ -66,6 +68,7 @@ EVER = (datetime(1970, 1, 1, tzinfo=UTC), datetime(2262, 1, 1, tzinfo=UTC))
 """The bounds of an unpartitioned table's one span."""
 META_REFRESH = 5.0
 """Seconds between two reads of the table's metadata (its partitions, its WAL state)."""
+SECOND = timedelta(seconds=1)
 UNREACHABLE = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError)
 
 
@@ -102,8 +105,9 @@ class QuestDBSettings:
     """Seconds between two reads of the metadata."""
     meta_timeout: float = 2.0
     """Seconds one read of the metadata (three queries) may take."""
-    slack: timedelta = timedelta(minutes=1)
-    """How long after its ID was minted a row may be written (and so, partitioned)."""
+    slack: timedelta = timedelta(minutes=10)
+    """How far from the second its ID names a row's designated timestamp may be (the
+    row is looked for there, and so in the next partition too near a partition's end)."""
     pool_size: int = 4
     """Connections held at once: misses asking beyond them wait, within their budget."""
     columns: tuple[str, ...] = ()
@@ -127,7 +131,7 @@ def configured(config: Config, **more: Any) -> QuestDBSettings | None:
         config.questdb_table,
         config.questdb_id_column,
         config.questdb_timestamp_column,
-        **{"pool_size": config.questdb_pool_size, **more},
+        **{"pool_size": config.questdb_pool_size, "slack": config.questdb_slack, **more},
     )
 
 
@@ -308,7 +312,11 @@ class QuestDBStore:
         row = None
         if any(present):
             kept = [span for span, here in zip(spans, present, strict=True) if here]
-            lo, hi = _naive(kept[0][1]), _naive(kept[-1][2])
+            # Its row is written within `slack` of the second its ID names: the designated
+            # timestamp's interval, not the whole partition, is scanned (by binary search).
+            slack = self.settings.slack
+            lo = _naive(max(kept[0][1], minted - slack))
+            hi = _naive(min(kept[-1][2], minted + SECOND + slack))
             budget = self.settings.budget
 
             async def read(conn: asyncpg.Connection) -> Any:
