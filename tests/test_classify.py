@@ -165,7 +165,10 @@ def store_reason(
         (store(wal=WalState(True, 7, 9)), evidence("ACTIVE"), False, Reason.STORE_SUSPENDED),
         # Its partition gone: expired, with no partition of doubt.
         (store(present=(False,), before_oldest=True), None, False, Reason.EXPIRED),
-        (store(present=(False,)), evidence("ACTIVE"), False, Reason.EXPIRED),  # dropped between
+        # Missing between partitions that are there: never written to, or dropped; which,
+        # the store cannot say (QuestDB makes no partition for a period without writes).
+        (store(present=(False,)), evidence("ACTIVE"), False, Reason.UPSTREAM_INCONSISTENT),
+        (store(present=(False,)), None, False, Reason.NEVER_EXISTED),  # the tables' say
         # The partition there, every write applied, no row: never written.
         (store(), None, False, Reason.NEVER_EXISTED),
         (store(present=(True, False), partitions=TWO), None, False, Reason.NEVER_EXISTED),
@@ -254,3 +257,27 @@ def test_a_store_read_after_the_lookup_proves_only_what_held_then(
 ) -> None:
     sources = Said(found or evidence(), BEFORE, store=said, store_read_later=True)
     assert classify(sources, False, RULES).reason is reason
+
+
+def test_absence_is_proved_only_for_ids_minted_before_the_wal_state_was_read() -> None:
+    # The WAL may have been suspended since the metadata was read: its write may be held.
+    assert store_reason(store(), minted_at=NOW - SECOND) is Reason.NEVER_EXISTED
+    assert store_reason(store(), minted_at=NOW + SECOND) is Reason.NEVER_EXISTED  # the tables'
+    later = Said(evidence(horizon=NOW + 2 * SECOND), NOW + SECOND, store=store())
+    assert classify(later, False, RULES).reason is Reason.PREDATES_TRACKING  # not proved
+
+
+@pytest.mark.parametrize(
+    ("state", "include_deleted", "reason"),
+    [
+        ("DELETED", False, Reason.DELETED),
+        ("DELETED", True, Reason.DELETED_NOT_SERVED),
+        ("ARCHIVED", False, Reason.ARCHIVED),
+        ("ACTIVE", False, Reason.UPSTREAM_INCONSISTENT),
+    ],
+)
+def test_a_row_the_store_holds_now_that_the_tables_know_nothing_of(
+    state: str, include_deleted: bool, reason: Reason
+) -> None:
+    sources = Said(evidence(), BEFORE, store=store(row={"state": state}), store_read_later=True)
+    assert classify(sources, include_deleted, RULES).reason is reason

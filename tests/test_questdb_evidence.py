@@ -378,8 +378,10 @@ async def test_triage_takes_from_the_store_what_held_at_each_lookup(
     lifecycle records know nothing of, looked up in one stretch, and IDs no one wrote."""
     start = datetime.now(UTC) - timedelta(hours=3)
     burst_at = start + timedelta(hours=1)
-    held = [seeded(days, state) for days in (2, 3) for state in STATES]
+    held = [seeded(days, state) for days in (2, 3) for state in ("ACTIVE", "PAUSED", "STOPPED")]
     lines = [miss_line(sid, burst_at + timedelta(seconds=i)) for i, sid in enumerate(held * 2)]
+    gone = [seeded(days, state) for days in (2, 3) for state in ("DELETED", "ARCHIVED")]
+    lines += [miss_line(sid, start + timedelta(minutes=i * 40)) for i, sid in enumerate(gone)]
     day = datetime.now(UTC) - timedelta(days=2)
     absent = [day.strftime("exec_%Y%m%d_%H%M%S_") + f"ffff{i:04x}" for i in range(12)]
     lines += [miss_line(sid, start + timedelta(minutes=i * 15)) for i, sid in enumerate(absent)]
@@ -388,27 +390,30 @@ async def test_triage_takes_from_the_store_what_held_at_each_lookup(
 
     # The lifecycle records alone: tracked since long before, they know none of these IDs.
     plain = {"database_url": db}
-    assert (await triaged(plain, log))["reasons"] == {"never_existed": len(held) * 2 + 12}
+    everything = len(held) * 2 + len(gone) + 12
+    assert (await triaged(plain, log))["reasons"] == {"never_existed": everything}
     conn = await asyncpg.connect(db)
     try:
         await track_since(conn, datetime.now(UTC))  # now: not a word on any of them
     finally:
         await conn.close()
     alone = await triaged(plain, log)
-    assert alone["reasons"] == {"predates_tracking": len(held) * 2 + 12}
+    assert alone["reasons"] == {"predates_tracking": everything}
 
     store = {**plain, "questdb_url": questdb.url, "questdb_table": stack.table}
     data = await triaged(store, log)
-    assert data["reasons"] == {"upstream_inconsistent": len(held) * 2, "never_existed": 12}
+    assert data["reasons"] == {
+        "upstream_inconsistent": len(held) * 2,  # written, and not served
+        "never_existed": 12,
+        "deleted": 2,  # deleted now: most likely deleted then
+        "archived": 2,
+    }
     burst = next(p for p in data["patterns"] if p["cause"] == "burst:upstream_inconsistent")
     assert "write-ahead log is suspended" in burst["statement"]
 
     # The store down: the lifecycle records decide alone, as before.
     down = {**store, "questdb_url": f"postgresql://admin:quest@127.0.0.1:{free_port()}/qdb"}
     assert (await triaged(down, log))["reasons"] == alone["reasons"]
-
-
-STATES = ("ACTIVE", "PAUSED", "STOPPED", "DELETED", "ARCHIVED")
 
 
 def miss_line(session_id: str, at: datetime) -> str:

@@ -5,6 +5,7 @@ import gc
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -358,25 +359,75 @@ def test_names_that_are_not_plain_are_refused() -> None:
         QuestDBSettings("postgresql://q/qdb", "x; DROP TABLE y", "id", "ts")
 
 
-async def test_columns_asyncpg_cannot_read_are_a_query_failure_or_left_out(
+async def test_columns_asyncpg_cannot_read_are_left_out(
     questdb: QuestDB, table: str, loop_errors: list[dict[str, Any]]
 ) -> None:
-    await execute(questdb.url, f"ALTER TABLE {table} ADD COLUMN ip IPV4")
-    await write(questdb.url, table, (id_at(day(2)), "ACTIVE", day(2)))
+    for column in ("ip IPV4", "g GEOHASH(4c)", "a DOUBLE[]"):
+        await execute(questdb.url, f"ALTER TABLE {table} ADD COLUMN {column}")
+    sid = id_at(day(2))
+    await execute(
+        questdb.url,
+        f"INSERT INTO {table} (session_id, state, note, created, ip, g, a)"
+        f" VALUES ('{sid}', 'ACTIVE', 'x', '{day(2):%Y-%m-%dT%H:%M:%S}Z', '1.2.3.4', #u33d,"
+        " ARRAY[1.0, 2.0])",
+    )
+    conn = await asyncpg.connect(questdb.url)
+    try:
+        deadline = time.monotonic() + 15
+        while not await conn.fetchval(f"SELECT count() FROM {table}"):
+            assert time.monotonic() < deadline, "the row never became visible"
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
     every = QuestDBStore(settings(questdb.url, table, budget=2.0))
     named = QuestDBStore(settings(questdb.url, table, budget=2.0, columns=("session_id", "state")))
     for store in (every, named):
         await store.open()
     try:
-        with pytest.raises(StoreUnavailable) as raised:
-            await every.look_up(id_at(day(2)), day(2))
-        assert raised.value.kind is StoreFailure.QUERY
-        found = await named.look_up(id_at(day(2)), day(2))
-        assert found.row == {"session_id": id_at(day(2)), "state": "ACTIVE"}
+        found = await every.look_up(sid, day(2))
+        assert found.row is not None and found.row["state"] == "ACTIVE"
+        assert {"ip", "g", "a"}.isdisjoint(found.row)
+        assert (await named.look_up(sid, day(2))).row == {"session_id": sid, "state": "ACTIVE"}
     finally:
         for store in (every, named):
             await store.close()
     assert unhandled(loop_errors) == []
+
+
+async def test_a_wrong_id_or_timestamp_column_is_said_not_guessed(
+    questdb: QuestDB, table: str
+) -> None:
+    for wrong, said in (
+        ({"id_column": "nothere"}, f"{table} has no column nothere"),
+        ({"timestamp_column": "note"}, f"note is not {table}'s designated timestamp (created)"),
+    ):
+        store = QuestDBStore(replace(settings(questdb.url, table), **wrong))  # type: ignore[arg-type]
+        await store.open()
+        try:
+            with pytest.raises(StoreUnavailable) as raised:
+                await store.refresh()
+            assert raised.value.kind is StoreFailure.QUERY and raised.value.detail == said
+            with pytest.raises(StoreUnavailable):  # no metadata: no evidence, no guess
+                await store.look_up(id_at(day(2)), day(2))
+            assert store.problem == f"query: {said}"
+        finally:
+            await store.close()
+
+
+async def test_ids_at_the_edges_of_time_and_of_partitions(questdb: QuestDB, table: str) -> None:
+    midnight = day(1).replace(hour=0, minute=0, second=0)
+    early = id_at(midnight, "000000d1")  # stamped just before its second, the day before
+    await write(questdb.url, table, (early, "ACTIVE", midnight - timedelta(milliseconds=100)))
+    store = QuestDBStore(settings(questdb.url, table))
+    await store.open()
+    try:
+        found = await store.look_up(early, midnight)
+        assert found.partitions == (f"{day(2):%Y-%m-%d}", f"{day(1):%Y-%m-%d}")
+        assert found.row is not None
+        ancient = datetime(1, 1, 1, 0, 0, 1, tzinfo=UTC)  # a valid ID, before any timestamp
+        assert (await store.look_up("exec_00010101_000001_abcdef01", ancient)).row is None
+    finally:
+        await store.close()
 
 
 async def test_a_refused_query_keeps_its_connection(

@@ -153,9 +153,10 @@ _SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 def mask_url(url: str) -> str:
     """The URL with every password replaced by `***`, even in a URL that does not parse,
     or in libpq's `key=value` form (`host=db password=x`)."""
-    if "://" not in url:
+    if "://" not in url:  # keyword form, or a URL missing a slash (postgresql:/u:pw@h)
+        url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:/?[^@]*?:)[^@]*@", r"\1***@", url)
         return _KEYWORD.sub(_masked_parameter, url)
-    masked = re.sub(r"(://[^/:@]*:).*@", r"\1***@", url)
+    masked = re.sub(r"(://[^@]*?:)[^@]*@", r"\1***@", url)
     return re.sub(r"(?<=[?&])([^&=#]*)=[^&#]*", _masked_parameter, masked)
 
 
@@ -248,7 +249,7 @@ def _url(raw: object, schemes: tuple[str, ...], need_host: bool = True) -> Split
         port = parts.port
     except ValueError as exc:
         raise _Invalid(f"{mask_url(text)!r} is not a valid URL: {exc}") from None
-    if parts.scheme not in schemes:
+    if parts.scheme not in schemes or not text[len(parts.scheme) :].startswith("://"):
         raise _Invalid(
             f"{mask_url(text)!r} must start with {' or '.join(s + '://' for s in schemes)}"
         )

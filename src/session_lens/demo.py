@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .config import Address, Config, LifecycleSource
+from .config import Address, Config, LifecycleSource, mask_url
 from .evidence.questdb import META_REFRESH
 from .evidence.retention import Period, Unit
 from .reasons import Reason
@@ -422,9 +422,18 @@ def _summary(
     judged = f" --data-dir {data_dir} --visibility-window {window:g}s"
     if config.upstream_retention is not None:
         judged += f" --upstream-retention {config.upstream_retention}"
+    if config.observes:
+        judged += " --lifecycle-source observed"
+    if config.questdb_url is not None:  # its store too, the password left for you to put back
+        judged += f" --questdb-url {shlex.quote(mask_url(config.questdb_url))}"
+        judged += f" --questdb-table {config.questdb_table}"
+        judged += f" --questdb-id-column {config.questdb_id_column}"
+        judged += f" --questdb-timestamp-column {config.questdb_timestamp_column}"
     if explained:
         console.print("Look at any of them with:")
         console.print(f"  {_program()} explain {explained}{judged}", soft_wrap=True)
+        if config.questdb_url is not None and mask_url(config.questdb_url) != config.questdb_url:
+            console.print("  (with the QuestDB password in place of ***)")
     service_log = config.data_dir / SERVICE_LOG
     if explained and service_log.exists() and service_log.stat().st_size:
         console.print("Triage every miss the service logged with:")

@@ -179,7 +179,7 @@ def _expired(report: Report) -> str:
         oldest = store.meta.oldest
         ttl = f", its TTL {store.meta.ttl}" if store.meta.ttl else ""
         return (
-            f"in the partition {store.partitions[0]}, which the service's store no longer has"
+            f"in the partition {store.own}, which the service's store no longer has"
             f" (its oldest is {oldest or 'none'}{ttl}): dropped, and the row with it"
         )
     retained = report.retained
@@ -525,6 +525,11 @@ class Explainer:
         except QuestDBUnavailable as exc:
             self._metrics.questdb_errors[exc.kind.value].inc()
             return None
+        except Exception as exc:
+            log.error("cannot read the store's evidence", extra={"session_id": session_id[:64],
+                      "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+            self._metrics.questdb_errors["query"].inc()
+            return None
 
     def _in_flight_of(self, session_id: str) -> list[Event]:
         """This process's events in flight for the ID, oldest first."""
@@ -603,6 +608,8 @@ class Explainer:
                 store = await self.questdb.look_up(session_id, minted)
             except QuestDBUnavailable as exc:
                 store_problem = f"{exc.kind.value}: {exc.detail}"
+            except Exception as exc:
+                store_problem = f"query: {type(exc).__name__}: {exc}"
         retained = self._retained(session_id, evidence.now)
         seen = overlay(evidence, events) if events else evidence
         plain = self._judge(session_id, seen, False, retained, store)

@@ -82,7 +82,7 @@ def _reason(said: Said, include_deleted: bool, rules: Rules) -> Reason:
     evidence, store = said.tables, said.store
     if store is not None:
         if said.store_read_later:
-            decided = _from_store_since(store, evidence)
+            decided = _from_store_since(store, evidence, include_deleted)
         else:
             decided = _from_store(
                 store, evidence, said.minted_at, include_deleted, rules.visibility_window
@@ -195,11 +195,15 @@ def _from_store(
         return None  # absence not proved: not applied yet, or past the newest partition
     if evidence.has_row or evidence.has_audit:
         return None  # the lifecycle records hold more than absence: they say how it went
+    if minted_at is None or minted_at >= store.meta.read_at:
+        return None  # minted after the WAL state was read: its write may be held since
     # No DELETE in QuestDB: a row absent from a partition still there was never written.
     return Reason.NEVER_EXISTED
 
 
-def _from_store_since(store: StoreEvidence, evidence: Evidence) -> Reason | None:
+def _from_store_since(
+    store: StoreEvidence, evidence: Evidence, include_deleted: bool
+) -> Reason | None:
     """What the store, read after the lookup judged, proves of that moment. Its WAL state
     and its dropped partitions are of now; what it holds is not: a row the lifecycle
     records know nothing of was written and not served (a suspended WAL or a lagging apply
@@ -207,7 +211,12 @@ def _from_store_since(store: StoreEvidence, evidence: Evidence) -> Reason | None
     nothing pending, was never written."""
     if evidence.has_row or evidence.has_audit:
         return None  # the lifecycle records, replayed to the moment, say how it went
-    if store.row is not None:
+    if store.row is not None:  # deleted or archived now: so it most likely was then
+        state = store.row.get("state")
+        if state == SessionState.DELETED:
+            return Reason.DELETED_NOT_SERVED if include_deleted else Reason.DELETED
+        if state == SessionState.ARCHIVED:
+            return Reason.ARCHIVED
         return Reason.UPSTREAM_INCONSISTENT
     wal = store.meta.wal
     if wal is not None and (wal.suspended or wal.pending > 0):

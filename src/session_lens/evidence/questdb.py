@@ -69,6 +69,13 @@ EVER = (datetime(1970, 1, 1, tzinfo=UTC), datetime(2262, 1, 1, tzinfo=UTC))
 META_REFRESH = 5.0
 """Seconds between two reads of the table's metadata (its partitions, its WAL state)."""
 SECOND = timedelta(seconds=1)
+MAX_SPANS = 64
+"""The most partitions one row query looks in."""
+CLOSE_TIMEOUT = 2.0
+"""Seconds the pool may take to close before its connections are dropped."""
+_UNREADABLE = re.compile(r"IPV4|GEOHASH|.*\[\]")
+"""Column types asyncpg cannot decode from QuestDB: left out of the row query."""
+"""The most partitions one row query looks in."""
 UNREACHABLE = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError)
 
 
@@ -163,7 +170,9 @@ class TableMeta:
     oldest: str | None
     read_at: datetime
     took: float
-    """Seconds the three metadata queries took."""
+    """Seconds the metadata queries took."""
+    columns: tuple[str, ...] = ()
+    """The table's columns the row query reads: all that asyncpg can decode."""
 
     def partition_bounds(self, moment: datetime) -> tuple[str, datetime, datetime] | None:
         """The name, start and end of the partition `moment` (aware) falls in."""
@@ -186,15 +195,15 @@ class StoreEvidence:
     row: dict[str, Any] | None
     """The row, read in the partitions present; None when absent."""
     meta: TableMeta
+    own: str = ""
+    """The partition the ID's own second falls in (one of `partitions`)."""
 
     @property
     def gone(self) -> bool:
-        """Whether the ID's partition is gone: older than the oldest, or missing between
-        partitions that are there (dropped); one past the newest may just not be written yet."""
-        if self.before_oldest:
-            return True
-        partitions = self.meta.partitions
-        return not any(self.present) and bool(partitions) and self.partitions[0] < max(partitions)
+        """Whether the ID's partitions are gone: all older than the oldest the table has
+        (dropped by its TTL, or from its start). One missing between partitions that are
+        there proves nothing: QuestDB makes no partition for a period without writes."""
+        return self.before_oldest
 
 
 @dataclass
@@ -215,10 +224,9 @@ class QuestDBStore:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self._row_query = (
-            f"SELECT {', '.join(s.columns) or '*'} FROM {s.table} WHERE {s.timestamp_column} >= $1"
-            f" AND {s.timestamp_column} < $2 AND {s.id_column} = $3 LIMIT 1"
-        )
+        self._row_query = ""
+        self._row_columns: tuple[str, ...] | None = None
+        self._columns_query = f"SELECT * FROM table_columns('{s.table}')"
         self._tables_query = (
             "SELECT partitionBy, ttlValue, ttlUnit, walEnabled FROM tables() WHERE table_name = $1"
         )
@@ -250,7 +258,10 @@ class QuestDBStore:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._pool is not None:
-            await self._pool.close()
+            try:  # a connection's polite goodbye on a stalled link would take a minute
+                await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
+            except TimeoutError:
+                self._pool.terminate()
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -263,7 +274,7 @@ class QuestDBStore:
         started = self.clock()
         # Not behind the breaker: misses that time out must not stop the WAL gauges (and
         # the alert on a suspended table) from being read, every few seconds, bounded.
-        tables, partitions, wal = await self._ask(
+        tables, partitions, wal, columns_read = await self._ask(
             self._read_meta, timeout=self.settings.meta_timeout, gated=False
         )
         if tables is None:
@@ -272,6 +283,7 @@ class QuestDBStore:
         ttl = None
         if tables["ttlValue"] and str(tables["ttlUnit"]).upper() in TTL_UNITS:
             ttl = Period.parse(f"{tables['ttlValue']}{TTL_UNITS[str(tables['ttlUnit']).upper()]}")
+        columns = self._readable(columns_read)
         names = sorted(str(row["name"]) for row in partitions)
         state = None
         if tables["walEnabled"] and wal is not None:
@@ -281,21 +293,41 @@ class QuestDBStore:
             )  # fmt: skip
         self.meta = TableMeta(
             unit, ttl, state, frozenset(names), names[0] if names else None,
-            datetime.now(UTC), self.clock() - started,
+            datetime.now(UTC), self.clock() - started, columns,
         )  # fmt: skip
+        if not self.breaker.is_open:
+            self._answers()
         if self.on_meta is not None:
             self.on_meta(self.meta)
         return self.meta
 
-    async def _read_meta(self, conn: asyncpg.Connection) -> tuple[Any, Any, Any]:
+    async def _read_meta(self, conn: asyncpg.Connection) -> tuple[Any, Any, Any, Any]:
         table = self.settings.table
         timeout = self.settings.meta_timeout
         tables = await conn.fetchrow(self._tables_query, table, timeout=timeout)
         if tables is None:
-            return None, None, None
+            return None, None, None, None
         partitions = await conn.fetch(self._partitions_query, timeout=timeout)
         wal = await conn.fetchrow(self._wal_query, table, timeout=timeout)
-        return tables, partitions, wal
+        columns = await conn.fetch(self._columns_query, timeout=timeout)
+        return tables, partitions, wal, columns
+
+    def _readable(self, rows: list[Any]) -> tuple[str, ...]:
+        """The columns the row query reads, from `table_columns()`; the ID and designated
+        timestamp columns checked to be there (a store that lacks them proves nothing)."""
+        s = self.settings
+        types = {str(row["column"]): str(row["type"]).upper() for row in rows}
+        designated = next((str(row["column"]) for row in rows if row["designated"]), None)
+        if s.id_column not in types:
+            raise self._failed(StoreFailure.QUERY, f"{s.table} has no column {s.id_column}")
+        if s.timestamp_column != designated:
+            raise self._failed(
+                StoreFailure.QUERY,
+                f"{s.timestamp_column} is not {s.table}'s designated timestamp"
+                f" ({designated or 'it has none'})",
+            )
+        named = s.columns or tuple(types)
+        return tuple(name for name in named if not _UNREADABLE.match(types.get(name, "")))
 
     async def look_up(self, session_id: str, minted: datetime) -> StoreEvidence:
         """The store's evidence on an ID minted at `minted` (aware); raises StoreUnavailable."""
@@ -307,25 +339,40 @@ class QuestDBStore:
         if meta.partition_by is None:  # one table, no partition to lose
             present = (True,)
         before_oldest = (
-            meta.partition_by is not None and meta.oldest is not None and spans[0][0] < meta.oldest
+            meta.partition_by is not None and meta.oldest is not None and spans[-1][0] < meta.oldest
         )
         row = None
         if any(present):
             kept = [span for span, here in zip(spans, present, strict=True) if here]
             # Its row is written within `slack` of the second its ID names: the designated
             # timestamp's interval, not the whole partition, is scanned (by binary search).
-            slack = self.settings.slack
-            lo = _naive(max(kept[0][1], minted - slack))
-            hi = _naive(min(kept[-1][2], minted + SECOND + slack))
+            low, high = window(minted, self.settings.slack)
+            lo, hi = _naive(max(kept[0][1], low)), _naive(min(kept[-1][2], high))
             budget = self.settings.budget
 
+            query = self._row_query_for(meta.columns)
+
             async def read(conn: asyncpg.Connection) -> Any:
-                return await conn.fetchrow(self._row_query, lo, hi, session_id, timeout=budget)
+                return await conn.fetchrow(query, lo, hi, session_id, timeout=budget)
 
             found = await self._ask(read, timeout=budget)
             row = dict(found) if found is not None else None
         names = tuple(name for name, _, _ in spans)
-        return StoreEvidence(names, present, before_oldest, row, meta)
+        own = next((name for name, start, end in spans if start <= minted < end), names[0])
+        return StoreEvidence(names, present, before_oldest, row, meta, own)
+
+    def _row_query_for(self, columns: tuple[str, ...]) -> str:
+        """The row query reading `columns` (all of them when none are known), kept while
+        they stay the same so asyncpg's statement cache holds it."""
+        if columns != self._row_columns:
+            s = self.settings
+            self._row_query = (
+                f"SELECT {', '.join(columns) or '*'} FROM {s.table}"
+                f" WHERE {s.timestamp_column} >= $1 AND {s.timestamp_column} < $2"
+                f" AND {s.id_column} = $3 LIMIT 1"
+            )
+            self._row_columns = columns
+        return self._row_query
 
     async def _ask(
         self, work: Callable[[asyncpg.Connection], Any], timeout: float, gated: bool = True
@@ -355,6 +402,10 @@ class QuestDBStore:
         except UNREACHABLE as exc:
             breaker.failed()
             raise self._failed(StoreFailure.UNAVAILABLE, str(exc) or type(exc).__name__) from exc
+        except Exception as exc:
+            # column, an endpoint that is no PGWire server) is the store failing, never the hop
+            breaker.failed()
+            raise self._failed(StoreFailure.QUERY, f"{type(exc).__name__}: {exc}") from exc
         finally:
             if conn is not None:
                 if not answered:
@@ -364,10 +415,15 @@ class QuestDBStore:
                     conn.terminate()
                 await self._pool.release(conn)  # terminated, or idle: nothing to wait for
         breaker.succeeded()
-        if self.problem is not None and not self.breaker.is_open:
+        if gated and not self.breaker.is_open:
+            self._answers()
+        return result
+
+    def _answers(self) -> None:
+        """The store gave what was asked: a problem said before is over."""
+        if self.problem is not None:
             log.warning("questdb store answers again", extra={"store": self._where})
             self.problem = None
-        return result
 
     @property
     def _where(self) -> str:
@@ -395,16 +451,30 @@ async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
 Span = tuple[str, datetime, datetime]
 
 
+def window(minted: datetime, slack: timedelta) -> tuple[datetime, datetime]:
+    """Where a row of an ID minted at `minted` (the start of its second) is stamped: within
+    `slack` of that second, inside the times QuestDB can hold."""
+    low = minted - slack if minted - EVER[0] > slack else EVER[0]
+    high = minted + SECOND + slack if EVER[1] - minted > SECOND + slack else EVER[1]
+    return low, high
+
+
 def _spans(meta: TableMeta, minted: datetime, slack: timedelta) -> list[Span]:
-    """The partitions (name, start, end) a row of an ID minted at `minted` may be in."""
-    first = meta.partition_bounds(minted)
+    """The partitions (name, start, end) a row of an ID minted at `minted` may be in: each
+    that `window` touches, oldest first (at most `MAX_SPANS`, the nearest to `minted`)."""
+    low, high = window(minted, slack)
+    first = meta.partition_bounds(low)
     if first is None:
         return [("default", EVER[0], EVER[1])]
     spans = [first]
-    if minted + slack >= first[2]:
-        following = meta.partition_bounds(first[2])
+    while spans[-1][2] < high:
+        following = meta.partition_bounds(spans[-1][2])
         assert following is not None
         spans.append(following)
+    if len(spans) > MAX_SPANS:  # a slack of many partitions: those nearest its second
+        middle = next(i for i, span in enumerate(spans) if span[1] <= minted < span[2])
+        start = max(0, min(middle - MAX_SPANS // 2, len(spans) - MAX_SPANS))
+        spans = spans[start : start + MAX_SPANS]
     return spans
 
 
