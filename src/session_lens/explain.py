@@ -49,11 +49,13 @@ HEALTH_TIMEOUT = 1.0
 EXPLAIN_TIMEOUT = 5.0
 HORIZON_REFRESH = 60.0
 """How often the horizon gauge is read again when nothing else reads it."""
-STORE_SHARE = 0.8
+STORE_SHARE = 0.6
 """The most of the classification budget the service's store's row query may take..."""
-STORE_WAIT = 0.9
+STORE_WAIT = 0.7
 """...and a miss waits for it: the store's own timeout strikes first (and counts in its
-breaker), and the lifecycle evidence still decides within the budget."""
+breaker), and the lifecycle evidence still decides within the budget, with room to spare
+on a busy machine (a store that timed out still has its connection dropped and its
+failure logged before the miss goes on)."""
 TIMELINE_LIMIT = 1000
 """The most audit entries `explain` reads of one ID."""
 MAX_AUDIT_REASON = 200
