@@ -162,6 +162,12 @@ async def test_a_row_the_service_does_not_serve(
     report, _ = await explained(proxy, settings, archived)
     assert report["questdb"]["row"]["state"] == "ARCHIVED"
     assert report["questdb"]["row"]["id"] == archived
+    report, _ = await explained(proxy, settings, deleted)  # its time from the store's row
+    stamp = datetime.fromisoformat(report["questdb"]["row"]["deleted_at"])
+    assert (
+        f"deleted at {stamp:%Y-%m-%d %H:%M:%S} UTC, as the service's store holds it"
+        in (report["why"])
+    )
 
 
 async def test_a_row_present_but_404_is_upstream_inconsistent_with_the_row_as_proof(

@@ -371,6 +371,13 @@ def _deletion(report: Report) -> str:
     evidence = report.evidence
     entry = _entry_into(report, SessionState.DELETED)
     deleted = evidence.deleted_at or (entry.occurred_at if entry else None)
+    row = report.store.row if report.store is not None else None
+    if deleted is None and row is not None:  # the service's store holds it as deleted
+        stamp = row.get("deleted_at")
+        if not isinstance(stamp, datetime):
+            return "deleted, as the service's store holds it (when, it does not say)"
+        deleted = stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+        return f"deleted at {spoken.when(deleted)}, as the service's store holds it"
     said = f"deleted at {spoken.when(deleted)}{_by(entry)}"
     if deleted is None or evidence.created_at is None or deleted < evidence.created_at:
         return said
