@@ -96,10 +96,8 @@ def _reason(said: Said, include_deleted: bool, rules: Rules) -> Reason:
         return _without_row(evidence, said.minted_at)
     if state == SessionState.CREATING:
         return _creating(evidence, rules.creation_timeout)
-    if state == SessionState.DELETED:
-        return Reason.DELETED_NOT_SERVED if include_deleted else Reason.DELETED
-    if state == SessionState.ARCHIVED:
-        return Reason.ARCHIVED
+    if (put_away := _put_away(state, include_deleted)) is not None:
+        return put_away
     if state in LIVE_STATES:
         return _live(evidence, rules.visibility_window)
     return Reason.UNKNOWN
@@ -125,6 +123,15 @@ def _doubt(said: Said, rules: Rules) -> str | None:
         )
     if said.unindexed_until is not None and minted.timestamp() <= said.unindexed_until:
         return "more events are in flight here than are indexed: this ID's may be among them"
+    return None
+
+
+def _put_away(state: object, include_deleted: bool) -> Reason | None:
+    """The reason a deleted or archived session's miss gets; None for any other state."""
+    if state == SessionState.DELETED:
+        return Reason.DELETED_NOT_SERVED if include_deleted else Reason.DELETED
+    if state == SessionState.ARCHIVED:
+        return Reason.ARCHIVED
     return None
 
 
@@ -176,10 +183,8 @@ def _from_store(
     """What the store's own table proves; None where it proves nothing."""
     if store.row is not None:  # there, and the upstream said 404 all the same
         state = store.row.get("state") or evidence.state
-        if state == SessionState.DELETED:
-            return Reason.DELETED_NOT_SERVED if include_deleted else Reason.DELETED
-        if state == SessionState.ARCHIVED:
-            return Reason.ARCHIVED
+        if (put_away := _put_away(state, include_deleted)) is not None:
+            return put_away
         if state == SessionState.CREATING:  # the lifecycle row knows since when, if any
             return None if evidence.has_row else Reason.CREATING
         return Reason.UPSTREAM_INCONSISTENT
@@ -212,12 +217,7 @@ def _from_store_since(
     if evidence.has_row or evidence.has_audit:
         return None  # the lifecycle records, replayed to the moment, say how it went
     if store.row is not None:  # deleted or archived now: so it most likely was then
-        state = store.row.get("state")
-        if state == SessionState.DELETED:
-            return Reason.DELETED_NOT_SERVED if include_deleted else Reason.DELETED
-        if state == SessionState.ARCHIVED:
-            return Reason.ARCHIVED
-        return Reason.UPSTREAM_INCONSISTENT
+        return _put_away(store.row.get("state"), include_deleted) or Reason.UPSTREAM_INCONSISTENT
     wal = store.meta.wal
     if wal is not None and (wal.suspended or wal.pending > 0):
         return None  # its row may be among what is not applied

@@ -5,8 +5,7 @@ partitions present from `table_partitions()`, its write-ahead log from `wal_tabl
 is read every `refresh` seconds by a task of its own and kept. On a miss, one query
 looks for the ID's row within `slack` of the second its ID names, by the designated
 timestamp (QuestDB finds that interval by binary search: a few rows read, not a
-partition), in the partition that second falls in and the next one when it is within
-`slack` of that partition's end, within `budget`.
+partition), in each partition present that the interval touches, within `budget`.
 
 What asyncpg meets on QuestDB's wire protocol (9.3): prepared statements, the
 statement cache and a pool's reset on release all work (the store skips the reset);
@@ -16,8 +15,8 @@ comparisons (`$1::timestamp` or a bare `$1` in the select list is taken for a nu
 UTC (aware ones are refused by asyncpg); `table_partitions()` takes the table's name as a literal; a
 `UUID` parameter goes as text. Columns asyncpg cannot read from QuestDB: `IPV4` and
 `GEOHASH` (decoding fails), arrays (their type lookup calls `set_config`, which QuestDB
-lacks); the row query reads every column unless `columns` names them, so name them for
-a table that has such columns.
+lacks); the row query reads every other column (`table_columns()`, read with the
+metadata), or those `columns` names.
 QuestDB drops a connection idle for 5 minutes: the pool lets go of idle ones first.
 A connection goes back to the pool as it is (the store sets nothing on it), so a
 release costs no round trip; one whose query did not answer, by the budget or because
@@ -75,7 +74,6 @@ CLOSE_TIMEOUT = 2.0
 """Seconds the pool may take to close before its connections are dropped."""
 _UNREADABLE = re.compile(r"IPV4|GEOHASH|.*\[\]")
 """Column types asyncpg cannot decode from QuestDB: left out of the row query."""
-"""The most partitions one row query looks in."""
 UNREACHABLE = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError)
 
 
@@ -111,10 +109,10 @@ class QuestDBSettings:
     refresh: float = META_REFRESH
     """Seconds between two reads of the metadata."""
     meta_timeout: float = 2.0
-    """Seconds one read of the metadata (three queries) may take."""
+    """Seconds one read of the metadata (four queries) may take."""
     slack: timedelta = timedelta(minutes=10)
     """How far from the second its ID names a row's designated timestamp may be (the
-    row is looked for there, and so in the next partition too near a partition's end)."""
+    row is looked for there, in every partition that interval touches)."""
     pool_size: int = 4
     """Connections held at once: misses asking beyond them wait, within their budget."""
     columns: tuple[str, ...] = ()
@@ -187,11 +185,11 @@ class StoreEvidence:
     """What the store says of one ID: its partition(s), whether present, its row."""
 
     partitions: tuple[str, ...]
-    """The partitions the ID's minted time names (two near a partition's end)."""
+    """The partitions the interval within the slack of the ID's second touches."""
     present: tuple[bool, ...]
     """Whether each of them exists now."""
     before_oldest: bool
-    """The ID's partition is older than the oldest the table has: dropped."""
+    """All of them are older than the oldest the table has: dropped."""
     row: dict[str, Any] | None
     """The row, read in the partitions present; None when absent."""
     meta: TableMeta
@@ -349,7 +347,6 @@ class QuestDBStore:
             low, high = window(minted, self.settings.slack)
             lo, hi = _naive(max(kept[0][1], low)), _naive(min(kept[-1][2], high))
             budget = self.settings.budget
-
             query = self._row_query_for(meta.columns)
 
             async def read(conn: asyncpg.Connection) -> Any:
