@@ -140,6 +140,19 @@ def test_bad_flags_are_refused_in_one_line_each_before_anything_starts(
     assert not places.data_dir.exists()  # refused before the database started
 
 
+def test_a_questdb_it_cannot_reach_is_said_in_one_line(tmp_path: Path) -> None:
+    url = "postgresql://admin:s3cret@127.0.0.1:1/qdb"
+    done = subprocess.run(
+        [*CLI, "demo", "--questdb", url, "--data-dir", str(tmp_path), "--duration", "5"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(
+        "session-lens: cannot reach QuestDB at postgresql://admin:***@127.0.0.1:1/qdb:"
+    )
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stderr + done.stdout
+
+
 async def test_until_ctrl_c_ends_with_the_summary_and_exit_0(tmp_path: Path) -> None:
     places = Places.free(tmp_path / "data")
     terminal = environment(TTY_COMPATIBLE="1", TERM="xterm", COLUMNS="120", LINES="50")

@@ -31,6 +31,7 @@ from rich.table import Table
 from .config import Address, Config, LifecycleSource, mask_url
 from .evidence.questdb import META_REFRESH
 from .evidence.retention import Period, Unit
+from .operate import DatabaseError
 from .reasons import Reason
 from .reference import Faults, ReferenceService, new_session_id
 from .reference_questdb import QuestDBReferenceService, StoreFaults, create_table, seed
@@ -317,7 +318,14 @@ async def _reference_service(
 @contextlib.asynccontextmanager
 async def _questdb_service(questdb_url: str, address: Address) -> AsyncIterator[None]:
     """The QuestDB-backed reference service on `address`, its table made and seeded once."""
-    async with asyncpg.create_pool(questdb_url, min_size=1, max_size=8) as pool:
+    try:
+        made = await asyncpg.create_pool(questdb_url, min_size=1, max_size=8)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        where = mask_url(questdb_url)
+        raise DatabaseError(
+            f"cannot reach QuestDB at {where}: {type(exc).__name__}: {exc}"
+        ) from exc
+    async with made as pool:
         await create_table(pool, QUESTDB_TABLE, QUESTDB_TTL_DAYS)
         if not await pool.fetchval(f"SELECT count() FROM {QUESTDB_TABLE}"):  # noqa: S608
             await seed(pool, QUESTDB_TABLE, days=QUESTDB_TTL_DAYS, per_day=200)
