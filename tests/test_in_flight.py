@@ -2,19 +2,23 @@
 sidecar says never_existed of an ID whose evidence may be on its way."""
 
 import asyncio
+import io
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 from prometheus_client import CollectorRegistry
 
+from session_lens import recorder as recorder_module
 from session_lens.app import create_admin_app
 from session_lens.config import load_config
 from session_lens.events import Event
 from session_lens.explain import Explainer
 from session_lens.metrics import Metrics
+from session_lens.operate import run_explain
 from session_lens.recorder import STALLED
 from session_lens.routes import Action
 
@@ -234,3 +238,74 @@ async def test_a_database_that_stops_answering_is_an_outage_said_at_once(
         assert recorder.health() is None
     finally:
         await recorder.stop()
+
+
+async def test_a_steady_stream_of_events_is_not_an_outage(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Under a steady load the writer's drain never runs dry: every batch is answered,
+    # but events keep coming, so one drain outlasts the stall limit.
+    monkeypatch.setattr(recorder_module, "STALLED", 0.5)
+    made = Recorders(db, tmp_path)
+    recorder = await made.start()
+    said: list[str | None] = []
+    try:
+        loop = asyncio.get_running_loop()
+        ends, n = loop.time() + 2.0, 0
+        while loop.time() < ends:
+            for _ in range(20):
+                n += 1
+                recorder.record(Event.new(f"exec_20251230_020944_{n:08x}", Action.CREATE, "r"))
+            said.append(recorder.health())
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(recorder.drained(), 60)
+    finally:
+        await recorder.stop()
+    assert set(said) == {None}, {s for s in said if s}
+    assert "spooling lifecycle events" not in caplog.text
+    assert made.count("recorded") == n
+
+
+async def test_explain_on_the_command_line_reads_the_events_in_flight_from_the_spools(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, forwarders: list[Forwarder], tmp_path: Path
+) -> None:
+    # A sidecar's spool, and a worker's beside it (as `--workers` lays them out), each
+    # cut from the database: the command, run in a process of its own with the same
+    # settings, finds what they saw in their spools.
+    upstream.respond = SessionService().handle
+    spools = tmp_path / "spool"
+    sidecars = []
+    for spool in (spools, spools / "worker-1"):
+        forwarder, through = await link(forwarders, db)
+        forwarder.cut()
+        proxy = await make_proxy(
+            upstream.url,
+            database_url=through,
+            lifecycle_source="observed",
+            visibility_window="100ms",
+            spool_dir=str(spool),
+        )
+        sidecars.append((forwarder, proxy))
+    [session_id] = await tracked_ids(1)
+    (_, creator), (_, deleter) = sidecars
+    assert await call(creator, "POST", "/api/sessions", json={"id": session_id}) == 201
+    assert await call(deleter, "DELETE", f"/api/sessions/{session_id}") == 200
+    settings = {"database_url": db, "lifecycle_source": "observed", "spool_dir": str(spools)}
+    config = load_config(flags=settings, need_upstream=False)
+
+    async def explained() -> str:
+        out = io.StringIO()
+        assert await run_explain(config, session_id, out=out) == 0
+        return out.getvalue()
+
+    said = await explained()
+    assert "a miss now would be: deleted\n" in said, said
+    in_flight = [line for line in said.splitlines() if line.startswith("in flight")]
+    assert [line.split()[2] for line in in_flight] == ["create", "delete"], said
+    assert all(line.endswith("seen, not stored yet") for line in in_flight), said
+    for forwarder, proxy in sidecars:
+        forwarder.restore()
+        await settled(proxy)
+    said = await explained()
+    assert "a miss now would be: deleted\n" in said and "in flight" not in said, said
+    assert "ACTIVE -> DELETED" in said, said

@@ -42,6 +42,7 @@ from .migrations.online import backfill_sql, online_steps, split_first
 from .page import store_summary, triage_page
 from .prune import Horizon, Preview, PruneError, Pruning, Stage
 from .reasons import Reason
+from .recorder import spooled
 from .schema import Tables
 from .triage import Fields, Reader, Triage, opened, render_text, report
 
@@ -322,6 +323,8 @@ async def run_explain(
     explainer = Explainer(
         config, Metrics(CollectorRegistry(), ()), config.database_url, store_budget=STORE_PATIENCE
     )
+    if config.observes:  # what the serving process has seen and not stored: its spools
+        explainer.in_flight = await asyncio.to_thread(spooled, config.spool_path)
     await explainer.open()
     try:
         report = await explainer.report(session_id, at, given)

@@ -78,10 +78,14 @@ class Spool:
         self.size = os.fstat(self._fd).st_size
         self._trim_cut_line()
         self._checkpoint_fd = os.open(self._checkpoint_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.checkpoint = min(_checkpoint(os.pread(self._checkpoint_fd, 32, 0)), self.size)
+
+    def stored_up_to(self) -> int:
+        """The checkpoint as a process of another reads it, without opening the spool."""
         try:
-            self.checkpoint = min(int(os.pread(self._checkpoint_fd, 32, 0).strip() or 0), self.size)
-        except ValueError:
-            self.checkpoint = 0
+            return _checkpoint(self._checkpoint_path.read_bytes()[:32])
+        except FileNotFoundError:
+            return 0
 
     def _trim_cut_line(self) -> None:
         """Drop a last line a crash cut short, so the next event does not join it."""
@@ -112,6 +116,10 @@ class Spool:
             raise SpoolWriteError(f"short write: {written} of {len(line)} bytes")
         self.size += len(line)
         return True
+
+    def exists(self) -> bool:
+        """Whether the spool file is there."""
+        return self._path.is_file()
 
     def read(self, start: int, limit: int = READ_CHUNK) -> tuple[list[tuple[int, bytes]], int]:
         """Whole lines from `start`: (end offset of each, line), and how far they reach."""
@@ -257,6 +265,51 @@ class EventWriter:
             self._metrics.lifecycle_events[action, result].inc(count)
 
 
+def _checkpoint(text: bytes) -> int:
+    """A checkpoint file's offset; 0 for an empty or damaged one (all replayed)."""
+    try:
+        return max(int(text.strip() or 0), 0)
+    except ValueError:
+        return 0
+
+
+def load_spooled(spool: Spool, start: int, into: InFlight) -> float | None:
+    """Index what `spool` holds past `start` into `into` (up to `MAX_IN_FLIGHT` events in
+    all); the time of the oldest, if any."""
+    offset, oldest = start, None
+    while True:
+        lines, reached = spool.read(offset)
+        if not lines:
+            return oldest
+        for _, event in _parse(lines):
+            if event is not None:
+                oldest = event.at if oldest is None else min(oldest, event.at)
+                into.add(event)
+        if len(into) >= MAX_IN_FLIGHT:
+            into.overflow = True
+            return oldest
+        offset = reached
+
+
+def spooled(spool_dir: Path) -> InFlight:
+    """The events in flight in the spools under `spool_dir` (a sidecar's, and each of its
+    workers'), read from the files and never written to: for `explain` in a process of
+    its own, what the serving process holds in memory. A spool that cannot be read is
+    said in a log line and left out."""
+    in_flight = InFlight()
+    for directory in [spool_dir, *sorted(spool_dir.glob("worker-*"))]:
+        spool = Spool(directory, 0)
+        try:
+            if spool.exists():
+                load_spooled(spool, spool.stored_up_to(), in_flight)
+        except OSError as exc:
+            log.warning(
+                "cannot read a spool for its events in flight",
+                extra={"spool_dir": str(directory), "error": f"{type(exc).__name__}: {exc}"},
+            )
+    return in_flight
+
+
 def _parse(lines: list[tuple[int, bytes]]) -> list[tuple[int, Event | None]]:
     """Spool lines as (end offset, event), a damaged line logged and its event None."""
     parsed: list[tuple[int, Event | None]] = []
@@ -340,6 +393,8 @@ class Recorder:
         self._task: asyncio.Task[None] | None = None
         self._attempting: asyncio.Future[None] | None = None
         """The write attempt under way, if any."""
+        self._answered = 0.0
+        """When the database last answered the attempt under way (`time.monotonic()`)."""
         self._pending = 0
         self._gauges_due = False
         self._outage_since: float | None = None
@@ -377,21 +432,9 @@ class Recorder:
             self._wake.set()
 
     def _load_in_flight(self) -> float | None:
-        """Index what the spool holds past its checkpoint (up to `MAX_IN_FLIGHT` events);
-        the time of the oldest, if any. Runs before anything records."""
-        offset, oldest = self._spool.checkpoint, None
-        while True:
-            lines, reached = self._spool.read(offset)
-            if not lines:
-                return oldest
-            for _, event in _parse(lines):
-                if event is not None:
-                    oldest = event.at if oldest is None else min(oldest, event.at)
-                    self.in_flight.add(event)
-            if len(self.in_flight) >= MAX_IN_FLIGHT:
-                self.in_flight.overflow = True
-                return oldest
-            offset = reached
+        """Index what the spool holds past its checkpoint; the time of the oldest, if any.
+        Runs before anything records."""
+        return load_spooled(self._spool, self._spool.checkpoint, self.in_flight)
 
     def record(self, event: Event) -> None:
         """Spool an event now and let the writer take it; never waits."""
@@ -473,12 +516,17 @@ class Recorder:
     async def _attempt(self) -> None:
         """`_drain`, said to be an outage as soon as it has gone `STALLED` seconds without
         an answer: a database that stops answering (frozen, or a link that drops packets)
-        can hold a call past its own timeout while the driver waits to cancel it."""
+        can hold a call past its own timeout while the driver waits to cancel it. A drain
+        kept going by a steady stream of events, each batch answered, is not one."""
         attempt = self._attempting = asyncio.ensure_future(self._drain())
+        self._answered = time.monotonic()
         try:
-            done, _ = await asyncio.wait({attempt}, timeout=STALLED)
-            if not done:
-                self._outage(TimeoutError(f"the database has not answered for {STALLED:g} s"))
+            while not attempt.done():
+                silent = time.monotonic() - self._answered
+                if silent >= STALLED:
+                    self._outage(TimeoutError(f"the database has not answered for {STALLED:g} s"))
+                    break
+                await asyncio.wait({attempt}, timeout=STALLED - silent)
             await attempt
         finally:
             attempt.cancel()  # when this is cancelled; a finished one does not mind
@@ -516,6 +564,7 @@ class Recorder:
             events = [event for _, event in batch if event is not None]
             async with asyncio.timeout(WRITE_TIMEOUT):
                 await self._writer.write_isolating(pool, events)
+            self._answered = time.monotonic()
             spool.commit(batch[-1][0])  # a few bytes written in place: no need of a thread
             written = 0
             while written < len(self._fresh) and self._fresh[written][1] <= spool.checkpoint:

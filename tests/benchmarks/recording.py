@@ -8,7 +8,8 @@ Needs `nginx` and `wrk` (Debian: nginx-light, wrk). nginx is the upstream: it an
 kind with a new ID every request, at c=1 and c=16, straight to nginx, then through
 session-lens in database mode (`lifecycle_source = database`: nothing recorded) and in
 observed mode (the create's ID read from the answer, every event spooled and written to
-the embedded PostgreSQL); medians of three turns, the three paths taking turns.
+the embedded PostgreSQL); medians of five turns, the three paths taking turns in an
+order that shifts every round, with the lowest and highest of the rounds' ratios.
 
 nginx records nothing, so there database mode records nothing either: the ratio is
 observed mode's whole recording cost against none. `--upstream service` puts a real
@@ -147,31 +148,46 @@ def stopped_after(processes: list[subprocess.Popen[bytes]]) -> Iterator[None]:
             process.wait()
 
 
+ROUNDS = 5
+
+
 def turns(
-    paths: Mapping[str, str], scripts: Mapping[str, Path], seconds: int
+    paths: Mapping[str, str], scripts: Mapping[str, Path], seconds: int, rounds: int = ROUNDS
 ) -> dict[tuple[str, int, str], list[tuple[float, float, float]]]:
-    """Three turns of every kind, c=1 and c=16, the paths taking turns."""
+    """`rounds` turns of every kind, c=1 and c=16, the paths taking turns in an order
+    that shifts by one each round: none always runs right after another (the database's
+    checkpoints and autovacuum after a turn of writes fall on each in turn)."""
     runs: dict[tuple[str, int, str], list[tuple[float, float, float]]] = {}
-    for _ in range(3):
+    names = list(paths)
+    for index in range(rounds):
+        shift = index % len(names)
+        order = names[shift:] + names[:shift]
         for kind, script in scripts.items():
             for connections in (1, 16):
-                for name, url in paths.items():
-                    figures = wrk(url, connections, seconds, script, all_ok=True)
+                for name in order:
+                    figures = wrk(paths[name], connections, seconds, script, all_ok=True)
                     runs.setdefault((kind, connections, name), []).append(figures)
     return runs
 
 
 def table(runs: dict[tuple[str, int, str], list[tuple[float, float, float]]]) -> None:
-    print("| requests | c | path | req/s | p50 | p99 | req/s against database mode |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    """Medians of the turns; each path's rate against database mode's, as the medians'
+    ratio and as the lowest and highest of the rounds' own ratios."""
+    print(
+        "| requests | c | path | req/s | p50 | p99 | req/s against database mode"
+        " | rounds' lowest to highest | p99 against database mode |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for (kind, connections, name), figures in runs.items():
         rate, p50, p99 = (statistics.median(column) for column in zip(*figures, strict=True))
-        off = statistics.median(
-            f[0] for f in runs[kind, connections, "session-lens, database mode"]
-        )
+        base = runs[kind, connections, "session-lens, database mode"]
+        off = statistics.median(f[0] for f in base)
+        off_p99 = statistics.median(f[2] for f in base)
+        each = [mine[0] / theirs[0] for mine, theirs in zip(figures, base, strict=True)]
         print(
             f"| {kind} | {connections} | {name} | {rate:.0f} | {p50:.0f} µs | {p99:.0f} µs"
-            f" | {rate / off:.2f}x |"
+            f" | {rate / off:.2f}x | {min(each):.2f}x to {max(each):.2f}x"
+            f" | {(p99 - off_p99) / 1000:+.1f} ms |"
         )
 
 
