@@ -377,6 +377,37 @@ def test_check_config_shows_the_store_and_what_it_found(stack: Stack, questdb: Q
     assert "not reachable (unavailable: " in result.stdout.splitlines()[-1]
 
 
+async def test_check_config_says_a_table_without_partitions_as_such(
+    stack: Stack, questdb: QuestDB
+) -> None:
+    name = f"layout_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(questdb.url)
+    try:
+        await conn.execute(
+            f"CREATE TABLE {name}_flat (id VARCHAR, created_at TIMESTAMP)"
+            " TIMESTAMP(created_at) PARTITION BY NONE"
+        )
+        await conn.execute(
+            f"CREATE TABLE {name}_empty (id VARCHAR, created_at TIMESTAMP)"
+            " TIMESTAMP(created_at) PARTITION BY DAY WAL"
+        )
+    finally:
+        await conn.close()
+    said = {}
+    for kind in ("flat", "empty"):
+        result = await asyncio.to_thread(
+            run, "check-config", "--upstream", stack.url, "--questdb-url", questdb.url,
+            "--questdb-table", f"{name}_{kind}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        said[kind] = result.stdout.splitlines()[-1]
+    assert said["flat"].endswith(f"table {name}_flat: not partitioned, no TTL; not a WAL table")
+    assert said["empty"].endswith(
+        f"table {name}_empty: partitioned by day, no TTL, no partition yet;"
+        " WAL applying, 0 transactions pending"
+    ), said["empty"]
+
+
 async def test_triage_takes_from_the_store_what_held_at_each_lookup(
     stack: Stack, questdb: QuestDB, db: str, tmp_path: Path
 ) -> None:

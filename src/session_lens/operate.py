@@ -586,15 +586,19 @@ async def questdb_found(config: Config) -> str | None:
     where = f"# questdb {mask_url(settings.url)}, table {settings.table}"
     if meta is None:
         return f"{where}: not reachable ({store.problem})"
-    partitioning = "not partitioned" if meta.partition_by is None else f"by {meta.partition_by}"
     ttl = "no TTL" if meta.ttl is None else f"TTL {meta.ttl}"
     wal = "not a WAL table"
     if meta.wal is not None:
         wal = "WAL suspended" if meta.wal.suspended else "WAL applying"
         wal += f", {meta.wal.pending} transactions pending"
         wal += f" ({meta.wal.error})" if meta.wal.error else ""
-    newest = max(meta.partitions, default=None)
-    return (
-        f"{where}: partitioned {partitioning}, {ttl}, {len(meta.partitions)} partitions"
-        f" ({meta.oldest} to {newest}); {wal}"
+    if meta.partition_by is None:
+        return f"{where}: not partitioned, {ttl}; {wal}"
+    count = len(meta.partitions)
+    held = (
+        "no partition yet"
+        if not count
+        else f"{count} partition{'' if count == 1 else 's'}"
+        f" ({meta.oldest} to {max(meta.partitions)})"
     )
+    return f"{where}: partitioned by {meta.partition_by}, {ttl}, {held}; {wal}"
