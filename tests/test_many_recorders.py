@@ -477,3 +477,38 @@ async def test_readyz_says_what_is_true_now_once_the_database_is_back(
         assert await recorder_check() == "ok"
     finally:
         await recorder.stop()
+
+
+async def test_readyz_answers_within_seconds_when_the_database_stops_answering(
+    forwarders: list[Forwarder], db: str, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    # A link that goes silent (a frozen database, a network that drops packets): the
+    # probe's query is given up after a second, and giving it up must not wait on the
+    # silent link for the server to confirm a cancel.
+    forwarder, dsn = await link(forwarders, db)
+    made = Recorders(dsn, tmp_path)
+    recorder = await made.start()
+    config = load_config(flags={"upstream": "http://127.0.0.1:1", "database_url": dsn})
+    explainer = Explainer(config, Metrics(CollectorRegistry(), ()), dsn)
+    await explainer.open()
+    admin = await aiohttp_client(
+        create_admin_app(config, CollectorRegistry(), explainer, recorder=recorder)
+    )
+
+    async def checks() -> tuple[float, dict[str, str]]:
+        started = time.monotonic()
+        response = await admin.get("/readyz")
+        return time.monotonic() - started, (await response.json())["checks"]
+
+    try:
+        _, said = await checks()
+        assert said["database"] == "ok", said
+        forwarder.stall()
+        for _ in range(3):
+            took, said = await checks()
+            assert took < 3, f"/readyz took {took:.1f} s"
+            assert said["database"].startswith("down: no answer within"), said
+    finally:
+        forwarder.restore()
+        await recorder.stop()
+        await explainer.close()

@@ -1,5 +1,9 @@
 """What every PostgreSQL client here shares: which failures mean the database cannot be
-reached, which refusals are about the values written, what to do about known refusals."""
+reached, which refusals are about the values written, what to do about known refusals,
+how to let go of a connection whose query did not end."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 
@@ -8,6 +12,26 @@ async def as_it_is(conn: asyncpg.Connection) -> None:
     """A pool's `reset`: nothing. Its connections run single statements that leave no
     session state (settings and locks are the transaction's), so the default reset's
     round trip (`RESET ALL`, `UNLISTEN *`, ...) on every release buys nothing."""
+
+
+@asynccontextmanager
+async def held(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the pool, terminated rather than released as it is when its query
+    did not end (the deadline passed, or the caller gave up): asyncpg would send a cancel
+    and wait, shielded from the caller, for the server to confirm it — a minute, on a
+    link gone silent."""
+    conn = await pool.acquire()
+    ended = False
+    try:
+        yield conn
+        ended = True
+    except asyncpg.PostgresError:  # the server answered: the connection is fine
+        ended = True
+        raise
+    finally:
+        if not ended:
+            conn.terminate()
+        await pool.release(conn)
 
 
 def refused_for_itself(exc: asyncpg.PostgresError) -> bool:

@@ -27,7 +27,7 @@ from .config import Config
 from .events import Event
 from .evidence.in_flight import MAX_IN_FLIGHT, InFlight
 from .metrics import Metrics
-from .pg import UNREACHABLE, as_it_is, refused_for_itself, remedy
+from .pg import UNREACHABLE, as_it_is, held, refused_for_itself, remedy
 from .routes import TARGET_STATE, Action
 from .schema import TRANSITIONS, SessionState, Tables
 
@@ -246,7 +246,7 @@ class EventWriter:
         # and two batches taking the same locks in the same order cannot deadlock.
         # The sort is stable, so one session's events keep their order.
         events = sorted(batch, key=lambda event: event.session_id)
-        async with pool.acquire() as conn:
+        async with held(pool) as conn:
             befores = await conn.fetchval(self._record_sql, *_columns(events))
         counted: Counter[tuple[Action, str]] = Counter()
         for event, before in zip(events, befores, strict=True):

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from ..pg import UNREACHABLE, remedy
+from ..pg import UNREACHABLE, held, remedy
 from ..schema import Tables
 
 
@@ -135,8 +135,8 @@ async def read_timeline(
     pool: asyncpg.Pool, queries: Queries, session_id: str, timeout: float, limit: int = 1000
 ) -> list[AuditEntry]:
     """The audit trail of one ID, oldest first; raises a StoreError."""
-    async with _translated(timeout), pool.acquire(timeout=timeout) as conn:
-        rows = await conn.fetch(queries.timeline, session_id, limit, timeout=timeout)
+    async with _translated(timeout), asyncio.timeout(timeout), held(pool) as conn:
+        rows = await conn.fetch(queries.timeline, session_id, limit)
     return [AuditEntry(*row.values()) for row in rows]
 
 
@@ -145,7 +145,7 @@ async def _fetch(
 ) -> asyncpg.Record | None:
     # One deadline for both steps: a timer, where asyncpg's own acquire timeout
     # would start a task on every call.
-    async with _translated(timeout), asyncio.timeout(timeout), pool.acquire() as conn:
+    async with _translated(timeout), asyncio.timeout(timeout), held(pool) as conn:
         return await conn.fetchrow(query, *args)
 
 
@@ -240,7 +240,7 @@ async def read_trails(
 ) -> dict[str, Trail]:
     """The trails of many IDs in one round trip (`query` from `trails_query`); raises a
     StoreError."""
-    async with _translated(timeout), asyncio.timeout(timeout), pool.acquire() as conn:
+    async with _translated(timeout), asyncio.timeout(timeout), held(pool) as conn:
         rows = await conn.fetch(query, session_ids, TRAIL_ENTRIES)
     trails = {}
     for row in rows:
