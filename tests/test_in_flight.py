@@ -13,10 +13,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from session_lens import recorder as recorder_module
-from session_lens.app import create_admin_app
+from session_lens.app import EXPLAINER, create_admin_app
 from session_lens.config import load_config
 from session_lens.events import Event
-from session_lens.explain import Explainer
+from session_lens.explain import Explainer, report_json
 from session_lens.metrics import Metrics
 from session_lens.operate import run_explain
 from session_lens.recorder import STALLED
@@ -309,3 +309,43 @@ async def test_explain_on_the_command_line_reads_the_events_in_flight_from_the_s
     said = await explained()
     assert "a miss now would be: deleted\n" in said and "in flight" not in said, said
     assert "ACTIVE -> DELETED" in said, said
+
+
+async def test_with_the_tables_out_of_reach_a_sidecar_says_what_it_saw_itself(
+    upstream: Upstream, make_proxy: MakeProxy, db: str, forwarders: list[Forwarder], tmp_path: Path
+) -> None:
+    upstream.respond = SessionService().handle
+    forwarder, through = await link(forwarders, db)
+    spool = tmp_path / "cut-spool"
+    settings = {
+        "database_url": through,
+        "lifecycle_source": "observed",
+        "visibility_window": "100ms",
+        "spool_dir": str(spool),
+    }
+    proxy = await make_proxy(upstream.url, **settings)
+    deleted, created, unseen = await tracked_ids(3)
+    forwarder.cut()
+    for session_id in (deleted, created):
+        assert await call(proxy, "POST", "/api/sessions", json={"id": session_id}) == 201
+    assert await call(proxy, "DELETE", f"/api/sessions/{deleted}") == 200
+    # Each lookup twice: once the tables' failures have opened the breaker too.
+    for _ in range(2):
+        said = {sid: await why(proxy, sid) for sid in (deleted, created, unseen)}
+        assert said == {deleted: "deleted", created: "not_yet_visible", unseen: "unknown"}, said
+    assert proxy.runner is not None
+    report = report_json(await proxy.runner.app[EXPLAINER].report(deleted))
+    assert report["reason"] == "deleted" and report["lifecycle_tables_problem"], report
+    assert [e["action"] for e in report["in_flight"]] == ["create", "delete"]
+    out = io.StringIO()
+    config = load_config(flags=settings, need_upstream=False)
+    assert await run_explain(config, deleted, out=out) == 1
+    printed = out.getvalue()
+    assert "a miss now would be: deleted\n" in printed, printed
+    assert "tables    cannot be read: " in printed and "timeline  (not read)" in printed, printed
+    assert printed.count("seen, not stored yet") == 2, printed
+    forwarder.restore()
+    await settled(proxy)
+    out = io.StringIO()
+    assert await run_explain(config, deleted, out=out) == 0
+    assert "ACTIVE -> DELETED" in out.getvalue() and "in flight" not in out.getvalue()

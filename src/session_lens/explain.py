@@ -134,6 +134,8 @@ class Report:
     """What the service's own store says of the ID now (not asked for a replay)."""
     store_problem: str | None = None
     """Why the service's store, configured, gave no evidence."""
+    tables_problem: str | None = None
+    """Why the lifecycle tables could not be read: the report is of the events in flight."""
 
     def why(self) -> str:
         """The reason a miss gets (at `at`, or now), in a sentence a person can act on."""
@@ -487,12 +489,14 @@ class Explainer:
     async def _explain(self, session_id: str, include_deleted: bool) -> Explanation:
         if self._pool is None:
             return Explanation(Reason.UNKNOWN, error="no database configured", cause="unavailable")
-        if not self._breaker.allow():
-            return Explanation(Reason.UNKNOWN, error="circuit breaker open", cause="breaker_open")
-        self._metrics.classification_queries.inc()
         # The events in flight as the query starts: one stored while it runs is in these
         # or in what it reads, never in neither.
         in_flight = self._in_flight_of(session_id)
+        if not self._breaker.allow():
+            if in_flight:
+                return self._in_flight_alone(session_id, in_flight, include_deleted, _BREAKER)
+            return Explanation(Reason.UNKNOWN, error=_BREAKER, cause="breaker_open")
+        self._metrics.classification_queries.inc()
         # The store's answer is waited for only while the budget leaves room for the
         # lifecycle evidence to decide alone.
         deadline = asyncio.get_running_loop().time() + self._budget * STORE_WAIT
@@ -503,6 +507,10 @@ class Explainer:
             asked.cancel()
             self._breaker.failed()
             self._metrics.breaker_open.set(self._breaker.is_open)
+            if in_flight:
+                return self._in_flight_alone(
+                    session_id, in_flight, include_deleted, exc.detail, exc.kind
+                )
             return Explanation(Reason.UNKNOWN, error=exc.detail, cause=exc.kind)
         self._breaker.succeeded()
         self._metrics.breaker_open.set(0)
@@ -539,6 +547,28 @@ class Explainer:
                       "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
             self._metrics.questdb_errors["query"].inc()
             return None
+
+    def _in_flight_alone(
+        self,
+        session_id: str,
+        events: list[Event],
+        include_deleted: bool,
+        error: str,
+        cause: str = "breaker_open",
+    ) -> Explanation:
+        """What this process's events not stored yet say of the ID when the lifecycle
+        tables cannot be read: the evidence it holds itself, said to be all there is."""
+        seen = overlay(_unread(datetime.now(UTC), self.horizon), events)
+        verdict = self._judge(
+            session_id, seen, include_deleted, self._retained(session_id, seen.now)
+        )
+        note = f"{_ALONE} ({error})"
+        if verdict.note:
+            note = f"{verdict.note}; {note}"
+        unknown = verdict.reason is Reason.UNKNOWN
+        return Explanation(
+            verdict.reason, seen, error=error, note=note, cause=cause if unknown else None
+        )
 
     def _in_flight_of(self, session_id: str) -> list[Event]:
         """This process's events in flight for the ID, oldest first."""
@@ -596,10 +626,18 @@ class Explainer:
         if self._pool is None:
             raise StoreUnavailable("no database configured")
         events = self._in_flight_of(session_id)  # before the query: see `_explain`
-        evidence = await read_evidence(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
-        timeline = await read_timeline(
-            self._pool, self._queries, session_id, EXPLAIN_TIMEOUT, TIMELINE_LIMIT
-        )
+        tables_problem = None
+        try:
+            evidence = await read_evidence(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
+            timeline = await read_timeline(
+                self._pool, self._queries, session_id, EXPLAIN_TIMEOUT, TIMELINE_LIMIT
+            )
+        except StoreError as exc:
+            if not events or at is not None:
+                raise
+            # What this process saw and has not stored is evidence all the same.
+            evidence, timeline = _unread(datetime.now(UTC), self.horizon), []
+            tables_problem = exc.detail
         self._saw(evidence)
         minted = self._ids.minted_at(session_id)
         if minted is None:
@@ -640,6 +678,7 @@ class Explainer:
             limits,
             store,
             store_problem,
+            tables_problem,
         )
 
     async def explain_lookups(
@@ -723,6 +762,16 @@ class Explainer:
         return None
 
 
+_BREAKER = "circuit breaker open"
+_ALONE = "the lifecycle tables cannot be read: from what this sidecar saw and has not stored"
+
+
+def _unread(now: datetime, horizon: datetime | None) -> Evidence:
+    """The lifecycle tables' evidence when they cannot be read: none (the horizon as
+    last read), for the events in flight to be laid over."""
+    return Evidence(None, None, None, None, None, None, None, None, now, horizon)
+
+
 def _timeless(evidence: Evidence, trail: Trail) -> bool:
     """Whether the reason `evidence` gives holds at any moment with the same audit entries
     behind it: no age is compared (a deletion, an archive, a row gone or never there)."""
@@ -771,6 +820,7 @@ def report_json(report: Report) -> dict[str, Any]:
         "note": retained.note() if retained and report.store is None else None,
         "questdb": store_json(report.store),
         "questdb_problem": report.store_problem,
+        "lifecycle_tables_problem": report.tables_problem,
         "timeline": [
             {
                 "at": spoken.iso(entry.occurred_at),

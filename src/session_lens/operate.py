@@ -336,6 +336,13 @@ async def run_explain(
     finally:
         await explainer.close()
     print(format_report(report), file=out)
+    if report.tables_problem is not None:
+        print(
+            f"session-lens: cannot read the lifecycle tables: {report.tables_problem}"
+            " (the report is of the events in flight alone)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -379,7 +386,14 @@ def format_report(report: Report) -> str:
             f"in flight {event.action}{outcome} at {_when(datetime.fromtimestamp(event.at, UTC))},"
             f" request {event.request_id}: seen, not stored yet"
         )
-    lines.append("timeline" if report.timeline else "timeline  (empty: never heard of)")
+    if report.tables_problem is not None:
+        lines.append(f"tables    cannot be read: {report.tables_problem}")
+        lines.append("timeline  (not read)")
+    elif report.timeline:
+        lines.append("timeline")
+    else:
+        empty = "nothing stored yet" if report.in_flight else "never heard of"
+        lines.append(f"timeline  (empty: {empty})")
     for entry in report.timeline:
         move = f"{entry.old_state or '(none)'} -> {entry.new_state or '(none)'}"
         why = f"  ({entry.reason})" if entry.reason else ""

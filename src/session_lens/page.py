@@ -99,6 +99,9 @@ def report_page(report: dict[str, Any]) -> str:
         facts.append(
             ("questdb", _text(store_summary(report["questdb"], report["questdb_problem"])))
         )
+    if report.get("lifecycle_tables_problem") is not None:
+        unread = f"cannot be read: {report['lifecycle_tables_problem']}"
+        facts.append(("lifecycle tables", _text(unread)))
     lead, why = report["reason"], report["why"]
     other, other_why = report["reason_with_include_deleted"], report["why_with_include_deleted"]
     asked, other_asked = "", "asked with <code>include_deleted=true</code>"
