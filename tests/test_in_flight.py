@@ -19,7 +19,7 @@ from session_lens.events import Event
 from session_lens.explain import Explainer, report_json
 from session_lens.metrics import Metrics
 from session_lens.operate import run_explain
-from session_lens.recorder import STALLED
+from session_lens.recorder import STALLED, Recorder
 from session_lens.routes import Action
 
 from .conftest import Forwarder, MakeProxy, ProxyUnderTest, Upstream, link
@@ -349,3 +349,31 @@ async def test_with_the_tables_out_of_reach_a_sidecar_says_what_it_saw_itself(
     out = io.StringIO()
     assert await run_explain(config, deleted, out=out) == 0
     assert "ACTIVE -> DELETED" in out.getvalue() and "in flight" not in out.getvalue()
+
+
+async def test_a_writer_behind_by_more_than_the_visibility_window_is_said(
+    db: str, tmp_path: Path
+) -> None:
+    config = load_config(
+        flags={
+            "database_url": db,
+            "lifecycle_source": "observed",
+            "spool_dir": str(tmp_path / "spool"),
+            "visibility_window": "100ms",
+        },
+        need_upstream=False,
+    )
+    recorder = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    await recorder.start()
+    try:
+        assert recorder.health() is None
+        for n in range(30_000):  # more at once than the writer stores in 100 ms
+            recorder.record(Event.new(f"exec_20251230_020944_{n:08x}", Action.CREATE, "r"))
+        await asyncio.sleep(0.3)
+        said = recorder.health()
+        assert said is not None and said.startswith("behind: "), said
+        assert "visibility_window is 0.1 s" in said, said
+        await asyncio.wait_for(recorder.drained(), 60)
+        assert recorder.health() is None
+    finally:
+        await recorder.stop()

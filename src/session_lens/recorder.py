@@ -372,6 +372,7 @@ class Recorder:
             " OR heartbeat < clock_timestamp() - interval '10 minutes'"
         ).format(**names)
         self._id = uuid.uuid4()
+        self._window = config.visibility_window.total_seconds()
         self.in_flight = InFlight()
         """The events spooled that the database does not have yet, for the explainer."""
         self._backlog = False
@@ -627,13 +628,21 @@ class Recorder:
         self._metrics.spool_bytes.set(self._spool.size)
 
     def health(self) -> str | None:
-        """None when events reach the database, else what is wrong (as last seen)."""
+        """None when events reach the database in time, else what is wrong (as last seen)."""
         if self._full:
             return f"dropping events (spool at {self._spool.size} bytes)"
         if self._replaying:
             return f"replaying {self._pending} spooled events: the database is back"
         if self._outage_since is not None:
             return f"spooling {self._pending} events: {self.last_error}"
+        if self._fresh:  # the writer may fall behind a load: past the window, it is said
+            lag = time.time() - self._fresh[0][2].at
+            if lag > self._window:
+                return (
+                    f"behind: {self._pending} events not stored yet, the oldest {lag:.1f} s"
+                    f" ago (other sidecars know of them only once stored; visibility_window"
+                    f" is {self._window:g} s)"
+                )
         return None
 
     async def check(self, within: float = CHECK_WITHIN) -> str | None:
