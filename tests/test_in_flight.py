@@ -229,6 +229,7 @@ async def test_a_database_that_stops_answering_is_an_outage_said_at_once(
         await asyncio.sleep(STALLED + 1.5)
         said = recorder.health()
         assert said is not None and said.startswith("spooling 1 events"), said
+        assert said.endswith(("no answer within 5 s", "has not answered for 6 s")), said
         forwarder.restore()
         await asyncio.wait_for(recorder.drained(), 20)
         for _ in range(100):  # the replay's end is said once its last write returns

@@ -536,15 +536,19 @@ class Recorder:
     def _outage(self, exc: BaseException) -> None:
         self._replaying = False
         hint = remedy(exc)
-        error = f"{type(exc).__name__}: {exc}"[:300] + (f" ({hint})" if hint else "")
+        said = str(exc) or (
+            f"no answer within {WRITE_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else ""
+        )
+        error = type(exc).__name__ + (f": {said}" if said else "")
+        error = error[:300] + (f" ({hint})" if hint else "")
         if self._outage_since is None or error != self.last_error:
             log.warning(
                 "spooling lifecycle events: the database is not taking them",
                 extra={"error": error, "events": self._pending, "remedy": hint},
             )
         self.last_error = error
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
+        if self._outage_since is None:  # since the attempt that failed began, at the latest
+            self._outage_since = min(self._answered or time.monotonic(), time.monotonic())
 
     async def _drain(self) -> None:
         """Move everything past the checkpoint into the database, batch by batch."""
