@@ -473,6 +473,12 @@ class Forwarder:
     def stall(self) -> None:
         self._flowing.clear()
 
+    def stall_open_ones(self) -> None:
+        """Stall the connections open now; new ones flow (a pool's connection gone dead)."""
+        self._flowing.clear()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
     def restore(self) -> None:
         self.up = True
         self._flowing.set()

@@ -378,3 +378,29 @@ async def test_a_writer_behind_by_more_than_the_visibility_window_is_said(
         assert recorder.health() is None
     finally:
         await recorder.stop()
+
+
+async def test_a_connection_gone_dead_under_the_writer_is_replaced(
+    db: str, tmp_path: Path, forwarders: list[Forwarder]
+) -> None:
+    # The link to the database still takes new connections; the one the writer holds
+    # answers no more (a NAT that forgot it, a peer that vanished). The write times out,
+    # the connection is cut, and the next attempt goes through on a new one.
+    forwarder, through = await link(forwarders, db)
+    made = Recorders(through, tmp_path)
+    recorder = await made.start()
+    try:
+        recorder.record(Event.new("exec_20251230_020944_00000001", Action.CREATE, "r"))
+        await asyncio.wait_for(recorder.drained(), 10)
+        forwarder.stall_open_ones()
+        for n in range(2, 12):
+            recorder.record(Event.new(f"exec_20251230_020944_{n:08x}", Action.CREATE, "r"))
+        await asyncio.wait_for(recorder.drained(), STALLED + 10)
+        assert made.count("recorded") == 11
+        started = asyncio.get_running_loop().time()
+        forwarder.stall()  # now every connection: stopping must not wait on them
+        recorder.record(Event.new("exec_20251230_020944_00000100", Action.CREATE, "r"))
+        await asyncio.sleep(0.1)
+    finally:
+        await recorder.stop(timeout=1.0)
+    assert asyncio.get_running_loop().time() - started < 6

@@ -38,7 +38,7 @@ from .evidence.tables import (
     trails_query,
 )
 from .metrics import Metrics
-from .pg import as_it_is
+from .pg import as_it_is, closed
 from .reasons import Reason
 from .schema import SessionState
 
@@ -450,7 +450,7 @@ class Explainer:
         for task in [*self._pending.values(), *([self._watch] if self._watch else [])]:
             task.cancel()
         if self._pool is not None:
-            await self._pool.close()
+            await closed(self._pool)
         if self.questdb is not None:
             await self.questdb.close()
 

@@ -2,10 +2,14 @@
 reached, which refusals are about the values written, what to do about known refusals,
 how to let go of a connection whose query did not end."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds a pool's polite close may take before its connections are cut."""
 
 
 async def as_it_is(conn: asyncpg.Connection) -> None:
@@ -32,6 +36,21 @@ async def held(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         if not ended:
             conn.terminate()
         await pool.release(conn)
+
+
+async def closed(pool: asyncpg.Pool, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close a pool, cutting its connections if a polite goodbye takes longer than
+    `timeout`: on a link gone silent it would take a minute, or as long as TCP waits."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        pool.terminate()
+
+
+async def executed(pool: asyncpg.Pool, sql: str, *args: object) -> None:
+    """Run one statement on a connection of the pool (`held`)."""
+    async with held(pool) as conn:
+        await conn.execute(sql, *args)
 
 
 def refused_for_itself(exc: asyncpg.PostgresError) -> bool:

@@ -27,7 +27,7 @@ from .config import Config
 from .events import Event
 from .evidence.in_flight import MAX_IN_FLIGHT, InFlight
 from .metrics import Metrics
-from .pg import UNREACHABLE, as_it_is, held, refused_for_itself, remedy
+from .pg import UNREACHABLE, as_it_is, closed, executed, held, refused_for_itself, remedy
 from .routes import TARGET_STATE, Action
 from .schema import TRANSITIONS, SessionState, Tables
 
@@ -482,7 +482,7 @@ class Recorder:
                     await self._drain()
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 log.warning("left events in the spool", extra={"events": self._pending})
-            await self._pool.close()
+            await closed(self._pool)
         self._spool.close()
 
     async def _run(self) -> None:
@@ -556,6 +556,7 @@ class Recorder:
         if pool is None:
             return
         await self._announce(WRITE_TIMEOUT)
+        self._answered = time.monotonic()
         spool = self._spool
         replay = (self._backlog or self._outage_since is not None) and spool.checkpoint < spool.size
         if replay:
@@ -581,9 +582,10 @@ class Recorder:
             self._publish()
             if replay:
                 await self._say_replaying(pool)
+                self._answered = time.monotonic()
         if replay:
             async with asyncio.timeout(WRITE_TIMEOUT):
-                await pool.execute(self._replayed_sql, self._id)
+                await executed(pool, self._replayed_sql, self._id)
             self._backlog = False
         if self._pending == 0:
             self.in_flight.clear()
@@ -608,14 +610,14 @@ class Recorder:
         in_flight = self.in_flight
         newest = time.time() if in_flight.overflow or not in_flight.newest else in_flight.newest
         async with asyncio.timeout(WRITE_TIMEOUT):
-            await pool.execute(self._replaying_sql, self._id, self._pending, newest)
+            await executed(pool, self._replaying_sql, self._id, self._pending, newest)
 
     async def _announce(self, timeout: float) -> None:
         """Record, once, that tracking by observation has begun (when this process started)."""
         if self._announced or self._pool is None:
             return
         async with asyncio.timeout(timeout):
-            await self._pool.execute(self._observing_sql, self._started_at)
+            await executed(self._pool, self._observing_sql, self._started_at)
         self._announced = True
 
     async def drained(self) -> None:
