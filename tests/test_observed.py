@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from session_lens.config import load_config
 from session_lens.metrics import Metrics
-from session_lens.recorder import Event, Recorder
+from session_lens.recorder import Event, Recorder, spooled
 from session_lens.routes import Action
 
 from .conftest import MakeProxy, ProxyUnderTest, Upstream, raw_exchange
@@ -671,3 +672,54 @@ async def test_a_template_naming_the_id_stands_in_for_an_answer_without_one(
         proxy.metric("session_lens_lifecycle_events_total", action="create", result="unidentified")
         == 0
     )
+
+
+DAMAGED_LINES = [
+    b"garbage\rjunk\n",  # a carriage return is no end of line
+    b'[1,"exec_20251230_020944_00000009","create",true,1,"r",null]\n',
+    b'["0123456789abcdef0123456789abcdef",["x"],"create",true,1,"r",null]\n',
+    b"[" * 100_000 + b"\n",
+    b'["0123456789abcdef0123456789abcdef","exec_x","create",true,NaN,"r",null]\n',
+    b'["0123456789abcdef0123456789abcdef","exec_x","create",true,1e300,"r",null]\n',
+    b"x" * (5 << 20) + b"\n",  # longer than a read of the spool
+]
+
+
+async def test_damaged_spool_lines_are_skipped_and_what_follows_them_is_read(
+    db: str, tmp_path: Path, conn: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = Event.new(SID, Action.CREATE, "r0")
+    (spool / "events.jsonl").write_bytes(b"".join(DAMAGED_LINES) + good.line())
+    (spool / "events.checkpoint").write_bytes(b"99999999999999999999999999999\n")
+    assert [e.event_id for e in spooled(tmp_path / "nowhere").of(SID)] == []
+    (spool / "events.checkpoint").write_bytes(b"0\n")
+    assert [e.event_id for e in spooled(spool).of(SID)] == [good.event_id]
+    damaged = [r for r in caplog.records if r.getMessage() == "skipping damaged spool lines"]
+    assert sum(r.lines for r in damaged) == len(DAMAGED_LINES)  # type: ignore[attr-defined]
+    assert len(damaged) <= 2  # one line for each read of the file, not one a line
+    config = load_config(
+        flags={"database_url": db, "lifecycle_source": "observed", "spool_dir": str(spool)},
+        need_upstream=False,
+    )
+    recorder = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    await recorder.start()
+    try:
+        await asyncio.wait_for(recorder.drained(), 10)
+    finally:
+        await recorder.stop()
+    assert await timeline(conn) == [(None, "ACTIVE", "observed")]
+
+
+def test_explain_reads_regular_spool_files_only(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    (spool / "worker-1").mkdir(parents=True)
+    (spool / "worker-2").symlink_to("/")
+    (spool / "worker-3").symlink_to(spool / "worker-3")  # a loop
+    os.mkfifo(spool / "events.checkpoint")
+    (spool / "events.jsonl").symlink_to("/dev/zero")
+    event = Event.new(SID, Action.CREATE, "r0")
+    (spool / "worker-1" / "events.jsonl").write_bytes(event.line())
+    (spool / "worker-1" / "events.checkpoint").symlink_to("/dev/zero")
+    assert [e.event_id for e in spooled(spool).of(SID)] == [event.event_id]

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from .routes import Action
 
+MAX_AT = 253402300800.0
+"""The first second of the year 10000: no event's time (seconds since the epoch) is later."""
+
 
 def _plain(text: str) -> bool:
     """Whether JSON writes `text` as it is between its quotes."""
@@ -58,6 +61,16 @@ class Event:
     @classmethod
     def parse(cls, line: bytes) -> "Event":
         """An event from its spool line; raises ValueError on a damaged one."""
-        event_id, session_id, action, ok, at, request_id, detail = json.loads(line)
+        fields = json.loads(line)
+        if not isinstance(fields, list) or len(fields) != 7:
+            raise ValueError("not the seven fields of an event")
+        event_id, session_id, action, ok, at, request_id, detail = fields
+        texts = (event_id, session_id, action, request_id)
+        if not all(isinstance(text, str) for text in texts) or not isinstance(ok, bool):
+            raise ValueError("an event's field of the wrong type")
+        if detail is not None and not isinstance(detail, str):
+            raise ValueError("an event's detail that is not text")
+        if isinstance(at, bool) or not isinstance(at, int | float) or not 0 <= at < MAX_AT:
+            raise ValueError(f"an event's time that is no time: {at!r}"[:100])
         uuid.UUID(event_id)  # raises ValueError on a damaged one
-        return cls(event_id, session_id, Action(action), bool(ok), float(at), request_id, detail)
+        return cls(event_id, session_id, Action(action), ok, float(at), request_id, detail)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import time
 import uuid
 from collections import Counter
@@ -81,11 +82,19 @@ class Spool:
         self.checkpoint = min(_checkpoint(os.pread(self._checkpoint_fd, 32, 0)), self.size)
 
     def stored_up_to(self) -> int:
-        """The checkpoint as a process of another reads it, without opening the spool."""
-        try:
-            return _checkpoint(self._checkpoint_path.read_bytes()[:32])
-        except FileNotFoundError:
+        """The checkpoint as a process of another reads it, without opening the spool:
+        0 unless it is a regular file."""
+        if _regular_size(self._checkpoint_path) is None:
             return 0
+        fd = os.open(self._checkpoint_path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        try:
+            return _checkpoint(os.read(fd, 32))
+        finally:
+            os.close(fd)
+
+    def readable_size(self) -> int | None:
+        """The spool file's size for a process of another, None unless a regular file."""
+        return _regular_size(self._path)
 
     def _trim_cut_line(self) -> None:
         """Drop a last line a crash cut short, so the next event does not join it."""
@@ -117,21 +126,28 @@ class Spool:
         self.size += len(line)
         return True
 
-    def exists(self) -> bool:
-        """Whether the spool file is there."""
-        return self._path.is_file()
-
     def read(self, start: int, limit: int = READ_CHUNK) -> tuple[list[tuple[int, bytes]], int]:
-        """Whole lines from `start`: (end offset of each, line), and how far they reach."""
+        """Whole lines from `start`: (end offset of each, line), and how far they reach.
+
+        Lines end at `\\n` only. A line longer than `limit` (damage: events are short)
+        comes as one that no event parses from, so that what follows is still read."""
         with self._path.open("rb") as handle:
             handle.seek(start)
             data = handle.read(limit)
-        lines, offset = [], start
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # still being written, or cut by a crash: read it next time
-            offset += len(line)
-            lines.append((offset, line))
+            lines, offset, at = [], start, 0
+            while (end := data.find(b"\n", at)) >= 0:
+                offset += end + 1 - at
+                lines.append((offset, data[at : end + 1]))
+                at = end + 1
+            if not lines and len(data) == limit:  # no end within a whole chunk: damage
+                skipped = len(data)
+                while chunk := handle.read(limit):
+                    end = chunk.find(b"\n")
+                    if end >= 0:
+                        offset = start + skipped + end + 1
+                        lines.append((offset, b"(a spool line longer than the read chunk)\n"))
+                        break
+                    skipped += len(chunk)
         return lines, offset
 
     def count(self, start: int) -> int:
@@ -265,6 +281,16 @@ class EventWriter:
             self._metrics.lifecycle_events[action, result].inc(count)
 
 
+def _regular_size(path: Path) -> int | None:
+    """The size of the regular file at `path` (not followed if a symlink); None if it is
+    missing or anything else."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return None
+    return found.st_size if stat.S_ISREG(found.st_mode) else None
+
+
 def _checkpoint(text: bytes) -> int:
     """A checkpoint file's offset; 0 for an empty or damaged one (all replayed)."""
     try:
@@ -294,31 +320,48 @@ def load_spooled(spool: Spool, start: int, into: InFlight) -> float | None:
 def spooled(spool_dir: Path) -> InFlight:
     """The events in flight in the spools under `spool_dir` (a sidecar's, and each of its
     workers'), read from the files and never written to: for `explain` in a process of
-    its own, what the serving process holds in memory. A spool that cannot be read is
-    said in a log line and left out."""
+    its own, what the serving process holds in memory. Only regular files are read (no
+    symlink, no FIFO); a spool that cannot be read is said in a log line and left out."""
     in_flight = InFlight()
-    for directory in [spool_dir, *sorted(spool_dir.glob("worker-*"))]:
+    directories = [spool_dir]
+    try:
+        with os.scandir(spool_dir) as entries:
+            directories += sorted(Path(e.path) for e in entries if e.name.startswith("worker-"))
+    except FileNotFoundError:
+        return in_flight
+    except OSError as exc:
+        _unread(spool_dir, exc)
+    for directory in directories:
         spool = Spool(directory, 0)
         try:
-            if spool.exists():
-                load_spooled(spool, spool.stored_up_to(), in_flight)
+            size = spool.readable_size()
+            if size:
+                load_spooled(spool, min(spool.stored_up_to(), size), in_flight)
         except OSError as exc:
-            log.warning(
-                "cannot read a spool for its events in flight",
-                extra={"spool_dir": str(directory), "error": f"{type(exc).__name__}: {exc}"},
-            )
+            _unread(directory, exc)
     return in_flight
 
 
+def _unread(directory: Path, exc: OSError) -> None:
+    log.warning(
+        "cannot read a spool for its events in flight",
+        extra={"spool_dir": str(directory), "error": f"{type(exc).__name__}: {exc}"},
+    )
+
+
 def _parse(lines: list[tuple[int, bytes]]) -> list[tuple[int, Event | None]]:
-    """Spool lines as (end offset, event), a damaged line logged and its event None."""
+    """Spool lines as (end offset, event), a damaged line's event None; the damaged ones
+    logged in one line."""
     parsed: list[tuple[int, Event | None]] = []
+    damaged, first = 0, ""
     for offset, line in lines:
         try:
             parsed.append((offset, Event.parse(line)))
-        except (ValueError, TypeError, KeyError) as exc:
-            log.error("skipping a damaged spool line", extra={"error": str(exc)})
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
+            damaged, first = damaged + 1, first or f"{type(exc).__name__}: {exc}"[:200]
             parsed.append((offset, None))
+    if damaged:
+        log.error("skipping damaged spool lines", extra={"lines": damaged, "first": first})
     return parsed
 
 
