@@ -404,3 +404,30 @@ async def test_a_connection_gone_dead_under_the_writer_is_replaced(
     finally:
         await recorder.stop(timeout=1.0)
     assert asyncio.get_running_loop().time() - started < 6
+
+
+async def test_explain_does_not_call_an_event_the_tables_have_in_flight(
+    db: str, tmp_path: Path
+) -> None:
+    # The spool as `explain` may read it while the sidecar empties it: the checkpoint
+    # put back to 0 first, the lines (stored already) still there.
+    [session_id] = await tracked_ids(1)
+    made = Recorders(db, tmp_path)
+    recorder = await made.start()
+    stored = Event.new(session_id, Action.CREATE, "r1")
+    try:
+        recorder.record(stored)
+        await asyncio.wait_for(recorder.drained(), 10)
+    finally:
+        await recorder.stop()
+    spool = tmp_path / "emptying"
+    spool.mkdir()
+    pending = Event.new(session_id, Action.DELETE, "r2")
+    (spool / "events.jsonl").write_bytes(stored.line() + pending.line())
+    (spool / "events.checkpoint").write_bytes(b"0\n")
+    settings = {"database_url": db, "lifecycle_source": "observed", "spool_dir": str(spool)}
+    out = io.StringIO()
+    config = load_config(flags=settings, need_upstream=False)
+    assert await run_explain(config, session_id, out=out) == 0
+    in_flight = [line for line in out.getvalue().splitlines() if line.startswith("in flight")]
+    assert len(in_flight) == 1 and "request r2" in in_flight[0], out.getvalue()

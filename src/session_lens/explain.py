@@ -33,6 +33,7 @@ from .evidence.tables import (
     StoreUnavailable,
     Trail,
     read_evidence,
+    read_stored,
     read_timeline,
     read_trails,
     trails_query,
@@ -628,6 +629,11 @@ class Explainer:
         events = self._in_flight_of(session_id)  # before the query: see `_explain`
         tables_problem = None
         try:
+            if events:  # a read of a spool being emptied may hold some stored already;
+                # asked before the evidence is read, so none falls between the two
+                ids = [event.event_id for event in events]
+                stored = await read_stored(self._pool, self._queries, ids, EXPLAIN_TIMEOUT)
+                events = [event for event in events if event.event_id not in stored]
             evidence = await read_evidence(self._pool, self._queries, session_id, EXPLAIN_TIMEOUT)
             timeline = await read_timeline(
                 self._pool, self._queries, session_id, EXPLAIN_TIMEOUT, TIMELINE_LIMIT

@@ -120,6 +120,10 @@ class Queries:
             "SELECT id, occurred_at, old_state, new_state, trigger, actor, reason"
             " FROM {audit} WHERE session_id = $1::text ORDER BY occurred_at, id LIMIT $2"
         ).format(**names)
+        self.stored = (  # event IDs as a recorder writes them: 32 hex digits
+            "SELECT replace(event_id::text, '-', '') FROM {events}"
+            " WHERE event_id = ANY($1::text[]::uuid[])"
+        ).format(**names)
 
 
 async def read_evidence(
@@ -129,6 +133,15 @@ async def read_evidence(
     row = await _fetch(pool, timeout, queries.evidence, session_id)
     assert row is not None
     return Evidence(*row.values())
+
+
+async def read_stored(
+    pool: asyncpg.Pool, queries: Queries, event_ids: list[str], timeout: float
+) -> set[str]:
+    """Which of these observed events the tables have; raises a StoreError."""
+    async with _translated(timeout), asyncio.timeout(timeout), held(pool) as conn:
+        rows = await conn.fetch(queries.stored, event_ids)
+    return {row[0] for row in rows}
 
 
 async def read_timeline(
