@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from session_lens.config import load_config
 from session_lens.metrics import Metrics
-from session_lens.recorder import Event, Recorder, spooled
+from session_lens.recorder import Event, Recorder, SpoolError, spooled
 from session_lens.routes import Action
 
 from .conftest import MakeProxy, ProxyUnderTest, Upstream, raw_exchange
@@ -723,3 +723,21 @@ def test_explain_reads_regular_spool_files_only(tmp_path: Path) -> None:
     (spool / "worker-1" / "events.jsonl").write_bytes(event.line())
     (spool / "worker-1" / "events.checkpoint").symlink_to("/dev/zero")
     assert [e.event_id for e in spooled(spool).of(SID)] == [event.event_id]
+
+
+async def test_a_spool_has_one_writer(db: str, tmp_path: Path) -> None:
+    config = load_config(
+        flags={"database_url": db, "lifecycle_source": "observed", "spool_dir": str(tmp_path)},
+        need_upstream=False,
+    )
+    first = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    await first.start()
+    try:
+        second = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+        with pytest.raises(SpoolError, match="in use by another session-lens process"):
+            await second.start()
+    finally:
+        await first.stop()
+    again = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    await again.start()  # the first let go of it
+    await again.stop()

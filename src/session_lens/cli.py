@@ -50,6 +50,7 @@ from .operate import (
     run_triage,
 )
 from .prune import BATCH_SIZE
+from .recorder import SpoolError
 from .server import ListenError, run_fast, serve
 from .triage import Fields, dotted, inputs_readable
 from .workers import WorkersFailed, supervise
@@ -393,7 +394,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     setup_logging(LogLevel.WARNING if quiet_demo else config.log_level)
     try:
         return command(_with_database(args.command, config))
-    except (ListenError, EmbeddedError, DatabaseError, WorkersFailed) as exc:
+    except (ListenError, EmbeddedError, DatabaseError, WorkersFailed, SpoolError) as exc:
         print(f"session-lens: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

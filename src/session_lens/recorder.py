@@ -12,6 +12,7 @@ goes on.
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import stat
@@ -53,6 +54,10 @@ class SpoolWriteError(Exception):
     """The spool file did not take an event (disk full, read-only, ...)."""
 
 
+class SpoolError(Exception):
+    """The spool cannot be opened, or another process has it."""
+
+
 class Spool:
     """An append-only file of event lines and the checkpoint of what the database has."""
 
@@ -65,6 +70,7 @@ class Spool:
         self.size = 0
         self.checkpoint = 0
         self._checkpoint_fd = -1
+        self._lock_fd = -1
         self._synced = 0.0
 
     @property
@@ -73,9 +79,26 @@ class Spool:
         return time.monotonic() - self._synced
 
     def open(self) -> None:
-        """Open (or create) the spool and read the checkpoint."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        """Open (or create) the spool, as its only writer, and read the checkpoint; raises
+        SpoolError."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.directory / "events.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"cannot open the spool in {self.directory}: {exc}") from exc
+        try:  # two writers would interleave their lines and fight over the checkpoint
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise SpoolError(
+                f"the spool in {self.directory} is in use by another session-lens process:"
+                " give each its own spool_dir (or data_dir)"
+            ) from exc
+        try:
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"cannot open the spool in {self.directory}: {exc}") from exc
         self.size = os.fstat(self._fd).st_size
         self._trim_cut_line()
         self._checkpoint_fd = os.open(self._checkpoint_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -210,6 +233,9 @@ class Spool:
             os.close(self._fd)
             os.close(self._checkpoint_fd)
             self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # the lock goes with it
+            self._lock_fd = -1
 
 
 class EventWriter:
