@@ -1,6 +1,8 @@
 """Shared fixtures: real upstreams on loopback, the proxy in front, raw HTTP helpers."""
 
 import asyncio
+import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -120,6 +122,23 @@ class ProxyUnderTest:
 MakeProxy = Callable[..., Awaitable[ProxyUnderTest]]
 
 
+def _spool_free(tmp_path: Path) -> Path:
+    """`tmp_path`/spool, unless a proxy running in the test has it (a spool has one
+    writer): then the first of spool-1, spool-2, ... that none has."""
+    for index in itertools.count():
+        spool = tmp_path / ("spool" if index == 0 else f"spool-{index}")
+        spool.mkdir(exist_ok=True)
+        fd = os.open(spool / "events.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        return spool
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture
 async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
     """session-lens' proxy listener as `serve` runs it: the fast lane, then aiohttp."""
@@ -128,7 +147,7 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
     async def start(
         upstream_url: str, breaker: Breaker | None = None, **settings: Any
     ) -> ProxyUnderTest:
-        settings.setdefault("spool_dir", str(tmp_path / "spool"))
+        settings.setdefault("spool_dir", str(_spool_free(tmp_path)))
         config = load_config(flags={"upstream": upstream_url, **settings})
         registry = CollectorRegistry()
         metrics = Metrics(registry, config.session_routes, config.exemplars)

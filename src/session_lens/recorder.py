@@ -93,7 +93,7 @@ class Spool:
             self._lock_fd = -1
             raise SpoolError(
                 f"the spool in {self.directory} is in use by another session-lens process:"
-                " give each its own spool_dir (or data_dir)"
+                " give each its own spool_dir (in a rolling restart, the new process too)"
             ) from exc
         try:
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
