@@ -404,12 +404,7 @@ async def test_database_down_spools_then_replays_in_order(
     assert any("spooling lifecycle events" in r.getMessage() for r in caplog.records)
 
     # A restart with the database back replays the spool, once, in order.
-    config = load_config(
-        flags={"database_url": db, "lifecycle_source": "observed",
-               "spool_dir": str(tmp_path / "spool")},
-        need_upstream=False,
-    )  # fmt: skip
-    recorder = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    recorder = recorder_on(db, tmp_path / "spool")
     replay_started = datetime.now(UTC)
     await recorder.start()
     try:
@@ -495,16 +490,20 @@ async def test_a_small_cap_is_no_problem_while_the_database_keeps_up(
     assert await conn.fetchval("SELECT count(*) FROM session_lens_events") == 600
 
 
+def recorder_on(db: str, spool: Path, registry: CollectorRegistry | None = None) -> Recorder:
+    """A recorder into `db` from the spool in `spool`, not started."""
+    config = load_config(
+        flags={"database_url": db, "lifecycle_source": "observed", "spool_dir": str(spool)},
+        need_upstream=False,
+    )
+    return Recorder(config, Metrics(registry or CollectorRegistry(), ()), db)
+
+
 async def test_an_event_the_database_refuses_does_not_hold_up_the_rest(
     db: str, tmp_path: Path, conn: asyncpg.Connection
 ) -> None:
-    config = load_config(
-        flags={"database_url": db, "lifecycle_source": "observed",
-               "spool_dir": str(tmp_path / "spool")},
-        need_upstream=False,
-    )  # fmt: skip
     registry = CollectorRegistry()
-    recorder = Recorder(config, Metrics(registry, ()), db)
+    recorder = recorder_on(db, tmp_path / "spool", registry)
     await recorder.start()
     try:
         recorder.record(Event.new("exec_bad\x00id", Action.CREATE, "r1"))  # text cannot hold NUL
@@ -525,11 +524,7 @@ async def test_a_line_cut_by_a_crash_does_not_swallow_the_next_event(
     spool = tmp_path / "spool"
     spool.mkdir()
     (spool / "events.jsonl").write_bytes(Event.new(SID, Action.CREATE, "r0").line()[:-20])
-    config = load_config(
-        flags={"database_url": db, "lifecycle_source": "observed", "spool_dir": str(spool)},
-        need_upstream=False,
-    )
-    recorder = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    recorder = recorder_on(db, spool)
     await recorder.start()
     try:
         recorder.record(Event.new(SID, Action.CREATE, "r1"))
@@ -699,11 +694,7 @@ async def test_damaged_spool_lines_are_skipped_and_what_follows_them_is_read(
     damaged = [r for r in caplog.records if r.getMessage() == "skipping damaged spool lines"]
     assert sum(r.lines for r in damaged) == len(DAMAGED_LINES)  # type: ignore[attr-defined]
     assert len(damaged) <= 2  # one line for each read of the file, not one a line
-    config = load_config(
-        flags={"database_url": db, "lifecycle_source": "observed", "spool_dir": str(spool)},
-        need_upstream=False,
-    )
-    recorder = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    recorder = recorder_on(db, spool)
     await recorder.start()
     try:
         await asyncio.wait_for(recorder.drained(), 10)
@@ -726,18 +717,14 @@ def test_explain_reads_regular_spool_files_only(tmp_path: Path) -> None:
 
 
 async def test_a_spool_has_one_writer(db: str, tmp_path: Path) -> None:
-    config = load_config(
-        flags={"database_url": db, "lifecycle_source": "observed", "spool_dir": str(tmp_path)},
-        need_upstream=False,
-    )
-    first = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    first = recorder_on(db, tmp_path)
     await first.start()
     try:
-        second = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+        second = recorder_on(db, tmp_path)
         with pytest.raises(SpoolError, match="in use by another session-lens process"):
             await second.start()
     finally:
         await first.stop()
-    again = Recorder(config, Metrics(CollectorRegistry(), ()), db)
+    again = recorder_on(db, tmp_path)
     await again.start()  # the first let go of it
     await again.stop()

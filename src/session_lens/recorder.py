@@ -83,25 +83,22 @@ class Spool:
         SpoolError."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.directory / "events.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise SpoolError(f"cannot open the spool in {self.directory}: {exc}") from exc
-        try:  # two writers would interleave their lines and fight over the checkpoint
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-            raise SpoolError(
-                f"the spool in {self.directory} is in use by another session-lens process:"
-                " give each its own spool_dir (in a rolling restart, the new process too)"
-            ) from exc
-        try:
+            lock = os.open(self.directory / "events.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:  # two writers would interleave their lines and fight over the checkpoint
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock)
+                raise SpoolError(
+                    f"the spool in {self.directory} is in use by another session-lens process:"
+                    " give each its own spool_dir (in a rolling restart, the new process too)"
+                ) from None
+            self._lock_fd = lock
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._checkpoint_fd = os.open(self._checkpoint_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise SpoolError(f"cannot open the spool in {self.directory}: {exc}") from exc
         self.size = os.fstat(self._fd).st_size
         self._trim_cut_line()
-        self._checkpoint_fd = os.open(self._checkpoint_path, os.O_RDWR | os.O_CREAT, 0o600)
         self.checkpoint = min(_checkpoint(os.pread(self._checkpoint_fd, 32, 0)), self.size)
 
     def stored_up_to(self) -> int:
@@ -617,7 +614,7 @@ class Recorder:
             )
         self.last_error = error
         if self._outage_since is None:  # since the attempt that failed began, at the latest
-            self._outage_since = min(self._answered or time.monotonic(), time.monotonic())
+            self._outage_since = self._answered or time.monotonic()
 
     async def _drain(self) -> None:
         """Move everything past the checkpoint into the database, batch by batch."""

@@ -41,6 +41,7 @@ from typing import Any
 import asyncpg
 
 from ..config import Config, mask_url
+from ..pg import closed, held
 from .breaker import Breaker
 from .retention import Period, StoreRetention, Unit
 
@@ -70,8 +71,6 @@ META_REFRESH = 5.0
 SECOND = timedelta(seconds=1)
 MAX_SPANS = 64
 """The most partitions one row query looks in."""
-CLOSE_TIMEOUT = 2.0
-"""Seconds the pool may take to close before its connections are dropped."""
 _UNREADABLE = re.compile(r"IPV4|GEOHASH|.*\[\]")
 """Column types asyncpg cannot decode from QuestDB: left out of the row query."""
 UNREACHABLE = (OSError, asyncpg.InterfaceError, asyncpg.exceptions.ConnectionDoesNotExistError)
@@ -256,10 +255,7 @@ class QuestDBStore:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._pool is not None:
-            try:  # a connection's polite goodbye on a stalled link would take a minute
-                await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT)
-            except TimeoutError:
-                self._pool.terminate()
+            await closed(self._pool)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -382,18 +378,13 @@ class QuestDBStore:
         if not breaker.allow():
             raise self._failed(StoreFailure.BREAKER_OPEN, self.problem or "", count_only=True)
         deadline = asyncio.get_running_loop().time() + timeout
-        conn = None
-        answered = False
-        try:
-            async with asyncio.timeout_at(deadline):
-                conn = await self._pool.acquire()
+        try:  # a query left unanswered (the deadline, a caller gone) cuts its connection
+            async with asyncio.timeout_at(deadline), held(self._pool) as conn:
                 result = await work(conn)
-            answered = True
         except TimeoutError:
             breaker.failed()
             raise self._failed(StoreFailure.TIMEOUT, f"no answer within {timeout:g} s") from None
         except (asyncpg.PostgresError, AssertionError) as exc:  # AssertionError: asyncpg's decoder
-            answered = isinstance(exc, asyncpg.PostgresError)  # refused, and ready for more
             breaker.failed()
             raise self._failed(StoreFailure.QUERY, str(exc)) from exc
         except UNREACHABLE as exc:
@@ -403,14 +394,6 @@ class QuestDBStore:
             # column, an endpoint that is no PGWire server) is the store failing, never the hop
             breaker.failed()
             raise self._failed(StoreFailure.QUERY, f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            if conn is not None:
-                if not answered:
-                    # Timed out, or the caller gave up (cancelled): a query is still out.
-                    # Released as it is, the pool would wait (shielded from the caller)
-                    # for the server to confirm a cancel, on a link that may be stalled.
-                    conn.terminate()
-                await self._pool.release(conn)  # terminated, or idle: nothing to wait for
         breaker.succeeded()
         if gated and not self.breaker.is_open:
             self._answers()
